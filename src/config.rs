@@ -1,0 +1,76 @@
+//! Settings of the service: every one is a command-line flag and an environment
+//! variable (SPEC §5).
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "restock-notifier", version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long = "listen",
+        env = "RESTOCK_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// MySQL database (`mysql://user:pass@host:port/db`). The database is created if it
+    /// does not exist, and migrated at start.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/restock"
+    )]
+    pub database_url: String,
+
+    /// Redis for the stock cache (`redis://host:port`). Without it, the stock cache is
+    /// kept in this process: a single-instance setup.
+    #[arg(long = "redis-url", env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel, so deployments can share one Redis.
+    #[arg(
+        long = "redis-prefix",
+        env = "RESTOCK_REDIS_PREFIX",
+        default_value = "restock:"
+    )]
+    pub redis_prefix: String,
+
+    /// Notifications sent per second, at most, in any one-second window.
+    #[arg(long = "send-rate", env = "RESTOCK_SEND_RATE", default_value = "500")]
+    pub send_rate: NonZeroU32,
+
+    /// API requests per second per client IP (the burst is the same).
+    #[arg(long = "api-rate", env = "RESTOCK_API_RATE", default_value = "500")]
+    pub api_rate: NonZeroU32,
+
+    /// Bearer token of the admin service. Without it, one is generated at start and
+    /// logged once.
+    #[arg(
+        long = "admin-token",
+        env = "RESTOCK_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(
+        long = "log-format",
+        env = "RESTOCK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

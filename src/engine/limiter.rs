@@ -1,0 +1,188 @@
+//! The send limiter: at most `rate` notifications in any one-second window (G2), paced
+//! evenly so that subscribers see a steady stream rather than bursts.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::domain::BackendError;
+
+/// Grants permission to send notifications.
+#[async_trait]
+pub trait SendLimiter: Send + Sync + 'static {
+    /// Waits until at least one send is allowed, then grants between 1 and `want`
+    /// sends, to be made now. `want` must be at least 1.
+    async fn acquire(&self, want: u32) -> Result<u32, BackendError>;
+}
+
+/// The window the limit applies to.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// An in-process limiter for one instance.
+///
+/// Two rules together: sends are scheduled one `1s / rate` apart (smooth pacing, and a
+/// sustained rate of exactly `rate`), and a log of the grant instants of the last
+/// second refuses any grant that would put more than `rate` in a window. The schedule
+/// alone is not enough: a timer that fires late followed by one that fires on time
+/// would squeeze `rate + 1` sends into a second. The log makes the bound hold whatever
+/// the timers do; it costs at most `rate` instants of memory.
+pub struct LocalLimiter {
+    rate: u32,
+    interval: Duration,
+    /// How far behind schedule the limiter may fall and still catch up in one grant;
+    /// larger catch-ups would turn a pause of the engine into a burst.
+    max_catch_up: Duration,
+    state: std::sync::Mutex<State>,
+}
+
+struct State {
+    /// When the next send is due.
+    next: Instant,
+    /// Grant instants within the last window, oldest first.
+    log: VecDeque<Instant>,
+}
+
+impl LocalLimiter {
+    pub fn new(rate: NonZeroU32) -> Self {
+        let interval = WINDOW / rate.get();
+        Self {
+            rate: rate.get(),
+            interval,
+            max_catch_up: (interval * 4).max(Duration::from_millis(10)),
+            state: std::sync::Mutex::new(State {
+                next: Instant::now(),
+                log: VecDeque::with_capacity(rate.get().min(100_000) as usize),
+            }),
+        }
+    }
+
+    /// Grants what is allowed at `now`, or says when to ask again.
+    fn try_grant(&self, want: u32, now: Instant) -> Result<u32, Instant> {
+        // A std mutex: it is never held across an await, and the critical section is a
+        // few arithmetic operations.
+        let mut state = self.state.lock().expect("limiter lock poisoned");
+        while state
+            .log
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= WINDOW)
+        {
+            state.log.pop_front();
+        }
+        let room = self.rate.saturating_sub(state.log.len() as u32);
+        if room == 0 {
+            let oldest = *state.log.front().expect("a full log is not empty");
+            return Err(oldest + WINDOW);
+        }
+        if now < state.next {
+            return Err(state.next);
+        }
+        // Never fall further behind than max_catch_up: idle time is not saved up.
+        let floor = now.checked_sub(self.max_catch_up).unwrap_or(now);
+        let next = state.next.max(floor);
+        let due = (now.duration_since(next).as_nanos() / self.interval.as_nanos().max(1)) + 1;
+        let granted = want.min(room).min(u32::try_from(due).unwrap_or(u32::MAX));
+        state.next = next + self.interval * granted;
+        for _ in 0..granted {
+            state.log.push_back(now);
+        }
+        Ok(granted)
+    }
+}
+
+#[async_trait]
+impl SendLimiter for LocalLimiter {
+    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+        let want = want.max(1);
+        loop {
+            match self.try_grant(want, Instant::now()) {
+                Ok(granted) => return Ok(granted),
+                Err(at) => tokio::time::sleep_until(at).await,
+            }
+        }
+    }
+}
+
+/// No limit at all: for benchmarks of the engine's ceiling.
+pub struct Unlimited;
+
+#[async_trait]
+impl SendLimiter for Unlimited {
+    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+        Ok(want.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Acquires `total` sends one or more at a time and returns each send's instant.
+    async fn drive(limiter: &LocalLimiter, total: usize, want: u32) -> Vec<Instant> {
+        let mut sends = Vec::with_capacity(total);
+        while sends.len() < total {
+            let n = limiter.acquire(want).await.unwrap();
+            let now = Instant::now();
+            sends.extend(std::iter::repeat_n(now, n as usize));
+        }
+        sends.truncate(total);
+        sends
+    }
+
+    fn max_in_any_window(sends: &[Instant]) -> usize {
+        let mut best = 0;
+        let mut start = 0;
+        for end in 0..sends.len() {
+            while sends[end].duration_since(sends[start]) >= WINDOW {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_exceeds_the_rate_in_any_window_and_sustains_it() {
+        let limiter = LocalLimiter::new(NonZeroU32::new(500).unwrap());
+        let begin = Instant::now();
+        let sends = drive(&limiter, 5_000, 64).await;
+        let elapsed = sends.last().unwrap().duration_since(begin);
+        assert!(max_in_any_window(&sends) <= 500);
+        // 5,000 sends at 500/s take 10 s of (virtual) time, give or take one interval.
+        assert!(elapsed >= Duration::from_millis(9_990), "{elapsed:?}");
+        assert!(elapsed <= Duration::from_millis(10_010), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_caller_does_not_get_a_burst() {
+        let limiter = LocalLimiter::new(NonZeroU32::new(100).unwrap());
+        drive(&limiter, 10, 1).await;
+        // The caller goes away for a while; on return it gets a small catch-up only.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let granted = limiter.acquire(1_000).await.unwrap();
+        assert!(granted <= 5, "granted {granted} at once after a pause");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_log_holds_the_bound_when_the_schedule_would_not() {
+        let limiter = LocalLimiter::new(NonZeroU32::new(10).unwrap());
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // The first timer fires 50 ms late, the next nine on time.
+        assert_eq!(limiter.try_grant(1, ms(50)), Ok(1));
+        for slot in 1..10 {
+            assert_eq!(limiter.try_grant(1, ms(slot * 100)), Ok(1));
+        }
+        // The schedule says slot 10 is due at 1,000 ms, but that would put 11 sends in
+        // [50 ms, 1,050 ms): the log holds it back until the late send leaves the window.
+        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(1_050)));
+        assert_eq!(limiter.try_grant(1, ms(1_050)), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn unlimited_grants_what_is_asked() {
+        assert_eq!(Unlimited.acquire(250).await.unwrap(), 250);
+    }
+}

@@ -1,0 +1,236 @@
+//! Driving one run: keyset pages of registrations in queue order, a stock check before
+//! every send, pacing by the limiter, and batched recording of what was sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use super::Engine;
+use crate::domain::{Error, Notification, NotificationId, ProductId};
+use crate::store::{Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification};
+
+/// Why a run stopped before finishing its queue.
+enum Stop {
+    /// The run is no longer ours (its lease expired and it was marked or taken over).
+    Lost,
+    SoldOut,
+    ShuttingDown,
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Stop::Failed(err)
+    }
+}
+
+/// Drives a claimed run to a final state. Never returns with the run left
+/// `IN_PROGRESS` by choice: if even marking it failed, its lease expires and it is
+/// marked by the reaper.
+pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
+    let span = tracing::info_span!(
+        "run",
+        product = %claimed.claim.product_id,
+        round = claimed.claim.restock_round,
+    );
+    async move {
+        tracing::info!(resume_cursor = ?claimed.cursor, "run started");
+        let mut run = RunState {
+            engine: &engine,
+            claim: claimed.claim,
+            cursor: claimed.cursor,
+            pending: Vec::with_capacity(engine.settings.batch_size),
+            oldest_pending: None,
+        };
+        let started = Instant::now();
+        let outcome = run.notify_all().await;
+        let sent = run.pending.len();
+        let (status, reason) = match outcome {
+            Ok(()) => (FinalStatus::Completed, None),
+            Err(Stop::Lost) => {
+                tracing::warn!("run was taken from this task; stopping without writing");
+                return;
+            }
+            Err(Stop::SoldOut) => (FinalStatus::SoldOut, None),
+            Err(Stop::ShuttingDown) => (
+                FinalStatus::Error,
+                Some("interrupted by shutdown; resume it with ManualRestock".to_string()),
+            ),
+            Err(Stop::Failed(err)) => (FinalStatus::Error, Some(format!("{err:#}: {err:?}"))),
+        };
+        run.finish(status).await;
+        match reason {
+            None => tracing::info!(
+                status = %status.status(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "run finished"
+            ),
+            Some(reason) => tracing::error!(
+                status = %status.status(),
+                unrecorded_on_stop = sent,
+                %reason,
+                "run canceled"
+            ),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct RunState<'a> {
+    engine: &'a Arc<Engine>,
+    claim: RunClaim,
+    /// Queue position of the last notification sent (recorded or pending).
+    cursor: Option<i64>,
+    /// Sent, not yet recorded, in send order.
+    pending: Vec<SentNotification>,
+    oldest_pending: Option<Instant>,
+}
+
+impl RunState<'_> {
+    fn product(&self) -> ProductId {
+        self.claim.product_id
+    }
+
+    async fn notify_all(&mut self) -> Result<(), Stop> {
+        let engine = self.engine;
+        loop {
+            // Record before reading the next page, so that the page leaves out every
+            // user already notified in this round (the query skips recorded users).
+            self.flush().await?;
+            let page = engine
+                .store
+                .next_registrations(&self.claim, self.cursor, engine.settings.page_size)
+                .await?;
+            if page.is_empty() {
+                return Ok(());
+            }
+            let mut rest = &page[..];
+            while !rest.is_empty() {
+                let want = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+                let granted = tokio::select! {
+                    biased;
+                    _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                    granted = engine.limiter.acquire(want) => granted.map_err(Error::from)?,
+                };
+                let (chunk, tail) = rest.split_at((granted as usize).min(rest.len()));
+                rest = tail;
+                self.send(chunk).await?;
+                let due = self
+                    .oldest_pending
+                    .is_some_and(|t| t.elapsed() >= engine.settings.flush_interval);
+                if self.pending.len() >= engine.settings.batch_size || due {
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+
+    /// Checks the stock and sends, as one step with respect to stock writes.
+    async fn send(&mut self, chunk: &[crate::domain::Registration]) -> Result<(), Stop> {
+        let engine = self.engine;
+        let product = self.product();
+        let _no_stock_write = engine.gate.send(product).await;
+        if current_stock(engine, product).await? <= 0 {
+            return Err(Stop::SoldOut);
+        }
+        let sent_at = Utc::now();
+        let notifications: Vec<Notification> = chunk
+            .iter()
+            .map(|r| Notification {
+                id: NotificationId {
+                    product_id: product,
+                    restock_round: self.claim.restock_round,
+                    user_id: r.user_id,
+                },
+                sent_at,
+            })
+            .collect();
+        engine
+            .bus
+            .publish(&notifications)
+            .await
+            .map_err(Error::from)?;
+        self.pending
+            .extend(chunk.iter().map(|&registration| SentNotification {
+                registration,
+                sent_at,
+            }));
+        self.oldest_pending.get_or_insert_with(Instant::now);
+        self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
+        Ok(())
+    }
+
+    /// Records pending notifications and moves the cursor, in one transaction.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let engine = self.engine;
+        match engine
+            .store
+            .record(&self.claim, &self.pending, None, engine.settings.lease)
+            .await?
+        {
+            Claimed::Yes => {
+                self.pending.clear();
+                self.oldest_pending = None;
+                Ok(())
+            }
+            Claimed::Lost => Err(Stop::Lost),
+        }
+    }
+
+    /// Moves the run to its final state, recording what is pending in the same
+    /// transaction. If that fails, the pending notifications are given up (they were
+    /// delivered; a resume delivers them again with the same ids) and the status alone
+    /// is written, with retries: a failing run must not stay `IN_PROGRESS` (G4).
+    async fn finish(&mut self, status: FinalStatus) {
+        let engine = self.engine;
+        let lease = engine.settings.lease;
+        match engine
+            .store
+            .record(&self.claim, &self.pending, Some(status), lease)
+            .await
+        {
+            Ok(_) => return,
+            Err(err) => {
+                tracing::error!(error = ?err, unrecorded = self.pending.len(),
+                    "cannot record the last sends; marking the run without them");
+            }
+        }
+        let status = FinalStatus::Error;
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=6 {
+            match engine
+                .store
+                .record(&self.claim, &[], Some(status), lease)
+                .await
+            {
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        tracing::error!(
+            "run left IN_PROGRESS: its lease expires and it is then marked CANCELED_BY_ERROR"
+        );
+    }
+}
+
+/// The stock the engine checks before sending: from the cache, loaded from the database
+/// on a miss. The caller holds the gate, so no stock write can slip in between.
+async fn current_stock(engine: &Engine, product: ProductId) -> Result<i64, Error> {
+    if let Some(stock) = engine.stock.get(product).await? {
+        return Ok(stock);
+    }
+    let stock = engine.store.product(product).await?.map_or(0, |p| p.stock);
+    engine.stock.set(product, stock).await?;
+    Ok(stock)
+}

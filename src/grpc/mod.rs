@@ -1,0 +1,111 @@
+//! The gRPC face of the service: generated code, proto <-> domain conversion, the one
+//! place where errors become status codes, and the API rate limit.
+
+pub mod admin;
+pub mod ratelimit;
+pub mod restock;
+
+use chrono::{DateTime, Utc};
+use tonic::Status;
+
+use crate::domain::{self, BackendError, Error, RunStatus};
+
+/// Generated code of `proto/restock/v1/restock.proto`.
+pub mod proto {
+    tonic::include_proto!("restock.v1");
+
+    /// Encoded descriptors of the API, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("restock_descriptor");
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(msg) => Status::invalid_argument(msg),
+            Error::NotFound(msg) => Status::not_found(msg),
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::Backend(err) => backend_status(err),
+        }
+    }
+}
+
+/// Backend failures are logged with their whole cause chain and answered without
+/// internals (no SQL, no addresses).
+fn backend_status(err: BackendError) -> Status {
+    tracing::error!(store = err.store, error = ?err.source, "backend failure");
+    if err.unavailable {
+        Status::unavailable(format!("{err}; retry later"))
+    } else {
+        Status::internal(format!(
+            "{err} unexpectedly; the service logs have the details"
+        ))
+    }
+}
+
+pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+impl From<RunStatus> for proto::RunStatus {
+    fn from(status: RunStatus) -> Self {
+        match status {
+            RunStatus::InProgress => proto::RunStatus::InProgress,
+            RunStatus::CanceledBySoldOut => proto::RunStatus::CanceledBySoldOut,
+            RunStatus::CanceledByError => proto::RunStatus::CanceledByError,
+            RunStatus::Completed => proto::RunStatus::Completed,
+        }
+    }
+}
+
+impl From<domain::Run> for proto::RestockRun {
+    fn from(run: domain::Run) -> Self {
+        proto::RestockRun {
+            product_id: run.product_id.get(),
+            restock_round: run.restock_round,
+            status: proto::RunStatus::from(run.status).into(),
+            last_sent_user_id: run.last_sent_user_id.map(|u| u.get()),
+            sent_count: run.sent_count,
+            started_at: Some(timestamp(run.started_at)),
+            updated_at: Some(timestamp(run.updated_at)),
+        }
+    }
+}
+
+impl From<domain::Alert> for proto::Alert {
+    fn from(alert: domain::Alert) -> Self {
+        proto::Alert {
+            product_id: alert.product_id.get(),
+            user_id: alert.user_id.get(),
+            active: alert.active,
+            created_at: Some(timestamp(alert.created_at)),
+            updated_at: Some(timestamp(alert.updated_at)),
+        }
+    }
+}
+
+impl From<domain::Product> for proto::Product {
+    fn from(product: domain::Product) -> Self {
+        proto::Product {
+            product_id: product.id.get(),
+            restock_round: product.restock_round,
+            stock: product.stock,
+        }
+    }
+}
+
+impl From<&domain::Notification> for proto::Notification {
+    fn from(n: &domain::Notification) -> Self {
+        proto::Notification {
+            notification_id: n.id.to_string(),
+            product_id: n.id.product_id.get(),
+            user_id: n.id.user_id.get(),
+            restock_round: n.id.restock_round,
+            sent_at: Some(timestamp(n.sent_at)),
+            message: n.message(),
+        }
+    }
+}

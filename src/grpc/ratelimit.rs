@@ -1,0 +1,133 @@
+//! The API rate limit: tower_governor keyed on the client's IP, answering over-limit
+//! calls with gRPC `RESOURCE_EXHAUSTED` (never an HTTP 429). It wraps the restock
+//! services only; health checks are never limited.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
+use tower::{Layer, Service};
+use tower_governor::GovernorError;
+use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
+use tower_governor::key_extractor::KeyExtractor;
+
+/// Keys requests on the peer IP that tonic records in the request extensions.
+/// (tower_governor's own `PeerIpKeyExtractor` looks for axum's connect info, which
+/// tonic does not set.)
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp;
+
+impl KeyExtractor for ClientIp {
+    type Key = IpAddr;
+
+    fn extract<T>(&self, req: &http::Request<T>) -> Result<Self::Key, GovernorError> {
+        req.extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .map(|addr| addr.ip())
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+type Governed<S> = tower_governor::governor::Governor<
+    ClientIp,
+    governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>,
+    S,
+    Body,
+>;
+
+/// Builds the limit: `rate` requests per second per client IP, with a burst of `rate`.
+pub struct ApiRateLimit {
+    config: Arc<GovernorConfig<ClientIp, governor::middleware::NoOpMiddleware>>,
+    rate: u32,
+}
+
+impl ApiRateLimit {
+    pub fn new(rate: NonZeroU32) -> Self {
+        let config = GovernorConfigBuilder::default()
+            .key_extractor(ClientIp)
+            .period(Duration::from_secs(1) / rate.get())
+            .burst_size(rate.get())
+            .finish()
+            .expect("a non-zero rate gives a valid governor config");
+        Self {
+            config: Arc::new(config),
+            rate: rate.get(),
+        }
+    }
+
+    /// Wraps a generated service, keeping its gRPC name so the router can mount it.
+    pub fn wrap<S>(&self, service: S) -> Limited<Governed<S>, S>
+    where
+        S: NamedService,
+    {
+        let rate = self.rate;
+        let layer = tower_governor::GovernorLayer::new(self.config.clone()).error_handler(
+            move |err: GovernorError| {
+                let status = match err {
+                    GovernorError::TooManyRequests { wait_time, .. } => {
+                        tonic::Status::resource_exhausted(format!(
+                            "API rate limit of {rate} requests per second per client exceeded; \
+                             retry in {}s",
+                            wait_time.max(1)
+                        ))
+                    }
+                    GovernorError::UnableToExtractKey => tonic::Status::internal(
+                        "cannot tell the client's address to apply the API rate limit",
+                    ),
+                    GovernorError::Other { msg, .. } => {
+                        tonic::Status::internal(msg.unwrap_or_default())
+                    }
+                };
+                status.into_http()
+            },
+        );
+        Limited {
+            inner: layer.layer(service),
+            _named: PhantomData,
+        }
+    }
+}
+
+/// A wrapped service that still answers to the wrapped one's gRPC name.
+pub struct Limited<S, N> {
+    inner: S,
+    _named: PhantomData<fn() -> N>,
+}
+
+impl<S: Clone, N> Clone for Limited<S, N> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _named: PhantomData,
+        }
+    }
+}
+
+impl<S, N: NamedService> NamedService for Limited<S, N> {
+    const NAME: &'static str = N::NAME;
+}
+
+impl<S, N> Service<http::Request<Body>> for Limited<S, N>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        self.inner.call(req)
+    }
+}

@@ -1,0 +1,130 @@
+//! `restock.v1.RestockService`: validation, then a call into the engine.
+
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, restock_service_server::RestockService};
+use crate::domain::{
+    NotificationFilter, NotificationId, ProductId, UserId, parse_round, parse_stock,
+};
+use crate::engine::Engine;
+use crate::engine::subscription::StreamEnd;
+
+pub struct RestockApi {
+    engine: Arc<Engine>,
+}
+
+impl RestockApi {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+type NotificationStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Notification, Status>> + Send>>;
+
+fn end_status(end: StreamEnd) -> Status {
+    let resume = |last: Option<NotificationId>| match last {
+        Some(id) => format!("subscribe again with resume_after = \"{id}\""),
+        None => "subscribe again".to_string(),
+    };
+    match end {
+        StreamEnd::Lagged {
+            missed,
+            last_delivered,
+        } => Status::resource_exhausted(format!(
+            "this stream fell {missed} notifications behind and its buffer overflowed; read \
+             faster and {} to continue without a gap",
+            resume(last_delivered)
+        )),
+        StreamEnd::ShuttingDown { last_delivered } => Status::unavailable(format!(
+            "the service is shutting down; {} once it is back",
+            resume(last_delivered)
+        )),
+        StreamEnd::Failed(err) => err.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl RestockService for RestockApi {
+    async fn trigger_restock(
+        &self,
+        request: Request<proto::TriggerRestockRequest>,
+    ) -> Result<Response<proto::RestockRun>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let stock = req.stock.map(parse_stock).transpose()?;
+        let run = self.engine.trigger_restock(product, stock).await?;
+        Ok(Response::new(run.into()))
+    }
+
+    type SubscribeStream = NotificationStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let filter = NotificationFilter {
+            user_id: req.user_id.map(UserId::parse).transpose()?,
+            product_id: req.product_id.map(ProductId::parse).transpose()?,
+        };
+        let resume_after = req
+            .resume_after
+            .as_deref()
+            .map(str::parse::<NotificationId>)
+            .transpose()?;
+        let stream = self.engine.subscribe(filter, resume_after).await?;
+        let stream = stream.map(|item| match item {
+            Ok(n) => Ok(proto::Notification::from(&n)),
+            Err(end) => Err(end_status(end)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn register_alert(
+        &self,
+        request: Request<proto::RegisterAlertRequest>,
+    ) -> Result<Response<proto::Alert>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let user = UserId::parse(req.user_id)?;
+        let alert = self.engine.register_alert(product, user).await?;
+        Ok(Response::new(alert.into()))
+    }
+
+    async fn cancel_alert(
+        &self,
+        request: Request<proto::CancelAlertRequest>,
+    ) -> Result<Response<proto::Alert>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let user = UserId::parse(req.user_id)?;
+        let alert = self.engine.cancel_alert(product, user).await?;
+        Ok(Response::new(alert.into()))
+    }
+
+    async fn set_stock(
+        &self,
+        request: Request<proto::SetStockRequest>,
+    ) -> Result<Response<proto::Product>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let stock = parse_stock(req.stock)?;
+        let product = self.engine.set_stock(product, stock).await?;
+        Ok(Response::new(product.into()))
+    }
+
+    async fn get_restock_run(
+        &self,
+        request: Request<proto::GetRestockRunRequest>,
+    ) -> Result<Response<proto::RestockRun>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let round = req.restock_round.map(parse_round).transpose()?;
+        let run = self.engine.restock_run(product, round).await?;
+        Ok(Response::new(run.into()))
+    }
+}

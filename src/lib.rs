@@ -1,0 +1,19 @@
+//! restock-notifier: tells users, in registration order and at a bounded rate, that a
+//! product they asked about is back in stock.
+
+/// Settings, as flags and environment variables.
+pub mod config;
+/// Ids, run states, notifications and the errors a caller can act on.
+pub mod domain;
+/// Runs: pacing, the stock check, recording, resuming; and `Subscribe` streams.
+pub mod engine;
+/// The gRPC services, conversions, status codes and the API rate limit.
+pub mod grpc;
+/// Redis through fred: the stock cache, with every key under one prefix.
+pub mod redis;
+/// Wiring of the stores, the engine and the server.
+pub mod startup;
+/// Durable state behind the `Store` trait (MySQL).
+pub mod store;
+/// Structured logging.
+pub mod telemetry;

@@ -1,0 +1,16 @@
+//! The `restock-notifier` binary: parse config, init tracing, build the app, run until
+//! stopped.
+
+use clap::Parser as _;
+use restock_notifier::config::Config;
+use restock_notifier::startup::{Application, shutdown_signal};
+use restock_notifier::telemetry;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    telemetry::init(&config)?;
+    let app = Application::build(config).await?;
+    tracing::info!(addr = %app.local_addr(), "listening");
+    app.run_until_stopped(shutdown_signal()).await
+}

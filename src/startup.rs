@@ -1,0 +1,193 @@
+//! Wiring: `Application::build` connects the stores, builds the engine and the gRPC
+//! server, and binds the listener first, so that port 0 works and the address is known
+//! before anything is served.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::engine::bus::LocalBus;
+use crate::engine::limiter::LocalLimiter;
+use crate::engine::stock::{LocalStockCache, StockCache};
+use crate::engine::{Backends, Engine, EngineSettings};
+use crate::grpc::admin::{AdminApi, AdminAuth};
+use crate::grpc::proto;
+use crate::grpc::proto::restock_admin_service_server::RestockAdminServiceServer;
+use crate::grpc::proto::restock_service_server::RestockServiceServer;
+use crate::grpc::ratelimit::ApiRateLimit;
+use crate::grpc::restock::RestockApi;
+use crate::redis::{Keys, RedisStockCache};
+use crate::store::mysql::MySqlStore;
+
+/// How long shutdown waits for runs to record what they sent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Notifications a subscriber may fall behind before its stream is ended.
+const SUBSCRIBER_BUFFER: usize = 4_096;
+
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    engine: Arc<Engine>,
+    admin_token: String,
+    api_rate: std::num::NonZeroU32,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, EngineSettings::default()).await
+    }
+
+    /// As `build`, with engine tunables (tests use it to shorten leases).
+    pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
+        let store = MySqlStore::connect(&config.database_url).await?;
+        let stock: Arc<dyn StockCache> = match &config.redis_url {
+            Some(url) => {
+                let client = crate::redis::connect(url).await?;
+                Arc::new(RedisStockCache::new(
+                    client,
+                    Keys::new(config.redis_prefix.clone()),
+                ))
+            }
+            None => {
+                tracing::warn!(
+                    "REDIS_URL is not set: the stock cache lives in this process, so run a \
+                     single instance only"
+                );
+                Arc::new(LocalStockCache::default())
+            }
+        };
+        let engine = Engine::new(
+            Backends {
+                store: Arc::new(store),
+                stock,
+                limiter: Arc::new(LocalLimiter::new(config.send_rate)),
+                bus: Arc::new(LocalBus::new(SUBSCRIBER_BUFFER)),
+            },
+            settings,
+        );
+        let admin_token = match config.admin_token.clone() {
+            Some(token) if token.trim().is_empty() => {
+                anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
+            }
+            Some(token) => token,
+            None => {
+                let token = generate_token();
+                tracing::warn!(
+                    admin_token = %token,
+                    "RESTOCK_ADMIN_TOKEN is not set: generated this admin token for this run"
+                );
+                token
+            }
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on RESTOCK_LISTEN {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+            engine,
+            admin_token,
+            api_rate: config.api_rate,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, ends the streams, and
+    /// waits for every run to record what it sent and leave a resumable state.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let engine = self.engine.clone();
+        engine.spawn_reaper();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<RestockServiceServer<RestockApi>>()
+            .await;
+        health
+            .set_serving::<RestockAdminServiceServer<AdminApi>>()
+            .await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let limit = ApiRateLimit::new(self.api_rate);
+        let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
+        let admin = limit.wrap(RestockAdminServiceServer::new(AdminApi::new(
+            engine.clone(),
+            AdminAuth::new(&self.admin_token),
+        )));
+
+        let stop_engine = engine.shutdown_token();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new calls, ending streams, stopping runs");
+            health
+                .set_not_serving::<RestockServiceServer<RestockApi>>()
+                .await;
+            // Ends every Subscribe stream and stops the runs, so the server's drain
+            // below does not wait on streams that would never end by themselves.
+            stop_engine.cancel();
+        };
+
+        let served = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(restock)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(TcpIncoming::from(self.listener), signal)
+            .await
+            .context("the gRPC server failed");
+        engine.shutdown(SHUTDOWN_GRACE).await;
+        tracing::info!("stopped");
+        served
+    }
+}
+
+fn generate_token() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 24] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,682 @@
+//! The MySQL store (MySQL 8.4, MariaDB 10.11). Every query below is served by an index
+//! of `migrations/`; the comments name it where the choice is not obvious.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
+
+use super::{Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store};
+use crate::domain::{
+    Alert, BackendError, Error, Notification, NotificationFilter, NotificationId, Product,
+    ProductId, Registration, Run, RunStatus, UserId,
+};
+
+const STORE: &str = "database";
+
+/// MySQL error numbers worth telling apart.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+
+/// How often a transaction that lost a deadlock is tried again before giving up.
+const DEADLOCK_ATTEMPTS: usize = 5;
+
+/// Columns of `product_notification_history` that make a [`Run`], in this order.
+const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, sent_count, \
+                           started_at, updated_at";
+
+pub struct MySqlStore {
+    pool: MySqlPool,
+}
+
+impl MySqlStore {
+    /// Connects, creating the database if it does not exist, and applies migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = MySqlConnectOptions::from_str(url)
+            .context("DATABASE_URL is not a valid mysql:// URL")?;
+        if let Some(database) = options.get_database() {
+            // Connect without selecting the database, which may not exist yet.
+            let server = options.clone().database("");
+            let mut conn = MySqlConnectOptions::connect(&server)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot connect to the MySQL server of DATABASE_URL at {}:{}",
+                        options.get_host(),
+                        options.get_port()
+                    )
+                })?;
+            let quoted = database.replace('`', "``");
+            sqlx::raw_sql(&format!("CREATE DATABASE IF NOT EXISTS `{quoted}`"))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("cannot create database {database:?} of DATABASE_URL"))?;
+            conn.close().await.ok();
+        }
+        let pool = MySqlPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .context("cannot connect to DATABASE_URL")?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("cannot apply the database migrations")?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and benchmarks that inspect the tables directly.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, MySql>, Error> {
+        self.pool.begin().await.map_err(backend)
+    }
+}
+
+/// Maps a driver error to a backend error; connection-level failures are "unavailable".
+fn backend(err: sqlx::Error) -> Error {
+    let unavailable = matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    );
+    Error::Backend(BackendError::new(STORE, unavailable, err))
+}
+
+fn mysql_error_number(err: &Error) -> Option<u16> {
+    let Error::Backend(b) = err else { return None };
+    let sqlx_err = b.source.downcast_ref::<sqlx::Error>()?;
+    let db = sqlx_err.as_database_error()?;
+    Some(
+        db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()?
+            .number(),
+    )
+}
+
+fn is_retryable(err: &Error) -> bool {
+    matches!(
+        mysql_error_number(err),
+        Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
+    )
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|e| e.is_unique_violation())
+}
+
+fn lease_micros(lease: Duration) -> i64 {
+    i64::try_from(lease.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn claim_token() -> i64 {
+    // Positive, so it never collides with the NULL/0 of an unclaimed run.
+    rand::random::<i64>().wrapping_abs().max(1)
+}
+
+fn run_from_row(row: &MySqlRow) -> Result<Run, Error> {
+    let status: String = row.try_get("status").map_err(backend)?;
+    let status = RunStatus::from_str(&status)
+        .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
+    Ok(Run {
+        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+        restock_round: row.try_get("restock_round").map_err(backend)?,
+        status,
+        last_sent_user_id: row
+            .try_get::<Option<i64>, _>("last_sent_user_id")
+            .map_err(backend)?
+            .map(UserId::from_stored),
+        sent_count: row.try_get("sent_count").map_err(backend)?,
+        started_at: row.try_get("started_at").map_err(backend)?,
+        updated_at: row.try_get("updated_at").map_err(backend)?,
+    })
+}
+
+fn alert_from_row(row: &MySqlRow) -> Result<Alert, Error> {
+    Ok(Alert {
+        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+        user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+        active: row.try_get("is_active").map_err(backend)?,
+        created_at: row.try_get("created_at").map_err(backend)?,
+        updated_at: row.try_get("updated_at").map_err(backend)?,
+    })
+}
+
+fn product_from_row(row: &MySqlRow) -> Result<Product, Error> {
+    Ok(Product {
+        id: ProductId::from_stored(row.try_get("id").map_err(backend)?),
+        restock_round: row.try_get("restock_round").map_err(backend)?,
+        stock: row.try_get("stock").map_err(backend)?,
+    })
+}
+
+async fn select_run_by_id(tx: &mut Transaction<'static, MySql>, run_id: i64) -> Result<Run, Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM product_notification_history WHERE id = ?"
+    ))
+    .bind(run_id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(backend)?;
+    run_from_row(&row)
+}
+
+/// Locks the product row: every state change of a product's runs and queue goes
+/// through this lock, which is what makes "one run per product" hold under concurrency.
+async fn lock_product(
+    tx: &mut Transaction<'static, MySql>,
+    product: ProductId,
+) -> Result<Option<Product>, Error> {
+    let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ? FOR UPDATE")
+        .bind(product.get())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(backend)?;
+    row.as_ref().map(product_from_row).transpose()
+}
+
+fn unknown_product(product: ProductId) -> Error {
+    Error::NotFound(format!(
+        "product {product} does not exist; create it with SetStock first"
+    ))
+}
+
+fn run_in_progress(product: ProductId, round: i64) -> Error {
+    Error::FailedPrecondition(format!(
+        "product {product} already has a run in progress (round {round}); wait for it to \
+         finish (GetRestockRun shows its status)"
+    ))
+}
+
+impl MySqlStore {
+    async fn try_start_run(
+        &self,
+        product: ProductId,
+        stock: Option<i64>,
+        lease: Duration,
+    ) -> Result<ClaimedRun, Error> {
+        let mut tx = self.begin().await?;
+        if let Some(stock) = stock {
+            sqlx::query(
+                "INSERT INTO product (id, stock) VALUES (?, ?) \
+                 ON DUPLICATE KEY UPDATE stock = ?, updated_at = CURRENT_TIMESTAMP(6)",
+            )
+            .bind(product.get())
+            .bind(stock)
+            .bind(stock)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        let current = lock_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        if current.stock <= 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "product {product} is out of stock (stock {}); set a positive stock with \
+                 SetStock or the `stock` field of TriggerRestock",
+                current.stock
+            )));
+        }
+        if current.restock_round > 0 {
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM product_notification_history \
+                 WHERE product_id = ? AND restock_round = ?",
+            )
+            .bind(product.get())
+            .bind(current.restock_round)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+            if status.as_deref() == Some(RunStatus::InProgress.as_str()) {
+                return Err(run_in_progress(product, current.restock_round));
+            }
+        }
+        let round = current.restock_round + 1;
+        sqlx::query(
+            "UPDATE product SET restock_round = ?, updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(round)
+        .bind(product.get())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let token = claim_token();
+        let inserted = sqlx::query(
+            "INSERT INTO product_notification_history \
+             (product_id, restock_round, status, claim_token, lease_until) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
+        )
+        .bind(product.get())
+        .bind(round)
+        .bind(token)
+        .bind(lease_micros(lease))
+        .execute(&mut *tx)
+        .await;
+        let run_id = match inserted {
+            Ok(done) => done.last_insert_id() as i64,
+            // The unique key on in-progress runs is the last line of defence for G7.
+            Err(e) if is_unique_violation(&e) => return Err(run_in_progress(product, round)),
+            Err(e) => return Err(backend(e)),
+        };
+        let run = select_run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: product,
+                restock_round: round,
+                token,
+            },
+            cursor: None,
+            run,
+        })
+    }
+
+    async fn try_resume_run(
+        &self,
+        product: ProductId,
+        lease: Duration,
+    ) -> Result<ClaimedRun, Error> {
+        let mut tx = self.begin().await?;
+        let current = lock_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        let row = sqlx::query(
+            "SELECT id, status, last_sent_position FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = ? FOR UPDATE",
+        )
+        .bind(product.get())
+        .bind(current.restock_round)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Err(Error::FailedPrecondition(format!(
+                "product {product} has never been restocked, so there is no run to resume; \
+                 start one with TriggerRestock"
+            )));
+        };
+        let run_id: i64 = row.try_get("id").map_err(backend)?;
+        let cursor: Option<i64> = row.try_get("last_sent_position").map_err(backend)?;
+        let status: String = row.try_get("status").map_err(backend)?;
+        let status = RunStatus::from_str(&status)
+            .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
+        let round = current.restock_round;
+        match status {
+            RunStatus::CanceledByError => {}
+            RunStatus::InProgress => return Err(run_in_progress(product, round)),
+            RunStatus::Completed => {
+                return Err(Error::FailedPrecondition(format!(
+                    "round {round} of product {product} completed; nothing to resume \
+                     (TriggerRestock starts the next round)"
+                )));
+            }
+            RunStatus::CanceledBySoldOut => {
+                return Err(Error::FailedPrecondition(format!(
+                    "round {round} of product {product} ended because the product sold out; \
+                     a sold-out run is not resumed (TriggerRestock starts the next round)"
+                )));
+            }
+        }
+        if current.stock <= 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "product {product} is out of stock (stock {}); set a positive stock with \
+                 SetStock before resuming",
+                current.stock
+            )));
+        }
+        let token = claim_token();
+        sqlx::query(
+            "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
+             lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+             updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(token)
+        .bind(lease_micros(lease))
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let run = select_run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: product,
+                restock_round: round,
+                token,
+            },
+            cursor,
+            run,
+        })
+    }
+
+    async fn try_register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        let mut tx = self.begin().await?;
+        lock_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        let active: Option<bool> = sqlx::query_scalar(
+            "SELECT is_active FROM product_user_notification \
+             WHERE product_id = ? AND user_id = ? FOR UPDATE",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if active != Some(true) {
+            // A new position behind every earlier registration: the back of the queue.
+            sqlx::query("UPDATE product SET alert_seq = alert_seq + 1 WHERE id = ?")
+                .bind(product.get())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            let position: i64 = sqlx::query_scalar("SELECT alert_seq FROM product WHERE id = ?")
+                .bind(product.get())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            let sql = if active.is_some() {
+                "UPDATE product_user_notification SET is_active = TRUE, position = ?, \
+                 updated_at = CURRENT_TIMESTAMP(6) WHERE product_id = ? AND user_id = ?"
+            } else {
+                "INSERT INTO product_user_notification (position, product_id, user_id) \
+                 VALUES (?, ?, ?)"
+            };
+            sqlx::query(sql)
+                .bind(position)
+                .bind(product.get())
+                .bind(user.get())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        let alert = select_alert(&mut tx, product, user).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(alert.expect("the alert was just written in this transaction"))
+    }
+}
+
+async fn select_alert(
+    tx: &mut Transaction<'static, MySql>,
+    product: ProductId,
+    user: UserId,
+) -> Result<Option<Alert>, Error> {
+    let row = sqlx::query(
+        "SELECT product_id, user_id, is_active, created_at, updated_at \
+         FROM product_user_notification WHERE product_id = ? AND user_id = ?",
+    )
+    .bind(product.get())
+    .bind(user.get())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    row.as_ref().map(alert_from_row).transpose()
+}
+
+/// Runs a transaction body again when MySQL picked it as a deadlock victim.
+macro_rules! retry_deadlocks {
+    ($body:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $body.await {
+                Err(e) if attempt < DEADLOCK_ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(attempt, error = %e, "transaction deadlocked; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
+        retry_deadlocks!(async {
+            let mut tx = self.begin().await?;
+            sqlx::query(
+                "INSERT INTO product (id, stock) VALUES (?, ?) \
+                 ON DUPLICATE KEY UPDATE stock = ?, updated_at = CURRENT_TIMESTAMP(6)",
+            )
+            .bind(product.get())
+            .bind(stock)
+            .bind(stock)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
+                .bind(product.get())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            product_from_row(&row)
+        })
+    }
+
+    async fn product(&self, product: ProductId) -> Result<Option<Product>, Error> {
+        let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
+            .bind(product.get())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(product_from_row).transpose()
+    }
+
+    async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        retry_deadlocks!(self.try_register_alert(product, user))
+    }
+
+    async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE product_user_notification SET is_active = FALSE, \
+             updated_at = CURRENT_TIMESTAMP(6) \
+             WHERE product_id = ? AND user_id = ? AND is_active = TRUE",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let alert = select_alert(&mut tx, product, user).await?;
+        tx.commit().await.map_err(backend)?;
+        alert.ok_or_else(|| {
+            Error::NotFound(format!(
+                "user {user} never registered an alert for product {product}; \
+                 nothing to cancel"
+            ))
+        })
+    }
+
+    async fn start_run(
+        &self,
+        product: ProductId,
+        stock: Option<i64>,
+        lease: Duration,
+    ) -> Result<ClaimedRun, Error> {
+        retry_deadlocks!(self.try_start_run(product, stock, lease))
+    }
+
+    async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error> {
+        retry_deadlocks!(self.try_resume_run(product, lease))
+    }
+
+    async fn run(&self, product: ProductId, round: Option<i64>) -> Result<Option<Run>, Error> {
+        // uq_pnh_product_round serves both: the point lookup and the descending scan.
+        let by_round = format!(
+            "SELECT {RUN_COLUMNS} FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = ?"
+        );
+        let latest = format!(
+            "SELECT {RUN_COLUMNS} FROM product_notification_history \
+             WHERE product_id = ? ORDER BY restock_round DESC LIMIT 1"
+        );
+        let query = match round {
+            Some(round) => sqlx::query(&by_round).bind(product.get()).bind(round),
+            None => sqlx::query(&latest).bind(product.get()),
+        };
+        let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn next_registrations(
+        &self,
+        claim: &RunClaim,
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Registration>, Error> {
+        // A keyset page on ix_pun_queue; the NOT EXISTS probes uq_punh_product_round_user.
+        let rows = sqlx::query(
+            "SELECT q.user_id, q.position FROM product_user_notification q \
+             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? \
+             AND NOT EXISTS (SELECT 1 FROM product_user_notification_history h \
+                 WHERE h.product_id = q.product_id AND h.restock_round = ? \
+                 AND h.user_id = q.user_id) \
+             ORDER BY q.position LIMIT ?",
+        )
+        .bind(claim.product_id.get())
+        .bind(cursor.unwrap_or(0))
+        .bind(claim.restock_round)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Registration {
+                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+                    position: row.try_get("position").map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record(
+        &self,
+        claim: &RunClaim,
+        sent: &[SentNotification],
+        finish: Option<FinalStatus>,
+        lease: Duration,
+    ) -> Result<Claimed, Error> {
+        let mut tx = self.begin().await?;
+        let last = sent.last().map(|s| s.registration);
+        let status = finish.map_or(RunStatus::InProgress, FinalStatus::status);
+        // The conditional update comes first: it takes the run's row lock and proves the
+        // claim before any history row is written.
+        let updated = sqlx::query(
+            "UPDATE product_notification_history SET \
+             last_sent_user_id = COALESCE(?, last_sent_user_id), \
+             last_sent_position = COALESCE(?, last_sent_position), \
+             sent_count = sent_count + ?, status = ?, \
+             lease_until = IF(? , NULL, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND), \
+             claim_token = IF(?, NULL, claim_token), \
+             updated_at = CURRENT_TIMESTAMP(6) \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS'",
+        )
+        .bind(last.map(|r| r.user_id.get()))
+        .bind(last.map(|r| r.position))
+        .bind(sent.len() as i64)
+        .bind(status.as_str())
+        .bind(finish.is_some())
+        .bind(lease_micros(lease))
+        .bind(finish.is_some())
+        .bind(claim.run_id)
+        .bind(claim.token)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if updated.rows_affected() == 0 {
+            tx.rollback().await.ok();
+            return Ok(Claimed::Lost);
+        }
+        if !sent.is_empty() {
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT INTO product_user_notification_history \
+                 (product_id, user_id, restock_round, sent_at) ",
+            );
+            insert.push_values(sent, |mut row, s| {
+                row.push_bind(claim.product_id.get())
+                    .push_bind(s.registration.user_id.get())
+                    .push_bind(claim.restock_round)
+                    .push_bind(s.sent_at);
+            });
+            insert.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Claimed::Yes)
+    }
+
+    async fn expire_abandoned_runs(&self) -> Result<u64, Error> {
+        // ix_pnh_status_lease serves the range.
+        let done = sqlx::query(
+            "UPDATE product_notification_history SET status = 'CANCELED_BY_ERROR', \
+             claim_token = NULL, lease_until = NULL, updated_at = CURRENT_TIMESTAMP(6) \
+             WHERE status = 'IN_PROGRESS' AND lease_until < CURRENT_TIMESTAMP(6)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn recorded_after(
+        &self,
+        after: i64,
+        filter: NotificationFilter,
+        limit: u32,
+    ) -> Result<Vec<(i64, Notification)>, Error> {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT id, product_id, user_id, restock_round, sent_at \
+             FROM product_user_notification_history WHERE id > ",
+        );
+        query.push_bind(after);
+        if let Some(product) = filter.product_id {
+            query.push(" AND product_id = ").push_bind(product.get());
+        }
+        if let Some(user) = filter.user_id {
+            query.push(" AND user_id = ").push_bind(user.get());
+        }
+        query.push(" ORDER BY id LIMIT ").push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await.map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("id").map_err(backend)?;
+                let sent_at: DateTime<Utc> = row.try_get("sent_at").map_err(backend)?;
+                let id = NotificationId {
+                    product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+                    restock_round: row.try_get("restock_round").map_err(backend)?,
+                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+                };
+                Ok((seq, Notification { id, sent_at }))
+            })
+            .collect()
+    }
+
+    async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM product_user_notification_history \
+             WHERE product_id = ? AND restock_round = ? AND user_id = ?",
+        )
+        .bind(id.product_id.get())
+        .bind(id.restock_round)
+        .bind(id.user_id.get())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)
+    }
+}
