@@ -28,9 +28,6 @@ use crate::store::mysql::MySqlStore;
 /// How long shutdown waits for runs to record what they sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Notifications a subscriber may fall behind before its stream is ended.
-const SUBSCRIBER_BUFFER: usize = 4_096;
-
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -68,7 +65,7 @@ impl Application {
                 store: Arc::new(store),
                 stock,
                 limiter: Arc::new(LocalLimiter::new(config.send_rate)),
-                bus: Arc::new(LocalBus::new(SUBSCRIBER_BUFFER)),
+                bus: Arc::new(LocalBus::new(settings.subscriber_buffer)),
             },
             settings,
         );

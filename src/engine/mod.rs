@@ -34,6 +34,8 @@ pub struct EngineSettings {
     pub lease: Duration,
     /// How often abandoned runs are looked for.
     pub reap_interval: Duration,
+    /// Notifications a subscriber may fall behind before its stream is ended.
+    pub subscriber_buffer: usize,
 }
 
 impl Default for EngineSettings {
@@ -44,6 +46,7 @@ impl Default for EngineSettings {
             flush_interval: Duration::from_millis(100),
             lease: Duration::from_secs(10),
             reap_interval: Duration::from_secs(5),
+            subscriber_buffer: 4_096,
         }
     }
 }

@@ -1,0 +1,406 @@
+//! Test harness: each test gets the real server on 127.0.0.1:0 with its own MySQL
+//! database and its own Redis prefix, and talks to it through the generated clients.
+
+use std::num::NonZeroU32;
+use std::sync::Once;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use restock_notifier::config::{Config, LogFormat};
+use restock_notifier::engine::EngineSettings;
+use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminServiceClient;
+use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
+use restock_notifier::grpc::proto::{self, RunStatus};
+use restock_notifier::startup::Application;
+use sqlx::mysql::MySqlPool;
+use sqlx::{Connection, MySqlConnection, Row};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The MySQL server tests create their databases on.
+pub fn mysql_server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Tracing once per test binary, silent unless TEST_LOG is set.
+fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// How a test wants its server.
+#[derive(Clone)]
+pub struct Options {
+    pub send_rate: u32,
+    pub api_rate: u32,
+    pub settings: EngineSettings,
+    /// Reuse this database instead of creating a fresh one (restart tests).
+    pub database: Option<String>,
+    pub redis_prefix: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            send_rate: 1_000_000,
+            api_rate: 100_000,
+            settings: EngineSettings::default(),
+            database: None,
+            redis_prefix: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub client: RestockServiceClient<Channel>,
+    pub admin: RestockAdminServiceClient<Channel>,
+    pub channel: Channel,
+    pub addr: std::net::SocketAddr,
+    /// A pool on the test's own database, for assertions on the tables.
+    pub db: MySqlPool,
+    pub database: String,
+    pub redis_prefix: String,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Drop the database when the app is dropped (not for the first half of a restart).
+    keep_database: bool,
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_tracing();
+    let database = options
+        .database
+        .clone()
+        .unwrap_or_else(|| unique("restock_test_"));
+    let redis_prefix = options
+        .redis_prefix
+        .clone()
+        .unwrap_or_else(|| unique("restock-test:") + ":");
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: format!("{}/{}", mysql_server_url(), database),
+        redis_url: Some(redis_url()),
+        redis_prefix: redis_prefix.clone(),
+        send_rate: NonZeroU32::new(options.send_rate).unwrap(),
+        api_rate: NonZeroU32::new(options.api_rate).unwrap(),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        log: "info".into(),
+        log_format: LogFormat::Text,
+    };
+    let app = Application::build_with(config, options.settings.clone())
+        .await
+        .expect("the application starts");
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    // The listener is bound already, so connecting cannot race the server's start.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the test server");
+    let db = MySqlPool::connect(&format!("{}/{}", mysql_server_url(), database))
+        .await
+        .expect("connects to the test database");
+    TestApp {
+        client: RestockServiceClient::new(channel.clone()),
+        admin: RestockAdminServiceClient::new(channel.clone()),
+        channel,
+        addr,
+        db,
+        database,
+        redis_prefix,
+        stop: Some(stop),
+        server: Some(server),
+        keep_database: false,
+    }
+}
+
+impl TestApp {
+    /// Shuts the server down gracefully (as SIGTERM would) and waits until it stopped.
+    /// The database is kept for a restarted app to use.
+    pub async fn shut_down(mut self) -> (String, String) {
+        self.stop.take().unwrap().send(()).ok();
+        self.server
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("server stops cleanly");
+        self.keep_database = true;
+        (self.database.clone(), self.redis_prefix.clone())
+    }
+
+    pub async fn set_stock(&self, product: i64, stock: i64) -> proto::Product {
+        self.client
+            .clone()
+            .set_stock(proto::SetStockRequest {
+                product_id: product,
+                stock,
+            })
+            .await
+            .expect("SetStock")
+            .into_inner()
+    }
+
+    pub async fn register(&self, product: i64, user: i64) -> proto::Alert {
+        self.client
+            .clone()
+            .register_alert(proto::RegisterAlertRequest {
+                product_id: product,
+                user_id: user,
+            })
+            .await
+            .expect("RegisterAlert")
+            .into_inner()
+    }
+
+    /// Registers many users fast, straight in the table, in the order given (the
+    /// position column is the registration order). For tests that need thousands.
+    pub async fn register_bulk(&self, product: i64, users: &[i64]) {
+        let mut conn = self.db.acquire().await.unwrap();
+        for (chunk_no, chunk) in users.chunks(1_000).enumerate() {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO product_user_notification (product_id, user_id, position) ",
+            );
+            q.push_values(chunk.iter().enumerate(), |mut row, (i, user)| {
+                row.push_bind(product)
+                    .push_bind(*user)
+                    .push_bind((chunk_no * 1_000 + i + 1) as i64);
+            });
+            q.build().execute(&mut *conn).await.unwrap();
+        }
+        sqlx::query("UPDATE product SET alert_seq = ? WHERE id = ?")
+            .bind(users.len() as i64)
+            .bind(product)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+
+    pub async fn cancel(&self, product: i64, user: i64) -> proto::Alert {
+        self.client
+            .clone()
+            .cancel_alert(proto::CancelAlertRequest {
+                product_id: product,
+                user_id: user,
+            })
+            .await
+            .expect("CancelAlert")
+            .into_inner()
+    }
+
+    pub async fn trigger(
+        &self,
+        product: i64,
+        stock: Option<i64>,
+    ) -> Result<proto::RestockRun, Status> {
+        self.client
+            .clone()
+            .trigger_restock(proto::TriggerRestockRequest {
+                product_id: product,
+                stock,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn get_run(
+        &self,
+        product: i64,
+        round: Option<i64>,
+    ) -> Result<proto::RestockRun, Status> {
+        self.client
+            .clone()
+            .get_restock_run(proto::GetRestockRunRequest {
+                product_id: product,
+                restock_round: round,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn manual_restock(
+        &self,
+        product: i64,
+        token: Option<&str>,
+    ) -> Result<proto::RestockRun, Status> {
+        let mut request = Request::new(proto::ManualRestockRequest {
+            product_id: product,
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        self.admin
+            .clone()
+            .manual_restock(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn subscribe(
+        &self,
+        filter: proto::SubscribeRequest,
+    ) -> Streaming<proto::Notification> {
+        self.client
+            .clone()
+            .subscribe(filter)
+            .await
+            .expect("Subscribe")
+            .into_inner()
+    }
+
+    /// Waits until the latest run of `product` has left IN_PROGRESS.
+    pub async fn wait_until_final(&self, product: i64) -> proto::RestockRun {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let run = self.get_run(product, None).await.expect("GetRestockRun");
+            if run.status() != RunStatus::InProgress {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run of product {product} still in progress after 60 s: {run:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Users recorded for a round, in recording order.
+    pub async fn history(&self, product: i64, round: i64) -> Vec<i64> {
+        sqlx::query_scalar(
+            "SELECT user_id FROM product_user_notification_history \
+             WHERE product_id = ? AND restock_round = ? ORDER BY id",
+        )
+        .bind(product)
+        .bind(round)
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// The latest sent_at recorded for a round.
+    pub async fn last_sent_at(
+        &self,
+        product: i64,
+        round: i64,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar(
+            "SELECT MAX(sent_at) FROM product_user_notification_history \
+             WHERE product_id = ? AND restock_round = ?",
+        )
+        .bind(product)
+        .bind(round)
+        .fetch_one(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// The run row as stored: (status, last_sent_user_id, sent_count).
+    pub async fn run_row(&self, product: i64, round: i64) -> (String, Option<i64>, i64) {
+        let row = sqlx::query(
+            "SELECT status, last_sent_user_id, sent_count FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = ?",
+        )
+        .bind(product)
+        .bind(round)
+        .fetch_one(&self.db)
+        .await
+        .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    }
+
+    pub async fn product_round(&self, product: i64) -> i64 {
+        sqlx::query_scalar("SELECT restock_round FROM product WHERE id = ?")
+            .bind(product)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    pub async fn run_count(&self, product: i64) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM product_notification_history WHERE product_id = ?")
+            .bind(product)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if self.keep_database {
+            return;
+        }
+        let database = self.database.clone();
+        // Dropped inside the test's runtime, which cannot block: clean up on a thread of
+        // its own with a small runtime.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut conn) = MySqlConnection::connect(&mysql_server_url()).await {
+                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS `{database}`"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// Reads `n` notifications from a stream, failing the test if it ends first.
+pub async fn take(
+    stream: &mut Streaming<proto::Notification>,
+    n: usize,
+) -> Vec<proto::Notification> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(item))) => got.push(item),
+            other => panic!("stream ended after {} of {n}: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
+    match result {
+        Err(status) => assert_eq!(status.code(), code, "{status:?}"),
+        Ok(value) => panic!("expected {code:?}, got {value:?}"),
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real server, a real MySQL database and a real Redis per test.
+
+mod helpers;
+
+mod alerts;
+mod errors;
+mod manual_restock;
+mod rate_limit;
+mod runs;
+mod shutdown;
+mod subscribe;

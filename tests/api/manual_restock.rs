@@ -1,0 +1,167 @@
+//! Real failures mid-run, and resuming with ManualRestock.
+
+use std::collections::HashSet;
+
+use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
+use tonic::Code;
+
+use crate::helpers::*;
+
+/// Makes MySQL itself refuse to record `user`: a trigger that raises on insert.
+async fn fail_recording_of(app: &TestApp, user: i64) {
+    sqlx::raw_sql(&format!(
+        "CREATE TRIGGER fail_on_user BEFORE INSERT ON product_user_notification_history \
+         FOR EACH ROW BEGIN \
+           IF NEW.user_id = {user} THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; \
+           END IF; \
+         END"
+    ))
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
+async fn heal(app: &TestApp) {
+    sqlx::raw_sql("DROP TRIGGER fail_on_user")
+        .execute(&app.db)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exactly_once() {
+    let mut options = Options::default();
+    // The stream is read only at the end: let it hold everything.
+    options.settings.subscriber_buffer = 20_000;
+    let app = spawn_app_with(options).await;
+    // Registration order is the reverse of id order.
+    let users: Vec<i64> = (1..=3_000).rev().collect();
+    app.set_stock(1, 10).await;
+    app.register_bulk(1, &users).await;
+    let failing_user = users[1_700];
+    fail_recording_of(&app, failing_user).await;
+
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(1),
+            ..Default::default()
+        })
+        .await;
+    app.trigger(1, None).await.unwrap();
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::CanceledByError);
+
+    // G5: the record is an exact prefix that stops before the failing user, and the
+    // cursor is its last user.
+    let history = app.history(1, 1).await;
+    assert!(
+        !history.is_empty() && history.len() <= 1_700,
+        "{}",
+        history.len()
+    );
+    assert_eq!(history, users[..history.len()]);
+    assert_eq!(run.last_sent_user_id, history.last().copied());
+    assert_eq!(
+        app.run_row(1, 1).await,
+        (
+            "CANCELED_BY_ERROR".into(),
+            history.last().copied(),
+            history.len() as i64
+        )
+    );
+
+    heal(&app).await;
+    assert_code(app.manual_restock(1, None).await, Code::Unauthenticated);
+    assert_code(
+        app.manual_restock(1, Some("wrong")).await,
+        Code::Unauthenticated,
+    );
+    assert_eq!(
+        app.get_run(1, None).await.unwrap().status(),
+        RunStatus::CanceledByError
+    );
+
+    let resumed = app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(
+        resumed.restock_round, 1,
+        "resuming does not start a new round"
+    );
+    assert_eq!(resumed.status(), RunStatus::InProgress);
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(run.restock_round, 1);
+    assert_eq!(app.product_round(1).await, 1);
+
+    let history = app.history(1, 1).await;
+    assert_eq!(
+        history, users,
+        "every user recorded once, in registration order"
+    );
+    assert_eq!(run.sent_count, users.len() as i64);
+    assert_eq!(run.last_sent_user_id, Some(*users.last().unwrap()));
+
+    // The stream saw everyone; a user may be delivered again after the failure, always
+    // under the same notification_id.
+    let mut seen = HashSet::new();
+    while seen.len() < users.len() {
+        let n = take(&mut stream, 1).await.remove(0);
+        assert_eq!(n.notification_id, format!("1-1-{}", n.user_id));
+        seen.insert(n.user_id);
+    }
+}
+
+#[tokio::test]
+async fn manual_restock_refuses_what_cannot_be_resumed() {
+    let app = spawn_app().await;
+    // Unknown product.
+    assert_code(
+        app.manual_restock(1, Some(ADMIN_TOKEN)).await,
+        Code::NotFound,
+    );
+    // A product never restocked.
+    app.set_stock(1, 5).await;
+    assert_code(
+        app.manual_restock(1, Some(ADMIN_TOKEN)).await,
+        Code::FailedPrecondition,
+    );
+    // A completed run.
+    app.register(1, 1).await;
+    app.trigger(1, None).await.unwrap();
+    assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
+    assert_code(
+        app.manual_restock(1, Some(ADMIN_TOKEN)).await,
+        Code::FailedPrecondition,
+    );
+    assert_eq!(app.product_round(1).await, 1);
+    assert_eq!(app.history(1, 1).await, vec![1]);
+    // Bad input is still checked after the token.
+    assert_code(
+        app.manual_restock(0, Some(ADMIN_TOKEN)).await,
+        Code::InvalidArgument,
+    );
+    assert_code(app.manual_restock(0, None).await, Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_failed_run_out_of_stock_is_not_resumed_until_restocked() {
+    let app = spawn_app().await;
+    app.set_stock(2, 5).await;
+    app.register_bulk(2, &[3, 1, 2]).await;
+    fail_recording_of(&app, 1).await;
+    app.trigger(2, None).await.unwrap();
+    assert_eq!(
+        app.wait_until_final(2).await.status(),
+        RunStatus::CanceledByError
+    );
+    heal(&app).await;
+    app.set_stock(2, 0).await;
+    assert_code(
+        app.manual_restock(2, Some(ADMIN_TOKEN)).await,
+        Code::FailedPrecondition,
+    );
+    app.set_stock(2, 1).await;
+    app.manual_restock(2, Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(app.wait_until_final(2).await.status(), RunStatus::Completed);
+    assert_eq!(app.history(2, 1).await, vec![3, 1, 2]);
+}

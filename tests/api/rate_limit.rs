@@ -1,0 +1,54 @@
+//! The API rate limit answers RESOURCE_EXHAUSTED; health checks are never limited.
+
+use restock_notifier::grpc::proto;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn over_the_api_limit_calls_get_resource_exhausted_while_health_answers() {
+    let app = spawn_app_with(Options {
+        api_rate: 5,
+        ..Options::default()
+    })
+    .await;
+    let mut limited = 0;
+    let mut passed = 0;
+    for _ in 0..30 {
+        match app
+            .client
+            .clone()
+            .set_stock(proto::SetStockRequest {
+                product_id: 1,
+                stock: 1,
+            })
+            .await
+        {
+            Ok(_) => passed += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                limited += 1;
+            }
+        }
+    }
+    assert!(passed >= 5, "the burst passes: {passed}");
+    assert!(limited >= 20, "the rest is limited: {limited}");
+
+    let mut health = HealthClient::new(app.channel.clone());
+    for _ in 0..30 {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health is never rate limited");
+        assert_eq!(reply.into_inner().status, 1, "SERVING");
+    }
+    // The admin service shares the limit.
+    assert_code(
+        app.manual_restock(1, Some(ADMIN_TOKEN)).await,
+        Code::ResourceExhausted,
+    );
+}

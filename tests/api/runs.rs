@@ -1,0 +1,248 @@
+//! Runs from trigger to final state: order, stock, concurrency.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt as _;
+use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn users_are_notified_in_registration_order_and_round_two_notifies_them_again() {
+    let app = spawn_app().await;
+    app.set_stock(1, 10).await;
+    // Registration order differs from id order on purpose.
+    for user in [50, 20, 90, 10, 70] {
+        app.register(1, user).await;
+    }
+    app.cancel(1, 90).await;
+    // Registering again while active keeps the place; cancel + register goes to the back.
+    app.register(1, 50).await;
+    app.cancel(1, 20).await;
+    app.register(1, 20).await;
+    let expected = vec![50, 10, 70, 20];
+
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(1),
+            ..Default::default()
+        })
+        .await;
+    let run = app.trigger(1, None).await.unwrap();
+    assert_eq!(run.restock_round, 1);
+    assert_eq!(run.status(), RunStatus::InProgress);
+
+    let received = take(&mut stream, expected.len()).await;
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(run.sent_count, 4);
+    assert_eq!(run.last_sent_user_id, Some(20));
+    assert_eq!(app.history(1, 1).await, expected);
+    assert_eq!(app.run_row(1, 1).await, ("COMPLETED".into(), Some(20), 4));
+    assert_eq!(
+        received.iter().map(|n| n.user_id).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(received[0].notification_id, "1-1-50");
+    assert!(
+        received
+            .iter()
+            .all(|n| n.product_id == 1 && n.restock_round == 1)
+    );
+
+    let run = app.trigger(1, None).await.unwrap();
+    assert_eq!(run.restock_round, 2);
+    let received = take(&mut stream, expected.len()).await;
+    let run = app.wait_until_final(1).await;
+    assert_eq!(
+        (run.status(), run.restock_round, run.sent_count),
+        (RunStatus::Completed, 2, 4)
+    );
+    assert_eq!(app.history(1, 2).await, expected);
+    assert_eq!(
+        received.iter().map(|n| n.user_id).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(received[3].notification_id, "1-2-20");
+    // Round 1 is still readable by number.
+    assert_eq!(app.get_run(1, Some(1)).await.unwrap().restock_round, 1);
+}
+
+#[tokio::test]
+async fn trigger_with_no_stock_is_refused_and_changes_nothing() {
+    let app = spawn_app().await;
+    app.set_stock(3, 0).await;
+    app.register(3, 1).await;
+
+    assert_code(app.trigger(3, None).await, Code::FailedPrecondition);
+    assert_code(app.trigger(3, Some(0)).await, Code::FailedPrecondition);
+    assert_eq!(app.product_round(3).await, 0);
+    assert_eq!(app.run_count(3).await, 0);
+    assert_code(app.get_run(3, None).await, Code::NotFound);
+
+    // `stock` in the request is written first, then checked.
+    let run = app.trigger(3, Some(7)).await.unwrap();
+    assert_eq!(run.restock_round, 1);
+    assert_eq!(app.wait_until_final(3).await.status(), RunStatus::Completed);
+    assert_eq!(app.set_stock(3, 7).await.restock_round, 1);
+
+    // A refused trigger with a stock leaves the stock as it was.
+    app.set_stock(3, 0).await;
+    assert_code(app.trigger(3, Some(0)).await, Code::FailedPrecondition);
+    let stock: i64 = sqlx::query_scalar("SELECT stock FROM product WHERE id = 3")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stock, 0);
+    assert_eq!(app.product_round(3).await, 1);
+}
+
+#[tokio::test]
+async fn trigger_with_stock_creates_an_unknown_product() {
+    let app = spawn_app().await;
+    let run = app.trigger(8, Some(2)).await.unwrap();
+    assert_eq!(run.restock_round, 1);
+    let run = app.wait_until_final(8).await;
+    assert_eq!(
+        (run.status(), run.sent_count, run.last_sent_user_id),
+        (RunStatus::Completed, 0, None)
+    );
+}
+
+#[tokio::test]
+async fn an_empty_alert_list_completes_with_nothing_sent() {
+    let app = spawn_app().await;
+    app.set_stock(4, 1).await;
+    app.register(4, 1).await;
+    app.cancel(4, 1).await;
+    app.trigger(4, None).await.unwrap();
+    let run = app.wait_until_final(4).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(run.sent_count, 0);
+    assert_eq!(run.last_sent_user_id, None);
+    assert!(app.history(4, 1).await.is_empty());
+}
+
+#[tokio::test]
+async fn selling_out_mid_run_stops_at_an_exact_prefix() {
+    // Slow enough that the run is still going when the stock drops.
+    let app = spawn_app_with(Options {
+        send_rate: 400,
+        ..Options::default()
+    })
+    .await;
+    let users: Vec<i64> = (1..=2_000).rev().collect();
+    app.set_stock(5, 100).await;
+    app.register_bulk(5, &users).await;
+
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(5),
+            ..Default::default()
+        })
+        .await;
+    app.trigger(5, None).await.unwrap();
+    let before = take(&mut stream, 50).await;
+    app.set_stock(5, 0).await;
+    let sold_out_at = Utc::now();
+
+    let run = app.wait_until_final(5).await;
+    assert_eq!(run.status(), RunStatus::CanceledBySoldOut);
+    let history = app.history(5, 1).await;
+    assert!(history.len() >= before.len() && history.len() < users.len());
+    assert_eq!(
+        history,
+        users[..history.len()],
+        "history is the registration-order prefix"
+    );
+    assert_eq!(run.last_sent_user_id, history.last().copied());
+    assert_eq!(run.sent_count, history.len() as i64);
+    assert!(
+        app.last_sent_at(5, 1).await.unwrap() <= sold_out_at,
+        "a send after SetStock(0) returned"
+    );
+
+    // The stream saw exactly the recorded prefix, nothing after the sell-out.
+    let mut streamed: Vec<i64> = before.iter().map(|n| n.user_id).collect();
+    while streamed.len() < history.len() {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        streamed.push(n.user_id);
+    }
+    assert_eq!(streamed, history);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.next())
+            .await
+            .is_err()
+    );
+
+    assert_code(
+        app.manual_restock(5, Some(ADMIN_TOKEN)).await,
+        Code::FailedPrecondition,
+    );
+}
+
+#[tokio::test]
+async fn of_twenty_concurrent_triggers_exactly_one_wins() {
+    let app = spawn_app_with(Options {
+        send_rate: 50,
+        ..Options::default()
+    })
+    .await;
+    app.set_stock(6, 5).await;
+    app.register_bulk(6, &(1..=500).collect::<Vec<_>>()).await;
+
+    let calls = (0..20).map(|_| {
+        let app = &app;
+        async move { app.trigger(6, None).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let wins: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(wins.len(), 1, "{results:?}");
+    for result in &results {
+        if let Err(status) = result {
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        }
+    }
+    assert_eq!(app.product_round(6).await, 1);
+    assert_eq!(app.run_count(6).await, 1);
+    // And while it runs, a further trigger is refused too.
+    assert_code(app.trigger(6, None).await, Code::FailedPrecondition);
+    assert_code(
+        app.manual_restock(6, Some(ADMIN_TOKEN)).await,
+        Code::FailedPrecondition,
+    );
+}
+
+#[tokio::test]
+async fn a_user_who_re_registers_during_a_run_is_not_notified_twice() {
+    let app = spawn_app_with(Options {
+        send_rate: 200,
+        ..Options::default()
+    })
+    .await;
+    app.set_stock(7, 5).await;
+    app.register_bulk(7, &(1..=100).collect::<Vec<_>>()).await;
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(7),
+            ..Default::default()
+        })
+        .await;
+    app.trigger(7, None).await.unwrap();
+    take(&mut stream, 10).await;
+    // User 1 was notified; moving to the back must not notify them again this round.
+    app.cancel(7, 1).await;
+    app.register(7, 1).await;
+    let run = app.wait_until_final(7).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    let history = app.history(7, 1).await;
+    assert_eq!(history.len(), 100);
+    assert_eq!(history.iter().collect::<HashSet<_>>().len(), 100);
+}

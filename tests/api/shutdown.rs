@@ -1,0 +1,69 @@
+//! Graceful shutdown mid-run, then a restart that resumes.
+
+use futures::StreamExt as _;
+use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn shutdown_mid_run_leaves_it_resumable_and_ends_streams() {
+    let app = spawn_app_with(Options {
+        send_rate: 500,
+        ..Options::default()
+    })
+    .await;
+    let users: Vec<i64> = (1..=2_000).collect();
+    app.set_stock(1, 3).await;
+    app.register_bulk(1, &users).await;
+    let mut stream = app.subscribe(SubscribeRequest::default()).await;
+    app.trigger(1, None).await.unwrap();
+    take(&mut stream, 100).await;
+
+    let db = app.db.clone();
+    let (database, prefix) = app.shut_down().await;
+
+    // The stream was ended by the server, with a status that says how to continue.
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        // The connection may close before the status is read; either way it ended.
+        None => {}
+        other => panic!("unexpected end {other:?}"),
+    }
+
+    // The run was left CANCELED_BY_ERROR with a consistent record.
+    let (status, last, count): (String, Option<i64>, i64) = sqlx::query_as(
+        "SELECT status, last_sent_user_id, sent_count FROM product_notification_history",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(status, "CANCELED_BY_ERROR");
+    let recorded: Vec<i64> =
+        sqlx::query_scalar("SELECT user_id FROM product_user_notification_history ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert!(recorded.len() >= 100 && recorded.len() < users.len());
+    assert_eq!(recorded, users[..recorded.len()]);
+    assert_eq!(last, recorded.last().copied());
+    assert_eq!(count, recorded.len() as i64);
+
+    // A new process on the same database resumes it to the end.
+    let app = spawn_app_with(Options {
+        database: Some(database),
+        redis_prefix: Some(prefix),
+        ..Options::default()
+    })
+    .await;
+    app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(app.history(1, 1).await, users);
+}
