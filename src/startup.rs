@@ -149,13 +149,18 @@ impl Application {
             stop_engine.cancel();
         };
 
+        // No Nagle: a notification is one small frame, and holding it back for the
+        // previous one's ACK would add tens of milliseconds to every stream.
+        let incoming = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let served = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(restock)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpIncoming::from(self.listener), signal)
+            .serve_with_incoming_shutdown(incoming, signal)
             .await
             .context("the gRPC server failed");
         engine.shutdown(SHUTDOWN_GRACE).await;

@@ -110,15 +110,8 @@ impl RunState<'_> {
             }
             let mut rest = &page[..];
             while !rest.is_empty() {
-                let want = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                let granted = tokio::select! {
-                    biased;
-                    _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-                    granted = engine.limiter.acquire(want) => granted.map_err(Error::from)?,
-                };
-                let (chunk, tail) = rest.split_at((granted as usize).min(rest.len()));
-                rest = tail;
-                self.send(chunk).await?;
+                let sent = self.send(rest).await?;
+                rest = &rest[sent..];
                 let due = self
                     .oldest_pending
                     .is_some_and(|t| t.elapsed() >= engine.settings.flush_interval);
@@ -129,14 +122,28 @@ impl RunState<'_> {
         }
     }
 
-    /// Checks the stock and sends, as one step with respect to stock writes.
-    async fn send(&mut self, chunk: &[crate::domain::Registration]) -> Result<(), Stop> {
+    /// Sends the next few of `queue` (as many as the limiter grants at once) and returns
+    /// how many.
+    ///
+    /// The stock is checked first, then the limiter is waited for, then the
+    /// notifications go out, all under the gate: no stock write can come between the
+    /// check and the send (G3), and the send happens at the instant the limiter granted
+    /// it, so the limit holds on actual send times (G2), not on grant times that a
+    /// Redis round trip could shift.
+    async fn send(&mut self, queue: &[crate::domain::Registration]) -> Result<usize, Stop> {
         let engine = self.engine;
         let product = self.product();
         let _no_stock_write = engine.gate.send(product).await;
         if current_stock(engine, product).await? <= 0 {
             return Err(Stop::SoldOut);
         }
+        let want = u32::try_from(queue.len()).unwrap_or(u32::MAX);
+        let granted = tokio::select! {
+            biased;
+            _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+            granted = engine.limiter.acquire(want) => granted.map_err(Error::from)?,
+        };
+        let chunk = &queue[..(granted as usize).min(queue.len())];
         let sent_at = Utc::now();
         let notifications: Vec<Notification> = chunk
             .iter()
@@ -161,7 +168,7 @@ impl RunState<'_> {
             }));
         self.oldest_pending.get_or_insert_with(Instant::now);
         self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
-        Ok(())
+        Ok(chunk.len())
     }
 
     /// Records pending notifications and moves the cursor, in one transaction.
