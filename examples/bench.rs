@@ -50,8 +50,10 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
         log: "warn".into(),
         log_format: LogFormat::Text,
     };
-    let mut settings = EngineSettings::default();
-    settings.subscriber_buffer = 1 << 16;
+    let settings = EngineSettings {
+        subscriber_buffer: 1 << 16,
+        ..EngineSettings::default()
+    };
     let app = Application::build_with(config, settings).await?;
     let addr = app.local_addr();
     tokio::spawn(app.run_until_stopped(std::future::pending()));

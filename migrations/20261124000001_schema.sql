@@ -15,7 +15,8 @@ CREATE TABLE product (
 
 -- Users who asked to be told of a restock. `position` is the place in the queue:
 -- registration order, and a re-registration moves the user to the back.
--- The (product_id, is_active, position) index serves the engine's keyset pages.
+-- ix_pun_queue serves the engine's keyset pages; it carries user_id so that a page is
+-- read from the index alone, without a primary-key lookup per row.
 CREATE TABLE product_user_notification (
     id         BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
     product_id BIGINT       NOT NULL,
@@ -25,7 +26,7 @@ CREATE TABLE product_user_notification (
     created_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     UNIQUE KEY uq_pun_product_user (product_id, user_id),
-    KEY ix_pun_queue (product_id, is_active, position)
+    KEY ix_pun_queue (product_id, is_active, position, user_id)
 ) ENGINE = InnoDB;
 
 -- One row per product and round: the run. `last_sent_position` is the resume cursor

@@ -540,18 +540,19 @@ impl Store for MySqlStore {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Registration>, Error> {
-        // A keyset page on ix_pun_queue; the NOT EXISTS probes uq_punh_product_round_user.
+        // A keyset page read from ix_pun_queue alone, anti-joined with a probe of
+        // uq_punh_product_round_user per row. (MariaDB runs the equivalent NOT EXISTS as
+        // a dependent subquery, several times slower.)
         let rows = sqlx::query(
             "SELECT q.user_id, q.position FROM product_user_notification q \
-             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? \
-             AND NOT EXISTS (SELECT 1 FROM product_user_notification_history h \
-                 WHERE h.product_id = q.product_id AND h.restock_round = ? \
-                 AND h.user_id = q.user_id) \
+             LEFT JOIN product_user_notification_history h \
+               ON h.product_id = q.product_id AND h.restock_round = ? AND h.user_id = q.user_id \
+             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? AND h.id IS NULL \
              ORDER BY q.position LIMIT ?",
         )
+        .bind(claim.restock_round)
         .bind(claim.product_id.get())
         .bind(cursor.unwrap_or(0))
-        .bind(claim.restock_round)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
