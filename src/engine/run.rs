@@ -47,32 +47,30 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
         };
         let started = Instant::now();
         let outcome = run.notify_all().await;
-        let sent = run.pending.len();
-        let (status, reason) = match outcome {
-            Ok(()) => (FinalStatus::Completed, None),
+        let status = match outcome {
+            Ok(()) => FinalStatus::Completed,
             Err(Stop::Lost) => {
                 tracing::warn!("run was taken from this task; stopping without writing");
                 return;
             }
-            Err(Stop::SoldOut) => (FinalStatus::SoldOut, None),
-            Err(Stop::ShuttingDown) => (
-                FinalStatus::Error,
-                Some("interrupted by shutdown; resume it with ManualRestock".to_string()),
-            ),
-            Err(Stop::Failed(err)) => (FinalStatus::Error, Some(format!("{err:#}: {err:?}"))),
+            Err(Stop::SoldOut) => FinalStatus::SoldOut,
+            Err(Stop::ShuttingDown) => {
+                tracing::warn!("run interrupted by shutdown; resume it with ManualRestock");
+                FinalStatus::Error
+            }
+            Err(Stop::Failed(err)) => {
+                tracing::error!(error = ?err, "run failed; resume it with ManualRestock");
+                FinalStatus::Error
+            }
         };
-        run.finish(status).await;
-        match reason {
-            None => tracing::info!(
-                status = %status.status(),
+        match run.finish(status).await {
+            Some(written) => tracing::info!(
+                status = %written.status(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                "run finished"
+                "run ended"
             ),
-            Some(reason) => tracing::error!(
-                status = %status.status(),
-                unrecorded_on_stop = sent,
-                %reason,
-                "run canceled"
+            None => tracing::error!(
+                "run left IN_PROGRESS: once its lease expires it is marked CANCELED_BY_ERROR"
             ),
         }
     }
@@ -192,10 +190,11 @@ impl RunState<'_> {
     }
 
     /// Moves the run to its final state, recording what is pending in the same
-    /// transaction. If that fails, the pending notifications are given up (they were
-    /// delivered; a resume delivers them again with the same ids) and the status alone
-    /// is written, with retries: a failing run must not stay `IN_PROGRESS` (G4).
-    async fn finish(&mut self, status: FinalStatus) {
+    /// transaction, and returns the status written. If that fails, the pending
+    /// notifications are given up (they were delivered; a resume delivers them again with
+    /// the same ids) and `CANCELED_BY_ERROR` alone is written, with retries: a failing
+    /// run must not stay `IN_PROGRESS` (G4). `None` if nothing could be written.
+    async fn finish(&mut self, status: FinalStatus) -> Option<FinalStatus> {
         let engine = self.engine;
         let lease = engine.settings.lease;
         match engine
@@ -203,21 +202,21 @@ impl RunState<'_> {
             .record(&self.claim, &self.pending, Some(status), lease)
             .await
         {
-            Ok(_) => return,
-            Err(err) => {
-                tracing::error!(error = ?err, unrecorded = self.pending.len(),
-                    "cannot record the last sends; marking the run without them");
-            }
+            Ok(_) => return Some(status),
+            Err(err) => tracing::error!(
+                error = ?err,
+                unrecorded = self.pending.len(),
+                "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
+            ),
         }
-        let status = FinalStatus::Error;
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=6 {
             match engine
                 .store
-                .record(&self.claim, &[], Some(status), lease)
+                .record(&self.claim, &[], Some(FinalStatus::Error), lease)
                 .await
             {
-                Ok(_) => return,
+                Ok(_) => return Some(FinalStatus::Error),
                 Err(err) => {
                     tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
                 }
@@ -225,9 +224,7 @@ impl RunState<'_> {
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
-        tracing::error!(
-            "run left IN_PROGRESS: its lease expires and it is then marked CANCELED_BY_ERROR"
-        );
+        None
     }
 }
 

@@ -165,3 +165,36 @@ async fn a_failed_run_out_of_stock_is_not_resumed_until_restocked() {
     assert_eq!(app.wait_until_final(2).await.status(), RunStatus::Completed);
     assert_eq!(app.history(2, 1).await, vec![3, 1, 2]);
 }
+
+#[tokio::test]
+async fn a_run_abandoned_by_a_dead_process_is_marked_resumable_and_resumes() {
+    let mut options = Options::default();
+    options.settings.reap_interval = std::time::Duration::from_millis(50);
+    let app = spawn_app_with(options).await;
+    app.set_stock(3, 5).await;
+    app.register_bulk(3, &[30, 10, 20]).await;
+    // What a process that died mid-run leaves behind: round 1 in progress, user 30
+    // recorded, and a lease nobody renews any more.
+    sqlx::raw_sql(
+        "UPDATE product SET restock_round = 1 WHERE id = 3; \
+         INSERT INTO product_notification_history \
+           (product_id, restock_round, status, last_sent_user_id, last_sent_position, \
+            sent_count, claim_token, lease_until) \
+         VALUES (3, 1, 'IN_PROGRESS', 30, 1, 1, 12345, CURRENT_TIMESTAMP(6) - INTERVAL 1 SECOND); \
+         INSERT INTO product_user_notification_history (product_id, user_id, restock_round, sent_at) \
+         VALUES (3, 30, 1, CURRENT_TIMESTAMP(6));",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let run = app.wait_until_final(3).await;
+    assert_eq!(run.status(), RunStatus::CanceledByError);
+    assert_eq!(run.last_sent_user_id, Some(30));
+
+    app.manual_restock(3, Some(ADMIN_TOKEN)).await.unwrap();
+    let run = app.wait_until_final(3).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(run.restock_round, 1);
+    assert_eq!(app.history(3, 1).await, vec![30, 10, 20]);
+}
