@@ -17,17 +17,18 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
-    /// MySQL database (`mysql://user:pass@host:port/db`). The database is created if it
-    /// does not exist, and migrated at start.
+    /// The database: `mysql://user:pass@host:port/db` for production, or
+    /// `sqlite://path` for an embedded file (the default, `restock.db` in the working
+    /// directory). Created if it does not exist, and migrated at start.
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
-        default_value = "mysql://root@127.0.0.1:3306/restock"
+        default_value = "sqlite://restock.db"
     )]
     pub database_url: String,
 
-    /// Redis for the stock cache (`redis://host:port`). Without it, the stock cache is
-    /// kept in this process: a single-instance setup.
+    /// Redis (`redis://host:port`) for the stock cache. Without it, the stock cache,
+    /// send limiter and notification bus live in this process: run a single instance.
     #[arg(long = "redis-url", env = "REDIS_URL")]
     pub redis_url: Option<String>,
 

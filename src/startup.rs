@@ -23,7 +23,9 @@ use crate::grpc::proto::restock_service_server::RestockServiceServer;
 use crate::grpc::ratelimit::ApiRateLimit;
 use crate::grpc::restock::RestockApi;
 use crate::redis::{Keys, RedisStockCache};
+use crate::store::Store;
 use crate::store::mysql::MySqlStore;
+use crate::store::sqlite::SqliteStore;
 
 /// How long shutdown waits for runs to record what they sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -43,7 +45,7 @@ impl Application {
 
     /// As `build`, with engine tunables (tests use it to shorten leases).
     pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
-        let store = MySqlStore::connect(&config.database_url).await?;
+        let store = connect_store(&config.database_url).await?;
         let stock: Arc<dyn StockCache> = match &config.redis_url {
             Some(url) => {
                 let client = crate::redis::connect(url).await?;
@@ -52,17 +54,12 @@ impl Application {
                     Keys::new(config.redis_prefix.clone()),
                 ))
             }
-            None => {
-                tracing::warn!(
-                    "REDIS_URL is not set: the stock cache lives in this process, so run a \
-                     single instance only"
-                );
-                Arc::new(LocalStockCache::default())
-            }
+            None => Arc::new(LocalStockCache::default()),
         };
+        log_mode(&config);
         let engine = Engine::new(
             Backends {
-                store: Arc::new(store),
+                store,
                 stock,
                 limiter: Arc::new(LocalLimiter::new(config.send_rate)),
                 bus: Arc::new(LocalBus::new(settings.subscriber_buffer)),
@@ -166,6 +163,69 @@ impl Application {
         engine.shutdown(SHUTDOWN_GRACE).await;
         tracing::info!("stopped");
         served
+    }
+}
+
+/// Picks the store by the scheme of DATABASE_URL.
+async fn connect_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        Ok(Arc::new(MySqlStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!(
+            "DATABASE_URL {:?} has an unsupported scheme: use mysql://user:pass@host:port/db \
+             or sqlite://path/to/file.db",
+            redact(url)
+        )
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Says at start which parts are embedded, and so whether several instances may share
+/// the same stores.
+fn log_mode(config: &Config) {
+    let database = if config.database_url.starts_with("sqlite:") {
+        "embedded SQLite file"
+    } else {
+        "MySQL"
+    };
+    let stock_cache = if config.redis_url.is_some() {
+        "Redis"
+    } else {
+        "in-process"
+    };
+    if database == "MySQL" && config.redis_url.is_some() {
+        tracing::info!(
+            database,
+            stock_cache,
+            "stores connected (the send limit and Subscribe fan-out are per instance)"
+        );
+    } else {
+        tracing::warn!(
+            database,
+            stock_cache,
+            "single-instance mode: run exactly one instance on these stores; set \
+             DATABASE_URL=mysql://... and REDIS_URL=redis://... for production"
+        );
     }
 }
 

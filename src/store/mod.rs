@@ -1,7 +1,9 @@
 //! Durable state behind one trait: products, alerts, runs and the notification history.
-//! `mysql` is the production implementation.
+//! `mysql` is the production implementation, `sqlite` the embedded one; the refusals
+//! both give, word for word, are at the bottom of this file.
 
 pub mod mysql;
+pub mod sqlite;
 
 use std::time::Duration;
 
@@ -133,4 +135,71 @@ pub trait Store: Send + Sync + 'static {
 
     /// The recording sequence number of a notification, if it was recorded.
     async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error>;
+}
+
+/// A fresh claim token: positive, so it never looks like an unclaimed run.
+pub(crate) fn claim_token() -> i64 {
+    rand::random::<i64>().wrapping_abs().max(1)
+}
+
+pub(crate) fn unknown_product(product: ProductId) -> Error {
+    Error::NotFound(format!(
+        "product {product} does not exist; create it with SetStock first"
+    ))
+}
+
+pub(crate) fn never_registered(product: ProductId, user: UserId) -> Error {
+    Error::NotFound(format!(
+        "user {user} never registered an alert for product {product}; nothing to cancel"
+    ))
+}
+
+pub(crate) fn run_in_progress(product: ProductId, round: i64) -> Error {
+    Error::FailedPrecondition(format!(
+        "product {product} already has a run in progress (round {round}); wait for it to \
+         finish (GetRestockRun shows its status)"
+    ))
+}
+
+pub(crate) fn out_of_stock(product: ProductId, stock: i64) -> Error {
+    Error::FailedPrecondition(format!(
+        "product {product} is out of stock (stock {stock}); set a positive stock with \
+         SetStock, or with the `stock` field of TriggerRestock"
+    ))
+}
+
+pub(crate) fn never_restocked(product: ProductId) -> Error {
+    Error::FailedPrecondition(format!(
+        "product {product} has never been restocked, so there is no run to resume; start \
+         one with TriggerRestock"
+    ))
+}
+
+/// G6: only a `CANCELED_BY_ERROR` run of a product in stock is resumed.
+pub(crate) fn check_resumable(
+    product: ProductId,
+    round: i64,
+    status: RunStatus,
+    stock: i64,
+) -> Result<(), Error> {
+    match status {
+        RunStatus::CanceledByError => {}
+        RunStatus::InProgress => return Err(run_in_progress(product, round)),
+        RunStatus::Completed => {
+            return Err(Error::FailedPrecondition(format!(
+                "round {round} of product {product} completed; nothing to resume \
+                 (TriggerRestock starts the next round)"
+            )));
+        }
+        RunStatus::CanceledBySoldOut => {
+            return Err(Error::FailedPrecondition(format!(
+                "round {round} of product {product} ended because the product sold out; a \
+                 sold-out run is not resumed (TriggerRestock starts the next round)"
+            )));
+        }
+    }
+    if stock <= 0 {
+        return Err(out_of_stock(product, stock));
+    }
+    Ok(())
 }

@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 
-use super::{Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store};
+use super::{
+    Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store, check_resumable,
+    claim_token, never_registered, never_restocked, out_of_stock, run_in_progress, unknown_product,
+};
 use crate::domain::{
     Alert, BackendError, Error, Notification, NotificationFilter, NotificationId, Product,
     ProductId, Registration, Run, RunStatus, UserId,
@@ -63,7 +66,7 @@ impl MySqlStore {
             .connect_with(options)
             .await
             .context("cannot connect to DATABASE_URL")?;
-        sqlx::migrate!("./migrations")
+        sqlx::migrate!("./migrations/mysql")
             .run(&pool)
             .await
             .context("cannot apply the database migrations")?;
@@ -117,11 +120,6 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
 
 fn lease_micros(lease: Duration) -> i64 {
     i64::try_from(lease.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn claim_token() -> i64 {
-    // Positive, so it never collides with the NULL/0 of an unclaimed run.
-    rand::random::<i64>().wrapping_abs().max(1)
 }
 
 fn run_from_row(row: &MySqlRow) -> Result<Run, Error> {
@@ -185,19 +183,6 @@ async fn lock_product(
     row.as_ref().map(product_from_row).transpose()
 }
 
-fn unknown_product(product: ProductId) -> Error {
-    Error::NotFound(format!(
-        "product {product} does not exist; create it with SetStock first"
-    ))
-}
-
-fn run_in_progress(product: ProductId, round: i64) -> Error {
-    Error::FailedPrecondition(format!(
-        "product {product} already has a run in progress (round {round}); wait for it to \
-         finish (GetRestockRun shows its status)"
-    ))
-}
-
 impl MySqlStore {
     async fn try_start_run(
         &self,
@@ -222,11 +207,7 @@ impl MySqlStore {
             .await?
             .ok_or_else(|| unknown_product(product))?;
         if current.stock <= 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "product {product} is out of stock (stock {}); set a positive stock with \
-                 SetStock or the `stock` field of TriggerRestock",
-                current.stock
-            )));
+            return Err(out_of_stock(product, current.stock));
         }
         if current.restock_round > 0 {
             let status: Option<String> = sqlx::query_scalar(
@@ -302,40 +283,15 @@ impl MySqlStore {
         .await
         .map_err(backend)?;
         let Some(row) = row else {
-            return Err(Error::FailedPrecondition(format!(
-                "product {product} has never been restocked, so there is no run to resume; \
-                 start one with TriggerRestock"
-            )));
+            return Err(never_restocked(product));
         };
         let run_id: i64 = row.try_get("id").map_err(backend)?;
         let cursor: Option<i64> = row.try_get("last_sent_position").map_err(backend)?;
         let status: String = row.try_get("status").map_err(backend)?;
         let status = RunStatus::from_str(&status)
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
+        check_resumable(product, current.restock_round, status, current.stock)?;
         let round = current.restock_round;
-        match status {
-            RunStatus::CanceledByError => {}
-            RunStatus::InProgress => return Err(run_in_progress(product, round)),
-            RunStatus::Completed => {
-                return Err(Error::FailedPrecondition(format!(
-                    "round {round} of product {product} completed; nothing to resume \
-                     (TriggerRestock starts the next round)"
-                )));
-            }
-            RunStatus::CanceledBySoldOut => {
-                return Err(Error::FailedPrecondition(format!(
-                    "round {round} of product {product} ended because the product sold out; \
-                     a sold-out run is not resumed (TriggerRestock starts the next round)"
-                )));
-            }
-        }
-        if current.stock <= 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "product {product} is out of stock (stock {}); set a positive stock with \
-                 SetStock before resuming",
-                current.stock
-            )));
-        }
         let token = claim_token();
         sqlx::query(
             "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
@@ -495,12 +451,7 @@ impl Store for MySqlStore {
         .map_err(backend)?;
         let alert = select_alert(&mut tx, product, user).await?;
         tx.commit().await.map_err(backend)?;
-        alert.ok_or_else(|| {
-            Error::NotFound(format!(
-                "user {user} never registered an alert for product {product}; \
-                 nothing to cancel"
-            ))
-        })
+        alert.ok_or_else(|| never_registered(product, user))
     }
 
     async fn start_run(

@@ -1,0 +1,573 @@
+//! The embedded SQLite store: the same contract as the MySQL one, for a single instance
+//! with no infrastructure.
+//!
+//! SQLite has no row locks, so "one run per product" (G7) and the ordering of
+//! registrations rest on its single writer: every transaction here starts with
+//! `BEGIN IMMEDIATE` (it takes the write lock before reading), on a pool of one
+//! connection, so read-check-write sequences cannot interleave — not between tasks, and
+//! not with another process opening the same file. The partial unique index on
+//! in-progress runs backs it. Reads that need no transaction go to a separate pool: in
+//! WAL mode they never wait for the writer.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+use super::{
+    Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store, check_resumable,
+    claim_token, never_registered, never_restocked, out_of_stock, run_in_progress, unknown_product,
+};
+use crate::domain::{
+    Alert, BackendError, Error, Notification, NotificationFilter, NotificationId, Product,
+    ProductId, Registration, Run, RunStatus, UserId,
+};
+
+const STORE: &str = "database";
+
+const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, sent_count, \
+                           started_at, updated_at";
+
+pub struct SqliteStore {
+    /// One connection: the single writer.
+    writer: SqlitePool,
+    /// Plain reads.
+    reader: SqlitePool,
+}
+
+fn backend(err: sqlx::Error) -> Error {
+    let unavailable = matches!(
+        err,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+    );
+    Error::Backend(BackendError::new(STORE, unavailable, err))
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|e| e.is_unique_violation())
+}
+
+/// Lease deadlines are Unix microseconds, so they compare as numbers.
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn lease_deadline(lease: Duration) -> i64 {
+    micros(Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file of a `sqlite://path` URL and applies
+    /// migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .with_context(|| format!("DATABASE_URL {url:?} is not a valid sqlite:// URL"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        let in_memory = options.get_filename().as_os_str() == ":memory:";
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await
+            .with_context(|| format!("cannot open the SQLite database of DATABASE_URL {url:?}"))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&writer)
+            .await
+            .context("cannot apply the SQLite migrations")?;
+        // An in-memory database exists once per connection: readers must share it.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.read_only(true))
+                .await
+                .with_context(|| format!("cannot open DATABASE_URL {url:?} for reading"))?
+        };
+        Ok(Self { writer, reader })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, Error> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)
+    }
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<Run, Error> {
+    let status: String = row.try_get("status").map_err(backend)?;
+    let status = RunStatus::from_str(&status)
+        .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
+    Ok(Run {
+        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+        restock_round: row.try_get("restock_round").map_err(backend)?,
+        status,
+        last_sent_user_id: row
+            .try_get::<Option<i64>, _>("last_sent_user_id")
+            .map_err(backend)?
+            .map(UserId::from_stored),
+        sent_count: row.try_get("sent_count").map_err(backend)?,
+        started_at: row.try_get("started_at").map_err(backend)?,
+        updated_at: row.try_get("updated_at").map_err(backend)?,
+    })
+}
+
+fn product_from_row(row: &SqliteRow) -> Result<Product, Error> {
+    Ok(Product {
+        id: ProductId::from_stored(row.try_get("id").map_err(backend)?),
+        restock_round: row.try_get("restock_round").map_err(backend)?,
+        stock: row.try_get("stock").map_err(backend)?,
+    })
+}
+
+async fn select_product(
+    tx: &mut Transaction<'static, Sqlite>,
+    product: ProductId,
+) -> Result<Option<Product>, Error> {
+    let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
+        .bind(product.get())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(backend)?;
+    row.as_ref().map(product_from_row).transpose()
+}
+
+async fn select_run_by_id(
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: i64,
+) -> Result<Run, Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLUMNS} FROM product_notification_history WHERE id = ?"
+    ))
+    .bind(run_id)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(backend)?;
+    run_from_row(&row)
+}
+
+async fn select_alert(
+    tx: &mut Transaction<'static, Sqlite>,
+    product: ProductId,
+    user: UserId,
+) -> Result<Option<Alert>, Error> {
+    let row = sqlx::query(
+        "SELECT product_id, user_id, is_active, created_at, updated_at \
+         FROM product_user_notification WHERE product_id = ? AND user_id = ?",
+    )
+    .bind(product.get())
+    .bind(user.get())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    row.map(|row| {
+        Ok(Alert {
+            product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+            user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+            active: row.try_get("is_active").map_err(backend)?,
+            created_at: row.try_get("created_at").map_err(backend)?,
+            updated_at: row.try_get("updated_at").map_err(backend)?,
+        })
+    })
+    .transpose()
+}
+
+async fn upsert_stock(
+    tx: &mut Transaction<'static, Sqlite>,
+    product: ProductId,
+    stock: i64,
+) -> Result<(), Error> {
+    let now = Utc::now();
+    sqlx::query(
+        "INSERT INTO product (id, stock, created_at, updated_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, updated_at = excluded.updated_at",
+    )
+    .bind(product.get())
+    .bind(stock)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
+        let mut tx = self.begin().await?;
+        upsert_stock(&mut tx, product, stock).await?;
+        let saved = select_product(&mut tx, product).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(saved.expect("the product was just written in this transaction"))
+    }
+
+    async fn product(&self, product: ProductId) -> Result<Option<Product>, Error> {
+        let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
+            .bind(product.get())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(product_from_row).transpose()
+    }
+
+    async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        let mut tx = self.begin().await?;
+        select_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        let active: Option<bool> = sqlx::query_scalar(
+            "SELECT is_active FROM product_user_notification WHERE product_id = ? AND user_id = ?",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if active != Some(true) {
+            let now = Utc::now();
+            let position: i64 = sqlx::query_scalar(
+                "UPDATE product SET alert_seq = alert_seq + 1 WHERE id = ? RETURNING alert_seq",
+            )
+            .bind(product.get())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let query = if active.is_some() {
+                sqlx::query(
+                    "UPDATE product_user_notification SET is_active = TRUE, position = ?, \
+                     updated_at = ? WHERE product_id = ? AND user_id = ?",
+                )
+                .bind(position)
+                .bind(now)
+            } else {
+                sqlx::query(
+                    "INSERT INTO product_user_notification \
+                     (position, created_at, updated_at, product_id, user_id) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(position)
+                .bind(now)
+                .bind(now)
+            };
+            query
+                .bind(product.get())
+                .bind(user.get())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        let alert = select_alert(&mut tx, product, user).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(alert.expect("the alert was just written in this transaction"))
+    }
+
+    async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE product_user_notification SET is_active = FALSE, updated_at = ? \
+             WHERE product_id = ? AND user_id = ? AND is_active = TRUE",
+        )
+        .bind(Utc::now())
+        .bind(product.get())
+        .bind(user.get())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let alert = select_alert(&mut tx, product, user).await?;
+        tx.commit().await.map_err(backend)?;
+        alert.ok_or_else(|| never_registered(product, user))
+    }
+
+    async fn start_run(
+        &self,
+        product: ProductId,
+        stock: Option<i64>,
+        lease: Duration,
+    ) -> Result<ClaimedRun, Error> {
+        let mut tx = self.begin().await?;
+        if let Some(stock) = stock {
+            upsert_stock(&mut tx, product, stock).await?;
+        }
+        let current = select_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        if current.stock <= 0 {
+            return Err(out_of_stock(product, current.stock));
+        }
+        let in_progress: Option<i64> = sqlx::query_scalar(
+            "SELECT restock_round FROM product_notification_history \
+             WHERE product_id = ? AND status = 'IN_PROGRESS'",
+        )
+        .bind(product.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if let Some(round) = in_progress {
+            return Err(run_in_progress(product, round));
+        }
+        let round = current.restock_round + 1;
+        let now = Utc::now();
+        sqlx::query("UPDATE product SET restock_round = ?, updated_at = ? WHERE id = ?")
+            .bind(round)
+            .bind(now)
+            .bind(product.get())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let token = claim_token();
+        let inserted = sqlx::query(
+            "INSERT INTO product_notification_history \
+             (product_id, restock_round, status, claim_token, lease_until, started_at, updated_at) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?)",
+        )
+        .bind(product.get())
+        .bind(round)
+        .bind(token)
+        .bind(lease_deadline(lease))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        let run_id = match inserted {
+            Ok(done) => done.last_insert_rowid(),
+            Err(e) if is_unique_violation(&e) => return Err(run_in_progress(product, round)),
+            Err(e) => return Err(backend(e)),
+        };
+        let run = select_run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: product,
+                restock_round: round,
+                token,
+            },
+            cursor: None,
+            run,
+        })
+    }
+
+    async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error> {
+        let mut tx = self.begin().await?;
+        let current = select_product(&mut tx, product)
+            .await?
+            .ok_or_else(|| unknown_product(product))?;
+        let row = sqlx::query(
+            "SELECT id, status, last_sent_position FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = ?",
+        )
+        .bind(product.get())
+        .bind(current.restock_round)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Err(never_restocked(product));
+        };
+        let run_id: i64 = row.try_get("id").map_err(backend)?;
+        let cursor: Option<i64> = row.try_get("last_sent_position").map_err(backend)?;
+        let status: String = row.try_get("status").map_err(backend)?;
+        let status = RunStatus::from_str(&status)
+            .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
+        check_resumable(product, current.restock_round, status, current.stock)?;
+        let token = claim_token();
+        sqlx::query(
+            "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
+             lease_until = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(token)
+        .bind(lease_deadline(lease))
+        .bind(Utc::now())
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let run = select_run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: product,
+                restock_round: current.restock_round,
+                token,
+            },
+            cursor,
+            run,
+        })
+    }
+
+    async fn run(&self, product: ProductId, round: Option<i64>) -> Result<Option<Run>, Error> {
+        let by_round = format!(
+            "SELECT {RUN_COLUMNS} FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = ?"
+        );
+        let latest = format!(
+            "SELECT {RUN_COLUMNS} FROM product_notification_history \
+             WHERE product_id = ? ORDER BY restock_round DESC LIMIT 1"
+        );
+        let query = match round {
+            Some(round) => sqlx::query(&by_round).bind(product.get()).bind(round),
+            None => sqlx::query(&latest).bind(product.get()),
+        };
+        let row = query.fetch_optional(&self.reader).await.map_err(backend)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn next_registrations(
+        &self,
+        claim: &RunClaim,
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Registration>, Error> {
+        let rows = sqlx::query(
+            "SELECT q.user_id, q.position FROM product_user_notification q \
+             LEFT JOIN product_user_notification_history h \
+               ON h.product_id = q.product_id AND h.restock_round = ? AND h.user_id = q.user_id \
+             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? AND h.id IS NULL \
+             ORDER BY q.position LIMIT ?",
+        )
+        .bind(claim.restock_round)
+        .bind(claim.product_id.get())
+        .bind(cursor.unwrap_or(0))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Registration {
+                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+                    position: row.try_get("position").map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record(
+        &self,
+        claim: &RunClaim,
+        sent: &[SentNotification],
+        finish: Option<FinalStatus>,
+        lease: Duration,
+    ) -> Result<Claimed, Error> {
+        let mut tx = self.begin().await?;
+        let last = sent.last().map(|s| s.registration);
+        let status = finish.map_or(RunStatus::InProgress, FinalStatus::status);
+        let updated = sqlx::query(
+            "UPDATE product_notification_history SET \
+             last_sent_user_id = COALESCE(?, last_sent_user_id), \
+             last_sent_position = COALESCE(?, last_sent_position), \
+             sent_count = sent_count + ?, status = ?, lease_until = ?, \
+             claim_token = CASE WHEN ? THEN NULL ELSE claim_token END, updated_at = ? \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS'",
+        )
+        .bind(last.map(|r| r.user_id.get()))
+        .bind(last.map(|r| r.position))
+        .bind(sent.len() as i64)
+        .bind(status.as_str())
+        .bind(finish.is_none().then(|| lease_deadline(lease)))
+        .bind(finish.is_some())
+        .bind(Utc::now())
+        .bind(claim.run_id)
+        .bind(claim.token)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if updated.rows_affected() == 0 {
+            tx.rollback().await.ok();
+            return Ok(Claimed::Lost);
+        }
+        if !sent.is_empty() {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO product_user_notification_history \
+                 (product_id, user_id, restock_round, sent_at) ",
+            );
+            insert.push_values(sent, |mut row, s| {
+                row.push_bind(claim.product_id.get())
+                    .push_bind(s.registration.user_id.get())
+                    .push_bind(claim.restock_round)
+                    .push_bind(s.sent_at);
+            });
+            insert.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Claimed::Yes)
+    }
+
+    async fn expire_abandoned_runs(&self) -> Result<u64, Error> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE product_notification_history SET status = 'CANCELED_BY_ERROR', \
+             claim_token = NULL, lease_until = NULL, updated_at = ? \
+             WHERE status = 'IN_PROGRESS' AND lease_until < ?",
+        )
+        .bind(Utc::now())
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn recorded_after(
+        &self,
+        after: i64,
+        filter: NotificationFilter,
+        limit: u32,
+    ) -> Result<Vec<(i64, Notification)>, Error> {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT id, product_id, user_id, restock_round, sent_at \
+             FROM product_user_notification_history WHERE id > ",
+        );
+        query.push_bind(after);
+        if let Some(product) = filter.product_id {
+            query.push(" AND product_id = ").push_bind(product.get());
+        }
+        if let Some(user) = filter.user_id {
+            query.push(" AND user_id = ").push_bind(user.get());
+        }
+        query.push(" ORDER BY id LIMIT ").push_bind(limit);
+        let rows = query
+            .build()
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("id").map_err(backend)?;
+                let id = NotificationId {
+                    product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+                    restock_round: row.try_get("restock_round").map_err(backend)?,
+                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+                };
+                let sent_at = row.try_get("sent_at").map_err(backend)?;
+                Ok((seq, Notification { id, sent_at }))
+            })
+            .collect()
+    }
+
+    async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM product_user_notification_history \
+             WHERE product_id = ? AND restock_round = ? AND user_id = ?",
+        )
+        .bind(id.product_id.get())
+        .bind(id.restock_round)
+        .bind(id.user_id.get())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend)
+    }
+}
