@@ -1,6 +1,7 @@
 -- restock-notifier schema for the embedded SQLite database. Same tables, columns and
 -- meaning as migrations/mysql (SPEC §2); the differences are SQLite's:
---  * timestamps are RFC 3339 text in UTC, written by the service;
+--  * timestamps are RFC 3339 text in UTC (the service writes them; the defaults are
+--    for rows inserted by hand);
 --  * lease_until is an integer (Unix microseconds), so it compares as a number;
 --  * "one run in progress per product" is a partial unique index.
 
@@ -10,8 +11,8 @@ CREATE TABLE product (
     stock         INTEGER NOT NULL DEFAULT 0,
     -- Hands out registration positions: the back of the queue.
     alert_seq     INTEGER NOT NULL DEFAULT 0,
-    created_at    TEXT    NOT NULL,
-    updated_at    TEXT    NOT NULL
+    created_at    TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at    TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 
 CREATE TABLE product_user_notification (
@@ -21,8 +22,8 @@ CREATE TABLE product_user_notification (
     is_active  BOOLEAN NOT NULL DEFAULT TRUE,
     -- Place in the queue; a re-registration moves the user to the back.
     position   INTEGER NOT NULL,
-    created_at TEXT    NOT NULL,
-    updated_at TEXT    NOT NULL,
+    created_at TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     UNIQUE (product_id, user_id)
 );
 -- The engine's keyset pages, read from the index alone.
@@ -41,8 +42,8 @@ CREATE TABLE product_notification_history (
     -- The task driving the run; every engine write is conditional on it.
     claim_token        INTEGER NULL,
     lease_until        INTEGER NULL,
-    started_at         TEXT    NOT NULL,
-    updated_at         TEXT    NOT NULL,
+    started_at         TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at         TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     UNIQUE (product_id, restock_round)
 );
 -- At most one run in progress per product, enforced by the database.

@@ -2,9 +2,8 @@
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn register_is_idempotent_and_cancel_then_register_moves_to_the_back() {
-    let app = spawn_app().await;
+async fn register_is_idempotent_and_cancel_then_register_moves_to_the_back(backend: Backend) {
+    let app = spawn_app(backend).await;
     app.set_stock(1, 1).await;
     let first = app.register(1, 7).await;
     assert!(first.active);
@@ -45,3 +44,5 @@ async fn register_is_idempotent_and_cancel_then_register_moves_to_the_back() {
         .unwrap();
     assert_eq!(rows, 2);
 }
+
+on_each_backend!(register_is_idempotent_and_cancel_then_register_moves_to_the_back,);

@@ -5,9 +5,8 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn invalid_arguments_are_refused() {
-    let app = spawn_app().await;
+async fn invalid_arguments_are_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
     let mut c = app.client.clone();
     for (product, stock) in [(0, 1), (-1, 1), (1, -1)] {
         assert_code(
@@ -65,9 +64,8 @@ async fn invalid_arguments_are_refused() {
     assert_eq!(products, 0);
 }
 
-#[tokio::test]
-async fn unknown_products_rounds_and_alerts_are_not_found() {
-    let app = spawn_app().await;
+async fn unknown_products_rounds_and_alerts_are_not_found(backend: Backend) {
+    let app = spawn_app(backend).await;
     let mut c = app.client.clone();
     assert_code(
         c.register_alert(proto::RegisterAlertRequest {
@@ -109,3 +107,8 @@ async fn unknown_products_rounds_and_alerts_are_not_found() {
         Code::NotFound,
     );
 }
+
+on_each_backend!(
+    invalid_arguments_are_refused,
+    unknown_products_rounds_and_alerts_are_not_found,
+);

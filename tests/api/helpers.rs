@@ -12,7 +12,7 @@ use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminSer
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{self, RunStatus};
 use restock_notifier::startup::Application;
-use sqlx::mysql::MySqlPool;
+use sqlx::AnyPool;
 use sqlx::{Connection, MySqlConnection, Row};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -43,20 +43,32 @@ fn init_tracing() {
     });
 }
 
+/// The two ways the service is deployed; every behaviour test runs on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// MySQL (MariaDB here) with the stock cache in Redis: production.
+    MySql,
+    /// An SQLite file with everything else in process: the embedded default.
+    Embedded,
+}
+
 /// How a test wants its server.
 #[derive(Clone)]
 pub struct Options {
+    pub backend: Backend,
     pub send_rate: u32,
     pub api_rate: u32,
     pub settings: EngineSettings,
-    /// Reuse this database instead of creating a fresh one (restart tests).
+    /// Reuse this database (a MySQL database name or an SQLite file path) instead of
+    /// creating a fresh one: restart tests.
     pub database: Option<String>,
     pub redis_prefix: Option<String>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
+impl Options {
+    pub fn new(backend: Backend) -> Self {
         Self {
+            backend,
             send_rate: 1_000_000,
             api_rate: 100_000,
             settings: EngineSettings::default(),
@@ -71,8 +83,10 @@ pub struct TestApp {
     pub admin: RestockAdminServiceClient<Channel>,
     pub channel: Channel,
     pub addr: std::net::SocketAddr,
-    /// A pool on the test's own database, for assertions on the tables.
-    pub db: MySqlPool,
+    /// A pool on the test's own database, for assertions on the tables. Queries through
+    /// it are written to run on both MySQL and SQLite.
+    pub db: AnyPool,
+    pub backend: Backend,
     pub database: String,
     pub redis_prefix: String,
     stop: Option<oneshot::Sender<()>>,
@@ -85,24 +99,44 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(Options::default()).await
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(Options::new(backend)).await
+}
+
+impl Backend {
+    fn fresh_database(self) -> String {
+        match self {
+            Backend::MySql => unique("restock_test_"),
+            Backend::Embedded => std::env::temp_dir()
+                .join(unique("restock-test-") + ".db")
+                .to_string_lossy()
+                .into_owned(),
+        }
+    }
+
+    fn database_url(self, database: &str) -> String {
+        match self {
+            Backend::MySql => format!("{}/{}", mysql_server_url(), database),
+            Backend::Embedded => format!("sqlite://{database}"),
+        }
+    }
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
+    let backend = options.backend;
     let database = options
         .database
         .clone()
-        .unwrap_or_else(|| unique("restock_test_"));
+        .unwrap_or_else(|| backend.fresh_database());
     let redis_prefix = options
         .redis_prefix
         .clone()
         .unwrap_or_else(|| unique("restock-test:") + ":");
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: format!("{}/{}", mysql_server_url(), database),
-        redis_url: Some(redis_url()),
+        database_url: backend.database_url(&database),
+        redis_url: (backend == Backend::MySql).then(redis_url),
         redis_prefix: redis_prefix.clone(),
         send_rate: NonZeroU32::new(options.send_rate).unwrap(),
         api_rate: NonZeroU32::new(options.api_rate).unwrap(),
@@ -124,7 +158,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .connect()
         .await
         .expect("connects to the test server");
-    let db = MySqlPool::connect(&format!("{}/{}", mysql_server_url(), database))
+    sqlx::any::install_default_drivers();
+    let db = AnyPool::connect(&backend.database_url(&database))
         .await
         .expect("connects to the test database");
     TestApp {
@@ -133,6 +168,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         channel,
         addr,
         db,
+        backend,
         database,
         redis_prefix,
         stop: Some(stop),
@@ -185,7 +221,7 @@ impl TestApp {
     pub async fn register_bulk(&self, product: i64, users: &[i64]) {
         let mut conn = self.db.acquire().await.unwrap();
         for (chunk_no, chunk) in users.chunks(1_000).enumerate() {
-            let mut q = sqlx::QueryBuilder::new(
+            let mut q = sqlx::QueryBuilder::<sqlx::Any>::new(
                 "INSERT INTO product_user_notification (product_id, user_id, position) ",
             );
             q.push_values(chunk.iter().enumerate(), |mut row, (i, user)| {
@@ -306,23 +342,6 @@ impl TestApp {
         .unwrap()
     }
 
-    /// The latest sent_at recorded for a round.
-    pub async fn last_sent_at(
-        &self,
-        product: i64,
-        round: i64,
-    ) -> Option<chrono::DateTime<chrono::Utc>> {
-        sqlx::query_scalar(
-            "SELECT MAX(sent_at) FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ?",
-        )
-        .bind(product)
-        .bind(round)
-        .fetch_one(&self.db)
-        .await
-        .unwrap()
-    }
-
     /// The run row as stored: (status, last_sent_user_id, sent_count).
     pub async fn run_row(&self, product: i64, round: i64) -> (String, Option<i64>, i64) {
         let row = sqlx::query(
@@ -363,6 +382,12 @@ impl Drop for TestApp {
             return;
         }
         let database = self.database.clone();
+        if self.backend == Backend::Embedded {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{database}{suffix}"));
+            }
+            return;
+        }
         // Dropped inside the test's runtime, which cannot block: clean up on a thread of
         // its own with a small runtime.
         std::thread::spawn(move || {
@@ -403,4 +428,28 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
         Err(status) => assert_eq!(status.code(), code, "{status:?}"),
         Ok(value) => panic!("expected {code:?}, got {value:?}"),
     }
+}
+
+/// Generates, for each named `async fn(Backend)`, one test per backend: `mysql::name`
+/// and `embedded::name`.
+#[macro_export]
+macro_rules! on_each_backend {
+    ($($name:ident),+ $(,)?) => {
+        mod mysql {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::MySql).await;
+                }
+            )+
+        }
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Embedded).await;
+                }
+            )+
+        }
+    };
 }

@@ -1,5 +1,6 @@
 //! Integration tests: the real server, a real MySQL database and a real Redis per test.
 
+#[macro_use]
 mod helpers;
 
 mod alerts;

@@ -9,17 +9,23 @@ use crate::helpers::*;
 
 /// Makes MySQL itself refuse to record `user`: a trigger that raises on insert.
 async fn fail_recording_of(app: &TestApp, user: i64) {
-    sqlx::raw_sql(&format!(
-        "CREATE TRIGGER fail_on_user BEFORE INSERT ON product_user_notification_history \
-         FOR EACH ROW BEGIN \
-           IF NEW.user_id = {user} THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; \
-           END IF; \
-         END"
-    ))
-    .execute(&app.db)
-    .await
-    .unwrap();
+    let trigger = match app.backend {
+        Backend::MySql => format!(
+            "CREATE TRIGGER fail_on_user BEFORE INSERT ON product_user_notification_history \
+             FOR EACH ROW BEGIN \
+               IF NEW.user_id = {user} THEN \
+                 SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; \
+               END IF; \
+             END"
+        ),
+        Backend::Embedded => format!(
+            "CREATE TRIGGER fail_on_user BEFORE INSERT ON product_user_notification_history \
+             FOR EACH ROW WHEN NEW.user_id = {user} BEGIN \
+               SELECT RAISE(ABORT, 'injected failure'); \
+             END"
+        ),
+    };
+    sqlx::raw_sql(&trigger).execute(&app.db).await.unwrap();
 }
 
 async fn heal(app: &TestApp) {
@@ -29,9 +35,10 @@ async fn heal(app: &TestApp) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exactly_once() {
-    let mut options = Options::default();
+async fn a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exactly_once(
+    backend: Backend,
+) {
+    let mut options = Options::new(backend);
     // The stream is read only at the end: let it hold everything.
     options.settings.subscriber_buffer = 20_000;
     let app = spawn_app_with(options).await;
@@ -111,9 +118,8 @@ async fn a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exact
     }
 }
 
-#[tokio::test]
-async fn manual_restock_refuses_what_cannot_be_resumed() {
-    let app = spawn_app().await;
+async fn manual_restock_refuses_what_cannot_be_resumed(backend: Backend) {
+    let app = spawn_app(backend).await;
     // Unknown product.
     assert_code(
         app.manual_restock(1, Some(ADMIN_TOKEN)).await,
@@ -143,9 +149,8 @@ async fn manual_restock_refuses_what_cannot_be_resumed() {
     assert_code(app.manual_restock(0, None).await, Code::Unauthenticated);
 }
 
-#[tokio::test]
-async fn a_failed_run_out_of_stock_is_not_resumed_until_restocked() {
-    let app = spawn_app().await;
+async fn a_failed_run_out_of_stock_is_not_resumed_until_restocked(backend: Backend) {
+    let app = spawn_app(backend).await;
     app.set_stock(2, 5).await;
     app.register_bulk(2, &[3, 1, 2]).await;
     fail_recording_of(&app, 1).await;
@@ -166,24 +171,31 @@ async fn a_failed_run_out_of_stock_is_not_resumed_until_restocked() {
     assert_eq!(app.history(2, 1).await, vec![3, 1, 2]);
 }
 
-#[tokio::test]
-async fn a_run_abandoned_by_a_dead_process_is_marked_resumable_and_resumes() {
-    let mut options = Options::default();
+async fn a_run_abandoned_by_a_dead_process_is_marked_resumable_and_resumes(backend: Backend) {
+    let mut options = Options::new(backend);
     options.settings.reap_interval = std::time::Duration::from_millis(50);
     let app = spawn_app_with(options).await;
     app.set_stock(3, 5).await;
     app.register_bulk(3, &[30, 10, 20]).await;
     // What a process that died mid-run leaves behind: round 1 in progress, user 30
     // recorded, and a lease nobody renews any more.
-    sqlx::raw_sql(
+    let (expired, now) = match app.backend {
+        Backend::MySql => (
+            "CURRENT_TIMESTAMP(6) - INTERVAL 1 SECOND",
+            "CURRENT_TIMESTAMP(6)",
+        ),
+        // Unix microseconds, as the embedded schema keeps leases.
+        Backend::Embedded => ("1000000", "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"),
+    };
+    sqlx::raw_sql(&format!(
         "UPDATE product SET restock_round = 1 WHERE id = 3; \
          INSERT INTO product_notification_history \
            (product_id, restock_round, status, last_sent_user_id, last_sent_position, \
             sent_count, claim_token, lease_until) \
-         VALUES (3, 1, 'IN_PROGRESS', 30, 1, 1, 12345, CURRENT_TIMESTAMP(6) - INTERVAL 1 SECOND); \
+         VALUES (3, 1, 'IN_PROGRESS', 30, 1, 1, 12345, {expired}); \
          INSERT INTO product_user_notification_history (product_id, user_id, restock_round, sent_at) \
-         VALUES (3, 30, 1, CURRENT_TIMESTAMP(6));",
-    )
+         VALUES (3, 30, 1, {now});"
+    ))
     .execute(&app.db)
     .await
     .unwrap();
@@ -198,3 +210,10 @@ async fn a_run_abandoned_by_a_dead_process_is_marked_resumable_and_resumes() {
     assert_eq!(run.restock_round, 1);
     assert_eq!(app.history(3, 1).await, vec![30, 10, 20]);
 }
+
+on_each_backend!(
+    a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exactly_once,
+    manual_restock_refuses_what_cannot_be_resumed,
+    a_failed_run_out_of_stock_is_not_resumed_until_restocked,
+    a_run_abandoned_by_a_dead_process_is_marked_resumable_and_resumes,
+);

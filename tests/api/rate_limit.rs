@@ -7,11 +7,10 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn over_the_api_limit_calls_get_resource_exhausted_while_health_answers() {
+async fn over_the_api_limit_calls_get_resource_exhausted_while_health_answers(backend: Backend) {
     let app = spawn_app_with(Options {
         api_rate: 5,
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     let mut limited = 0;
@@ -52,3 +51,5 @@ async fn over_the_api_limit_calls_get_resource_exhausted_while_health_answers() 
         Code::ResourceExhausted,
     );
 }
+
+on_each_backend!(over_the_api_limit_calls_get_resource_exhausted_while_health_answers,);

@@ -10,9 +10,10 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn users_are_notified_in_registration_order_and_round_two_notifies_them_again() {
-    let app = spawn_app().await;
+async fn users_are_notified_in_registration_order_and_round_two_notifies_them_again(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
     app.set_stock(1, 10).await;
     // Registration order differs from id order on purpose.
     for user in [50, 20, 90, 10, 70] {
@@ -71,9 +72,8 @@ async fn users_are_notified_in_registration_order_and_round_two_notifies_them_ag
     assert_eq!(app.get_run(1, Some(1)).await.unwrap().restock_round, 1);
 }
 
-#[tokio::test]
-async fn trigger_with_no_stock_is_refused_and_changes_nothing() {
-    let app = spawn_app().await;
+async fn trigger_with_no_stock_is_refused_and_changes_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
     app.set_stock(3, 0).await;
     app.register(3, 1).await;
 
@@ -100,9 +100,8 @@ async fn trigger_with_no_stock_is_refused_and_changes_nothing() {
     assert_eq!(app.product_round(3).await, 1);
 }
 
-#[tokio::test]
-async fn trigger_with_stock_creates_an_unknown_product() {
-    let app = spawn_app().await;
+async fn trigger_with_stock_creates_an_unknown_product(backend: Backend) {
+    let app = spawn_app(backend).await;
     let run = app.trigger(8, Some(2)).await.unwrap();
     assert_eq!(run.restock_round, 1);
     let run = app.wait_until_final(8).await;
@@ -112,9 +111,8 @@ async fn trigger_with_stock_creates_an_unknown_product() {
     );
 }
 
-#[tokio::test]
-async fn an_empty_alert_list_completes_with_nothing_sent() {
-    let app = spawn_app().await;
+async fn an_empty_alert_list_completes_with_nothing_sent(backend: Backend) {
+    let app = spawn_app(backend).await;
     app.set_stock(4, 1).await;
     app.register(4, 1).await;
     app.cancel(4, 1).await;
@@ -126,12 +124,11 @@ async fn an_empty_alert_list_completes_with_nothing_sent() {
     assert!(app.history(4, 1).await.is_empty());
 }
 
-#[tokio::test]
-async fn selling_out_mid_run_stops_at_an_exact_prefix() {
+async fn selling_out_mid_run_stops_at_an_exact_prefix(backend: Backend) {
     // Slow enough that the run is still going when the stock drops.
     let app = spawn_app_with(Options {
         send_rate: 400,
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     let users: Vec<i64> = (1..=2_000).rev().collect();
@@ -160,22 +157,29 @@ async fn selling_out_mid_run_stops_at_an_exact_prefix() {
     );
     assert_eq!(run.last_sent_user_id, history.last().copied());
     assert_eq!(run.sent_count, history.len() as i64);
-    assert!(
-        app.last_sent_at(5, 1).await.unwrap() <= sold_out_at,
-        "a send after SetStock(0) returned"
-    );
 
-    // The stream saw exactly the recorded prefix, nothing after the sell-out.
-    let mut streamed: Vec<i64> = before.iter().map(|n| n.user_id).collect();
+    // The stream saw exactly the recorded prefix, every one sent before SetStock(0)
+    // returned, and nothing after.
+    let mut streamed = before;
     while streamed.len() < history.len() {
         let n = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        streamed.push(n.user_id);
+        streamed.push(n);
     }
-    assert_eq!(streamed, history);
+    let streamed_users: Vec<i64> = streamed.iter().map(|n| n.user_id).collect();
+    assert_eq!(streamed_users, history);
+    for n in &streamed {
+        let at = n.sent_at.unwrap();
+        let at = chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).unwrap();
+        assert!(
+            at <= sold_out_at,
+            "{} sent after SetStock(0) returned",
+            n.notification_id
+        );
+    }
     assert!(
         tokio::time::timeout(Duration::from_millis(300), stream.next())
             .await
@@ -188,11 +192,10 @@ async fn selling_out_mid_run_stops_at_an_exact_prefix() {
     );
 }
 
-#[tokio::test]
-async fn of_twenty_concurrent_triggers_exactly_one_wins() {
+async fn of_twenty_concurrent_triggers_exactly_one_wins(backend: Backend) {
     let app = spawn_app_with(Options {
         send_rate: 50,
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     app.set_stock(6, 5).await;
@@ -220,11 +223,10 @@ async fn of_twenty_concurrent_triggers_exactly_one_wins() {
     );
 }
 
-#[tokio::test]
-async fn a_user_who_re_registers_during_a_run_is_not_notified_twice() {
+async fn a_user_who_re_registers_during_a_run_is_not_notified_twice(backend: Backend) {
     let app = spawn_app_with(Options {
         send_rate: 200,
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     app.set_stock(7, 5).await;
@@ -246,3 +248,13 @@ async fn a_user_who_re_registers_during_a_run_is_not_notified_twice() {
     assert_eq!(history.len(), 100);
     assert_eq!(history.iter().collect::<HashSet<_>>().len(), 100);
 }
+
+on_each_backend!(
+    users_are_notified_in_registration_order_and_round_two_notifies_them_again,
+    trigger_with_no_stock_is_refused_and_changes_nothing,
+    trigger_with_stock_creates_an_unknown_product,
+    an_empty_alert_list_completes_with_nothing_sent,
+    selling_out_mid_run_stops_at_an_exact_prefix,
+    of_twenty_concurrent_triggers_exactly_one_wins,
+    a_user_who_re_registers_during_a_run_is_not_notified_twice,
+);

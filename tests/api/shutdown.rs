@@ -6,11 +6,10 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn shutdown_mid_run_leaves_it_resumable_and_ends_streams() {
+async fn shutdown_mid_run_leaves_it_resumable_and_ends_streams(backend: Backend) {
     let app = spawn_app_with(Options {
         send_rate: 500,
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     let users: Vec<i64> = (1..=2_000).collect();
@@ -59,7 +58,7 @@ async fn shutdown_mid_run_leaves_it_resumable_and_ends_streams() {
     let app = spawn_app_with(Options {
         database: Some(database),
         redis_prefix: Some(prefix),
-        ..Options::default()
+        ..Options::new(backend)
     })
     .await;
     app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
@@ -67,3 +66,5 @@ async fn shutdown_mid_run_leaves_it_resumable_and_ends_streams() {
     assert_eq!(run.status(), RunStatus::Completed);
     assert_eq!(app.history(1, 1).await, users);
 }
+
+on_each_backend!(shutdown_mid_run_leaves_it_resumable_and_ends_streams,);

@@ -11,9 +11,8 @@ use tonic::transport::Channel;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn subscribers_get_exactly_what_their_filter_matches() {
-    let app = spawn_app().await;
+async fn subscribers_get_exactly_what_their_filter_matches(backend: Backend) {
+    let app = spawn_app(backend).await;
     for product in [1, 2] {
         app.set_stock(product, 5).await;
         for user in [1, 2, 3] {
@@ -69,12 +68,13 @@ async fn subscribers_get_exactly_what_their_filter_matches() {
     }
 }
 
-#[tokio::test]
-async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_status() {
+async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_status(
+    backend: Backend,
+) {
     // A small buffer, and a rate a reading subscriber keeps up with.
     let mut options = Options {
         send_rate: 5_000,
-        ..Options::default()
+        ..Options::new(backend)
     };
     options.settings.subscriber_buffer = 256;
     let app = spawn_app_with(options).await;
@@ -137,9 +137,8 @@ async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_stat
     );
 }
 
-#[tokio::test]
-async fn resume_after_replays_the_recorded_ones_then_continues_live() {
-    let app = spawn_app().await;
+async fn resume_after_replays_the_recorded_ones_then_continues_live(backend: Backend) {
+    let app = spawn_app(backend).await;
     app.set_stock(1, 5).await;
     for user in [4, 2, 6] {
         app.register(1, user).await;
@@ -176,3 +175,9 @@ async fn resume_after_replays_the_recorded_ones_then_continues_live() {
     let unique: HashSet<_> = replayed.iter().chain(&live).collect();
     assert_eq!(unique.len(), 5);
 }
+
+on_each_backend!(
+    subscribers_get_exactly_what_their_filter_matches,
+    a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_status,
+    resume_after_replays_the_recorded_ones_then_continues_live,
+);
