@@ -40,6 +40,10 @@ impl Keys {
 
 /// A connected fred client with the service's timeouts.
 pub async fn connect(url: &str) -> anyhow::Result<fred::prelude::Client> {
+    // fred reads any scheme it does not know as a plain server address; refuse early.
+    if !url.starts_with("redis://") {
+        anyhow::bail!("REDIS_URL has an unsupported scheme: use redis://host:port");
+    }
     let config = Config::from_url(url).context("REDIS_URL is not a valid redis:// URL")?;
     let client = Builder::from_config(config)
         .with_connection_config(|c| {
@@ -55,7 +59,13 @@ pub async fn connect(url: &str) -> anyhow::Result<fred::prelude::Client> {
         .set_policy(ReconnectPolicy::new_constant(0, 500))
         .build()
         .context("cannot build the Redis client for REDIS_URL")?;
-    tokio::time::timeout(Duration::from_secs(5), client.init())
+    let reachable = async {
+        client.init().await?;
+        // With a reconnect policy, init() can succeed before any connection exists;
+        // a round trip proves the server answers.
+        client.ping::<String>(None).await
+    };
+    tokio::time::timeout(Duration::from_secs(5), reachable)
         .await
         .context("timed out connecting to REDIS_URL")?
         .context("cannot connect to REDIS_URL")?;

@@ -4,9 +4,11 @@
 mod helpers;
 
 mod alerts;
+mod embedded;
 mod errors;
 mod manual_restock;
 mod rate_limit;
 mod runs;
 mod shutdown;
+mod startup;
 mod subscribe;
