@@ -63,6 +63,8 @@ pub struct Options {
     /// creating a fresh one: restart tests.
     pub database: Option<String>,
     pub redis_prefix: Option<String>,
+    /// Use this Redis instead of the shared one (MySQL backend only).
+    pub redis_url: Option<String>,
 }
 
 impl Options {
@@ -74,6 +76,7 @@ impl Options {
             settings: EngineSettings::default(),
             database: None,
             redis_prefix: None,
+            redis_url: None,
         }
     }
 }
@@ -136,7 +139,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: backend.database_url(&database),
-        redis_url: (backend == Backend::MySql).then(redis_url),
+        redis_url: match backend {
+            Backend::MySql => Some(options.redis_url.clone().unwrap_or_else(redis_url)),
+            Backend::Embedded => None,
+        },
         redis_prefix: redis_prefix.clone(),
         send_rate: NonZeroU32::new(options.send_rate).unwrap(),
         api_rate: NonZeroU32::new(options.api_rate).unwrap(),

@@ -8,6 +8,7 @@ mod embedded;
 mod errors;
 mod manual_restock;
 mod rate_limit;
+mod redis_failure;
 mod runs;
 mod shutdown;
 mod startup;

@@ -1,0 +1,117 @@
+//! Redis failing for real mid-run: a redis-server of the test's own, killed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use restock_notifier::grpc::proto::{self, RunStatus, SubscribeRequest};
+use tonic::Code;
+
+use crate::helpers::*;
+
+/// A redis-server child process on a free port, killed when dropped.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        // Ready when it accepts connections.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_is_back() {
+    let port = free_port();
+    let redis = OwnRedis::start(port).await;
+    let app = spawn_app_with(Options {
+        send_rate: 400,
+        redis_url: Some(redis.url()),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=1_000).collect();
+    app.set_stock(1, 5).await;
+    app.register_bulk(1, &users).await;
+    let mut stream = app.subscribe(SubscribeRequest::default()).await;
+    app.trigger(1, None).await.unwrap();
+    take(&mut stream, 50).await;
+
+    redis.kill();
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::CanceledByError);
+    let history = app.history(1, 1).await;
+    assert!(history.len() >= 50 && history.len() < users.len());
+    assert_eq!(history, users[..history.len()]);
+    assert_eq!(run.last_sent_user_id, history.last().copied());
+
+    // With Redis down, a stock write cannot be confirmed: UNAVAILABLE, not success.
+    let status = app
+        .client
+        .clone()
+        .set_stock(proto::SetStockRequest {
+            product_id: 1,
+            stock: 6,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Redis comes back (empty: the stock is reloaded from MySQL on the first check).
+    let _redis = OwnRedis::start(port).await;
+    app.set_stock(1, 6).await;
+    app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(app.history(1, 1).await, users);
+}
