@@ -3,12 +3,17 @@
 //! ```text
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
 //! cargo run --release --example bench -- ceiling [--users 200000]
+//! cargo run --release --example bench -- memory  [--users 1000000]
+//! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
 //! from the recorded `sent_at` and from the arrival times at a live subscriber, plus
 //! the send-to-receive latency. `ceiling` runs the engine with no send limit and
 //! compares it with a plain batched INSERT of the same rows into the same MySQL.
+//! `memory` reports the peak RSS of the process during one unlimited run (the peak is
+//! reset after seeding). `fanout` opens many streams and checks that every stream gets
+//! every notification, with the send-to-receive p99 over all of them.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -262,6 +267,98 @@ async fn ceiling(users: u32) -> anyhow::Result<()> {
     bench.drop_database().await
 }
 
+/// A field of /proc/self/status, in kB.
+fn proc_status_kb(field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed status line")?
+        .parse()?)
+}
+
+async fn memory(users: u32) -> anyhow::Result<()> {
+    let bench = start(u32::MAX).await?;
+    bench.seed(users).await?;
+    // Reset the peak, so it measures the run and not the seeding.
+    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS")?;
+    let before = proc_status_kb("VmRSS:")?;
+    let began = Instant::now();
+    bench
+        .client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: 1,
+            stock: None,
+        })
+        .await?;
+    let run = bench.wait_final().await?;
+    anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
+    let peak = proc_status_kb("VmHWM:")?;
+    println!(
+        "memory: {users} users in {:.2?}; RSS before the run {:.1} MB, peak during it {:.1} MB",
+        began.elapsed(),
+        before as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    bench.drop_database().await
+}
+
+async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
+    let bench = start(limit).await?;
+    bench.seed(users).await?;
+    let mut readers = Vec::new();
+    for _ in 0..streams {
+        let mut stream = bench
+            .client
+            .clone()
+            .subscribe(proto::SubscribeRequest::default())
+            .await?
+            .into_inner();
+        readers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(users as usize);
+            while latencies.len() < users as usize {
+                let n = stream.next().await.context("stream ended")??;
+                let sent_at = n.sent_at.context("sent_at")?;
+                let sent_at = DateTime::from_timestamp(sent_at.seconds, sent_at.nanos as u32)
+                    .context("sent_at out of range")?;
+                latencies.push((Utc::now() - sent_at).as_seconds_f64() * 1_000.0);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    bench
+        .client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: 1,
+            stock: None,
+        })
+        .await?;
+    let mut all = Vec::with_capacity((streams * users) as usize);
+    let mut complete = 0;
+    for reader in readers {
+        if let Ok(latencies) = reader.await? {
+            complete += 1;
+            all.extend(latencies);
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    let p = |q: usize| all[(all.len() * q / 100).min(all.len() - 1)];
+    println!(
+        "fanout: {streams} streams x {users} notifications at {limit}/s: {complete} streams \
+         got every notification; send-to-receive p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        p(50),
+        p(99),
+        all[all.len() - 1]
+    );
+    bench.drop_database().await
+}
+
 fn arg(args: &[String], name: &str, default: u32) -> anyhow::Result<u32> {
     match args.iter().position(|a| a == name) {
         Some(i) => args
@@ -279,8 +376,19 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("pacing") => pacing(arg(&args, "--users", 10_000)?, arg(&args, "--rate", 500)?).await,
         Some("ceiling") => ceiling(arg(&args, "--users", 200_000)?).await,
-        _ => {
-            anyhow::bail!("usage: bench pacing [--users N] [--rate R] | bench ceiling [--users N]")
+        Some("memory") => memory(arg(&args, "--users", 1_000_000)?).await,
+        Some("fanout") => {
+            let streams = arg(&args, "--streams", 1_000)?;
+            fanout(
+                streams,
+                arg(&args, "--users", 5_000)?,
+                arg(&args, "--rate", 500)?,
+            )
+            .await
         }
+        _ => anyhow::bail!(
+            "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
+             memory [--users N] | fanout [--streams S] [--users N] [--rate R]"
+        ),
     }
 }
