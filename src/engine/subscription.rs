@@ -60,6 +60,7 @@ impl Engine {
             replayed: VecDeque::new(),
             subscribed_at,
             settle: self.settings.flush_interval * 3,
+            settled: false,
             recently_replayed: HashSet::new(),
             last_delivered: resume_after,
             ended: false,
@@ -103,8 +104,9 @@ struct Subscription {
     replayed: VecDeque<Notification>,
     subscribed_at: DateTime<Utc>,
     /// How long after subscribing a notification sent before the subscription may still
-    /// be unrecorded (a few flush intervals): the replay does not end before that.
+    /// be unrecorded (a few flush intervals). The replay starts reading only then.
     settle: Duration,
+    settled: bool,
     /// Ids replayed that may also arrive live, so they are not delivered twice.
     recently_replayed: HashSet<NotificationId>,
     last_delivered: Option<NotificationId>,
@@ -136,6 +138,18 @@ impl Subscription {
             let Some(after) = self.replay_from else {
                 return self.next_live().await;
             };
+            if !self.settled {
+                // Wait until everything sent before the subscription is recorded, then
+                // read the record in one pass. Reading earlier would not do: batches of
+                // concurrent runs commit out of id order, so a row committed late can
+                // have an id below rows already read, and would be skipped. Anything
+                // sent after the subscription is in the live buffer.
+                let settled_at = self.subscribed_at
+                    + chrono::Duration::from_std(self.settle).unwrap_or_default();
+                let wait = (settled_at - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(wait).await;
+                self.settled = true;
+            }
             let page = match self
                 .engine
                 .store
@@ -146,16 +160,8 @@ impl Subscription {
                 Err(err) => return Some(Err(StreamEnd::Failed(err))),
             };
             if page.is_empty() {
-                // Caught up with the record. Anything sent before the subscription is
-                // recorded within the settle time; only then is the live buffer enough.
-                let settled_at = self.subscribed_at
-                    + chrono::Duration::from_std(self.settle).unwrap_or_default();
-                let wait = (settled_at - Utc::now()).to_std().unwrap_or_default();
-                if wait.is_zero() {
-                    self.replay_from = None;
-                } else {
-                    tokio::time::sleep(wait).await;
-                }
+                // Caught up: the rest is live.
+                self.replay_from = None;
                 continue;
             }
             // Notifications sent shortly before the subscription or since may also be

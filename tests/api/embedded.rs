@@ -23,7 +23,7 @@ impl Drop for TempDb {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_sqlite_file_cannot_both_start_a_run() {
     let path = std::env::temp_dir().join(format!("restock-two-{:016x}.db", rand::random::<u64>()));
     let file = TempDb(path.to_string_lossy().into_owned());

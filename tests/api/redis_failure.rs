@@ -70,7 +70,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_is_back() {
     let port = free_port();
     let redis = OwnRedis::start(port).await;

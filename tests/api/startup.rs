@@ -27,7 +27,7 @@ async fn start_error(config: Config) -> String {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsupported_database_scheme_is_refused_naming_the_setting() {
     let message = start_error(config("postgres://user:secret@db/restock", None)).await;
     assert!(message.contains("DATABASE_URL"), "{message}");
@@ -37,7 +37,7 @@ async fn an_unsupported_database_scheme_is_refused_naming_the_setting() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_is_refused_naming_the_setting() {
     let message = start_error(config("mysql://root@127.0.0.1:1/restock", None)).await;
     assert!(message.contains("DATABASE_URL"), "{message}");
@@ -45,7 +45,7 @@ async fn an_unreachable_database_is_refused_naming_the_setting() {
     assert!(message.contains("DATABASE_URL"), "{message}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_or_malformed_redis_is_refused_naming_the_setting() {
     let db =
         std::env::temp_dir().join(format!("restock-startup-{:016x}.db", rand::random::<u64>()));

@@ -82,12 +82,13 @@ async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_stat
     app.set_stock(1, 5).await;
     app.register_bulk(1, &users).await;
 
-    // This one never reads until the run is over. Its connection has HTTP/2's default
-    // 64 KiB windows (tonic's client asks for megabytes), so the transport stops taking
-    // notifications early and the service-side buffer is what overflows.
+    // This one never reads until the run is over. Its stream window is small (tonic's
+    // client asks for megabytes), so the transport stops taking notifications early and
+    // the service-side buffer is what overflows. (Smaller than h2's own budget for
+    // unread small frames, or the client's h2 would drop the connection itself first.)
     let small_windows = Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
-        .initial_stream_window_size(65_535)
+        .initial_stream_window_size(16 * 1024)
         .initial_connection_window_size(65_535)
         .connect()
         .await
