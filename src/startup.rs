@@ -44,7 +44,12 @@ impl Application {
     }
 
     /// As `build`, with engine tunables (tests use it to shorten leases).
-    pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
+    pub async fn build_with(config: Config, mut settings: EngineSettings) -> anyhow::Result<Self> {
+        // A page is read about every fifth of a second: a cancellation made after its
+        // page was read is still honoured within that time.
+        settings.page_size = settings
+            .page_size
+            .min((config.send_rate.get() / 5).clamp(50, 1_000));
         let store = connect_store(&config.database_url).await?;
         let stock: Arc<dyn StockCache> = match &config.redis_url {
             Some(url) => {

@@ -58,7 +58,8 @@ CREATE TABLE product_notification_history (
 
 -- One row per user notified in a round. The unique key is what guarantees that no
 -- user is recorded twice for a round, whatever happens to the process. `id` orders
--- the recorded notifications for Subscribe's resume_after replay.
+-- the recorded notifications for Subscribe's resume_after replay; the two secondary
+-- indexes serve the replay filtered by product or by user (InnoDB appends `id`).
 CREATE TABLE product_user_notification_history (
     id            BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
     product_id    BIGINT       NOT NULL,
@@ -67,5 +68,5 @@ CREATE TABLE product_user_notification_history (
     sent_at       TIMESTAMP(6) NOT NULL,
     UNIQUE KEY uq_punh_product_round_user (product_id, restock_round, user_id),
     KEY ix_punh_product (product_id),
-    KEY ix_punh_user (user_id, product_id)
+    KEY ix_punh_user (user_id)
 ) ENGINE = InnoDB;

@@ -60,4 +60,4 @@ CREATE TABLE product_user_notification_history (
     UNIQUE (product_id, restock_round, user_id)
 );
 CREATE INDEX ix_punh_product ON product_user_notification_history (product_id, id);
-CREATE INDEX ix_punh_user ON product_user_notification_history (user_id, product_id, id);
+CREATE INDEX ix_punh_user ON product_user_notification_history (user_id, id);

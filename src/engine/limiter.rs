@@ -28,10 +28,11 @@ const WINDOW: Duration = Duration::from_secs(1);
 const LOG_WINDOW: Duration = Duration::from_millis(1_001);
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
-/// little late (tokio's resolution is a millisecond), so some catch-up is needed to
-/// sustain high rates; more would turn a pause of the engine into a burst. At 500/s it
-/// is 5 sends; at low rates it is none.
-const MAX_CATCH_UP: Duration = Duration::from_millis(10);
+/// little late (tokio's resolution is a millisecond) and the engine pauses to commit a
+/// batch now and then; making up for that keeps the sustained rate at the limit, while
+/// the log keeps every window within it. Longer pauses are not made up: idle time is
+/// not saved for a burst. At 500/s it is at most 25 sends at once; below 20/s, none.
+const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 
 /// An in-process limiter for one instance.
 ///
@@ -172,7 +173,7 @@ mod tests {
         // The caller goes away for a while; on return it gets a small catch-up only.
         tokio::time::advance(Duration::from_secs(5)).await;
         let granted = limiter.acquire(1_000).await.unwrap();
-        assert!(granted <= 2, "granted {granted} at once after a pause");
+        assert!(granted <= 6, "granted {granted} at once after a pause");
         // At a low rate, a fresh start sends one, not a second's worth.
         let slow = LocalLimiter::new(NonZeroU32::new(5).unwrap());
         tokio::time::advance(Duration::from_secs(5)).await;

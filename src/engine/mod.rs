@@ -20,6 +20,25 @@ use bus::NotificationBus;
 use limiter::SendLimiter;
 use stock::{StockCache, StockGate};
 
+/// Runs a state change to its end even if the caller goes away.
+///
+/// A gRPC handler's future is dropped when the client cancels or its deadline passes.
+/// Dropped between "run committed" and "run task spawned", a trigger would leave a run
+/// `IN_PROGRESS` with nobody driving it; dropped between the database write and the
+/// cache write, a stock change would be half done. On a task of its own, the sequence
+/// always completes; only the answer may go unheard.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work).await.unwrap_or_else(|join| {
+        Err(Error::Backend(crate::domain::BackendError::new(
+            "service",
+            false,
+            anyhow::anyhow!("state change task failed: {join}"),
+        )))
+    })
+}
+
 /// Tunables of the engine. The defaults suit production; tests shrink some of them.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -95,24 +114,37 @@ impl Engine {
         self.shutdown.clone()
     }
 
-    /// Sets a product's stock in the database, then in the cache. Once this returns,
-    /// every later stock check sees the new figure (G3).
-    pub async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
-        let _exclusive = self.gate.write(product).await;
-        let saved = self.store.set_stock(product, stock).await?;
-        self.cache_stock(product, stock).await?;
-        Ok(saved)
+    /// Sets a product's stock. Once this returns, every later stock check sees the new
+    /// figure (G3).
+    pub async fn set_stock(
+        self: &Arc<Self>,
+        product: ProductId,
+        stock: i64,
+    ) -> Result<Product, Error> {
+        let engine = self.clone();
+        run_to_completion(async move {
+            let _exclusive = engine.gate.write(product).await;
+            engine.uncache_stock(product).await?;
+            let saved = engine.store.set_stock(product, stock).await?;
+            engine.cache_stock(product, stock).await;
+            Ok(saved)
+        })
+        .await
     }
 
-    /// Writes the cache after the database; if that fails, tries to drop the cached
-    /// figure so that the next check reads the database instead of a stale value.
-    async fn cache_stock(&self, product: ProductId, stock: i64) -> Result<(), Error> {
+    /// Drops the cached figure before the database is written: if the cache cannot be
+    /// reached, nothing is written and the caller hears so; if it can, no stale figure
+    /// can outlive the write, whatever happens next.
+    async fn uncache_stock(&self, product: ProductId) -> Result<(), Error> {
+        self.stock.invalidate(product).await.map_err(Error::from)
+    }
+
+    /// Caches the figure just written. Failing is harmless (the next check misses and
+    /// reads the database), so it is only logged.
+    async fn cache_stock(&self, product: ProductId, stock: i64) {
         if let Err(err) = self.stock.set(product, stock).await {
-            tracing::error!(%product, error = ?err, "stock saved but not cached");
-            let _ = self.stock.invalidate(product).await;
-            return Err(err.into());
+            tracing::warn!(%product, error = ?err, "stock saved; the cache reloads it on the next check");
         }
-        Ok(())
     }
 
     pub async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -131,35 +163,36 @@ impl Engine {
         stock: Option<i64>,
     ) -> Result<Run, Error> {
         self.refuse_if_shutting_down()?;
-        let claimed = match stock {
-            Some(stock) => {
-                let _exclusive = self.gate.write(product).await;
-                let claimed = self
-                    .store
-                    .start_run(product, Some(stock), self.settings.lease)
-                    .await?;
-                if self.cache_stock(product, stock).await.is_err() {
-                    // The run is started and committed; it reads the stock from the
-                    // database on a cache miss, or ends CANCELED_BY_ERROR if Redis is
-                    // still failing, so it is driven as usual.
-                    tracing::warn!(%product, "run started with the stock cache failing");
+        let engine = self.clone();
+        run_to_completion(async move {
+            let lease = engine.settings.lease;
+            let claimed = match stock {
+                Some(stock) => {
+                    let _exclusive = engine.gate.write(product).await;
+                    engine.uncache_stock(product).await?;
+                    let claimed = engine.store.start_run(product, Some(stock), lease).await?;
+                    engine.cache_stock(product, stock).await;
+                    claimed
                 }
-                claimed
-            }
-            None => {
-                self.store
-                    .start_run(product, None, self.settings.lease)
-                    .await?
-            }
-        };
-        Ok(self.spawn_run(claimed))
+                None => engine.store.start_run(product, None, lease).await?,
+            };
+            Ok(engine.spawn_run(claimed))
+        })
+        .await
     }
 
     /// Resumes a `CANCELED_BY_ERROR` run from the user after its last recorded one (G6).
     pub async fn manual_restock(self: &Arc<Self>, product: ProductId) -> Result<Run, Error> {
         self.refuse_if_shutting_down()?;
-        let claimed = self.store.resume_run(product, self.settings.lease).await?;
-        Ok(self.spawn_run(claimed))
+        let engine = self.clone();
+        run_to_completion(async move {
+            let claimed = engine
+                .store
+                .resume_run(product, engine.settings.lease)
+                .await?;
+            Ok(engine.spawn_run(claimed))
+        })
+        .await
     }
 
     pub async fn restock_run(&self, product: ProductId, round: Option<i64>) -> Result<Run, Error> {

@@ -44,6 +44,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             cursor: claimed.cursor,
             pending: Vec::with_capacity(engine.settings.batch_size),
             oldest_pending: None,
+            renewed: Instant::now(),
         };
         let started = Instant::now();
         let outcome = run.notify_all().await;
@@ -86,6 +87,8 @@ struct RunState<'a> {
     /// Sent, not yet recorded, in send order.
     pending: Vec<SentNotification>,
     oldest_pending: Option<Instant>,
+    /// When the lease was last renewed (every record renews it).
+    renewed: Instant,
 }
 
 impl RunState<'_> {
@@ -128,33 +131,53 @@ impl RunState<'_> {
     /// check and the send (G3), and the send happens at the instant the limiter granted
     /// it, so the limit holds on actual send times (G2), not on grant times that a
     /// Redis round trip could shift.
+    ///
+    /// A long wait for the limiter (a low rate, many runs sharing it) is cut into
+    /// slices of one flush interval: between slices the gate is let go, so a stock write
+    /// never waits longer than that; what was sent is recorded, so it is never long
+    /// unrecorded (Subscribe's replay relies on it); and the lease is renewed, so a
+    /// waiting run is not taken for a dead one.
     async fn send(&mut self, queue: &[crate::domain::Registration]) -> Result<usize, Stop> {
         let engine = self.engine;
         let product = self.product();
-        let _no_stock_write = engine.gate.send(product).await;
-        if current_stock(engine, product).await? <= 0 {
-            return Err(Stop::SoldOut);
-        }
         let want = u32::try_from(queue.len()).unwrap_or(u32::MAX);
-        let granted = tokio::select! {
-            biased;
-            _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-            granted = engine.limiter.acquire(want) => granted.map_err(Error::from)?,
-        };
-        let chunk = &queue[..(granted as usize).min(queue.len())];
+        loop {
+            let no_stock_write = engine.gate.send(product).await;
+            if current_stock(engine, product).await? <= 0 {
+                return Err(Stop::SoldOut);
+            }
+            let slice_end = Instant::now() + engine.settings.flush_interval;
+            let granted = tokio::select! {
+                biased;
+                _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                granted = engine.limiter.acquire(want) => granted.map_err(Error::from)?,
+                _ = tokio::time::sleep_until(slice_end) => {
+                    drop(no_stock_write);
+                    self.keep_up().await?;
+                    continue;
+                }
+            };
+            let chunk = &queue[..(granted as usize).min(queue.len())];
+            self.publish(chunk).await?;
+            return Ok(chunk.len());
+        }
+    }
+
+    /// Hands a chunk to the bus, stamped now, and queues it for recording.
+    async fn publish(&mut self, chunk: &[crate::domain::Registration]) -> Result<(), Stop> {
         let sent_at = Utc::now();
         let notifications: Vec<Notification> = chunk
             .iter()
             .map(|r| Notification {
                 id: NotificationId {
-                    product_id: product,
+                    product_id: self.product(),
                     restock_round: self.claim.restock_round,
                     user_id: r.user_id,
                 },
                 sent_at,
             })
             .collect();
-        engine
+        self.engine
             .bus
             .publish(&notifications)
             .await
@@ -166,7 +189,17 @@ impl RunState<'_> {
             }));
         self.oldest_pending.get_or_insert_with(Instant::now);
         self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
-        Ok(chunk.len())
+        Ok(())
+    }
+
+    /// While waiting: records what is pending, or renews the lease if it is a third
+    /// used up.
+    async fn keep_up(&mut self) -> Result<(), Stop> {
+        let renew = self.renewed.elapsed() >= self.engine.settings.lease / 3;
+        if self.pending.is_empty() && !renew {
+            return Ok(());
+        }
+        self.record_pending().await
     }
 
     /// Records pending notifications and moves the cursor, in one transaction.
@@ -174,6 +207,11 @@ impl RunState<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.record_pending().await
+    }
+
+    /// Records what is pending (possibly nothing) and renews the lease.
+    async fn record_pending(&mut self) -> Result<(), Stop> {
         let engine = self.engine;
         match engine
             .store
@@ -183,6 +221,7 @@ impl RunState<'_> {
             Claimed::Yes => {
                 self.pending.clear();
                 self.oldest_pending = None;
+                self.renewed = Instant::now();
                 Ok(())
             }
             Claimed::Lost => Err(Stop::Lost),

@@ -15,6 +15,10 @@ pub trait StockCache: Send + Sync + 'static {
     async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError>;
     /// Caches the stock.
     async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError>;
+    /// Caches a figure just read from the database, unless the cache already holds one
+    /// (written meanwhile by a stock change, which is newer); returns the figure the
+    /// cache holds afterwards.
+    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError>;
     /// Drops the cached figure so the next read goes to the database.
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError>;
 }
@@ -73,6 +77,10 @@ impl StockCache for LocalStockCache {
     async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError> {
         self.stock.lock().unwrap().insert(product, stock);
         Ok(())
+    }
+
+    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError> {
+        Ok(*self.stock.lock().unwrap().entry(product).or_insert(stock))
     }
 
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError> {

@@ -147,8 +147,20 @@ impl Subscription {
                 let settled_at = self.subscribed_at
                     + chrono::Duration::from_std(self.settle).unwrap_or_default();
                 let wait = (settled_at - Utc::now()).to_std().unwrap_or_default();
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => {
+                        return Some(Err(StreamEnd::ShuttingDown {
+                            last_delivered: self.last_delivered,
+                        }));
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
                 self.settled = true;
+            }
+            if self.shutdown.is_cancelled() {
+                return Some(Err(StreamEnd::ShuttingDown {
+                    last_delivered: self.last_delivered,
+                }));
             }
             let page = match self
                 .engine

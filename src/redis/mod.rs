@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use fred::prelude::{
     Builder, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
-    ReconnectPolicy,
+    ReconnectPolicy, SetOptions,
 };
 
 use crate::domain::{BackendError, ProductId};
@@ -112,6 +112,27 @@ impl StockCache for RedisStockCache {
             )
             .await
             .map_err(backend)
+    }
+
+    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError> {
+        let key = self.keys.stock(product);
+        let written: Option<String> = self
+            .client
+            .set(
+                &key,
+                stock,
+                Some(Expiration::EX(STOCK_TTL_SECS)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(backend)?;
+        if written.is_some() {
+            return Ok(stock);
+        }
+        // Someone cached a figure first: theirs is at least as new as ours.
+        let cached: Option<i64> = self.client.get(&key).await.map_err(backend)?;
+        Ok(cached.unwrap_or(stock))
     }
 
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError> {
