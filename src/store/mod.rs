@@ -3,6 +3,7 @@
 //! both give, word for word, are at the bottom of this file.
 
 pub mod mysql;
+mod portable;
 pub mod sqlite;
 
 use std::time::Duration;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 
@@ -21,16 +20,14 @@ use crate::domain::{
 
 const STORE: &str = "database";
 
+super::portable::portable_queries!(MySql, MySqlRow);
+
 /// MySQL error numbers worth telling apart.
 const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 const ER_LOCK_DEADLOCK: u16 = 1213;
 
 /// How often a transaction that lost a deadlock is tried again before giving up.
 const DEADLOCK_ATTEMPTS: usize = 5;
-
-/// Columns of `product_notification_history` that make a [`Run`], in this order.
-const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, sent_count, \
-                           started_at, updated_at";
 
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -120,53 +117,6 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
 
 fn lease_micros(lease: Duration) -> i64 {
     i64::try_from(lease.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn run_from_row(row: &MySqlRow) -> Result<Run, Error> {
-    let status: String = row.try_get("status").map_err(backend)?;
-    let status = RunStatus::from_str(&status)
-        .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
-    Ok(Run {
-        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-        restock_round: row.try_get("restock_round").map_err(backend)?,
-        status,
-        last_sent_user_id: row
-            .try_get::<Option<i64>, _>("last_sent_user_id")
-            .map_err(backend)?
-            .map(UserId::from_stored),
-        sent_count: row.try_get("sent_count").map_err(backend)?,
-        started_at: row.try_get("started_at").map_err(backend)?,
-        updated_at: row.try_get("updated_at").map_err(backend)?,
-    })
-}
-
-fn alert_from_row(row: &MySqlRow) -> Result<Alert, Error> {
-    Ok(Alert {
-        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-        user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-        active: row.try_get("is_active").map_err(backend)?,
-        created_at: row.try_get("created_at").map_err(backend)?,
-        updated_at: row.try_get("updated_at").map_err(backend)?,
-    })
-}
-
-fn product_from_row(row: &MySqlRow) -> Result<Product, Error> {
-    Ok(Product {
-        id: ProductId::from_stored(row.try_get("id").map_err(backend)?),
-        restock_round: row.try_get("restock_round").map_err(backend)?,
-        stock: row.try_get("stock").map_err(backend)?,
-    })
-}
-
-async fn select_run_by_id(tx: &mut Transaction<'static, MySql>, run_id: i64) -> Result<Run, Error> {
-    let row = sqlx::query(&format!(
-        "SELECT {RUN_COLUMNS} FROM product_notification_history WHERE id = ?"
-    ))
-    .bind(run_id)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(backend)?;
-    run_from_row(&row)
 }
 
 /// Locks the product row: every state change of a product's runs and queue goes
@@ -365,23 +315,6 @@ impl MySqlStore {
     }
 }
 
-async fn select_alert(
-    tx: &mut Transaction<'static, MySql>,
-    product: ProductId,
-    user: UserId,
-) -> Result<Option<Alert>, Error> {
-    let row = sqlx::query(
-        "SELECT product_id, user_id, is_active, created_at, updated_at \
-         FROM product_user_notification WHERE product_id = ? AND user_id = ?",
-    )
-    .bind(product.get())
-    .bind(user.get())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(backend)?;
-    row.as_ref().map(alert_from_row).transpose()
-}
-
 /// Runs a transaction body again when MySQL picked it as a deadlock victim.
 macro_rules! retry_deadlocks {
     ($body:expr) => {{
@@ -425,12 +358,7 @@ impl Store for MySqlStore {
     }
 
     async fn product(&self, product: ProductId) -> Result<Option<Product>, Error> {
-        let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
-            .bind(product.get())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
-        row.as_ref().map(product_from_row).transpose()
+        read_product(&self.pool, product).await
     }
 
     async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -468,21 +396,7 @@ impl Store for MySqlStore {
     }
 
     async fn run(&self, product: ProductId, round: Option<i64>) -> Result<Option<Run>, Error> {
-        // uq_pnh_product_round serves both: the point lookup and the descending scan.
-        let by_round = format!(
-            "SELECT {RUN_COLUMNS} FROM product_notification_history \
-             WHERE product_id = ? AND restock_round = ?"
-        );
-        let latest = format!(
-            "SELECT {RUN_COLUMNS} FROM product_notification_history \
-             WHERE product_id = ? ORDER BY restock_round DESC LIMIT 1"
-        );
-        let query = match round {
-            Some(round) => sqlx::query(&by_round).bind(product.get()).bind(round),
-            None => sqlx::query(&latest).bind(product.get()),
-        };
-        let row = query.fetch_optional(&self.pool).await.map_err(backend)?;
-        row.as_ref().map(run_from_row).transpose()
+        read_run(&self.pool, product, round).await
     }
 
     async fn next_registrations(
@@ -491,31 +405,7 @@ impl Store for MySqlStore {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Registration>, Error> {
-        // A keyset page read from ix_pun_queue alone, anti-joined with a probe of
-        // uq_punh_product_round_user per row. (MariaDB runs the equivalent NOT EXISTS as
-        // a dependent subquery, several times slower.)
-        let rows = sqlx::query(
-            "SELECT q.user_id, q.position FROM product_user_notification q \
-             LEFT JOIN product_user_notification_history h \
-               ON h.product_id = q.product_id AND h.restock_round = ? AND h.user_id = q.user_id \
-             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? AND h.id IS NULL \
-             ORDER BY q.position LIMIT ?",
-        )
-        .bind(claim.restock_round)
-        .bind(claim.product_id.get())
-        .bind(cursor.unwrap_or(0))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Registration {
-                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-                    position: row.try_get("position").map_err(backend)?,
-                })
-            })
-            .collect()
+        read_next_registrations(&self.pool, claim, cursor, limit).await
     }
 
     async fn record(
@@ -592,43 +482,10 @@ impl Store for MySqlStore {
         filter: NotificationFilter,
         limit: u32,
     ) -> Result<Vec<(i64, Notification)>, Error> {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT id, product_id, user_id, restock_round, sent_at \
-             FROM product_user_notification_history WHERE id > ",
-        );
-        query.push_bind(after);
-        if let Some(product) = filter.product_id {
-            query.push(" AND product_id = ").push_bind(product.get());
-        }
-        if let Some(user) = filter.user_id {
-            query.push(" AND user_id = ").push_bind(user.get());
-        }
-        query.push(" ORDER BY id LIMIT ").push_bind(limit);
-        let rows = query.build().fetch_all(&self.pool).await.map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("id").map_err(backend)?;
-                let sent_at: DateTime<Utc> = row.try_get("sent_at").map_err(backend)?;
-                let id = NotificationId {
-                    product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-                    restock_round: row.try_get("restock_round").map_err(backend)?,
-                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-                };
-                Ok((seq, Notification { id, sent_at }))
-            })
-            .collect()
+        read_recorded_after(&self.pool, after, filter, limit).await
     }
 
     async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
-        sqlx::query_scalar(
-            "SELECT id FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ? AND user_id = ?",
-        )
-        .bind(id.product_id.get())
-        .bind(id.restock_round)
-        .bind(id.user_id.get())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(backend)
+        read_recorded_seq(&self.pool, id).await
     }
 }

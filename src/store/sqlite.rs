@@ -31,8 +31,7 @@ use crate::domain::{
 
 const STORE: &str = "database";
 
-const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, sent_count, \
-                           started_at, updated_at";
+super::portable::portable_queries!(Sqlite, SqliteRow);
 
 pub struct SqliteStore {
     /// One connection: the single writer.
@@ -104,32 +103,8 @@ impl SqliteStore {
     }
 }
 
-fn run_from_row(row: &SqliteRow) -> Result<Run, Error> {
-    let status: String = row.try_get("status").map_err(backend)?;
-    let status = RunStatus::from_str(&status)
-        .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
-    Ok(Run {
-        product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-        restock_round: row.try_get("restock_round").map_err(backend)?,
-        status,
-        last_sent_user_id: row
-            .try_get::<Option<i64>, _>("last_sent_user_id")
-            .map_err(backend)?
-            .map(UserId::from_stored),
-        sent_count: row.try_get("sent_count").map_err(backend)?,
-        started_at: row.try_get("started_at").map_err(backend)?,
-        updated_at: row.try_get("updated_at").map_err(backend)?,
-    })
-}
-
-fn product_from_row(row: &SqliteRow) -> Result<Product, Error> {
-    Ok(Product {
-        id: ProductId::from_stored(row.try_get("id").map_err(backend)?),
-        restock_round: row.try_get("restock_round").map_err(backend)?,
-        stock: row.try_get("stock").map_err(backend)?,
-    })
-}
-
+/// Reads the product inside a write transaction. No row lock is needed: the
+/// transaction already holds SQLite's write lock, which orders every state change.
 async fn select_product(
     tx: &mut Transaction<'static, Sqlite>,
     product: ProductId,
@@ -140,46 +115,6 @@ async fn select_product(
         .await
         .map_err(backend)?;
     row.as_ref().map(product_from_row).transpose()
-}
-
-async fn select_run_by_id(
-    tx: &mut Transaction<'static, Sqlite>,
-    run_id: i64,
-) -> Result<Run, Error> {
-    let row = sqlx::query(&format!(
-        "SELECT {RUN_COLUMNS} FROM product_notification_history WHERE id = ?"
-    ))
-    .bind(run_id)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(backend)?;
-    run_from_row(&row)
-}
-
-async fn select_alert(
-    tx: &mut Transaction<'static, Sqlite>,
-    product: ProductId,
-    user: UserId,
-) -> Result<Option<Alert>, Error> {
-    let row = sqlx::query(
-        "SELECT product_id, user_id, is_active, created_at, updated_at \
-         FROM product_user_notification WHERE product_id = ? AND user_id = ?",
-    )
-    .bind(product.get())
-    .bind(user.get())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(backend)?;
-    row.map(|row| {
-        Ok(Alert {
-            product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-            user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-            active: row.try_get("is_active").map_err(backend)?,
-            created_at: row.try_get("created_at").map_err(backend)?,
-            updated_at: row.try_get("updated_at").map_err(backend)?,
-        })
-    })
-    .transpose()
 }
 
 async fn upsert_stock(
@@ -213,12 +148,7 @@ impl Store for SqliteStore {
     }
 
     async fn product(&self, product: ProductId) -> Result<Option<Product>, Error> {
-        let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
-            .bind(product.get())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(backend)?;
-        row.as_ref().map(product_from_row).transpose()
+        read_product(&self.reader, product).await
     }
 
     async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -408,20 +338,7 @@ impl Store for SqliteStore {
     }
 
     async fn run(&self, product: ProductId, round: Option<i64>) -> Result<Option<Run>, Error> {
-        let by_round = format!(
-            "SELECT {RUN_COLUMNS} FROM product_notification_history \
-             WHERE product_id = ? AND restock_round = ?"
-        );
-        let latest = format!(
-            "SELECT {RUN_COLUMNS} FROM product_notification_history \
-             WHERE product_id = ? ORDER BY restock_round DESC LIMIT 1"
-        );
-        let query = match round {
-            Some(round) => sqlx::query(&by_round).bind(product.get()).bind(round),
-            None => sqlx::query(&latest).bind(product.get()),
-        };
-        let row = query.fetch_optional(&self.reader).await.map_err(backend)?;
-        row.as_ref().map(run_from_row).transpose()
+        read_run(&self.reader, product, round).await
     }
 
     async fn next_registrations(
@@ -430,28 +347,7 @@ impl Store for SqliteStore {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Registration>, Error> {
-        let rows = sqlx::query(
-            "SELECT q.user_id, q.position FROM product_user_notification q \
-             LEFT JOIN product_user_notification_history h \
-               ON h.product_id = q.product_id AND h.restock_round = ? AND h.user_id = q.user_id \
-             WHERE q.product_id = ? AND q.is_active = TRUE AND q.position > ? AND h.id IS NULL \
-             ORDER BY q.position LIMIT ?",
-        )
-        .bind(claim.restock_round)
-        .bind(claim.product_id.get())
-        .bind(cursor.unwrap_or(0))
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Registration {
-                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-                    position: row.try_get("position").map_err(backend)?,
-                })
-            })
-            .collect()
+        read_next_registrations(&self.reader, claim, cursor, limit).await
     }
 
     async fn record(
@@ -527,47 +423,10 @@ impl Store for SqliteStore {
         filter: NotificationFilter,
         limit: u32,
     ) -> Result<Vec<(i64, Notification)>, Error> {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT id, product_id, user_id, restock_round, sent_at \
-             FROM product_user_notification_history WHERE id > ",
-        );
-        query.push_bind(after);
-        if let Some(product) = filter.product_id {
-            query.push(" AND product_id = ").push_bind(product.get());
-        }
-        if let Some(user) = filter.user_id {
-            query.push(" AND user_id = ").push_bind(user.get());
-        }
-        query.push(" ORDER BY id LIMIT ").push_bind(limit);
-        let rows = query
-            .build()
-            .fetch_all(&self.reader)
-            .await
-            .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let seq: i64 = row.try_get("id").map_err(backend)?;
-                let id = NotificationId {
-                    product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
-                    restock_round: row.try_get("restock_round").map_err(backend)?,
-                    user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-                };
-                let sent_at = row.try_get("sent_at").map_err(backend)?;
-                Ok((seq, Notification { id, sent_at }))
-            })
-            .collect()
+        read_recorded_after(&self.reader, after, filter, limit).await
     }
 
     async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
-        sqlx::query_scalar(
-            "SELECT id FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ? AND user_id = ?",
-        )
-        .bind(id.product_id.get())
-        .bind(id.restock_round)
-        .bind(id.user_id.get())
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(backend)
+        read_recorded_seq(&self.reader, id).await
     }
 }
