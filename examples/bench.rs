@@ -101,6 +101,17 @@ impl Bench {
         Ok(())
     }
 
+    async fn trigger(&self) -> anyhow::Result<()> {
+        self.client
+            .clone()
+            .trigger_restock(proto::TriggerRestockRequest {
+                product_id: 1,
+                stock: None,
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn wait_final(&self) -> anyhow::Result<proto::RestockRun> {
         loop {
             let run = self
@@ -165,14 +176,7 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
         anyhow::Ok(arrivals)
     });
     let began = Instant::now();
-    bench
-        .client
-        .clone()
-        .trigger_restock(proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-        })
-        .await?;
+    bench.trigger().await?;
     let arrivals = receiving.await??;
     let run = bench.wait_final().await?;
     let elapsed = began.elapsed();
@@ -238,14 +242,7 @@ async fn ceiling(users: u32) -> anyhow::Result<()> {
     let baseline = began.elapsed();
 
     let began = Instant::now();
-    bench
-        .client
-        .clone()
-        .trigger_restock(proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-        })
-        .await?;
+    bench.trigger().await?;
     let run = bench.wait_final().await?;
     let engine = began.elapsed();
     anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
@@ -288,14 +285,7 @@ async fn memory(users: u32) -> anyhow::Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS")?;
     let before = proc_status_kb("VmRSS:")?;
     let began = Instant::now();
-    bench
-        .client
-        .clone()
-        .trigger_restock(proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-        })
-        .await?;
+    bench.trigger().await?;
     let run = bench.wait_final().await?;
     anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
     let peak = proc_status_kb("VmHWM:")?;
@@ -331,14 +321,7 @@ async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
             anyhow::Ok(latencies)
         }));
     }
-    bench
-        .client
-        .clone()
-        .trigger_restock(proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-        })
-        .await?;
+    bench.trigger().await?;
     let mut all = Vec::with_capacity((streams * users) as usize);
     let mut complete = 0;
     for reader in readers {
