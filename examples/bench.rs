@@ -202,12 +202,19 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
         "pacing: {users} users, limit {limit}/s, run {:?}, wall {elapsed:.2?}",
         run.status()
     );
+    let longest_gap = sent
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     println!(
-        "  recorded sent_at: {} rows, sustained {:.1}/s ({:.2}% of limit), busiest 1 s window {}",
+        "  recorded sent_at: {} rows, sustained {:.1}/s ({:.2}% of limit), busiest 1 s window {}, \
+         longest pause between sends {:.1} ms",
         sent.len(),
         rate(&sent),
         100.0 * rate(&sent) / f64::from(limit),
-        busiest_second(&sent)
+        busiest_second(&sent),
+        longest_gap.as_seconds_f64() * 1_000.0
     );
     println!(
         "  subscriber arrivals: sustained {:.1}/s ({:.2}% of limit), busiest 1 s window {}, \

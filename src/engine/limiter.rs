@@ -21,17 +21,20 @@ pub trait SendLimiter: Send + Sync + 'static {
 /// The window the limit applies to.
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// The window the log enforces: a little longer than a second, because the instant a
-/// send is stamped (`sent_at`, wall clock) and the instant it was granted (monotonic
-/// clock) differ by a few microseconds, and a window measured on `sent_at` must still
-/// hold no more than `rate`. It costs 0.1% of throughput, and only when the log binds.
-const LOG_WINDOW: Duration = Duration::from_millis(1_001);
+/// The window the log enforces: a little longer than a second. The instant a send is
+/// stamped (`sent_at`, wall clock) and the instant it was granted (monotonic clock)
+/// differ by microseconds, and a window measured on `sent_at`, or on arrival times at a
+/// nearby subscriber, must still hold no more than `rate`. It costs 0.2% of throughput.
+const LOG_WINDOW: Duration = Duration::from_millis(1_002);
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
 /// little late (tokio's resolution is a millisecond) and the engine pauses to commit a
 /// batch now and then; making up for that keeps the sustained rate at the limit, while
 /// the log keeps every window within it. Longer pauses are not made up: idle time is
-/// not saved for a burst. At 500/s it is at most 25 sends at once; below 20/s, none.
+/// not saved for a burst: a run starting after a quiet spell starts at the steady pace.
+/// The catch-up is sent at once, so it is kept short: at 500/s at most 25 sends, well
+/// within a subscriber's buffer (and never more than the rate in any window: the log
+/// sees to that).
 const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 
 /// An in-process limiter for one instance.
@@ -90,9 +93,13 @@ impl LocalLimiter {
         if now < state.next {
             return Err(state.next);
         }
-        // Never fall further behind than max_catch_up: idle time is not saved up.
-        let floor = now.checked_sub(self.max_catch_up).unwrap_or(now);
-        let next = state.next.max(floor);
+        // Behind schedule by up to max_catch_up: a pause of the engine, made up for.
+        // Further behind: the limiter was idle, and idle time is not saved for a burst.
+        let next = if now.duration_since(state.next) > self.max_catch_up {
+            now
+        } else {
+            state.next
+        };
         let due = (now.duration_since(next).as_nanos() / self.interval.as_nanos().max(1)) + 1;
         let granted = want.min(room).min(u32::try_from(due).unwrap_or(u32::MAX));
         state.next = next + self.interval * granted;
@@ -161,9 +168,19 @@ mod tests {
         let sends = drive(&limiter, 5_000, 64).await;
         let elapsed = sends.last().unwrap().duration_since(begin);
         assert!(max_in_any_window(&sends) <= 500);
-        // 5,000 sends at 500/s take 10 s of (virtual) time, give or take one interval.
+        // 5,000 sends at 500/s take 10 s of (virtual) time, plus the log's margin of
+        // 2 ms a second: a sustained rate of 99.8% of the limit.
         assert!(elapsed >= Duration::from_millis(9_990), "{elapsed:?}");
-        assert!(elapsed <= Duration::from_millis(10_010), "{elapsed:?}");
+        assert!(elapsed <= Duration::from_millis(10_025), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_pause_is_made_up_within_the_window() {
+        let limiter = LocalLimiter::new(NonZeroU32::new(100).unwrap());
+        drive(&limiter, 10, 1).await;
+        // The engine stalls 40 ms: four slots are owed and granted.
+        tokio::time::advance(Duration::from_millis(40)).await;
+        assert_eq!(limiter.acquire(1_000).await.unwrap(), 4);
     }
 
     #[tokio::test(start_paused = true)]
@@ -173,7 +190,7 @@ mod tests {
         // The caller goes away for a while; on return it gets a small catch-up only.
         tokio::time::advance(Duration::from_secs(5)).await;
         let granted = limiter.acquire(1_000).await.unwrap();
-        assert!(granted <= 6, "granted {granted} at once after a pause");
+        assert_eq!(granted, 1, "a quiet spell is not saved up for a burst");
         // At a low rate, a fresh start sends one, not a second's worth.
         let slow = LocalLimiter::new(NonZeroU32::new(5).unwrap());
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -194,8 +211,8 @@ mod tests {
         // The schedule says slot 10 is due at 1,000 ms, but that would put 11 sends in
         // [8 ms, 1,008 ms): the log holds it back until the late send has left the
         // window, with the log's safety margin.
-        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(1_009)));
-        assert_eq!(limiter.try_grant(1, ms(1_009)), Ok(1));
+        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(1_010)));
+        assert_eq!(limiter.try_grant(1, ms(1_010)), Ok(1));
     }
 
     #[tokio::test]

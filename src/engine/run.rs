@@ -44,16 +44,14 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             cursor: claimed.cursor,
             pending: Vec::with_capacity(engine.settings.batch_size),
             oldest_pending: None,
+            in_flight: None,
             renewed: Instant::now(),
         };
         let started = Instant::now();
         let outcome = run.notify_all().await;
         let status = match outcome {
             Ok(()) => FinalStatus::Completed,
-            Err(Stop::Lost) => {
-                tracing::warn!("run was taken from this task; stopping without writing");
-                return;
-            }
+            Err(Stop::Lost) => return log_lost(),
             Err(Stop::SoldOut) => FinalStatus::SoldOut,
             Err(Stop::ShuttingDown) => {
                 tracing::warn!("run interrupted by shutdown; resume it with ManualRestock");
@@ -64,16 +62,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                 FinalStatus::Error
             }
         };
-        match run.finish(status).await {
-            Some(written) => tracing::info!(
-                status = %written.status(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "run ended"
-            ),
-            None => tracing::error!(
-                "run left IN_PROGRESS: once its lease expires it is marked CANCELED_BY_ERROR"
-            ),
-        }
+        run.finish(status, started).await;
     }
     .instrument(span)
     .await
@@ -84,11 +73,21 @@ struct RunState<'a> {
     claim: RunClaim,
     /// Queue position of the last notification sent (recorded or pending).
     cursor: Option<i64>,
-    /// Sent, not yet recorded, in send order.
+    /// Sent, not yet handed to the recorder, in send order.
     pending: Vec<SentNotification>,
     oldest_pending: Option<Instant>,
+    /// The batch being recorded, if any.
+    in_flight: Option<InFlight>,
     /// When the lease was last renewed (every record renews it).
     renewed: Instant,
+}
+
+/// A batch being recorded on a task of its own, so that a slow commit does not hold up
+/// the sends. One at a time: batches commit in send order, and the cursor only moves
+/// forward.
+struct InFlight {
+    users: Vec<crate::domain::UserId>,
+    done: tokio::task::JoinHandle<Result<Claimed, Error>>,
 }
 
 impl RunState<'_> {
@@ -99,15 +98,33 @@ impl RunState<'_> {
     async fn notify_all(&mut self) -> Result<(), Stop> {
         let engine = self.engine;
         loop {
-            // Record before reading the next page, so that the page leaves out every
-            // user already notified in this round (the query skips recorded users).
-            self.flush().await?;
-            let page = engine
+            // The page leaves out users already notified in this round: the query skips
+            // recorded ones, and the filter below those sent but not yet recorded (a user
+            // who cancelled and registered again after being notified is behind the
+            // cursor once more). A batch committing during the query is still in
+            // `in_flight` here, so it is filtered either way.
+            let mut page = engine
                 .store
                 .next_registrations(&self.claim, self.cursor, engine.settings.page_size)
                 .await?;
             if page.is_empty() {
                 return Ok(());
+            }
+            let unrecorded: std::collections::HashSet<_> = self
+                .pending
+                .iter()
+                .map(|s| s.registration.user_id)
+                .chain(self.in_flight.iter().flat_map(|f| f.users.iter().copied()))
+                .collect();
+            if !unrecorded.is_empty() {
+                page.retain(|r| !unrecorded.contains(&r.user_id));
+                if page.is_empty() {
+                    // Only unrecorded users were left: record them, and the query skips
+                    // them next time.
+                    self.flush().await?;
+                    self.settle_in_flight().await?;
+                    continue;
+                }
             }
             let mut rest = &page[..];
             while !rest.is_empty() {
@@ -202,7 +219,8 @@ impl RunState<'_> {
         self.record_pending().await
     }
 
-    /// Records pending notifications and moves the cursor, in one transaction.
+    /// Hands pending notifications to the recorder: one transaction records them and
+    /// moves the cursor to the last of them (G5). Waits for the previous batch first.
     async fn flush(&mut self) -> Result<(), Stop> {
         if self.pending.is_empty() {
             return Ok(());
@@ -210,47 +228,92 @@ impl RunState<'_> {
         self.record_pending().await
     }
 
-    /// Records what is pending (possibly nothing) and renews the lease.
+    /// As `flush`, but also with nothing pending: an empty record renews the lease.
     async fn record_pending(&mut self) -> Result<(), Stop> {
-        let engine = self.engine;
-        match engine
-            .store
-            .record(&self.claim, &self.pending, None, engine.settings.lease)
-            .await?
-        {
-            Claimed::Yes => {
-                self.pending.clear();
-                self.oldest_pending = None;
+        self.settle_in_flight().await?;
+        let batch = std::mem::take(&mut self.pending);
+        self.oldest_pending = None;
+        let users = batch.iter().map(|s| s.registration.user_id).collect();
+        let store = self.engine.store.clone();
+        let (claim, lease) = (self.claim, self.engine.settings.lease);
+        let done = tokio::spawn(async move { store.record(&claim, &batch, None, lease).await });
+        self.in_flight = Some(InFlight { users, done });
+        Ok(())
+    }
+
+    /// Waits for the batch being recorded. If it failed, what was sent after it is
+    /// dropped from the record too (it was delivered; a resume delivers it again under
+    /// the same ids): recording it would leave a hole in the history (G5).
+    async fn settle_in_flight(&mut self) -> Result<(), Stop> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let outcome = match in_flight.done.await {
+            Ok(Ok(Claimed::Yes)) => {
                 self.renewed = Instant::now();
-                Ok(())
+                return Ok(());
             }
-            Claimed::Lost => Err(Stop::Lost),
-        }
+            Ok(Ok(Claimed::Lost)) => Stop::Lost,
+            Ok(Err(err)) => Stop::Failed(err),
+            Err(join) => Stop::Failed(Error::Backend(crate::domain::BackendError::new(
+                "database",
+                false,
+                anyhow::anyhow!("recording task failed: {join}"),
+            ))),
+        };
+        self.pending.clear();
+        self.oldest_pending = None;
+        Err(outcome)
     }
 
     /// Moves the run to its final state, recording what is pending in the same
-    /// transaction, and returns the status written. If that fails, the pending
-    /// notifications are given up (they were delivered; a resume delivers them again with
-    /// the same ids) and `CANCELED_BY_ERROR` alone is written, with retries: a failing
-    /// run must not stay `IN_PROGRESS` (G4). `None` if nothing could be written.
-    async fn finish(&mut self, status: FinalStatus) -> Option<FinalStatus> {
+    /// transaction, and logs the outcome. If that fails, the pending notifications are
+    /// given up (they were delivered; a resume delivers them again with the same ids)
+    /// and `CANCELED_BY_ERROR` alone is written, with retries: a failing run must not
+    /// stay `IN_PROGRESS` (G4).
+    async fn finish(&mut self, status: FinalStatus, started: Instant) {
         let engine = self.engine;
         let lease = engine.settings.lease;
-        match engine
+        let mut status = status;
+        match self.settle_in_flight().await {
+            Ok(()) => {}
+            Err(Stop::Lost) => return log_lost(),
+            Err(_) => status = FinalStatus::Error,
+        }
+        let first = engine
             .store
             .record(&self.claim, &self.pending, Some(status), lease)
-            .await
-        {
-            Ok(_) => return Some(status),
-            Err(err) => tracing::error!(
-                error = ?err,
-                unrecorded = self.pending.len(),
-                "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
+            .await;
+        let written = match first {
+            Ok(Claimed::Yes) => Some(status),
+            Ok(Claimed::Lost) => return log_lost(),
+            Err(err) => {
+                tracing::error!(
+                    error = ?err,
+                    unrecorded = self.pending.len(),
+                    "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
+                );
+                self.mark_failed(lease).await
+            }
+        };
+        match written {
+            Some(written) => tracing::info!(
+                status = %written.status(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "run ended"
+            ),
+            None => tracing::error!(
+                "run left IN_PROGRESS: once its lease expires it is marked CANCELED_BY_ERROR"
             ),
         }
+    }
+
+    /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds.
+    async fn mark_failed(&mut self, lease: Duration) -> Option<FinalStatus> {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=6 {
-            match engine
+            match self
+                .engine
                 .store
                 .record(&self.claim, &[], Some(FinalStatus::Error), lease)
                 .await
@@ -267,6 +330,10 @@ impl RunState<'_> {
     }
 }
 
+fn log_lost() {
+    tracing::warn!("run was taken from this task (its lease expired); leaving it to its new owner");
+}
+
 /// The stock the engine checks before sending: from the cache, loaded from the database
 /// on a miss. The caller holds the gate, so no stock write can slip in between.
 async fn current_stock(engine: &Engine, product: ProductId) -> Result<i64, Error> {
@@ -274,6 +341,5 @@ async fn current_stock(engine: &Engine, product: ProductId) -> Result<i64, Error
         return Ok(stock);
     }
     let stock = engine.store.product(product).await?.map_or(0, |p| p.stock);
-    engine.stock.set(product, stock).await?;
-    Ok(stock)
+    Ok(engine.stock.fill(product, stock).await?)
 }

@@ -76,7 +76,7 @@ async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_stat
         send_rate: 5_000,
         ..Options::new(backend)
     };
-    options.settings.subscriber_buffer = 256;
+    options.settings.subscriber_buffer = 1_024;
     let app = spawn_app_with(options).await;
     let users: Vec<i64> = (1..=5_000).collect();
     app.set_stock(1, 5).await;
