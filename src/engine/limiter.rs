@@ -73,11 +73,14 @@ impl LocalLimiter {
         }
     }
 
-    /// Grants what is allowed at `now`, or says when to ask again.
-    fn try_grant(&self, want: u32, now: Instant) -> Result<u32, Instant> {
+    /// Grants what is allowed at `now` (or, without it, at the instant the lock is
+    /// taken), or says when to ask again.
+    fn try_grant(&self, want: u32, now: Option<Instant>) -> Result<u32, Instant> {
         // A std mutex: it is never held across an await, and the critical section is a
-        // few arithmetic operations.
+        // few arithmetic operations. The time is read under it, so the log is in grant
+        // order even when callers on several threads race.
         let mut state = self.state.lock().expect("limiter lock poisoned");
+        let now = now.unwrap_or_else(Instant::now);
         while state
             .log
             .front()
@@ -115,7 +118,7 @@ impl SendLimiter for LocalLimiter {
     async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
         let want = want.max(1);
         loop {
-            match self.try_grant(want, Instant::now()) {
+            match self.try_grant(want, None) {
                 Ok(granted) => return Ok(granted),
                 Err(at) => tokio::time::sleep_until(at).await,
             }
@@ -204,15 +207,15 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // The first timer fires 8 ms late (within the catch-up allowance, so the
         // schedule keeps its slots), the next nine on time.
-        assert_eq!(limiter.try_grant(1, ms(8)), Ok(1));
+        assert_eq!(limiter.try_grant(1, Some(ms(8))), Ok(1));
         for slot in 1..10 {
-            assert_eq!(limiter.try_grant(1, ms(slot * 100)), Ok(1));
+            assert_eq!(limiter.try_grant(1, Some(ms(slot * 100))), Ok(1));
         }
         // The schedule says slot 10 is due at 1,000 ms, but that would put 11 sends in
         // [8 ms, 1,008 ms): the log holds it back until the late send has left the
         // window, with the log's safety margin.
-        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(1_010)));
-        assert_eq!(limiter.try_grant(1, ms(1_010)), Ok(1));
+        assert_eq!(limiter.try_grant(1, Some(ms(1_000))), Err(ms(1_010)));
+        assert_eq!(limiter.try_grant(1, Some(ms(1_010))), Ok(1));
     }
 
     #[tokio::test]

@@ -130,6 +130,7 @@ impl RunState<'_> {
             while !rest.is_empty() {
                 let sent = self.send(rest).await?;
                 rest = &rest[sent..];
+                self.check_in_flight().await?;
                 let due = self
                     .oldest_pending
                     .is_some_and(|t| t.elapsed() >= engine.settings.flush_interval);
@@ -212,6 +213,7 @@ impl RunState<'_> {
     /// While waiting: records what is pending, or renews the lease if it is a third
     /// used up.
     async fn keep_up(&mut self) -> Result<(), Stop> {
+        self.check_in_flight().await?;
         let renew = self.renewed.elapsed() >= self.engine.settings.lease / 3;
         if self.pending.is_empty() && !renew {
             return Ok(());
@@ -238,6 +240,19 @@ impl RunState<'_> {
         let (claim, lease) = (self.claim, self.engine.settings.lease);
         let done = tokio::spawn(async move { store.record(&claim, &batch, None, lease).await });
         self.in_flight = Some(InFlight { users, done });
+        Ok(())
+    }
+
+    /// Takes note of the batch being recorded if it has finished, so that a failure
+    /// stops the run at once rather than at the next record.
+    async fn check_in_flight(&mut self) -> Result<(), Stop> {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.done.is_finished())
+        {
+            self.settle_in_flight().await?;
+        }
         Ok(())
     }
 
@@ -293,7 +308,11 @@ impl RunState<'_> {
                     unrecorded = self.pending.len(),
                     "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
                 );
-                self.mark_failed(lease).await
+                match self.mark_failed(lease).await {
+                    Some(Claimed::Yes) => Some(FinalStatus::Error),
+                    Some(Claimed::Lost) => return log_lost(),
+                    None => None,
+                }
             }
         };
         match written {
@@ -308,8 +327,9 @@ impl RunState<'_> {
         }
     }
 
-    /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds.
-    async fn mark_failed(&mut self, lease: Duration) -> Option<FinalStatus> {
+    /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds; `None` if it could
+    /// not be written.
+    async fn mark_failed(&mut self, lease: Duration) -> Option<Claimed> {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=6 {
             match self
@@ -318,7 +338,8 @@ impl RunState<'_> {
                 .record(&self.claim, &[], Some(FinalStatus::Error), lease)
                 .await
             {
-                Ok(_) => return Some(FinalStatus::Error),
+                // Lost: possibly our own first attempt, committed after all.
+                Ok(claimed) => return Some(claimed),
                 Err(err) => {
                     tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
                 }
