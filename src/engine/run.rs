@@ -131,10 +131,7 @@ impl RunState<'_> {
                 let sent = self.send(rest).await?;
                 rest = &rest[sent..];
                 self.check_in_flight().await?;
-                let due = self
-                    .oldest_pending
-                    .is_some_and(|t| t.elapsed() >= engine.settings.flush_interval);
-                if self.pending.len() >= engine.settings.batch_size || due {
+                if self.flush_due() {
                     self.flush().await?;
                 }
             }
@@ -214,11 +211,31 @@ impl RunState<'_> {
     /// used up.
     async fn keep_up(&mut self) -> Result<(), Stop> {
         self.check_in_flight().await?;
-        let renew = self.renewed.elapsed() >= self.engine.settings.lease / 3;
-        if self.pending.is_empty() && !renew {
-            return Ok(());
+        if self.flush_due() {
+            return self.flush().await;
         }
-        self.record_pending().await
+        let renew = self.renewed.elapsed() >= self.engine.settings.lease / 3;
+        if renew && self.in_flight.is_none() {
+            return self.record_pending().await;
+        }
+        Ok(())
+    }
+
+    /// Whether to hand the pending batch to the recorder now: it is full or has waited
+    /// a flush interval, and the recorder is free. While a slow commit is under way the
+    /// batch keeps growing instead of holding up the sends, up to four batches' worth,
+    /// where the sends do wait for the recorder.
+    fn flush_due(&self) -> bool {
+        let settings = &self.engine.settings;
+        if self.pending.len() >= settings.batch_size * 4 {
+            return true;
+        }
+        let ready = self.pending.len() >= settings.batch_size
+            || self
+                .oldest_pending
+                .is_some_and(|t| t.elapsed() >= settings.flush_interval);
+        let recorder_free = self.in_flight.as_ref().is_none_or(|f| f.done.is_finished());
+        ready && recorder_free
     }
 
     /// Hands pending notifications to the recorder: one transaction records them and
