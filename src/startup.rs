@@ -102,10 +102,6 @@ impl Application {
         self.local_addr
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     /// Serves until `shutdown` resolves, then stops accepting, ends the streams, and
     /// waits for every run to record what it sent and leave a resumable state.
     pub async fn run_until_stopped(

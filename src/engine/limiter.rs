@@ -130,16 +130,6 @@ impl SendLimiter for LocalLimiter {
     }
 }
 
-/// No limit at all: for benchmarks of the engine's ceiling.
-pub struct Unlimited;
-
-#[async_trait]
-impl SendLimiter for Unlimited {
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
-        Ok(want.max(1))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,10 +210,5 @@ mod tests {
         // window, with the log's safety margin.
         assert_eq!(limiter.try_grant(1, Some(ms(1_000))), Err(ms(1_013)));
         assert_eq!(limiter.try_grant(1, Some(ms(1_013))), Ok(1));
-    }
-
-    #[tokio::test]
-    async fn unlimited_grants_what_is_asked() {
-        assert_eq!(Unlimited.acquire(250).await.unwrap(), 250);
     }
 }

@@ -105,10 +105,6 @@ impl Engine {
         })
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     /// Cancelled when the service is shutting down.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
