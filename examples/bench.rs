@@ -101,6 +101,15 @@ impl Bench {
         Ok(())
     }
 
+    async fn subscribe_all(&self) -> anyhow::Result<tonic::Streaming<proto::Notification>> {
+        Ok(self
+            .client
+            .clone()
+            .subscribe(proto::SubscribeRequest::default())
+            .await?
+            .into_inner())
+    }
+
     async fn trigger(&self) -> anyhow::Result<()> {
         self.client
             .clone()
@@ -140,6 +149,19 @@ impl Bench {
     }
 }
 
+/// Milliseconds from a notification's `sent_at` to now (its arrival).
+fn latency_ms(n: &proto::Notification) -> anyhow::Result<f64> {
+    let sent_at = n.sent_at.as_ref().context("sent_at")?;
+    let sent_at = DateTime::from_timestamp(sent_at.seconds, sent_at.nanos as u32)
+        .context("sent_at out of range")?;
+    Ok((Utc::now() - sent_at).as_seconds_f64() * 1_000.0)
+}
+
+/// The `q`th percentile of sorted values.
+fn percentile(sorted: &[f64], q: usize) -> f64 {
+    sorted[(sorted.len() * q / 100).min(sorted.len() - 1)]
+}
+
 /// The most events in any half-open window `[t, t + 1 s)`, over sorted times.
 fn busiest_second(times: &[DateTime<Utc>]) -> usize {
     let mut best = 0;
@@ -161,17 +183,12 @@ fn rate(times: &[DateTime<Utc>]) -> f64 {
 async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
     let bench = start(limit).await?;
     bench.seed(users).await?;
-    let mut stream = bench
-        .client
-        .clone()
-        .subscribe(proto::SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut stream = bench.subscribe_all().await?;
     let receiving = tokio::spawn(async move {
         let mut arrivals = Vec::with_capacity(users as usize);
         while arrivals.len() < users as usize {
             let n = stream.next().await.context("stream ended")??;
-            arrivals.push((Utc::now(), n.sent_at.context("sent_at")?));
+            arrivals.push((Utc::now(), latency_ms(&n)?));
         }
         anyhow::Ok(arrivals)
     });
@@ -188,15 +205,9 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
     .await?;
     sent.sort();
     let received: Vec<DateTime<Utc>> = arrivals.iter().map(|(at, _)| *at).collect();
-    let mut latency_ms: Vec<f64> = arrivals
-        .iter()
-        .map(|(at, sent_at)| {
-            let sent_at = DateTime::from_timestamp(sent_at.seconds, sent_at.nanos as u32).unwrap();
-            (*at - sent_at).as_seconds_f64() * 1_000.0
-        })
-        .collect();
-    latency_ms.sort_by(f64::total_cmp);
-    let p99 = latency_ms[(latency_ms.len() * 99 / 100).min(latency_ms.len() - 1)];
+    let mut latencies: Vec<f64> = arrivals.iter().map(|(_, ms)| *ms).collect();
+    latencies.sort_by(f64::total_cmp);
+    let p99 = percentile(&latencies, 99);
 
     println!(
         "pacing: {users} users, limit {limit}/s, run {:?}, wall {elapsed:.2?}",
@@ -310,20 +321,12 @@ async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
     bench.seed(users).await?;
     let mut readers = Vec::new();
     for _ in 0..streams {
-        let mut stream = bench
-            .client
-            .clone()
-            .subscribe(proto::SubscribeRequest::default())
-            .await?
-            .into_inner();
+        let mut stream = bench.subscribe_all().await?;
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(users as usize);
             while latencies.len() < users as usize {
                 let n = stream.next().await.context("stream ended")??;
-                let sent_at = n.sent_at.context("sent_at")?;
-                let sent_at = DateTime::from_timestamp(sent_at.seconds, sent_at.nanos as u32)
-                    .context("sent_at out of range")?;
-                latencies.push((Utc::now() - sent_at).as_seconds_f64() * 1_000.0);
+                latencies.push(latency_ms(&n)?);
             }
             anyhow::Ok(latencies)
         }));
@@ -338,7 +341,7 @@ async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
         }
     }
     all.sort_by(f64::total_cmp);
-    let p = |q: usize| all[(all.len() * q / 100).min(all.len() - 1)];
+    let p = |q: usize| percentile(&all, q);
     println!(
         "fanout: {streams} streams x {users} notifications at {limit}/s: {complete} streams \
          got every notification; send-to-receive p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
