@@ -1,4 +1,4 @@
-//! Benchmarks of SPEC §6, against a real MySQL and Redis (a fresh database per run).
+//! Benchmarks of the targets in the README, against a real MySQL and Redis (a fresh database per run).
 //!
 //! ```text
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
@@ -248,7 +248,7 @@ async fn ceiling(users: u32) -> anyhow::Result<()> {
     let ids: Vec<i64> = (1..=i64::from(users)).collect();
     let now = Utc::now();
     let began = Instant::now();
-    for chunk in ids.chunks(EngineSettings::default().batch_size) {
+    for chunk in ids.chunks(EngineSettings::default().recorder.batch_size) {
         let mut q = sqlx::QueryBuilder::new(
             "INSERT INTO baseline (product_id, user_id, restock_round, sent_at) ",
         );

@@ -1,5 +1,5 @@
 //! Settings of the service: every one is a command-line flag and an environment
-//! variable (SPEC §5).
+//! variable (README, "Settings").
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;

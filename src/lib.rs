@@ -3,12 +3,16 @@
 
 /// Settings, as flags and environment variables.
 pub mod config;
+/// Embedded or clustered: which implementation of each capability the engine gets.
+pub mod deployment;
 /// Ids, run states, notifications and the errors a caller can act on.
 pub mod domain;
 /// Runs: pacing, the stock check, recording, resuming; and `Subscribe` streams.
 pub mod engine;
 /// The gRPC services, conversions, status codes and the API rate limit.
 pub mod grpc;
+/// Secrets kept out of messages and logs.
+pub mod redact;
 /// Redis through fred: the stock cache, with every key under one prefix.
 pub mod redis;
 /// Wiring of the stores, the engine and the server.

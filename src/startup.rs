@@ -12,17 +12,14 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
-use crate::engine::bus::LocalBus;
-use crate::engine::limiter::LocalLimiter;
-use crate::engine::stock::{LocalStockCache, StockCache};
-use crate::engine::{Backends, Engine, EngineSettings};
+use crate::deployment::Deployment;
+use crate::engine::{Engine, EngineSettings};
 use crate::grpc::admin::{AdminApi, AdminAuth};
 use crate::grpc::proto;
 use crate::grpc::proto::restock_admin_service_server::RestockAdminServiceServer;
 use crate::grpc::proto::restock_service_server::RestockServiceServer;
 use crate::grpc::ratelimit::ApiRateLimit;
 use crate::grpc::restock::RestockApi;
-use crate::redis::{Keys, RedisStockCache};
 use crate::store::Store;
 use crate::store::mysql::MySqlStore;
 use crate::store::sqlite::SqliteStore;
@@ -50,27 +47,16 @@ impl Application {
         settings.page_size = settings
             .page_size
             .min((config.send_rate.get() / 5).clamp(50, 1_000));
+        // G10: never more than a second's worth of sends unrecorded.
+        settings.recorder.unrecorded_bound = settings
+            .recorder
+            .unrecorded_bound
+            .min(config.send_rate.get() as usize);
         let store = connect_store(&config.database_url).await?;
-        let stock: Arc<dyn StockCache> = match &config.redis_url {
-            Some(url) => {
-                let client = crate::redis::connect(url).await?;
-                Arc::new(RedisStockCache::new(
-                    client,
-                    Keys::new(config.redis_prefix.clone()),
-                ))
-            }
-            None => Arc::new(LocalStockCache::default()),
-        };
-        log_mode(&config);
-        let engine = Engine::new(
-            Backends {
-                store,
-                stock,
-                limiter: Arc::new(LocalLimiter::new(config.send_rate)),
-                bus: Arc::new(LocalBus::new(settings.subscriber_buffer)),
-            },
-            settings,
-        );
+        let deployment = Deployment::from_config(&config).await?;
+        deployment.log(&config);
+        let capabilities = deployment.capabilities(config.send_rate, settings.subscriber_buffer);
+        let engine = Engine::new(store, capabilities, settings);
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {
                 anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
@@ -103,13 +89,14 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, ends the streams, and
-    /// waits for every run to record what it sent and leave a resumable state.
+    /// waits for every run to record what it sent and release itself to another
+    /// instance (G8).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
-        engine.spawn_reaper();
+        engine.spawn_takeover();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -177,56 +164,8 @@ async fn connect_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
         anyhow::bail!(
             "DATABASE_URL {:?} has an unsupported scheme: use mysql://user:pass@host:port/db \
              or sqlite://path/to/file.db",
-            redact(url)
+            crate::redact::url(url)
         )
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-/// Says at start which parts are embedded, and so whether several instances may share
-/// the same stores.
-fn log_mode(config: &Config) {
-    let database = if config.database_url.starts_with("sqlite:") {
-        "embedded SQLite file"
-    } else {
-        "MySQL"
-    };
-    let stock_cache = if config.redis_url.is_some() {
-        "Redis"
-    } else {
-        "in-process"
-    };
-    if database == "MySQL" && config.redis_url.is_some() {
-        tracing::info!(
-            database,
-            stock_cache,
-            "stores connected (the send limit and Subscribe fan-out are per instance)"
-        );
-    } else {
-        tracing::warn!(
-            database,
-            stock_cache,
-            "single-instance mode: run exactly one instance on these stores; set \
-             DATABASE_URL=mysql://... and REDIS_URL=redis://... for production"
-        );
     }
 }
 

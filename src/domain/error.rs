@@ -1,24 +1,99 @@
-//! The errors of the service, in terms a caller can act on. The gRPC layer maps each
-//! variant to a status code in one place.
+//! The errors of the service, as outcomes a caller can act on. Each variant carries the
+//! facts; the words a caller reads are written once, where the gRPC layer maps variants
+//! to status codes (`grpc::status`).
 
 use std::fmt;
+
+use super::{NotificationId, ProductId, UserId};
 
 /// What went wrong, as far as the caller is concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The request itself is malformed; the message says which field and why.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The named thing does not exist; the message says what to create first.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request is well-formed but the current state refuses it (out of stock, a run
-    /// in progress, nothing to resume); the message says what would make it acceptable.
-    #[error("{0}")]
-    FailedPrecondition(String),
+    /// A field of the request is malformed.
+    #[error("invalid {0}")]
+    InvalidArgument(Invalid),
+    /// The product was never created (`SetStock` creates it).
+    #[error("product {0} does not exist")]
+    UnknownProduct(ProductId),
+    /// The product exists but has never been restocked.
+    #[error("product {0} has never been restocked")]
+    NeverRestocked(ProductId),
+    /// The product has no run for this round.
+    #[error("product {product} has no round {round}")]
+    UnknownRound { product: ProductId, round: i64 },
+    /// The user never registered an alert for the product.
+    #[error("user {user} has no alert for product {product}")]
+    UnknownAlert { product: ProductId, user: UserId },
+    /// `resume_after` names a notification that was never recorded.
+    #[error("notification {0} was never recorded")]
+    UnknownNotification(NotificationId),
+    /// A run of the product is in progress (G7).
+    #[error("product {product} has a run in progress (round {round})")]
+    RunInProgress { product: ProductId, round: i64 },
+    /// The product's stock is zero or less.
+    #[error("product {product} is out of stock ({stock})")]
+    OutOfStock { product: ProductId, stock: i64 },
+    /// The latest run cannot be resumed (G6): it completed or sold out.
+    #[error("round {round} of product {product} cannot be resumed ({why:?})")]
+    NothingToResume {
+        product: ProductId,
+        round: i64,
+        why: NotResumable,
+    },
+    /// The service is stopping and takes no new work.
+    #[error("the service is shutting down")]
+    ShuttingDown,
     /// A backing store failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+}
+
+/// Why a field of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalid {
+    /// An id that must be positive was not.
+    NotPositive { field: &'static str, got: i64 },
+    /// A stock below zero.
+    NegativeStock(i64),
+    /// `resume_after` is not a notification id. Holds at most [`Invalid::QUOTE_MAX`]
+    /// bytes of what was sent, so a huge input is never echoed back.
+    NotANotificationId(String),
+}
+
+impl Invalid {
+    /// How much of a caller's malformed input is quoted back, at most.
+    pub const QUOTE_MAX: usize = 64;
+
+    /// Keeps the first [`Invalid::QUOTE_MAX`] bytes (on a character boundary).
+    pub fn quote(input: &str) -> String {
+        if input.len() <= Self::QUOTE_MAX {
+            return input.to_string();
+        }
+        let mut end = Self::QUOTE_MAX;
+        while !input.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &input[..end])
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Invalid::NotPositive { field, got } => write!(f, "{field} {got}"),
+            Invalid::NegativeStock(got) => write!(f, "stock {got}"),
+            Invalid::NotANotificationId(s) => write!(f, "resume_after {s:?}"),
+        }
+    }
+}
+
+/// Why the latest run of a product is not resumable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotResumable {
+    /// The product has no run at all.
+    NeverRestocked,
+    Completed,
+    SoldOut,
 }
 
 /// A failure of MySQL, Redis or the notification bus.

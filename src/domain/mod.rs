@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-pub use error::{BackendError, Error};
+pub use error::{BackendError, Error, Invalid, NotResumable};
 
 /// A product id: always positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,10 +26,10 @@ macro_rules! positive_id {
                 if raw > 0 {
                     Ok(Self(raw))
                 } else {
-                    Err(Error::InvalidArgument(format!(
-                        "{} must be a positive integer, got {raw}",
-                        $field
-                    )))
+                    Err(Error::InvalidArgument(Invalid::NotPositive {
+                        field: $field,
+                        got: raw,
+                    }))
                 }
             }
 
@@ -57,9 +57,7 @@ positive_id!(UserId, "user_id");
 /// Validates a stock figure given by a caller (zero is allowed: it means sold out).
 pub fn parse_stock(raw: i64) -> Result<i64, Error> {
     if raw < 0 {
-        Err(Error::InvalidArgument(format!(
-            "stock must be zero or more, got {raw}"
-        )))
+        Err(Error::InvalidArgument(Invalid::NegativeStock(raw)))
     } else {
         Ok(raw)
     }
@@ -70,9 +68,10 @@ pub fn parse_round(raw: i64) -> Result<i64, Error> {
     if raw > 0 {
         Ok(raw)
     } else {
-        Err(Error::InvalidArgument(format!(
-            "restock_round must be a positive integer (rounds start at 1), got {raw}"
-        )))
+        Err(Error::InvalidArgument(Invalid::NotPositive {
+            field: "restock_round",
+            got: raw,
+        }))
     }
 }
 
@@ -183,12 +182,7 @@ impl FromStr for NotificationId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            Error::InvalidArgument(format!(
-                "resume_after {s:?} is not a notification_id; pass the notification_id of a \
-                 notification you received (<product_id>-<restock_round>-<user_id>)"
-            ))
-        };
+        let bad = || Error::InvalidArgument(Invalid::NotANotificationId(Invalid::quote(s)));
         let mut parts = s.split('-').map(|p| p.parse::<i64>().map_err(|_| bad()));
         let (Some(p), Some(r), Some(u), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())

@@ -3,7 +3,9 @@
 //! The gRPC layer calls into it; it knows nothing of tonic.
 
 pub mod bus;
+pub mod lease;
 pub mod limiter;
+pub mod recorder;
 mod run;
 pub mod stock;
 pub mod subscription;
@@ -11,14 +13,17 @@ pub mod subscription;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{Alert, Error, Product, ProductId, Run, UserId};
 use crate::store::{ClaimedRun, Store};
 use bus::NotificationBus;
+use lease::LeaseSettings;
 use limiter::SendLimiter;
-use stock::{StockCache, StockGate};
+use recorder::RecorderSettings;
+use stock::{StockCache, StockFence};
 
 /// Runs a state change to its end even if the caller goes away.
 ///
@@ -39,21 +44,15 @@ async fn run_to_completion<T: Send + 'static>(
     })
 }
 
-/// Tunables of the engine. The defaults suit production; tests shrink some of them.
+/// Settings of the engine. The defaults suit production; tests shrink some of them.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Registrations read per keyset page.
+    /// Registrations read per keyset page: at most a fifth of a second's worth at the
+    /// send rate (see `startup`), so a cancellation is honoured within about that time.
     pub page_size: u32,
-    /// Sent notifications recorded per transaction, at most.
-    pub batch_size: usize,
-    /// A sent notification waits at most about this long to be recorded.
-    pub flush_interval: Duration,
-    /// How long a run stays claimed without being renewed. A run whose process died
-    /// is marked `CANCELED_BY_ERROR` once its lease has expired.
-    pub lease: Duration,
-    /// How often abandoned runs are looked for.
-    pub reap_interval: Duration,
-    /// Notifications a subscriber may fall behind before its stream is ended.
+    pub recorder: RecorderSettings,
+    pub lease: LeaseSettings,
+    /// Bus events a subscriber may fall behind before its stream is ended (G9).
     pub subscriber_buffer: usize,
 }
 
@@ -61,44 +60,47 @@ impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             page_size: 1_000,
-            batch_size: 500,
-            flush_interval: Duration::from_millis(100),
-            lease: Duration::from_secs(10),
-            reap_interval: Duration::from_secs(5),
+            recorder: RecorderSettings::default(),
+            lease: LeaseSettings::default(),
             subscriber_buffer: 4_096,
         }
     }
 }
 
-/// The backing parts of the engine, each behind its trait.
-pub struct Backends {
-    pub store: Arc<dyn Store>,
-    pub stock: Arc<dyn StockCache>,
+/// The outside capabilities the engine needs, each behind its trait; `Deployment`
+/// picks the implementations (in process, or shared through Redis).
+pub struct Capabilities {
+    pub stock_cache: Arc<dyn StockCache>,
+    pub stock_fence: Arc<dyn StockFence>,
     pub limiter: Arc<dyn SendLimiter>,
     pub bus: Arc<dyn NotificationBus>,
 }
 
 pub struct Engine {
     store: Arc<dyn Store>,
-    stock: Arc<dyn StockCache>,
+    stock_cache: Arc<dyn StockCache>,
+    stock_fence: Arc<dyn StockFence>,
     limiter: Arc<dyn SendLimiter>,
     bus: Arc<dyn NotificationBus>,
-    gate: StockGate,
     settings: EngineSettings,
     /// Cancelled when the service shuts down: runs stop and streams end.
     shutdown: CancellationToken,
-    /// Every run task, so shutdown can wait until each has left a resumable state.
+    /// Every run task, so shutdown can wait until each has released its run.
     runs: TaskTracker,
 }
 
 impl Engine {
-    pub fn new(backends: Backends, settings: EngineSettings) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        capabilities: Capabilities,
+        settings: EngineSettings,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            store: backends.store,
-            stock: backends.stock,
-            limiter: backends.limiter,
-            bus: backends.bus,
-            gate: StockGate::default(),
+            store,
+            stock_cache: capabilities.stock_cache,
+            stock_fence: capabilities.stock_fence,
+            limiter: capabilities.limiter,
+            bus: capabilities.bus,
             settings,
             shutdown: CancellationToken::new(),
             runs: TaskTracker::new(),
@@ -110,8 +112,8 @@ impl Engine {
         self.shutdown.clone()
     }
 
-    /// Sets a product's stock. Once this returns, every later stock check sees the new
-    /// figure (G3).
+    /// Sets a product's stock. Once this returns, every later delivery of any instance
+    /// sees the new figure (G3).
     pub async fn set_stock(
         self: &Arc<Self>,
         product: ProductId,
@@ -119,10 +121,10 @@ impl Engine {
     ) -> Result<Product, Error> {
         let engine = self.clone();
         run_to_completion(async move {
-            let _exclusive = engine.gate.write(product).await;
+            let _exclusive = engine.stock_fence.lock_for_write(product).await;
             engine.uncache_stock(product).await?;
             let saved = engine.store.set_stock(product, stock).await?;
-            engine.cache_stock(product, stock).await;
+            engine.cache_stock(product, stock).await?;
             Ok(saved)
         })
         .await
@@ -132,15 +134,27 @@ impl Engine {
     /// reached, nothing is written and the caller hears so; if it can, no stale figure
     /// can outlive the write, whatever happens next.
     async fn uncache_stock(&self, product: ProductId) -> Result<(), Error> {
-        self.stock.invalidate(product).await.map_err(Error::from)
+        self.stock_cache
+            .invalidate(product)
+            .await
+            .map_err(Error::from)
     }
 
-    /// Caches the figure just written. Failing is harmless (the next check misses and
-    /// reads the database), so it is only logged.
-    async fn cache_stock(&self, product: ProductId, stock: i64) {
-        if let Err(err) = self.stock.set(product, stock).await {
-            tracing::warn!(%product, error = ?err, "stock saved; the cache reloads it on the next check");
-        }
+    /// Caches the figure just written. If that fails the caller hears so (the figure is
+    /// saved, and a retry is harmless): the fence of G3 is only as good as the cached
+    /// figure.
+    async fn cache_stock(&self, product: ProductId, stock: i64) -> Result<(), Error> {
+        self.stock_cache
+            .set(product, stock)
+            .await
+            .map_err(Error::from)
+    }
+
+    /// Loads a product's stock from the database into the cache (after a miss).
+    async fn load_stock(&self, product: ProductId) -> Result<(), Error> {
+        let stock = self.store.product(product).await?.map_or(0, |p| p.stock);
+        self.stock_cache.fill(product, stock).await?;
+        Ok(())
     }
 
     pub async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -161,18 +175,19 @@ impl Engine {
         self.refuse_if_shutting_down()?;
         let engine = self.clone();
         run_to_completion(async move {
-            let lease = engine.settings.lease;
+            let lease = engine.settings.lease.lease;
+            let claimed_at = Instant::now();
             let claimed = match stock {
                 Some(stock) => {
-                    let _exclusive = engine.gate.write(product).await;
+                    let _exclusive = engine.stock_fence.lock_for_write(product).await;
                     engine.uncache_stock(product).await?;
                     let claimed = engine.store.start_run(product, Some(stock), lease).await?;
-                    engine.cache_stock(product, stock).await;
+                    engine.cache_stock(product, stock).await?;
                     claimed
                 }
                 None => engine.store.start_run(product, None, lease).await?,
             };
-            Ok(engine.spawn_run(claimed))
+            Ok(engine.spawn_run(claimed, claimed_at))
         })
         .await
     }
@@ -182,11 +197,12 @@ impl Engine {
         self.refuse_if_shutting_down()?;
         let engine = self.clone();
         run_to_completion(async move {
+            let claimed_at = Instant::now();
             let claimed = engine
                 .store
-                .resume_run(product, engine.settings.lease)
+                .resume_run(product, engine.settings.lease.lease)
                 .await?;
-            Ok(engine.spawn_run(claimed))
+            Ok(engine.spawn_run(claimed, claimed_at))
         })
         .await
     }
@@ -196,70 +212,38 @@ impl Engine {
             return Ok(run);
         }
         if self.store.product(product).await?.is_none() {
-            return Err(Error::NotFound(format!(
-                "product {product} does not exist; create it with SetStock first"
-            )));
+            return Err(Error::UnknownProduct(product));
         }
-        Err(Error::NotFound(match round {
-            Some(round) => format!(
-                "product {product} has no restock round {round}; omit restock_round for the \
-                 latest run"
-            ),
-            None => format!(
-                "product {product} has never been restocked; start a run with TriggerRestock"
-            ),
-        }))
+        Err(match round {
+            Some(round) => Error::UnknownRound { product, round },
+            None => Error::NeverRestocked(product),
+        })
     }
 
     fn refuse_if_shutting_down(&self) -> Result<(), Error> {
         if self.shutdown.is_cancelled() {
-            return Err(Error::Backend(crate::domain::BackendError::new(
-                "service",
-                true,
-                anyhow::anyhow!("shutting down"),
-            )));
+            return Err(Error::ShuttingDown);
         }
         Ok(())
     }
 
-    fn spawn_run(self: &Arc<Self>, claimed: ClaimedRun) -> Run {
+    /// Drives a run this instance has just claimed, on a task of its own.
+    fn spawn_run(self: &Arc<Self>, claimed: ClaimedRun, claimed_at: Instant) -> Run {
         let run = claimed.run.clone();
-        self.runs.spawn(run::drive(self.clone(), claimed));
+        self.runs
+            .spawn(run::drive(self.clone(), claimed, claimed_at));
         run
     }
 
-    /// Marks abandoned runs now and then, until shutdown. Runs in the background.
-    pub fn spawn_reaper(self: &Arc<Self>) {
-        let engine = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(engine.settings.reap_interval);
-            loop {
-                tokio::select! {
-                    _ = engine.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                match engine.store.expire_abandoned_runs().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::warn!(
-                        runs = n,
-                        "runs abandoned by a dead process marked CANCELED_BY_ERROR; \
-                         resume them with ManualRestock"
-                    ),
-                    Err(err) => tracing::warn!(error = ?err, "cannot look for abandoned runs"),
-                }
-            }
-        });
-    }
-
     /// Stops every run and waits (up to `grace`) until each has recorded what it sent
-    /// and left a resumable state.
+    /// and released the run for another instance to continue (G8).
     pub async fn shutdown(&self, grace: Duration) {
         self.shutdown.cancel();
         self.runs.close();
         if tokio::time::timeout(grace, self.runs.wait()).await.is_err() {
             tracing::warn!(
-                "some runs did not stop in time; their leases expire and they are marked \
-                 CANCELED_BY_ERROR at the next start"
+                "some runs did not stop in time; another instance takes them over once \
+                 their leases run out"
             );
         }
     }

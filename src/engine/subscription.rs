@@ -1,26 +1,38 @@
-//! `Subscribe`: live notifications matching a filter, optionally preceded by a replay
-//! of the recorded ones after a given notification, with no gap between the two.
+//! `Subscribe`: live notifications matching a filter, from every instance (G11),
+//! optionally preceded by the recorded ones after a given notification.
+//!
+//! The hand-over from the record to live notifications goes by queue position, never
+//! by a waiting time. Each batch on the bus says which position its run sent just
+//! before it (`prev_position`), and the stream remembers, per run, the last position it
+//! has covered. A resumed stream that sees a batch whose predecessor it has not covered
+//! has a gap: notifications sent before it subscribed but not yet recorded when it read
+//! the record. It reads them from the record by position, waiting for as long as the
+//! run takes to record them (a stalled commit), then goes on live. A run that ends
+//! announces its last position, which closes the gap of a run that sent nothing more.
+//! The same positions drop duplicates: what a new owner re-sends after taking a run
+//! over (G8) and a stream has already delivered is not delivered again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
-use crate::domain::{Error, Notification, NotificationFilter, NotificationId};
+use super::bus::{BusEvent, RunKey, SentBatch};
+use crate::domain::{Error, Notification, NotificationFilter, NotificationId, RunStatus};
+use crate::store::Recorded;
 
-/// Recorded notifications read per replay query.
+/// Recorded notifications read per query.
 const REPLAY_PAGE: u32 = 500;
 
 /// Why a stream ended on the service's side.
 #[derive(Debug)]
 pub enum StreamEnd {
-    /// The subscriber read too slowly and its buffer overflowed.
+    /// The subscriber read too slowly and its buffer overflowed (or this instance's
+    /// feed from the shared bus did).
     Lagged {
         missed: u64,
         last_delivered: Option<NotificationId>,
@@ -29,42 +41,46 @@ pub enum StreamEnd {
     ShuttingDown {
         last_delivered: Option<NotificationId>,
     },
-    /// Reading the recorded notifications failed.
+    /// Reading the record failed, or `resume_after` names nothing recorded.
     Failed(Error),
 }
 
 pub type NotificationStream = Pin<Box<dyn Stream<Item = Result<Notification, StreamEnd>> + Send>>;
 
 impl Engine {
-    /// Opens a subscription. With `resume_after`, the notification must have been
-    /// recorded (`NotFound` otherwise).
+    /// Opens a subscription. With `resume_after`, the stream first delivers the recorded
+    /// notifications after that one. `UnknownNotification` if it was never recorded and
+    /// its run is over; while its run is in progress it may be recorded yet (a stalled
+    /// commit), and the stream waits for it.
     pub async fn subscribe(
         self: &Arc<Self>,
         filter: NotificationFilter,
         resume_after: Option<NotificationId>,
     ) -> Result<NotificationStream, Error> {
-        // Subscribe to live notifications before reading anything recorded, so that
-        // whatever is sent from now on is either in the replay or in this buffer.
+        // Subscribe to the bus before reading anything recorded: whatever is sent from
+        // now on is in this buffer, and whatever was sent before is, or will be, in the
+        // record.
         let live = self.bus.subscribe();
-        let subscribed_at = Utc::now();
-        let replay_from = match resume_after {
-            None => None,
-            Some(id) => Some(self.recorded_seq(id).await?),
-        };
-        let state = Subscription {
+        let mut state = Subscription {
             engine: self.clone(),
             filter,
             live,
             shutdown: self.shutdown.clone(),
-            replay_from,
-            replayed: VecDeque::new(),
-            subscribed_at,
-            settle: self.settings.flush_interval * 3,
-            settled: false,
-            recently_replayed: HashSet::new(),
+            resume_after,
+            resume: None,
+            replay_from: None,
+            covered: HashMap::new(),
+            ready: VecDeque::new(),
             last_delivered: resume_after,
             ended: false,
         };
+        if let Some(id) = resume_after {
+            if let Some(recorded) = self.find_recorded(id).await? {
+                state.resume_from(recorded);
+            } else {
+                state.resume_after = Some(id);
+            }
+        }
         Ok(Box::pin(futures::stream::unfold(
             state,
             |mut s| async move {
@@ -74,41 +90,44 @@ impl Engine {
         )))
     }
 
-    /// The recording sequence number of a notification. A notification that was just
-    /// sent may take up to a flush interval to be recorded, so it is waited for briefly.
-    async fn recorded_seq(&self, id: NotificationId) -> Result<i64, Error> {
-        let deadline = tokio::time::Instant::now() + self.settings.flush_interval * 5;
-        loop {
-            if let Some(seq) = self.store.recorded_seq(id).await? {
-                return Ok(seq);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::NotFound(format!(
-                    "notification {id} was never recorded, so there is nothing to resume \
-                     after; subscribe without resume_after, or pass the notification_id of \
-                     a notification you received"
-                )));
-            }
-            tokio::time::sleep(self.settings.flush_interval).await;
+    /// Where `id` was recorded; `None` if it is not yet but its run is in progress.
+    async fn find_recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
+        if let Some(recorded) = self.store.recorded(id).await? {
+            return Ok(Some(recorded));
+        }
+        let progress = self
+            .store
+            .run_progress(id.product_id, id.restock_round)
+            .await?;
+        match progress {
+            Some(p) if p.status == RunStatus::InProgress => Ok(None),
+            _ => Err(Error::UnknownNotification(id)),
         }
     }
+}
+
+/// Where a resumed stream starts in the record.
+#[derive(Debug, Clone, Copy)]
+struct ResumePoint {
+    /// Recording sequence number of `resume_after`: "after it" means above this.
+    seq: i64,
 }
 
 struct Subscription {
     engine: Arc<Engine>,
     filter: NotificationFilter,
-    live: broadcast::Receiver<Arc<Notification>>,
+    live: broadcast::Receiver<Arc<BusEvent>>,
     shutdown: CancellationToken,
-    /// While replaying: the recording sequence number to read after.
+    /// Not yet looked up in the record.
+    resume_after: Option<NotificationId>,
+    resume: Option<ResumePoint>,
+    /// While replaying the record: the sequence number to read after.
     replay_from: Option<i64>,
-    replayed: VecDeque<Notification>,
-    subscribed_at: DateTime<Utc>,
-    /// How long after subscribing a notification sent before the subscription may still
-    /// be unrecorded (a few flush intervals). The replay starts reading only then.
-    settle: Duration,
-    settled: bool,
-    /// Ids replayed that may also arrive live, so they are not delivered twice.
-    recently_replayed: HashSet<NotificationId>,
+    /// Per run, the last queue position this stream has covered: delivered, or passed
+    /// over because the filter did not match.
+    covered: HashMap<RunKey, i64>,
+    /// Notifications ready to go out, in order.
+    ready: VecDeque<Notification>,
     last_delivered: Option<NotificationId>,
     ended: bool,
 }
@@ -118,106 +137,230 @@ impl Subscription {
         if self.ended {
             return None;
         }
-        let item = if self.replay_from.is_some() {
-            self.next_replayed().await
-        } else {
-            self.next_live().await
-        };
+        let item = self.produce().await;
         match &item {
-            Some(Ok(n)) => self.last_delivered = Some(n.id),
-            Some(Err(_)) | None => self.ended = true,
+            Ok(n) => self.last_delivered = Some(n.id),
+            Err(_) => self.ended = true,
         }
-        item
+        Some(item)
     }
 
-    async fn next_replayed(&mut self) -> Option<Result<Notification, StreamEnd>> {
+    async fn produce(&mut self) -> Result<Notification, StreamEnd> {
         loop {
-            if let Some(n) = self.replayed.pop_front() {
-                return Some(Ok(n));
-            }
-            let Some(after) = self.replay_from else {
-                return self.next_live().await;
-            };
-            if !self.settled {
-                // Wait until everything sent before the subscription is recorded, then
-                // read the record in one pass. Reading earlier would not do: batches of
-                // concurrent runs commit out of id order, so a row committed late can
-                // have an id below rows already read, and would be skipped. Anything
-                // sent after the subscription is in the live buffer.
-                let settled_at = self.subscribed_at
-                    + chrono::Duration::from_std(self.settle).unwrap_or_default();
-                let wait = (settled_at - Utc::now()).to_std().unwrap_or_default();
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => {
-                        return Some(Err(StreamEnd::ShuttingDown {
-                            last_delivered: self.last_delivered,
-                        }));
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                self.settled = true;
+            if let Some(n) = self.ready.pop_front() {
+                return Ok(n);
             }
             if self.shutdown.is_cancelled() {
-                return Some(Err(StreamEnd::ShuttingDown {
-                    last_delivered: self.last_delivered,
-                }));
+                return Err(self.shutting_down());
             }
-            let page = match self
-                .engine
-                .store
-                .recorded_after(after, self.filter, REPLAY_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(err) => return Some(Err(StreamEnd::Failed(err))),
-            };
-            if page.is_empty() {
-                // Caught up: the rest is live.
-                self.replay_from = None;
+            if let Some(id) = self.resume_after.take() {
+                self.start_resume(id).await?;
                 continue;
             }
-            // Notifications sent shortly before the subscription or since may also be
-            // in the live buffer; remember those to skip them there.
-            let overlap_from = self.subscribed_at - chrono::Duration::seconds(2);
-            for (seq, n) in page {
-                self.replay_from = Some(seq);
-                if n.sent_at >= overlap_from {
-                    self.recently_replayed.insert(n.id);
-                }
-                self.replayed.push_back(n);
+            if let Some(after) = self.replay_from {
+                self.replay_page(after).await?;
+                continue;
+            }
+            let event = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(self.shutting_down()),
+                received = self.live.recv() => received,
+            };
+            match event {
+                Ok(event) => self.on_event(&event).await?,
+                Err(RecvError::Lagged(missed)) => return Err(self.lagged(missed)),
+                Err(RecvError::Closed) => return Err(self.shutting_down()),
             }
         }
     }
 
-    async fn next_live(&mut self) -> Option<Result<Notification, StreamEnd>> {
+    fn shutting_down(&self) -> StreamEnd {
+        StreamEnd::ShuttingDown {
+            last_delivered: self.last_delivered,
+        }
+    }
+
+    fn lagged(&self, missed: u64) -> StreamEnd {
+        StreamEnd::Lagged {
+            missed,
+            last_delivered: self.last_delivered,
+        }
+    }
+
+    /// Waits for `resume_after` to be recorded: delivered just before a stalled commit,
+    /// it is recorded once the commit goes through, as long as its run is in progress.
+    async fn start_resume(&mut self, id: NotificationId) -> Result<(), StreamEnd> {
+        let engine = self.engine.clone();
         loop {
-            let received = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => {
-                    return Some(Err(StreamEnd::ShuttingDown {
-                        last_delivered: self.last_delivered,
-                    }));
+            match engine.find_recorded(id).await.map_err(StreamEnd::Failed)? {
+                Some(recorded) => {
+                    self.resume_from(recorded);
+                    return Ok(());
                 }
-                received = self.live.recv() => received,
-            };
-            match received {
-                Ok(n) => {
-                    if !self.filter.matches(&n.id) {
-                        continue;
-                    }
-                    if !self.recently_replayed.is_empty() && self.recently_replayed.remove(&n.id) {
-                        continue;
-                    }
-                    return Some(Ok((*n).clone()));
-                }
-                Err(RecvError::Lagged(missed)) => {
-                    return Some(Err(StreamEnd::Lagged {
-                        missed,
-                        last_delivered: self.last_delivered,
-                    }));
-                }
-                Err(RecvError::Closed) => return None,
+                None => self.pause().await?,
             }
         }
+    }
+
+    fn resume_from(&mut self, recorded: Recorded) {
+        if let Some(position) = recorded.position {
+            self.covered
+                .insert(run_of(&recorded.notification.id), position);
+        }
+        self.resume = Some(ResumePoint { seq: recorded.seq });
+        self.replay_from = Some(recorded.seq);
+    }
+
+    /// One page of the record after `after`, in recording order.
+    async fn replay_page(&mut self, after: i64) -> Result<(), StreamEnd> {
+        let page = self
+            .engine
+            .store
+            .recorded_after(after, self.filter, REPLAY_PAGE)
+            .await
+            .map_err(StreamEnd::Failed)?;
+        if page.is_empty() {
+            // Caught up with the record; the rest is live, and any gap left by commits
+            // that land after this read is filled by position.
+            self.replay_from = None;
+            return Ok(());
+        }
+        self.replay_from = page.last().map(|r| r.seq);
+        for recorded in page {
+            let run = run_of(&recorded.notification.id);
+            let Some(position) = recorded.position else {
+                self.ready.push_back(recorded.notification);
+                continue;
+            };
+            if self.covered.get(&run).is_some_and(|&c| position <= c) {
+                continue;
+            }
+            self.covered.insert(run, position);
+            self.ready.push_back(recorded.notification);
+        }
+        Ok(())
+    }
+
+    async fn on_event(&mut self, event: &BusEvent) -> Result<(), StreamEnd> {
+        match event {
+            BusEvent::Sent(batch) => {
+                if self
+                    .filter
+                    .product_id
+                    .is_some_and(|p| p != batch.run.product_id)
+                {
+                    return Ok(());
+                }
+                if let Some(prev) = batch.prev_position {
+                    self.fill_gap(batch.run, prev).await?;
+                }
+                self.take_live(batch);
+            }
+            BusEvent::RunEnded {
+                run,
+                last_position: Some(last),
+                ..
+            } => {
+                if self.filter.product_id.is_none_or(|p| p == run.product_id) {
+                    self.fill_gap(*run, *last).await?;
+                }
+            }
+            BusEvent::RunEnded { .. } => {}
+            BusEvent::Gap => return Err(self.lagged(0)),
+        }
+        Ok(())
+    }
+
+    /// Delivers the items of a live batch this stream has not covered yet.
+    fn take_live(&mut self, batch: &SentBatch) {
+        let covered = self.covered.get(&batch.run).copied();
+        let mut last = covered;
+        for (position, n) in batch.notifications() {
+            if covered.is_some_and(|c| position <= c) {
+                continue;
+            }
+            last = Some(position);
+            if self.filter.matches(&n.id) {
+                self.ready.push_back(n);
+            }
+        }
+        if let Some(last) = last {
+            self.covered.insert(batch.run, last);
+        }
+    }
+
+    /// A resumed stream must have covered `run` up to `upto` before going on: reads the
+    /// missing notifications from the record, waiting while the run is in progress and
+    /// its record has not reached `upto` yet (G11). A stream that did not resume started
+    /// live, and has no gap to fill.
+    async fn fill_gap(&mut self, run: RunKey, upto: i64) -> Result<(), StreamEnd> {
+        let Some(resume) = self.resume else {
+            return Ok(());
+        };
+        let engine = self.engine.clone();
+        loop {
+            let covered = self.covered.get(&run).copied();
+            if covered.is_some_and(|c| c >= upto) {
+                return Ok(());
+            }
+            let progress = engine
+                .store
+                .run_progress(run.product_id, run.restock_round)
+                .await
+                .map_err(StreamEnd::Failed)?;
+            let complete = progress.is_none_or(|p| {
+                p.status != RunStatus::InProgress || p.recorded_position.is_some_and(|r| r >= upto)
+            });
+            let rows = engine
+                .store
+                .recorded_in_run(
+                    run.product_id,
+                    run.restock_round,
+                    covered,
+                    upto,
+                    REPLAY_PAGE,
+                )
+                .await
+                .map_err(StreamEnd::Failed)?;
+            let full_page = rows.len() == REPLAY_PAGE as usize;
+            for recorded in rows {
+                self.covered.insert(run, recorded.position.unwrap_or(upto));
+                // Recorded before the resume point: the subscriber had it already.
+                let n = recorded.notification;
+                if recorded.seq > resume.seq && self.filter.matches(&n.id) {
+                    self.ready.push_back(n);
+                }
+            }
+            if full_page {
+                continue;
+            }
+            if complete {
+                // Whatever is still missing was delivered and then lost with a failed
+                // commit: the run is re-sent from its record on resume, under the same
+                // ids, and those arrive live.
+                self.covered
+                    .entry(run)
+                    .and_modify(|c| *c = (*c).max(upto))
+                    .or_insert(upto);
+                return Ok(());
+            }
+            self.pause().await?;
+        }
+    }
+
+    /// Waits one flush interval before looking at the record again, unless the service
+    /// stops meanwhile.
+    async fn pause(&self) -> Result<(), StreamEnd> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Err(self.shutting_down()),
+            _ = tokio::time::sleep(self.engine.settings.recorder.flush_interval) => Ok(()),
+        }
+    }
+}
+
+fn run_of(id: &NotificationId) -> RunKey {
+    RunKey {
+        product_id: id.product_id,
+        restock_round: id.restock_round,
     }
 }

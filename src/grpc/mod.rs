@@ -4,11 +4,10 @@
 pub mod admin;
 pub mod ratelimit;
 pub mod restock;
+mod status;
 
+use crate::domain::{self, RunStatus};
 use chrono::{DateTime, Utc};
-use tonic::Status;
-
-use crate::domain::{self, BackendError, Error, RunStatus};
 
 /// Generated code of `proto/restock/v1/restock.proto`.
 pub mod proto {
@@ -17,30 +16,6 @@ pub mod proto {
     /// Encoded descriptors of the API, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("restock_descriptor");
-}
-
-impl From<Error> for Status {
-    fn from(err: Error) -> Self {
-        match err {
-            Error::InvalidArgument(msg) => Status::invalid_argument(msg),
-            Error::NotFound(msg) => Status::not_found(msg),
-            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
-            Error::Backend(err) => backend_status(err),
-        }
-    }
-}
-
-/// Backend failures are logged with their whole cause chain and answered without
-/// internals (no SQL, no addresses).
-fn backend_status(err: BackendError) -> Status {
-    tracing::error!(store = err.store, error = ?err.source, "backend failure");
-    if err.unavailable {
-        Status::unavailable(format!("{err}; retry later"))
-    } else {
-        Status::internal(format!(
-            "{err} unexpectedly; the service logs have the details"
-        ))
-    }
 }
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {

@@ -33,6 +33,10 @@ impl Keys {
         }
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn stock(&self, product: ProductId) -> String {
         format!("{}stock:{}", self.prefix, product)
     }

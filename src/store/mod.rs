@@ -1,6 +1,5 @@
 //! Durable state behind one trait: products, alerts, runs and the notification history.
-//! `mysql` is the production implementation, `sqlite` the embedded one; the refusals
-//! both give, word for word, are at the bottom of this file.
+//! `mysql` is the production implementation, `sqlite` the embedded one.
 
 pub mod mysql;
 mod portable;
@@ -12,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    Alert, Error, Notification, NotificationFilter, NotificationId, Product, ProductId,
-    Registration, Run, RunStatus, UserId,
+    Alert, Error, NotResumable, Notification, NotificationFilter, NotificationId, Product,
+    ProductId, Registration, Run, RunStatus, UserId,
 };
 
 /// Which run a task drives, and the claim that proves it still drives it: every write of
@@ -61,14 +60,34 @@ impl FinalStatus {
     }
 }
 
+/// What a record does to the run besides recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Keeps it `IN_PROGRESS` and renews the lease.
+    Renew,
+    /// Keeps it `IN_PROGRESS` and lets the lease run out now, so another instance takes
+    /// it over at once (shutdown, G8).
+    Release,
+    /// Moves it to a final state.
+    Finish(FinalStatus),
+}
+
 /// Outcome of a conditional write by the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claimed {
     /// Written: the task still owns the run.
     Yes,
-    /// Nothing written: the run is no longer this task's (its lease expired and it was
-    /// marked or taken over). The task must stop without touching it.
+    /// Nothing written: the run is no longer this task's (its lease ran out, and it may
+    /// have been taken over). The task must stop without touching it.
     Lost,
+}
+
+/// Where a run's record stands, for a subscriber waiting for it to catch up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunProgress {
+    pub status: RunStatus,
+    /// Queue position of the last recorded notification.
+    pub recorded_position: Option<i64>,
 }
 
 /// Storage of the service. Every method is one transaction.
@@ -112,68 +131,70 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Registration>, Error>;
 
-    /// Records sent notifications, moves the cursor to the last of them and renews the
-    /// lease, in one transaction (G5); with `finish`, also ends the run.
+    /// Records sent notifications and moves the cursor to the last of them, in one
+    /// transaction (G5), then renews, releases or ends the run as `after` says. Nothing
+    /// is written, and `Lost` returned, unless the claim still holds and its lease has
+    /// not run out (G8).
     async fn record(
         &self,
         claim: &RunClaim,
         sent: &[SentNotification],
-        finish: Option<FinalStatus>,
+        after: After,
         lease: Duration,
     ) -> Result<Claimed, Error>;
 
-    /// Marks `CANCELED_BY_ERROR` every run in progress whose lease has expired: its
-    /// process died. Returns how many were marked.
-    async fn expire_abandoned_runs(&self) -> Result<u64, Error>;
+    /// Claims up to `limit` runs in progress whose lease has run out (their instance
+    /// died, or released them), each with a fresh claim and lease (G8).
+    async fn take_over_expired(
+        &self,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<ClaimedRun>, Error>;
 
-    /// Recorded notifications after `after` (in recording order) matching `filter`.
+    /// A run's status and recorded cursor.
+    async fn run_progress(
+        &self,
+        product: ProductId,
+        round: i64,
+    ) -> Result<Option<RunProgress>, Error>;
+
+    /// Recorded notifications of one run with a queue position in `(after, upto]`, in
+    /// position order.
+    async fn recorded_in_run(
+        &self,
+        product: ProductId,
+        round: i64,
+        after: Option<i64>,
+        upto: i64,
+        limit: u32,
+    ) -> Result<Vec<Recorded>, Error>;
+
+    /// Recorded notifications after `after` (in recording order) matching `filter`,
+    /// each with its recording sequence number and queue position.
     async fn recorded_after(
         &self,
         after: i64,
         filter: NotificationFilter,
         limit: u32,
-    ) -> Result<Vec<(i64, Notification)>, Error>;
+    ) -> Result<Vec<Recorded>, Error>;
 
-    /// The recording sequence number of a notification, if it was recorded.
-    async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error>;
+    /// Where a notification was recorded, if it was.
+    async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error>;
+}
+
+/// A recorded notification: its place in the record and in its run's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// Recording sequence number (the history row's id).
+    pub seq: i64,
+    /// Queue position it was sent at; `None` for rows recorded before positions were.
+    pub position: Option<i64>,
+    pub notification: Notification,
 }
 
 /// A fresh claim token: positive, so it never looks like an unclaimed run.
 pub(crate) fn claim_token() -> i64 {
     rand::random::<i64>().wrapping_abs().max(1)
-}
-
-pub(crate) fn unknown_product(product: ProductId) -> Error {
-    Error::NotFound(format!(
-        "product {product} does not exist; create it with SetStock first"
-    ))
-}
-
-pub(crate) fn never_registered(product: ProductId, user: UserId) -> Error {
-    Error::NotFound(format!(
-        "user {user} never registered an alert for product {product}; nothing to cancel"
-    ))
-}
-
-pub(crate) fn run_in_progress(product: ProductId, round: i64) -> Error {
-    Error::FailedPrecondition(format!(
-        "product {product} already has a run in progress (round {round}); wait for it to \
-         finish (GetRestockRun shows its status)"
-    ))
-}
-
-pub(crate) fn out_of_stock(product: ProductId, stock: i64) -> Error {
-    Error::FailedPrecondition(format!(
-        "product {product} is out of stock (stock {stock}); set a positive stock with \
-         SetStock, or with the `stock` field of TriggerRestock"
-    ))
-}
-
-pub(crate) fn never_restocked(product: ProductId) -> Error {
-    Error::FailedPrecondition(format!(
-        "product {product} has never been restocked, so there is no run to resume; start \
-         one with TriggerRestock"
-    ))
 }
 
 /// G6: only a `CANCELED_BY_ERROR` run of a product in stock is resumed.
@@ -183,24 +204,18 @@ pub(crate) fn check_resumable(
     status: RunStatus,
     stock: i64,
 ) -> Result<(), Error> {
-    match status {
-        RunStatus::CanceledByError => {}
-        RunStatus::InProgress => return Err(run_in_progress(product, round)),
-        RunStatus::Completed => {
-            return Err(Error::FailedPrecondition(format!(
-                "round {round} of product {product} completed; nothing to resume \
-                 (TriggerRestock starts the next round)"
-            )));
+    let why = match status {
+        RunStatus::CanceledByError if stock <= 0 => {
+            return Err(Error::OutOfStock { product, stock });
         }
-        RunStatus::CanceledBySoldOut => {
-            return Err(Error::FailedPrecondition(format!(
-                "round {round} of product {product} ended because the product sold out; a \
-                 sold-out run is not resumed (TriggerRestock starts the next round)"
-            )));
-        }
-    }
-    if stock <= 0 {
-        return Err(out_of_stock(product, stock));
-    }
-    Ok(())
+        RunStatus::CanceledByError => return Ok(()),
+        RunStatus::InProgress => return Err(Error::RunInProgress { product, round }),
+        RunStatus::Completed => NotResumable::Completed,
+        RunStatus::CanceledBySoldOut => NotResumable::SoldOut,
+    };
+    Err(Error::NothingToResume {
+        product,
+        round,
+        why,
+    })
 }

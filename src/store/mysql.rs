@@ -10,12 +10,12 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 
 use super::{
-    Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store, check_resumable,
-    claim_token, never_registered, never_restocked, out_of_stock, run_in_progress, unknown_product,
+    After, Claimed, ClaimedRun, Recorded, RunClaim, RunProgress, SentNotification, Store,
+    check_resumable, claim_token,
 };
 use crate::domain::{
-    Alert, BackendError, Error, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunStatus, UserId,
+    Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
+    Product, ProductId, Registration, Run, RunStatus, UserId,
 };
 
 const STORE: &str = "database";
@@ -155,9 +155,12 @@ impl MySqlStore {
         }
         let current = lock_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         if current.stock <= 0 {
-            return Err(out_of_stock(product, current.stock));
+            return Err(Error::OutOfStock {
+                product,
+                stock: current.stock,
+            });
         }
         if current.restock_round > 0 {
             let status: Option<String> = sqlx::query_scalar(
@@ -170,7 +173,10 @@ impl MySqlStore {
             .await
             .map_err(backend)?;
             if status.as_deref() == Some(RunStatus::InProgress.as_str()) {
-                return Err(run_in_progress(product, current.restock_round));
+                return Err(Error::RunInProgress {
+                    product,
+                    round: current.restock_round,
+                });
             }
         }
         let round = current.restock_round + 1;
@@ -197,7 +203,12 @@ impl MySqlStore {
         let run_id = match inserted {
             Ok(done) => done.last_insert_id() as i64,
             // The unique key on in-progress runs is the last line of defence for G7.
-            Err(e) if is_unique_violation(&e) => return Err(run_in_progress(product, round)),
+            Err(e) if is_unique_violation(&e) => {
+                return Err(Error::RunInProgress {
+                    product,
+                    round,
+                });
+            }
             Err(e) => return Err(backend(e)),
         };
         let run = select_run_by_id(&mut tx, run_id).await?;
@@ -222,7 +233,7 @@ impl MySqlStore {
         let mut tx = self.begin().await?;
         let current = lock_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         let row = sqlx::query(
             "SELECT id, status, last_sent_position FROM product_notification_history \
              WHERE product_id = ? AND restock_round = ? FOR UPDATE",
@@ -233,7 +244,11 @@ impl MySqlStore {
         .await
         .map_err(backend)?;
         let Some(row) = row else {
-            return Err(never_restocked(product));
+            return Err(Error::NothingToResume {
+                product,
+                round: 0,
+                why: NotResumable::NeverRestocked,
+            });
         };
         let run_id: i64 = row.try_get("id").map_err(backend)?;
         let cursor: Option<i64> = row.try_get("last_sent_position").map_err(backend)?;
@@ -268,11 +283,58 @@ impl MySqlStore {
         })
     }
 
+    /// Claims one run if its lease has still run out once its row is locked: of several
+    /// instances racing for it, exactly one gets it.
+    async fn try_take_over(
+        &self,
+        run_id: i64,
+        lease: Duration,
+    ) -> Result<Option<ClaimedRun>, Error> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "SELECT product_id, restock_round, last_sent_position \
+             FROM product_notification_history \
+             WHERE id = ? AND status = 'IN_PROGRESS' AND lease_until < CURRENT_TIMESTAMP(6) \
+             FOR UPDATE",
+        )
+        .bind(run_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let token = claim_token();
+        sqlx::query(
+            "UPDATE product_notification_history SET claim_token = ?, \
+             lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+             updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
+        )
+        .bind(token)
+        .bind(lease_micros(lease))
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let run = select_run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(Some(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+                restock_round: row.try_get("restock_round").map_err(backend)?,
+                token,
+            },
+            cursor: row.try_get("last_sent_position").map_err(backend)?,
+            run,
+        }))
+    }
+
     async fn try_register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
         let mut tx = self.begin().await?;
         lock_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         let active: Option<bool> = sqlx::query_scalar(
             "SELECT is_active FROM product_user_notification \
              WHERE product_id = ? AND user_id = ? FOR UPDATE",
@@ -379,7 +441,7 @@ impl Store for MySqlStore {
         .map_err(backend)?;
         let alert = select_alert(&mut tx, product, user).await?;
         tx.commit().await.map_err(backend)?;
-        alert.ok_or_else(|| never_registered(product, user))
+        alert.ok_or_else(|| Error::UnknownAlert { product, user })
     }
 
     async fn start_run(
@@ -412,31 +474,53 @@ impl Store for MySqlStore {
         &self,
         claim: &RunClaim,
         sent: &[SentNotification],
-        finish: Option<FinalStatus>,
+        after: After,
         lease: Duration,
     ) -> Result<Claimed, Error> {
         let mut tx = self.begin().await?;
+        // The history rows first, the conditional update last: if a stall holds the
+        // insert up past the lease (G10), the update then finds the lease run out, or
+        // the run taken over, and the whole transaction is rolled back (G8).
+        if !sent.is_empty() {
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT INTO product_user_notification_history \
+                 (product_id, user_id, restock_round, sent_at, position) ",
+            );
+            insert.push_values(sent, |mut row, s| {
+                row.push_bind(claim.product_id.get())
+                    .push_bind(s.registration.user_id.get())
+                    .push_bind(claim.restock_round)
+                    .push_bind(s.sent_at)
+                    .push_bind(s.registration.position);
+            });
+            insert.build().execute(&mut *tx).await.map_err(backend)?;
+        }
         let last = sent.last().map(|s| s.registration);
-        let status = finish.map_or(RunStatus::InProgress, FinalStatus::status);
-        // The conditional update comes first: it takes the run's row lock and proves the
-        // claim before any history row is written.
+        let (status, renew, release) = match after {
+            After::Renew => (RunStatus::InProgress, true, false),
+            After::Release => (RunStatus::InProgress, false, true),
+            After::Finish(status) => (status.status(), false, false),
+        };
         let updated = sqlx::query(
             "UPDATE product_notification_history SET \
              last_sent_user_id = COALESCE(?, last_sent_user_id), \
              last_sent_position = COALESCE(?, last_sent_position), \
              sent_count = sent_count + ?, status = ?, \
-             lease_until = IF(? , NULL, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND), \
-             claim_token = IF(?, NULL, claim_token), \
+             lease_until = CASE WHEN ? THEN CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                                WHEN ? THEN CURRENT_TIMESTAMP(6) ELSE NULL END, \
+             claim_token = IF(?, claim_token, NULL), \
              updated_at = CURRENT_TIMESTAMP(6) \
-             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS'",
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
+               AND lease_until > CURRENT_TIMESTAMP(6)",
         )
         .bind(last.map(|r| r.user_id.get()))
         .bind(last.map(|r| r.position))
         .bind(sent.len() as i64)
         .bind(status.as_str())
-        .bind(finish.is_some())
+        .bind(renew)
         .bind(lease_micros(lease))
-        .bind(finish.is_some())
+        .bind(release)
+        .bind(renew)
         .bind(claim.run_id)
         .bind(claim.token)
         .execute(&mut *tx)
@@ -446,34 +530,51 @@ impl Store for MySqlStore {
             tx.rollback().await.ok();
             return Ok(Claimed::Lost);
         }
-        if !sent.is_empty() {
-            let mut insert = QueryBuilder::<MySql>::new(
-                "INSERT INTO product_user_notification_history \
-                 (product_id, user_id, restock_round, sent_at) ",
-            );
-            insert.push_values(sent, |mut row, s| {
-                row.push_bind(claim.product_id.get())
-                    .push_bind(s.registration.user_id.get())
-                    .push_bind(claim.restock_round)
-                    .push_bind(s.sent_at);
-            });
-            insert.build().execute(&mut *tx).await.map_err(backend)?;
-        }
         tx.commit().await.map_err(backend)?;
         Ok(Claimed::Yes)
     }
 
-    async fn expire_abandoned_runs(&self) -> Result<u64, Error> {
+    async fn take_over_expired(
+        &self,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<ClaimedRun>, Error> {
         // ix_pnh_status_lease serves the range.
-        let done = sqlx::query(
-            "UPDATE product_notification_history SET status = 'CANCELED_BY_ERROR', \
-             claim_token = NULL, lease_until = NULL, updated_at = CURRENT_TIMESTAMP(6) \
-             WHERE status = 'IN_PROGRESS' AND lease_until < CURRENT_TIMESTAMP(6)",
+        let expired: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM product_notification_history \
+             WHERE status = 'IN_PROGRESS' AND lease_until < CURRENT_TIMESTAMP(6) \
+             ORDER BY lease_until LIMIT ?",
         )
-        .execute(&self.pool)
+        .bind(limit)
+        .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
-        Ok(done.rows_affected())
+        let mut taken = Vec::with_capacity(expired.len());
+        for run_id in expired {
+            if let Some(claimed) = retry_deadlocks!(self.try_take_over(run_id, lease))? {
+                taken.push(claimed);
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn run_progress(
+        &self,
+        product: ProductId,
+        round: i64,
+    ) -> Result<Option<RunProgress>, Error> {
+        read_run_progress(&self.pool, product, round).await
+    }
+
+    async fn recorded_in_run(
+        &self,
+        product: ProductId,
+        round: i64,
+        after: Option<i64>,
+        upto: i64,
+        limit: u32,
+    ) -> Result<Vec<Recorded>, Error> {
+        read_recorded_in_run(&self.pool, product, round, after, upto, limit).await
     }
 
     async fn recorded_after(
@@ -481,11 +582,11 @@ impl Store for MySqlStore {
         after: i64,
         filter: NotificationFilter,
         limit: u32,
-    ) -> Result<Vec<(i64, Notification)>, Error> {
+    ) -> Result<Vec<Recorded>, Error> {
         read_recorded_after(&self.pool, after, filter, limit).await
     }
 
-    async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
-        read_recorded_seq(&self.pool, id).await
+    async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
+        read_recorded(&self.pool, id).await
     }
 }

@@ -148,17 +148,35 @@ macro_rules! portable_queries {
                 .collect()
         }
 
+        /// Columns of `product_user_notification_history` that make a [`Recorded`].
+        const RECORDED_COLUMNS: &str = "id, product_id, user_id, restock_round, sent_at, position";
+
+        fn recorded_from_row(row: &$row) -> Result<Recorded, Error> {
+            let id = NotificationId {
+                product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+                restock_round: row.try_get("restock_round").map_err(backend)?,
+                user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
+            };
+            Ok(Recorded {
+                seq: row.try_get("id").map_err(backend)?,
+                position: row.try_get("position").map_err(backend)?,
+                notification: Notification {
+                    id,
+                    sent_at: row.try_get("sent_at").map_err(backend)?,
+                },
+            })
+        }
+
         /// Served by the primary key, ix_punh_product or ix_punh_user.
         async fn read_recorded_after(
             pool: &sqlx::Pool<$db>,
             after: i64,
             filter: NotificationFilter,
             limit: u32,
-        ) -> Result<Vec<(i64, Notification)>, Error> {
-            let mut query = sqlx::QueryBuilder::<$db>::new(
-                "SELECT id, product_id, user_id, restock_round, sent_at \
-                 FROM product_user_notification_history WHERE id > ",
-            );
+        ) -> Result<Vec<Recorded>, Error> {
+            let mut query = sqlx::QueryBuilder::<$db>::new(format!(
+                "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history WHERE id > "
+            ));
             query.push_bind(after);
             if let Some(product) = filter.product_id {
                 query.push(" AND product_id = ").push_bind(product.get());
@@ -168,36 +186,77 @@ macro_rules! portable_queries {
             }
             query.push(" ORDER BY id LIMIT ").push_bind(limit);
             let rows = query.build().fetch_all(pool).await.map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    let seq: i64 = row.try_get("id").map_err(backend)?;
-                    let id = NotificationId {
-                        product_id: ProductId::from_stored(
-                            row.try_get("product_id").map_err(backend)?,
-                        ),
-                        restock_round: row.try_get("restock_round").map_err(backend)?,
-                        user_id: UserId::from_stored(row.try_get("user_id").map_err(backend)?),
-                    };
-                    let sent_at = row.try_get("sent_at").map_err(backend)?;
-                    Ok((seq, Notification { id, sent_at }))
-                })
-                .collect()
+            rows.iter().map(recorded_from_row).collect()
         }
 
-        async fn read_recorded_seq(
+        /// Served by uq_punh_product_round_user.
+        async fn read_recorded(
             pool: &sqlx::Pool<$db>,
             id: NotificationId,
-        ) -> Result<Option<i64>, Error> {
-            sqlx::query_scalar(
-                "SELECT id FROM product_user_notification_history \
-                 WHERE product_id = ? AND restock_round = ? AND user_id = ?",
-            )
+        ) -> Result<Option<Recorded>, Error> {
+            let row = sqlx::query(&format!(
+                "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
+                 WHERE product_id = ? AND restock_round = ? AND user_id = ?"
+            ))
             .bind(id.product_id.get())
             .bind(id.restock_round)
             .bind(id.user_id.get())
             .fetch_optional(pool)
             .await
-            .map_err(backend)
+            .map_err(backend)?;
+            row.as_ref().map(recorded_from_row).transpose()
+        }
+
+        /// Served by ix_punh_run_position.
+        async fn read_recorded_in_run(
+            pool: &sqlx::Pool<$db>,
+            product: ProductId,
+            round: i64,
+            after: Option<i64>,
+            upto: i64,
+            limit: u32,
+        ) -> Result<Vec<Recorded>, Error> {
+            let rows = sqlx::query(&format!(
+                "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
+                 WHERE product_id = ? AND restock_round = ? AND position > ? AND position <= ? \
+                 ORDER BY position LIMIT ?"
+            ))
+            .bind(product.get())
+            .bind(round)
+            .bind(after.unwrap_or(i64::MIN))
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+            .map_err(backend)?;
+            rows.iter().map(recorded_from_row).collect()
+        }
+
+        /// Served by uq_pnh_product_round.
+        async fn read_run_progress(
+            pool: &sqlx::Pool<$db>,
+            product: ProductId,
+            round: i64,
+        ) -> Result<Option<RunProgress>, Error> {
+            let row = sqlx::query(
+                "SELECT status, last_sent_position FROM product_notification_history \
+                 WHERE product_id = ? AND restock_round = ?",
+            )
+            .bind(product.get())
+            .bind(round)
+            .fetch_optional(pool)
+            .await
+            .map_err(backend)?;
+            row.map(|row| {
+                let status: String = row.try_get("status").map_err(backend)?;
+                Ok(RunProgress {
+                    status: RunStatus::from_str(&status).map_err(|e| {
+                        Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e)))
+                    })?,
+                    recorded_position: row.try_get("last_sent_position").map_err(backend)?,
+                })
+            })
+            .transpose()
         }
     };
 }

@@ -21,12 +21,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store, check_resumable,
-    claim_token, never_registered, never_restocked, out_of_stock, run_in_progress, unknown_product,
+    After, Claimed, ClaimedRun, Recorded, RunClaim, RunProgress, SentNotification, Store,
+    check_resumable, claim_token,
 };
 use crate::domain::{
-    Alert, BackendError, Error, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunStatus, UserId,
+    Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
+    Product, ProductId, Registration, Run, RunStatus, UserId,
 };
 
 const STORE: &str = "database";
@@ -155,7 +155,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         select_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         let active: Option<bool> = sqlx::query_scalar(
             "SELECT is_active FROM product_user_notification WHERE product_id = ? AND user_id = ?",
         )
@@ -216,7 +216,7 @@ impl Store for SqliteStore {
         .map_err(backend)?;
         let alert = select_alert(&mut tx, product, user).await?;
         tx.commit().await.map_err(backend)?;
-        alert.ok_or_else(|| never_registered(product, user))
+        alert.ok_or_else(|| Error::UnknownAlert { product, user })
     }
 
     async fn start_run(
@@ -231,9 +231,12 @@ impl Store for SqliteStore {
         }
         let current = select_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         if current.stock <= 0 {
-            return Err(out_of_stock(product, current.stock));
+            return Err(Error::OutOfStock {
+                product,
+                stock: current.stock,
+            });
         }
         let in_progress: Option<i64> = sqlx::query_scalar(
             "SELECT restock_round FROM product_notification_history \
@@ -244,7 +247,10 @@ impl Store for SqliteStore {
         .await
         .map_err(backend)?;
         if let Some(round) = in_progress {
-            return Err(run_in_progress(product, round));
+            return Err(Error::RunInProgress {
+                product,
+                round,
+            });
         }
         let round = current.restock_round + 1;
         let now = Utc::now();
@@ -271,7 +277,12 @@ impl Store for SqliteStore {
         .await;
         let run_id = match inserted {
             Ok(done) => done.last_insert_rowid(),
-            Err(e) if is_unique_violation(&e) => return Err(run_in_progress(product, round)),
+            Err(e) if is_unique_violation(&e) => {
+                return Err(Error::RunInProgress {
+                    product,
+                    round,
+                });
+            }
             Err(e) => return Err(backend(e)),
         };
         let run = select_run_by_id(&mut tx, run_id).await?;
@@ -292,7 +303,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let current = select_product(&mut tx, product)
             .await?
-            .ok_or_else(|| unknown_product(product))?;
+            .ok_or_else(|| Error::UnknownProduct(product))?;
         let row = sqlx::query(
             "SELECT id, status, last_sent_position FROM product_notification_history \
              WHERE product_id = ? AND restock_round = ?",
@@ -303,7 +314,11 @@ impl Store for SqliteStore {
         .await
         .map_err(backend)?;
         let Some(row) = row else {
-            return Err(never_restocked(product));
+            return Err(Error::NothingToResume {
+                product,
+                round: 0,
+                why: NotResumable::NeverRestocked,
+            });
         };
         let run_id: i64 = row.try_get("id").map_err(backend)?;
         let cursor: Option<i64> = row.try_get("last_sent_position").map_err(backend)?;
@@ -354,29 +369,35 @@ impl Store for SqliteStore {
         &self,
         claim: &RunClaim,
         sent: &[SentNotification],
-        finish: Option<FinalStatus>,
+        after: After,
         lease: Duration,
     ) -> Result<Claimed, Error> {
         let mut tx = self.begin().await?;
+        let now = Utc::now();
         let last = sent.last().map(|s| s.registration);
-        let status = finish.map_or(RunStatus::InProgress, FinalStatus::status);
+        let (status, lease_until, keep_claim) = match after {
+            After::Renew => (RunStatus::InProgress, Some(lease_deadline(lease)), true),
+            After::Release => (RunStatus::InProgress, Some(micros(now)), false),
+            After::Finish(status) => (status.status(), None, false),
+        };
         let updated = sqlx::query(
             "UPDATE product_notification_history SET \
              last_sent_user_id = COALESCE(?, last_sent_user_id), \
              last_sent_position = COALESCE(?, last_sent_position), \
              sent_count = sent_count + ?, status = ?, lease_until = ?, \
-             claim_token = CASE WHEN ? THEN NULL ELSE claim_token END, updated_at = ? \
-             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS'",
+             claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, updated_at = ? \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' AND lease_until > ?",
         )
         .bind(last.map(|r| r.user_id.get()))
         .bind(last.map(|r| r.position))
         .bind(sent.len() as i64)
         .bind(status.as_str())
-        .bind(finish.is_none().then(|| lease_deadline(lease)))
-        .bind(finish.is_some())
-        .bind(Utc::now())
+        .bind(lease_until)
+        .bind(keep_claim)
+        .bind(now)
         .bind(claim.run_id)
         .bind(claim.token)
+        .bind(micros(now))
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
@@ -387,13 +408,14 @@ impl Store for SqliteStore {
         if !sent.is_empty() {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO product_user_notification_history \
-                 (product_id, user_id, restock_round, sent_at) ",
+                 (product_id, user_id, restock_round, sent_at, position) ",
             );
             insert.push_values(sent, |mut row, s| {
                 row.push_bind(claim.product_id.get())
                     .push_bind(s.registration.user_id.get())
                     .push_bind(claim.restock_round)
-                    .push_bind(s.sent_at);
+                    .push_bind(s.sent_at)
+                    .push_bind(s.registration.position);
             });
             insert.build().execute(&mut *tx).await.map_err(backend)?;
         }
@@ -401,20 +423,73 @@ impl Store for SqliteStore {
         Ok(Claimed::Yes)
     }
 
-    async fn expire_abandoned_runs(&self) -> Result<u64, Error> {
+    async fn take_over_expired(
+        &self,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<ClaimedRun>, Error> {
+        // One write transaction for all: SQLite's single writer already orders it
+        // against every other claim.
         let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE product_notification_history SET status = 'CANCELED_BY_ERROR', \
-             claim_token = NULL, lease_until = NULL, updated_at = ? \
-             WHERE status = 'IN_PROGRESS' AND lease_until < ?",
+        let now = Utc::now();
+        let rows = sqlx::query(
+            "SELECT id, product_id, restock_round, last_sent_position \
+             FROM product_notification_history \
+             WHERE status = 'IN_PROGRESS' AND lease_until < ? ORDER BY lease_until LIMIT ?",
         )
-        .bind(Utc::now())
-        .bind(micros(Utc::now()))
-        .execute(&mut *tx)
+        .bind(micros(now))
+        .bind(limit)
+        .fetch_all(&mut *tx)
         .await
         .map_err(backend)?;
+        let mut taken = Vec::with_capacity(rows.len());
+        for row in rows {
+            let run_id: i64 = row.try_get("id").map_err(backend)?;
+            let token = claim_token();
+            sqlx::query(
+                "UPDATE product_notification_history SET claim_token = ?, lease_until = ?, \
+                 updated_at = ? WHERE id = ?",
+            )
+            .bind(token)
+            .bind(lease_deadline(lease))
+            .bind(now)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let run = select_run_by_id(&mut tx, run_id).await?;
+            taken.push(ClaimedRun {
+                claim: RunClaim {
+                    run_id,
+                    product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
+                    restock_round: row.try_get("restock_round").map_err(backend)?,
+                    token,
+                },
+                cursor: row.try_get("last_sent_position").map_err(backend)?,
+                run,
+            });
+        }
         tx.commit().await.map_err(backend)?;
-        Ok(done.rows_affected())
+        Ok(taken)
+    }
+
+    async fn run_progress(
+        &self,
+        product: ProductId,
+        round: i64,
+    ) -> Result<Option<RunProgress>, Error> {
+        read_run_progress(&self.reader, product, round).await
+    }
+
+    async fn recorded_in_run(
+        &self,
+        product: ProductId,
+        round: i64,
+        after: Option<i64>,
+        upto: i64,
+        limit: u32,
+    ) -> Result<Vec<Recorded>, Error> {
+        read_recorded_in_run(&self.reader, product, round, after, upto, limit).await
     }
 
     async fn recorded_after(
@@ -422,11 +497,11 @@ impl Store for SqliteStore {
         after: i64,
         filter: NotificationFilter,
         limit: u32,
-    ) -> Result<Vec<(i64, Notification)>, Error> {
+    ) -> Result<Vec<Recorded>, Error> {
         read_recorded_after(&self.reader, after, filter, limit).await
     }
 
-    async fn recorded_seq(&self, id: NotificationId) -> Result<Option<i64>, Error> {
-        read_recorded_seq(&self.reader, id).await
+    async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
+        read_recorded(&self.reader, id).await
     }
 }

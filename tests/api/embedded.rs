@@ -46,7 +46,7 @@ async fn two_processes_on_one_sqlite_file_cannot_both_start_a_run() {
         assert!(
             matches!(
                 result,
-                restock_notifier::domain::Error::FailedPrecondition(_)
+                restock_notifier::domain::Error::RunInProgress { .. }
             ),
             "{result:?}"
         );

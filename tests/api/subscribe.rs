@@ -71,12 +71,13 @@ async fn subscribers_get_exactly_what_their_filter_matches(backend: Backend) {
 async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_status(
     backend: Backend,
 ) {
-    // A small buffer, and a rate a reading subscriber keeps up with.
+    // A small buffer (64 batches of a few notifications each), and a rate a reading
+    // subscriber keeps up with.
     let mut options = Options {
         send_rate: 5_000,
         ..Options::new(backend)
     };
-    options.settings.subscriber_buffer = 1_024;
+    options.settings.subscriber_buffer = 64;
     let app = spawn_app_with(options).await;
     let users: Vec<i64> = (1..=5_000).collect();
     app.set_stock(1, 5).await;

@@ -1,5 +1,4 @@
-//! The send limiter: at most `rate` notifications in any one-second window (G2), paced
-//! evenly so that subscribers see a steady stream rather than bursts.
+//! The in-process limiter, for one instance.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -8,25 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, WINDOW};
 use crate::domain::BackendError;
-
-/// Grants permission to send notifications.
-#[async_trait]
-pub trait SendLimiter: Send + Sync + 'static {
-    /// Waits until at least one send is allowed, then grants between 1 and `want`
-    /// sends, to be made now. `want` must be at least 1.
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError>;
-}
-
-/// The window the limit applies to.
-const WINDOW: Duration = Duration::from_secs(1);
-
-/// The window the log enforces: a little longer than a second. The instant a send is
-/// stamped (`sent_at`, wall clock) and the instant it was granted (monotonic clock)
-/// differ by microseconds, and a window measured on `sent_at`, or on arrival times at a
-/// subscriber whose reads jitter by a few milliseconds, must still hold no more than
-/// `rate`. It costs 0.5% of throughput.
-const LOG_WINDOW: Duration = Duration::from_millis(1_005);
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
 /// little late (tokio's resolution is a millisecond) and the engine pauses to commit a

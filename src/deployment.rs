@@ -1,0 +1,95 @@
+//! The one place that decides how the service is deployed, and so which
+//! implementation of each outside capability the engine gets: in process (embedded,
+//! one instance) or shared through Redis (clustered, any number of instances on one
+//! database and Redis prefix). Nothing else branches on it.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::engine::Capabilities;
+use crate::engine::bus::local::LocalBus;
+use crate::engine::limiter::local::LocalLimiter;
+use crate::engine::stock::StockCache;
+use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
+use crate::redis::{Keys, RedisStockCache};
+
+/// How this instance is deployed.
+pub enum Deployment {
+    /// Stock cache, stock fence, send limiter and bus in this process: exactly one
+    /// instance may use the database.
+    Embedded,
+    /// Every capability shared through Redis under one prefix (G11).
+    Clustered {
+        client: fred::prelude::Client,
+        keys: Keys,
+        url: String,
+    },
+}
+
+impl Deployment {
+    /// Chosen by REDIS_URL: with it, clustered; without it, embedded.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        match &config.redis_url {
+            None => Ok(Deployment::Embedded),
+            Some(url) => Ok(Deployment::Clustered {
+                client: crate::redis::connect(url).await?,
+                keys: Keys::new(config.redis_prefix.clone()),
+                url: url.clone(),
+            }),
+        }
+    }
+
+    /// The engine's capabilities for this deployment.
+    pub fn capabilities(&self, send_rate: NonZeroU32, subscriber_buffer: usize) -> Capabilities {
+        let bus = Arc::new(LocalBus::new(subscriber_buffer));
+        let stock_cache: Arc<dyn StockCache> = match self {
+            Deployment::Embedded => Arc::new(LocalStockCache::default()),
+            Deployment::Clustered { client, keys, .. } => {
+                Arc::new(RedisStockCache::new(client.clone(), keys.clone()))
+            }
+        };
+        Capabilities {
+            stock_fence: Arc::new(LocalStockFence::new(stock_cache.clone(), bus.clone())),
+            stock_cache,
+            limiter: Arc::new(LocalLimiter::new(send_rate)),
+            bus,
+        }
+    }
+
+    /// Says at start how the service is deployed, and warns when the settings given
+    /// only make sense for the other deployment.
+    pub fn log(&self, config: &Config) {
+        let sqlite = config.database_url.starts_with("sqlite:");
+        match self {
+            Deployment::Embedded if sqlite => tracing::warn!(
+                deployment = "embedded",
+                database = "SQLite file",
+                "single-instance mode: stock cache, send limiter and notification bus in \
+                 this process; run exactly one instance on this file; set \
+                 DATABASE_URL=mysql://... and REDIS_URL=redis://... for production"
+            ),
+            Deployment::Embedded => tracing::warn!(
+                deployment = "embedded",
+                database = "MySQL",
+                "MySQL without REDIS_URL: single instance only (the send limit, stock fence \
+                 and Subscribe fan-out are in this process); set REDIS_URL=redis://... to \
+                 run several instances"
+            ),
+            Deployment::Clustered { keys, .. } if sqlite => tracing::warn!(
+                deployment = "clustered",
+                redis_prefix = keys.prefix(),
+                "REDIS_URL with an SQLite DATABASE_URL: instances share Redis but the \
+                 database is a file on this host; use DATABASE_URL=mysql://... for several \
+                 hosts"
+            ),
+            Deployment::Clustered { keys, url, .. } => tracing::info!(
+                deployment = "clustered",
+                database = "MySQL",
+                redis = %crate::redact::url(url),
+                redis_prefix = keys.prefix(),
+                "instances on this database and Redis prefix behave as one service"
+            ),
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The takeover loop (G8): every instance looks, once a `takeover_interval`, for runs in
+//! progress whose lease ran out (their instance died, or released them on shutdown),
+//! claims them with a fresh fencing token and drives them on from their recorded
+//! cursor. The claim is a conditional write, so of several instances racing for a run
+//! exactly one gets it. It looks at once on start, so a run left by an instance that
+//! stopped while no other was alive is continued by the next one to start.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::engine::Engine;
+
+/// Runs claimed per look, at most: a burst of released runs is spread over instances.
+const CLAIMS_PER_LOOK: u32 = 16;
+
+impl Engine {
+    /// Takes over abandoned runs until shutdown, in the background.
+    pub fn spawn_takeover(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(engine.settings.lease.takeover_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = engine.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let claimed_at = Instant::now();
+                let taken = engine
+                    .store
+                    .take_over_expired(engine.settings.lease.lease, CLAIMS_PER_LOOK)
+                    .await;
+                match taken {
+                    Ok(runs) => {
+                        // Claimed just as shutdown began, a run stops at once and
+                        // releases itself again.
+                        for claimed in runs {
+                            tracing::warn!(
+                                product = %claimed.claim.product_id,
+                                round = claimed.claim.restock_round,
+                                resume_cursor = ?claimed.cursor,
+                                "took over a run whose lease ran out"
+                            );
+                            engine.spawn_run(claimed, claimed_at);
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = ?err, "cannot look for runs to take over"),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,285 @@
+//! The recorder of one run: what the run delivered waits here until it is committed to
+//! the history together with the run's cursor, one transaction per batch (G5). Batches
+//! are committed on a task of their own, one at a time and in send order, so a slow
+//! commit does not hold up the sends; how much may wait uncommitted is bounded (G10);
+//! every commit renews the run's lease (G8).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::lease::LeaseKeeper;
+use super::run::Stop;
+use crate::domain::{BackendError, Error, Registration, UserId};
+use crate::store::{After, Claimed, FinalStatus, RunClaim, SentNotification, Store};
+
+/// Settings of the recorder.
+#[derive(Debug, Clone)]
+pub struct RecorderSettings {
+    /// Notifications handed to one transaction once this many wait. 500: one
+    /// multi-row INSERT of that size commits in a few milliseconds, and at the default
+    /// rate a batch rarely gets that big because of `flush_interval`.
+    pub batch_size: usize,
+    /// A delivered notification waits about this long, at most, before it is handed to
+    /// a transaction. 100 ms keeps the record (and `GetRestockRun`) close behind the
+    /// sends without a transaction per notification.
+    pub flush_interval: Duration,
+    /// G10: sends pause while this many notifications are delivered but not committed.
+    /// One second's worth at the send rate (`RESTOCK_SEND_RATE`): a stall or a crash
+    /// never re-delivers more than that.
+    pub unrecorded_bound: usize,
+}
+
+impl Default for RecorderSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            flush_interval: Duration::from_millis(100),
+            unrecorded_bound: 500,
+        }
+    }
+}
+
+/// A batch being committed on a task of its own.
+struct InFlight {
+    users: Vec<UserId>,
+    /// When the transaction started: if it commits, the lease was renewed then.
+    started: Instant,
+    done: JoinHandle<Result<Claimed, Error>>,
+}
+
+pub(super) struct Recorder {
+    store: Arc<dyn Store>,
+    claim: RunClaim,
+    settings: RecorderSettings,
+    pub(super) lease: LeaseKeeper,
+    /// Delivered, not yet handed to a transaction, in send order.
+    pending: Vec<SentNotification>,
+    oldest_pending: Option<Instant>,
+    in_flight: Option<InFlight>,
+}
+
+impl Recorder {
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        claim: RunClaim,
+        settings: RecorderSettings,
+        lease: LeaseKeeper,
+    ) -> Self {
+        Self {
+            store,
+            claim,
+            pending: Vec::with_capacity(settings.batch_size),
+            settings,
+            lease,
+            oldest_pending: None,
+            in_flight: None,
+        }
+    }
+
+    /// Takes note of notifications just delivered.
+    pub(super) fn delivered(&mut self, chunk: &[Registration], sent_at: DateTime<Utc>) {
+        self.pending
+            .extend(chunk.iter().map(|&registration| SentNotification {
+                registration,
+                sent_at,
+            }));
+        self.oldest_pending.get_or_insert_with(Instant::now);
+    }
+
+    /// Delivered but not committed (G10).
+    pub(super) fn unrecorded(&self) -> usize {
+        self.pending.len() + self.in_flight.as_ref().map_or(0, |f| f.users.len())
+    }
+
+    /// How many more may be delivered before the sends must wait for a commit (G10).
+    pub(super) fn room(&self) -> usize {
+        self.settings
+            .unrecorded_bound
+            .saturating_sub(self.unrecorded())
+    }
+
+    /// Users delivered but not committed: a page read meanwhile may still list them.
+    pub(super) fn unrecorded_users(&self) -> HashSet<UserId> {
+        self.pending
+            .iter()
+            .map(|s| s.registration.user_id)
+            .chain(self.in_flight.iter().flat_map(|f| f.users.iter().copied()))
+            .collect()
+    }
+
+    /// Between sends: notices a finished batch (a failure stops the run at once), and
+    /// hands the pending notifications over when a batch is due.
+    pub(super) async fn poll(&mut self) -> Result<(), Stop> {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.done.is_finished())
+        {
+            self.settle().await?;
+        }
+        if self.in_flight.is_none() && self.batch_due() {
+            self.hand_over_pending();
+        }
+        Ok(())
+    }
+
+    /// While the run waits (for the limiter, say): as `poll`, and renews the lease with
+    /// an empty record when nothing else has renewed it for a while.
+    pub(super) async fn keep_up(&mut self) -> Result<(), Stop> {
+        self.poll().await?;
+        if self.in_flight.is_none() && self.lease.renewal_due() {
+            self.hand_over_pending();
+        }
+        Ok(())
+    }
+
+    /// Waits until at least one more notification may be delivered (G10): commits
+    /// what is pending and waits for the commit, but never past the moment the lease
+    /// could run out; then the run must stop and leave itself to the next owner (G8).
+    pub(super) async fn wait_for_room(&mut self) -> Result<(), Stop> {
+        while self.room() == 0 || !self.lease.may_send() {
+            if self.in_flight.is_none() {
+                if self.pending.is_empty() {
+                    // Nothing to commit and no lease to send on: it ran out.
+                    return Err(Stop::LeaseRunOut);
+                }
+                self.hand_over_pending();
+            }
+            let deadline = self.lease.send_deadline();
+            match tokio::time::timeout_at(deadline, self.settle()).await {
+                Ok(settled) => settled?,
+                // The commit goes on without us; it fails on its own once it finds the
+                // lease run out or the run taken over (G8).
+                Err(_) => return Err(Stop::LeaseRunOut),
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits everything delivered so far and waits for it.
+    pub(super) async fn flush(&mut self) -> Result<(), Stop> {
+        self.settle().await?;
+        if !self.pending.is_empty() {
+            self.hand_over_pending();
+            self.settle().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the pending notifications should go to a transaction now: a batch is
+    /// full, or the oldest has waited a flush interval.
+    fn batch_due(&self) -> bool {
+        self.pending.len() >= self.settings.batch_size
+            || self
+                .oldest_pending
+                .is_some_and(|t| t.elapsed() >= self.settings.flush_interval)
+    }
+
+    /// Starts a transaction with the pending notifications (possibly none: that only
+    /// renews the lease). The previous one must be settled.
+    fn hand_over_pending(&mut self) {
+        debug_assert!(self.in_flight.is_none());
+        let batch = std::mem::take(&mut self.pending);
+        self.oldest_pending = None;
+        let users = batch.iter().map(|s| s.registration.user_id).collect();
+        let store = self.store.clone();
+        let (claim, lease) = (self.claim, self.lease.lease());
+        let done =
+            tokio::spawn(async move { store.record(&claim, &batch, After::Renew, lease).await });
+        self.in_flight = Some(InFlight {
+            users,
+            started: Instant::now(),
+            done,
+        });
+    }
+
+    /// Waits for the batch being committed. If it failed, what was delivered after it is
+    /// dropped from the record too (a resume delivers it again under the same ids):
+    /// recording it would leave a hole in the history (G5).
+    async fn settle(&mut self) -> Result<(), Stop> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let outcome = match in_flight.done.await {
+            Ok(Ok(Claimed::Yes)) => {
+                self.lease.renewed(in_flight.started);
+                return Ok(());
+            }
+            Ok(Ok(Claimed::Lost)) => Stop::Lost,
+            Ok(Err(err)) => Stop::Failed(err),
+            Err(join) => Stop::Failed(Error::Backend(BackendError::new(
+                "database",
+                false,
+                anyhow::anyhow!("recording task failed: {join}"),
+            ))),
+        };
+        self.pending.clear();
+        self.oldest_pending = None;
+        Err(outcome)
+    }
+
+    /// Commits what is pending together with `after` (a final state, or the release of
+    /// the run on shutdown). Returns what was written, `None` if nothing could be.
+    ///
+    /// If the pending notifications cannot be recorded they are given up (they were
+    /// delivered; a resume delivers them again with the same ids) and a final state
+    /// alone is written, with retries: a failing run must not stay `IN_PROGRESS` (G4).
+    pub(super) async fn close(&mut self, after: After) -> Result<After, Stop> {
+        let mut after = after;
+        match self.settle().await {
+            Ok(()) => {}
+            Err(stop @ (Stop::Lost | Stop::LeaseRunOut)) => return Err(stop),
+            Err(_) => after = After::Finish(FinalStatus::Error),
+        }
+        let lease = self.lease.lease();
+        let first = self
+            .store
+            .record(&self.claim, &self.pending, after, lease)
+            .await;
+        match first {
+            Ok(Claimed::Yes) => Ok(after),
+            Ok(Claimed::Lost) => Err(Stop::Lost),
+            Err(err) => {
+                tracing::error!(
+                    error = ?err,
+                    unrecorded = self.pending.len(),
+                    "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
+                );
+                self.pending.clear();
+                self.mark_failed().await
+            }
+        }
+    }
+
+    /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds.
+    async fn mark_failed(&mut self) -> Result<After, Stop> {
+        let failed = After::Finish(FinalStatus::Error);
+        let mut delay = Duration::from_millis(100);
+        let mut last_error = None;
+        for attempt in 1..=6 {
+            match self
+                .store
+                .record(&self.claim, &[], failed, self.lease.lease())
+                .await
+            {
+                Ok(Claimed::Yes) => return Ok(failed),
+                // Possibly our own earlier attempt, committed after all.
+                Ok(Claimed::Lost) => return Err(Stop::Lost),
+                Err(err) => {
+                    tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
+                    last_error = Some(err);
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        Err(Stop::Failed(
+            last_error.expect("at least one attempt failed"),
+        ))
+    }
+}

@@ -1,0 +1,90 @@
+//! The in-process stock cache and fence, for one instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::RwLock;
+
+use super::{Delivery, StockCache, StockFence, WriteGuard};
+use crate::domain::{BackendError, ProductId};
+use crate::engine::bus::local::LocalBus;
+use crate::engine::bus::{BusEvent, SentBatch};
+
+/// A map, for a single instance without Redis.
+#[derive(Default)]
+pub struct LocalStockCache {
+    /// A std mutex: never held across an await, and held for one map operation.
+    stock: Mutex<HashMap<ProductId, i64>>,
+}
+
+#[async_trait]
+impl StockCache for LocalStockCache {
+    async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError> {
+        Ok(self.stock.lock().unwrap().get(&product).copied())
+    }
+
+    async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError> {
+        self.stock.lock().unwrap().insert(product, stock);
+        Ok(())
+    }
+
+    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError> {
+        Ok(*self.stock.lock().unwrap().entry(product).or_insert(stock))
+    }
+
+    async fn invalidate(&self, product: ProductId) -> Result<(), BackendError> {
+        self.stock.lock().unwrap().remove(&product);
+        Ok(())
+    }
+}
+
+/// Number of lock stripes. Products hash onto stripes, so unrelated products rarely
+/// wait for each other, and memory stays fixed however many products there are.
+const STRIPES: usize = 256;
+
+/// The fence within one process: a read-write lock per stripe of products.
+///
+/// A delivery holds the read lock from the stock check until the batch is on the bus;
+/// a stock write holds the write lock from before it drops the cached figure until the
+/// new one is cached. So when a write of 0 returns, every delivery that saw the old
+/// stock is out, and every later check sees 0. A tokio lock, not a std one: a writer
+/// holds it across the database write.
+pub struct LocalStockFence {
+    stripes: Vec<Arc<RwLock<()>>>,
+    cache: Arc<dyn StockCache>,
+    bus: Arc<LocalBus>,
+}
+
+impl LocalStockFence {
+    pub fn new(cache: Arc<dyn StockCache>, bus: Arc<LocalBus>) -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Arc::new(RwLock::new(()))).collect(),
+            cache,
+            bus,
+        }
+    }
+
+    fn stripe(&self, product: ProductId) -> &Arc<RwLock<()>> {
+        &self.stripes[product.get().unsigned_abs() as usize % STRIPES]
+    }
+}
+
+#[async_trait]
+impl StockFence for LocalStockFence {
+    async fn lock_for_write(&self, product: ProductId) -> WriteGuard {
+        Box::new(self.stripe(product).clone().write_owned().await)
+    }
+
+    async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
+        let _no_stock_write = self.stripe(batch.run.product_id).read().await;
+        match self.cache.get(batch.run.product_id).await? {
+            None => Ok(Delivery::NotCached),
+            Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
+            Some(_) => {
+                self.bus.send(BusEvent::Sent(batch.clone()));
+                Ok(Delivery::Delivered)
+            }
+        }
+    }
+}

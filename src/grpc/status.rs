@@ -1,0 +1,101 @@
+//! The one place where errors become gRPC status codes, and where the words a caller
+//! reads are written: each message says what to do next.
+
+use tonic::Status;
+
+use crate::domain::{BackendError, Error, Invalid, NotResumable};
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(invalid) => Status::invalid_argument(invalid_message(&invalid)),
+            Error::UnknownProduct(product) => Status::not_found(format!(
+                "product {product} does not exist; create it with SetStock first"
+            )),
+            Error::NeverRestocked(product) => Status::not_found(format!(
+                "product {product} has never been restocked; start a run with TriggerRestock"
+            )),
+            Error::UnknownRound { product, round } => Status::not_found(format!(
+                "product {product} has no restock round {round}; omit restock_round for the \
+                 latest run"
+            )),
+            Error::UnknownAlert { product, user } => Status::not_found(format!(
+                "user {user} never registered an alert for product {product}; nothing to cancel"
+            )),
+            Error::UnknownNotification(id) => Status::not_found(format!(
+                "notification {id} was never recorded, so there is nothing to resume after; \
+                 subscribe without resume_after, or pass the notification_id of a \
+                 notification you received"
+            )),
+            Error::RunInProgress { product, round } => Status::failed_precondition(format!(
+                "product {product} already has a run in progress (round {round}); wait for it \
+                 to finish (GetRestockRun shows its status)"
+            )),
+            Error::OutOfStock { product, stock } => Status::failed_precondition(format!(
+                "product {product} is out of stock (stock {stock}); set a positive stock with \
+                 SetStock, or with the `stock` field of TriggerRestock"
+            )),
+            Error::NothingToResume {
+                product,
+                why: NotResumable::NeverRestocked,
+                ..
+            } => Status::failed_precondition(format!(
+                "product {product} has never been restocked, so there is no run to resume; \
+                 start one with TriggerRestock"
+            )),
+            Error::NothingToResume {
+                product,
+                round,
+                why: NotResumable::Completed,
+            } => Status::failed_precondition(format!(
+                "round {round} of product {product} completed; nothing to resume \
+                 (TriggerRestock starts the next round)"
+            )),
+            Error::NothingToResume {
+                product,
+                round,
+                why: NotResumable::SoldOut,
+            } => Status::failed_precondition(format!(
+                "round {round} of product {product} ended because the product sold out; a \
+                 sold-out run is not resumed (TriggerRestock starts the next round)"
+            )),
+            Error::ShuttingDown => {
+                Status::unavailable("the service is shutting down; retry on another instance")
+            }
+            Error::Backend(err) => backend_status(err),
+        }
+    }
+}
+
+fn invalid_message(invalid: &Invalid) -> String {
+    match invalid {
+        Invalid::NotPositive {
+            field: "restock_round",
+            got,
+        } => format!(
+            "restock_round must be a positive integer (rounds start at 1), got {got}; omit it \
+             for the latest run"
+        ),
+        Invalid::NotPositive { field, got } => {
+            format!("{field} must be a positive integer, got {got}")
+        }
+        Invalid::NegativeStock(got) => format!("stock must be zero or more, got {got}"),
+        Invalid::NotANotificationId(quoted) => format!(
+            "resume_after {quoted:?} is not a notification_id; pass the notification_id of a \
+             notification you received (<product_id>-<restock_round>-<user_id>)"
+        ),
+    }
+}
+
+/// Backend failures are logged with their whole cause chain and answered without
+/// internals (no SQL, no addresses).
+fn backend_status(err: BackendError) -> Status {
+    tracing::error!(store = err.store, error = ?err.source, "backend failure");
+    if err.unavailable {
+        Status::unavailable(format!("{err}; retry later"))
+    } else {
+        Status::internal(format!(
+            "{err} unexpectedly; the service logs have the details"
+        ))
+    }
+}
