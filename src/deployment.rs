@@ -6,13 +6,18 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use crate::config::Config;
 use crate::engine::Capabilities;
 use crate::engine::bus::local::LocalBus;
+use crate::engine::bus::redis::RedisBus;
 use crate::engine::limiter::local::LocalLimiter;
+use crate::engine::limiter::redis::RedisLimiter;
 use crate::engine::stock::StockCache;
 use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
-use crate::redis::{Keys, RedisStockCache};
+use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
+use crate::redis::Keys;
 
 /// How this instance is deployed.
 pub enum Deployment {
@@ -41,20 +46,40 @@ impl Deployment {
     }
 
     /// The engine's capabilities for this deployment.
-    pub fn capabilities(&self, send_rate: NonZeroU32, subscriber_buffer: usize) -> Capabilities {
-        let bus = Arc::new(LocalBus::new(subscriber_buffer));
-        let stock_cache: Arc<dyn StockCache> = match self {
-            Deployment::Embedded => Arc::new(LocalStockCache::default()),
-            Deployment::Clustered { client, keys, .. } => {
-                Arc::new(RedisStockCache::new(client.clone(), keys.clone()))
+    pub async fn capabilities(
+        &self,
+        send_rate: NonZeroU32,
+        subscriber_buffer: usize,
+    ) -> anyhow::Result<Capabilities> {
+        // This instance's streams are always fed by an in-process bus; clustered, it is
+        // filled from Redis instead of by this instance's runs directly.
+        let local_bus = Arc::new(LocalBus::new(subscriber_buffer));
+        Ok(match self {
+            Deployment::Embedded => {
+                let stock_cache: Arc<dyn StockCache> = Arc::new(LocalStockCache::default());
+                Capabilities {
+                    stock_fence: Arc::new(LocalStockFence::new(
+                        stock_cache.clone(),
+                        local_bus.clone(),
+                    )),
+                    stock_cache,
+                    limiter: Arc::new(LocalLimiter::new(send_rate)),
+                    bus: local_bus,
+                }
             }
-        };
-        Capabilities {
-            stock_fence: Arc::new(LocalStockFence::new(stock_cache.clone(), bus.clone())),
-            stock_cache,
-            limiter: Arc::new(LocalLimiter::new(send_rate)),
-            bus,
-        }
+            Deployment::Clustered { client, keys, url } => {
+                let subscriber = crate::redis::connect_subscriber(url).await?;
+                let bus = RedisBus::start(client.clone(), subscriber, keys.clone(), local_bus)
+                    .await
+                    .context("cannot subscribe to the notification bus on REDIS_URL")?;
+                Capabilities {
+                    stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
+                    stock_fence: Arc::new(RedisStockFence::new(client.clone(), keys.clone())),
+                    limiter: Arc::new(RedisLimiter::new(client.clone(), keys, send_rate)),
+                    bus: Arc::new(bus),
+                }
+            }
+        })
     }
 
     /// Says at start how the service is deployed, and warns when the settings given

@@ -55,7 +55,9 @@ impl Application {
         let store = connect_store(&config.database_url).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
-        let capabilities = deployment.capabilities(config.send_rate, settings.subscriber_buffer);
+        let capabilities = deployment
+            .capabilities(config.send_rate, settings.subscriber_buffer)
+            .await?;
         let engine = Engine::new(store, capabilities, settings);
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {

@@ -1,24 +1,15 @@
-//! Redis through fred: the stock cache. Every key is built by [`Keys`], under the
-//! configured prefix, so several deployments (or tests) can share one Redis.
+//! Redis through fred: the client with the service's timeouts, and every key and
+//! channel name, built by [`Keys`] under the configured prefix so several deployments
+//! (or tests) can share one Redis. The capabilities that use it live with the engine
+//! (`engine/*/redis.rs`).
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_trait::async_trait;
-use fred::prelude::{
-    Builder, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
-    ReconnectPolicy, SetOptions,
-};
+use fred::clients::SubscriberClient;
+use fred::prelude::{Builder, ClientLike, Config, Error as RedisError, ErrorKind, ReconnectPolicy};
 
 use crate::domain::{BackendError, ProductId};
-use crate::engine::stock::StockCache;
-
-const STORE: &str = "stock cache (Redis)";
-
-/// A cached stock figure lives this long without a write. The database is the source of
-/// truth; the expiry bounds how long a figure could stay stale if a write to Redis was
-/// lost while Redis was failing.
-const STOCK_TTL_SECS: i64 = 300;
 
 /// Builds every Redis key of the service.
 #[derive(Debug, Clone)]
@@ -37,30 +28,40 @@ impl Keys {
         &self.prefix
     }
 
+    /// A product's cached stock (a string holding the figure).
     pub fn stock(&self, product: ProductId) -> String {
         format!("{}stock:{}", self.prefix, product)
     }
+
+    /// The send limiter's schedule: when the next send may go out, shared by every
+    /// instance (G2).
+    pub fn limiter(&self) -> String {
+        format!("{}limiter:next", self.prefix)
+    }
+
+    /// The pub/sub channel of the notification bus (G11).
+    pub fn bus_channel(&self) -> String {
+        format!("{}bus", self.prefix)
+    }
 }
+
+/// Maps a fred error to a backend error of `store`; connection-level failures are
+/// "unavailable".
+pub fn backend(store: &'static str, err: RedisError) -> BackendError {
+    let unavailable = matches!(
+        err.kind(),
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled
+    );
+    BackendError::new(store, unavailable, err)
+}
+
+/// Pub/sub messages a subscriber connection may hold before the forwarding task reads
+/// them; the forwarder reads continuously, so this only absorbs scheduling hiccups.
+const SUBSCRIBER_BUFFER: usize = 1 << 16;
 
 /// A connected fred client with the service's timeouts.
 pub async fn connect(url: &str) -> anyhow::Result<fred::prelude::Client> {
-    // fred reads any scheme it does not know as a plain server address; refuse early.
-    if !url.starts_with("redis://") {
-        anyhow::bail!("REDIS_URL has an unsupported scheme: use redis://host:port");
-    }
-    let config = Config::from_url(url).context("REDIS_URL is not a valid redis:// URL")?;
-    let client = Builder::from_config(config)
-        .with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(2);
-            c.internal_command_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 2;
-        })
-        .with_performance_config(|p| {
-            // Fail a command instead of queueing it forever while Redis is down: the
-            // engine turns the error into CANCELED_BY_ERROR, the API into UNAVAILABLE.
-            p.default_command_timeout = Duration::from_secs(2);
-        })
-        .set_policy(ReconnectPolicy::new_constant(0, 500))
+    let client = builder(url)?
         .build()
         .context("cannot build the Redis client for REDIS_URL")?;
     let reachable = async {
@@ -76,74 +77,40 @@ pub async fn connect(url: &str) -> anyhow::Result<fred::prelude::Client> {
     Ok(client)
 }
 
-fn backend(err: RedisError) -> BackendError {
-    let unavailable = matches!(
-        err.kind(),
-        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled
-    );
-    BackendError::new(STORE, unavailable, err)
+/// A connection for the bus's subscription: it re-subscribes after a reconnect.
+pub async fn connect_subscriber(url: &str) -> anyhow::Result<SubscriberClient> {
+    let client = builder(url)?
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(2);
+            p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
+        })
+        .build_subscriber_client()
+        .context("cannot build the Redis subscriber for REDIS_URL")?;
+    tokio::time::timeout(Duration::from_secs(5), client.init())
+        .await
+        .context("timed out connecting to REDIS_URL")?
+        .context("cannot connect to REDIS_URL")?;
+    Ok(client)
 }
 
-/// The stock cache in Redis: one string key per product.
-pub struct RedisStockCache {
-    client: fred::prelude::Client,
-    keys: Keys,
-}
-
-impl RedisStockCache {
-    pub fn new(client: fred::prelude::Client, keys: Keys) -> Self {
-        Self { client, keys }
+fn builder(url: &str) -> anyhow::Result<Builder> {
+    // fred reads any scheme it does not know as a plain server address; refuse early.
+    if !url.starts_with("redis://") {
+        anyhow::bail!("REDIS_URL has an unsupported scheme: use redis://host:port");
     }
-}
-
-#[async_trait]
-impl StockCache for RedisStockCache {
-    async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError> {
-        self.client
-            .get::<Option<i64>, _>(self.keys.stock(product))
-            .await
-            .map_err(backend)
-    }
-
-    async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError> {
-        self.client
-            .set::<(), _, _>(
-                self.keys.stock(product),
-                stock,
-                Some(Expiration::EX(STOCK_TTL_SECS)),
-                None,
-                false,
-            )
-            .await
-            .map_err(backend)
-    }
-
-    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError> {
-        let key = self.keys.stock(product);
-        let written: Option<String> = self
-            .client
-            .set(
-                &key,
-                stock,
-                Some(Expiration::EX(STOCK_TTL_SECS)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await
-            .map_err(backend)?;
-        if written.is_some() {
-            return Ok(stock);
-        }
-        // Someone cached a figure first: theirs is at least as new as ours.
-        let cached: Option<i64> = self.client.get(&key).await.map_err(backend)?;
-        Ok(cached.unwrap_or(stock))
-    }
-
-    async fn invalidate(&self, product: ProductId) -> Result<(), BackendError> {
-        self.client
-            .del::<i64, _>(self.keys.stock(product))
-            .await
-            .map(|_| ())
-            .map_err(backend)
-    }
+    let config = Config::from_url(url).context("REDIS_URL is not a valid redis:// URL")?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 2;
+        })
+        .with_performance_config(|p| {
+            // Fail a command instead of queueing it forever while Redis is down: the
+            // engine turns the error into CANCELED_BY_ERROR, the API into UNAVAILABLE.
+            p.default_command_timeout = Duration::from_secs(2);
+        })
+        .set_policy(ReconnectPolicy::new_constant(0, 500));
+    Ok(builder)
 }

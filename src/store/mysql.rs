@@ -204,10 +204,7 @@ impl MySqlStore {
             Ok(done) => done.last_insert_id() as i64,
             // The unique key on in-progress runs is the last line of defence for G7.
             Err(e) if is_unique_violation(&e) => {
-                return Err(Error::RunInProgress {
-                    product,
-                    round,
-                });
+                return Err(Error::RunInProgress { product, round });
             }
             Err(e) => return Err(backend(e)),
         };

@@ -247,10 +247,7 @@ impl Store for SqliteStore {
         .await
         .map_err(backend)?;
         if let Some(round) = in_progress {
-            return Err(Error::RunInProgress {
-                product,
-                round,
-            });
+            return Err(Error::RunInProgress { product, round });
         }
         let round = current.restock_round + 1;
         let now = Utc::now();
@@ -278,10 +275,7 @@ impl Store for SqliteStore {
         let run_id = match inserted {
             Ok(done) => done.last_insert_rowid(),
             Err(e) if is_unique_violation(&e) => {
-                return Err(Error::RunInProgress {
-                    product,
-                    round,
-                });
+                return Err(Error::RunInProgress { product, round });
             }
             Err(e) => return Err(backend(e)),
         };

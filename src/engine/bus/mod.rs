@@ -2,6 +2,7 @@
 //! every instance (G11), and how instances hear that a run ended.
 
 pub mod local;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@
 //! process for one instance; in Redis for all instances that share it.
 
 pub mod local;
+pub mod redis;
 
 use std::time::Duration;
 

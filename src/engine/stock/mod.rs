@@ -7,6 +7,7 @@
 //! per product; in Redis it is one script that checks the figure and publishes.
 
 pub mod local;
+pub mod redis;
 
 use async_trait::async_trait;
 

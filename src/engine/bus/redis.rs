@@ -1,0 +1,244 @@
+//! The bus on Redis pub/sub, shared by every instance (G11).
+//!
+//! Runs publish batches on one channel (through the stock fence's script, so that the
+//! stock check and the delivery are one step); every instance holds one subscription to
+//! it and fans what arrives out to its own streams through an in-process [`LocalBus`].
+//! Redis delivers a channel's messages in the order it executed the publishes, so a
+//! run's batches reach every instance in send order. Pub/sub keeps nothing: what a
+//! stream misses (a reconnect, a lagging instance) it finds in the record, which is the
+//! replay log (`resume_after`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use fred::clients::SubscriberClient;
+use fred::prelude::{Client, EventInterface, PubsubInterface};
+use prost::Message as _;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::local::LocalBus;
+use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
+use crate::domain::{BackendError, ProductId, UserId};
+use crate::redis::{Keys, backend};
+
+const STORE: &str = "notification bus (Redis)";
+
+/// A bus event on the wire. Compact on purpose: a batch at 500/s is published every
+/// few milliseconds, and every instance decodes it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireEvent {
+    /// 1: a batch was sent; 2: a run ended.
+    #[prost(int32, tag = "1")]
+    kind: i32,
+    #[prost(int64, tag = "2")]
+    product_id: i64,
+    #[prost(int64, tag = "3")]
+    restock_round: i64,
+    /// `prev_position` of a batch, `last_position` of an ended run.
+    #[prost(int64, optional, tag = "4")]
+    position: Option<i64>,
+    #[prost(int64, repeated, tag = "5")]
+    user_ids: Vec<i64>,
+    #[prost(int64, repeated, tag = "6")]
+    positions: Vec<i64>,
+    #[prost(int64, tag = "7")]
+    sent_at_micros: i64,
+    #[prost(string, tag = "8")]
+    status: String,
+}
+
+const SENT: i32 = 1;
+const RUN_ENDED: i32 = 2;
+
+/// A sent batch as published.
+pub fn encode_sent(batch: &SentBatch) -> Bytes {
+    WireEvent {
+        kind: SENT,
+        product_id: batch.run.product_id.get(),
+        restock_round: batch.run.restock_round,
+        position: batch.prev_position,
+        user_ids: batch.items.iter().map(|i| i.user_id.get()).collect(),
+        positions: batch.items.iter().map(|i| i.position).collect(),
+        sent_at_micros: batch.sent_at.timestamp_micros(),
+        status: String::new(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn encode(event: &BusEvent) -> Option<Bytes> {
+    match event {
+        BusEvent::Sent(batch) => Some(encode_sent(batch)),
+        BusEvent::RunEnded {
+            run,
+            status,
+            last_position,
+        } => Some(
+            WireEvent {
+                kind: RUN_ENDED,
+                product_id: run.product_id.get(),
+                restock_round: run.restock_round,
+                position: *last_position,
+                status: status.as_str().to_string(),
+                ..WireEvent::default()
+            }
+            .encode_to_vec()
+            .into(),
+        ),
+        BusEvent::Gap => None,
+    }
+}
+
+fn decode(payload: &[u8]) -> Option<BusEvent> {
+    let wire = WireEvent::decode(payload).ok()?;
+    let run = RunKey {
+        product_id: ProductId::parse(wire.product_id).ok()?,
+        restock_round: wire.restock_round,
+    };
+    match wire.kind {
+        SENT => Some(BusEvent::Sent(SentBatch {
+            run,
+            prev_position: wire.position,
+            items: wire
+                .user_ids
+                .iter()
+                .zip(&wire.positions)
+                .map(|(&user, &position)| SentItem {
+                    user_id: UserId::from_stored(user),
+                    position,
+                })
+                .collect(),
+            sent_at: DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
+        })),
+        RUN_ENDED => Some(BusEvent::RunEnded {
+            run,
+            status: wire.status.parse().ok()?,
+            last_position: wire.position,
+        }),
+        _ => None,
+    }
+}
+
+/// Publishes on the shared channel; subscribers get what every instance published.
+pub struct RedisBus {
+    client: Client,
+    keys: Keys,
+    local: Arc<LocalBus>,
+}
+
+impl RedisBus {
+    /// Subscribes `subscriber` to the channel and forwards what arrives to `local`
+    /// (this instance's streams) until the subscriber is dropped.
+    pub async fn start(
+        client: Client,
+        subscriber: SubscriberClient,
+        keys: Keys,
+        local: Arc<LocalBus>,
+    ) -> anyhow::Result<Self> {
+        let messages = subscriber.message_rx();
+        let reconnects = subscriber.reconnect_rx();
+        subscriber.manage_subscriptions();
+        subscriber.subscribe(keys.bus_channel()).await?;
+        tokio::spawn(forward(subscriber, messages, reconnects, local.clone()));
+        Ok(Self {
+            client,
+            keys,
+            local,
+        })
+    }
+}
+
+/// Hands what arrives on the channel to this instance's streams. Anything that may
+/// have lost messages (this task falling behind, a reconnect) is passed on as a gap:
+/// every stream then ends with the `resume_after` to continue from, and the record
+/// fills what pub/sub dropped.
+async fn forward(
+    subscriber: SubscriberClient,
+    mut messages: broadcast::Receiver<fred::types::Message>,
+    mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+    local: Arc<LocalBus>,
+) {
+    let _keep_alive = subscriber;
+    loop {
+        tokio::select! {
+            message = messages.recv() => match message {
+                Ok(message) => {
+                    match message.value.as_bytes().and_then(decode) {
+                        Some(event) => local.send(event),
+                        None => tracing::warn!("ignored a message on the bus channel that is not a bus event"),
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "this instance fell behind the bus; ending its streams");
+                    local.send(BusEvent::Gap);
+                }
+                Err(RecvError::Closed) => return,
+            },
+            reconnected = reconnects.recv() => match reconnected {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    tracing::warn!("reconnected to the bus; ending streams that may have missed notifications");
+                    local.send(BusEvent::Gap);
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl NotificationBus for RedisBus {
+    async fn publish(&self, event: BusEvent) -> Result<(), BackendError> {
+        let Some(payload) = encode(&event) else {
+            self.local.send(event);
+            return Ok(());
+        };
+        self.client
+            .publish::<i64, _, _>(self.keys.bus_channel(), payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| backend(STORE, e))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
+        self.local.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RunStatus;
+
+    #[test]
+    fn events_survive_the_wire() {
+        let run = RunKey {
+            product_id: ProductId::parse(7).unwrap(),
+            restock_round: 3,
+        };
+        let sent = BusEvent::Sent(SentBatch {
+            run,
+            prev_position: Some(41),
+            items: vec![
+                SentItem {
+                    user_id: UserId::from_stored(9),
+                    position: 42,
+                },
+                SentItem {
+                    user_id: UserId::from_stored(2),
+                    position: 45,
+                },
+            ],
+            sent_at: DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+        });
+        let ended = BusEvent::RunEnded {
+            run,
+            status: RunStatus::CanceledBySoldOut,
+            last_position: None,
+        };
+        for event in [sent, ended] {
+            assert_eq!(decode(&encode(&event).unwrap()), Some(event));
+        }
+    }
+}
