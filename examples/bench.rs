@@ -54,6 +54,7 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
         admin_token: Some("bench".into()),
         log: "warn".into(),
         log_format: LogFormat::Text,
+        run_lease: std::time::Duration::from_secs(10),
     };
     let settings = EngineSettings {
         subscriber_buffer: 1 << 16,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -57,6 +58,16 @@ pub struct Config {
     )]
     pub admin_token: Option<String>,
 
+    /// How long a run's owner may go without renewing its lease before another instance
+    /// takes the run over (G8): a number and a unit, `ms`, `s` or `m` (500ms to 10m).
+    #[arg(
+        long = "run-lease",
+        env = "RESTOCK_RUN_LEASE",
+        default_value = "10s",
+        value_parser = parse_lease
+    )]
+    pub run_lease: Duration,
+
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -74,4 +85,49 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
+fn parse_lease(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{raw:?} has no unit; write it like 10s, 1500ms or 2m"))?;
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} does not start with a whole number"))?;
+    let lease = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        _ => return Err(format!("unknown unit {unit:?}; use ms, s or m")),
+    };
+    if !(Duration::from_millis(500)..=Duration::from_secs(600)).contains(&lease) {
+        return Err(format!("{raw} is out of range: 500ms to 10m"));
+    }
+    Ok(lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_parse_with_units_and_refuse_the_rest() {
+        assert_eq!(parse_lease("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_lease("1500ms"), Ok(Duration::from_millis(1_500)));
+        assert_eq!(parse_lease("2m"), Ok(Duration::from_secs(120)));
+        for bad in [
+            "10",
+            "s",
+            "-1s",
+            "10h",
+            "100ms",
+            "11m",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_lease(bad).is_err(), "{bad}");
+        }
+    }
 }

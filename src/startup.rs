@@ -47,6 +47,9 @@ impl Application {
         settings.page_size = settings
             .page_size
             .min((config.send_rate.get() / 5).clamp(50, 1_000));
+        settings.lease.lease = config.run_lease;
+        settings.lease.takeover_interval =
+            settings.lease.takeover_interval.min(config.run_lease / 2);
         // G10: never more than a second's worth of sends unrecorded.
         settings.recorder.unrecorded_bound = settings
             .recorder

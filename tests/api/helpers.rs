@@ -65,6 +65,7 @@ pub struct Options {
     pub redis_prefix: Option<String>,
     /// Use this Redis instead of the shared one (MySQL backend only).
     pub redis_url: Option<String>,
+    pub run_lease: Duration,
 }
 
 impl Options {
@@ -77,6 +78,7 @@ impl Options {
             database: None,
             redis_prefix: None,
             redis_url: None,
+            run_lease: Duration::from_secs(10),
         }
     }
 }
@@ -149,6 +151,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin_token: Some(ADMIN_TOKEN.into()),
         log: "info".into(),
         log_format: LogFormat::Text,
+        run_lease: options.run_lease,
     };
     let app = Application::build_with(config, options.settings.clone())
         .await

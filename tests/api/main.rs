@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerts;
+mod cluster;
 mod embedded;
 mod errors;
 mod manual_restock;

@@ -16,6 +16,7 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         admin_token: None,
         log: "info".into(),
         log_format: LogFormat::Text,
+        run_lease: std::time::Duration::from_secs(10),
     }
 }
 
