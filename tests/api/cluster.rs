@@ -271,3 +271,173 @@ async fn a_commit_stall_pauses_sends_within_a_second_and_loses_or_repeats_nothin
     let unique: HashSet<_> = got.iter().collect();
     assert_eq!(unique.len(), got.len());
 }
+
+/// The real binary, as a separate process on the given database and Redis prefix.
+struct Instance {
+    process: std::process::Child,
+    client: restock_notifier::grpc::proto::restock_service_client::RestockServiceClient<
+        tonic::transport::Channel,
+    >,
+}
+
+impl Instance {
+    async fn start(database: &str, prefix: &str, send_rate: u32, lease: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let quiet = std::env::var_os("TEST_LOG").is_none();
+        let process = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
+            .env_clear()
+            .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", format!("{}/{database}", mysql_server_url()))
+            .env("REDIS_URL", redis_url())
+            .env("RESTOCK_REDIS_PREFIX", prefix)
+            .env("RESTOCK_SEND_RATE", send_rate.to_string())
+            .env("RESTOCK_RUN_LEASE", lease)
+            .env("RESTOCK_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(if quiet {
+                std::process::Stdio::null()
+            } else {
+                std::process::Stdio::inherit()
+            })
+            .spawn()
+            .expect("the binary starts");
+        // Another process: poll until it accepts connections (it binds before serving).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let channel = loop {
+            let endpoint =
+                tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+            if let Ok(channel) = endpoint.connect().await {
+                break channel;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Self {
+            process,
+            client:
+                restock_notifier::grpc::proto::restock_service_client::RestockServiceClient::new(
+                    channel,
+                ),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.process.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+async fn claim_token(app: &TestApp) -> Option<i64> {
+    sqlx::query_scalar("SELECT claim_token FROM product_notification_history WHERE product_id = 1")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+/// Starts a run of 1,500 users on a separate process at 200/s and returns once it has
+/// recorded a few hundred; `survivor` shares its database and Redis prefix.
+async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instance {
+    survivor.set_stock(1, 10).await;
+    survivor.register_bulk(1, users).await;
+    let mut owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
+    owner
+        .client
+        .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
+            product_id: 1,
+            stock: None,
+        })
+        .await
+        .unwrap();
+    while survivor.history(1, 1).await.len() < 300 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    owner
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history() {
+    let survivor = spawn_app_with(Options {
+        send_rate: 200,
+        run_lease: Duration::from_secs(2),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=1_500).collect();
+    let mut owner = run_on_a_separate_instance(&survivor, &users).await;
+    let token = claim_token(&survivor).await;
+    owner.signal("KILL");
+    owner.process.wait().unwrap();
+    let killed = tokio::time::Instant::now();
+    while claim_token(&survivor).await == token {
+        assert!(
+            killed.elapsed() < Duration::from_secs(7),
+            "not taken over within lease + 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken_over_after = killed.elapsed();
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(
+        run.status(),
+        RunStatus::Completed,
+        "a hand-over is not a failure"
+    );
+    assert_eq!(run.restock_round, 1);
+    assert_eq!(
+        survivor.history(1, 1).await,
+        users,
+        "each user recorded once, in order"
+    );
+    assert_eq!(run.sent_count, users.len() as i64);
+    eprintln!("taken over {taken_over_after:?} after kill -9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
+    let survivor = spawn_app_with(Options {
+        send_rate: 200,
+        run_lease: Duration::from_secs(10),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=1_500).collect();
+    let mut owner = run_on_a_separate_instance(&survivor, &users).await;
+    owner.signal("TERM");
+    let exit = owner.process.wait().unwrap();
+    assert!(exit.success(), "a clean exit on SIGTERM: {exit:?}");
+    let stopped = tokio::time::Instant::now();
+    // Released: still in progress, nobody's claim.
+    assert_eq!(survivor.run_row(1, 1).await.0, "IN_PROGRESS");
+    loop {
+        if claim_token(&survivor).await.is_some() {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(2),
+            "not continued within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(survivor.history(1, 1).await, users);
+}
