@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{SubsecRound as _, Utc};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -198,7 +198,9 @@ impl RunState<'_> {
 
     /// Delivers a chunk through the fence, stamped now, and hands it to the recorder.
     async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
-        let sent_at = Utc::now();
+        // Microseconds: what the history and the bus keep, so a notification reads the
+        // same live, replayed, or from another instance.
+        let sent_at = Utc::now().trunc_subsecs(6);
         let batch = SentBatch {
             run: self.run,
             prev_position: self.cursor,

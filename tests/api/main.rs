@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerts;
+mod capabilities;
 mod cluster;
 mod embedded;
 mod errors;
