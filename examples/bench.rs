@@ -5,6 +5,8 @@
 //! cargo run --release --example bench -- ceiling [--users 200000]
 //! cargo run --release --example bench -- memory  [--users 1000000]
 //! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500]
+//! cargo build --release && \
+//!   cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -14,10 +16,19 @@
 //! `memory` reports the peak RSS of the process during one unlimited run (the peak is
 //! reset after seeding). `fanout` opens many streams and checks that every stream gets
 //! every notification, with the send-to-receive p99 over all of them.
+//! `cluster` starts several processes of the real binary (built by `cargo build
+//! --release`, next to this example) on one database and Redis prefix, runs one product
+//! on each at once, kills the owner of the last one with SIGKILL after 40% of all sends,
+//! and reports the busiest one-second window over all instances against the shared
+//! limit, the utilisation of the limit, the time to take the killed run over and to
+//! finish it, duplicates, and whether each history is in registration order
+//! (`BENCH_LOG=1` shows the instances' warnings).
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -78,28 +89,8 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
 impl Bench {
     /// Product 1 with `users` registrations, written straight into the table.
     async fn seed(&self, users: u32) -> anyhow::Result<()> {
-        self.client
-            .clone()
-            .set_stock(proto::SetStockRequest {
-                product_id: 1,
-                stock: 1_000,
-            })
-            .await?;
         let ids: Vec<i64> = (1..=i64::from(users)).collect();
-        for chunk in ids.chunks(5_000) {
-            let mut q = sqlx::QueryBuilder::new(
-                "INSERT INTO product_user_notification (product_id, user_id, position) ",
-            );
-            q.push_values(chunk, |mut row, id| {
-                row.push_bind(1).push_bind(*id).push_bind(*id);
-            });
-            q.build().execute(&self.db).await?;
-        }
-        sqlx::query("UPDATE product SET alert_seq = ? WHERE id = 1")
-            .bind(i64::from(users))
-            .execute(&self.db)
-            .await?;
-        Ok(())
+        seed_product(&self.client, &self.db, 1, 1_000, &ids).await
     }
 
     async fn subscribe_all(&self) -> anyhow::Result<tonic::Streaming<proto::Notification>> {
@@ -148,6 +139,44 @@ impl Bench {
             .await?;
         Ok(())
     }
+}
+
+/// Creates `product` with `stock` (SetStock), then registers `users` in that order
+/// straight into the table (position = place in `users`).
+async fn seed_product(
+    client: &RestockServiceClient<Channel>,
+    db: &MySqlPool,
+    product: i64,
+    stock: i64,
+    users: &[i64],
+) -> anyhow::Result<()> {
+    client
+        .clone()
+        .set_stock(proto::SetStockRequest {
+            product_id: product,
+            stock,
+        })
+        .await
+        .with_context(|| format!("SetStock of product {product}"))?;
+    let rows: Vec<(i64, i64)> = (1..).zip(users.iter().copied()).collect();
+    for chunk in rows.chunks(5_000) {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO product_user_notification (product_id, user_id, position) ",
+        );
+        q.push_values(chunk, |mut row, (position, user)| {
+            row.push_bind(product).push_bind(*user).push_bind(*position);
+        });
+        q.build()
+            .execute(db)
+            .await
+            .with_context(|| format!("registrations of product {product}"))?;
+    }
+    sqlx::query("UPDATE product SET alert_seq = ? WHERE id = ?")
+        .bind(users.len() as i64)
+        .bind(product)
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 /// Milliseconds from a notification's `sent_at` to now (its arrival).
@@ -353,6 +382,458 @@ async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
     bench.drop_database().await
 }
 
+/// The service binary next to this example: examples are built in
+/// `target/<profile>/examples/`, the binary in `target/<profile>/`.
+fn server_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} has no target directory above it", exe.display()))?
+        .join("restock-notifier");
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} not found: run `cargo build --release` first (running an example does not build \
+         the service binary)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// One process of the real binary, killed if still running when dropped.
+struct Instance {
+    process: Child,
+    client: RestockServiceClient<Channel>,
+}
+
+impl Instance {
+    /// Starts the binary on `database_url` and `prefix` and waits until it accepts
+    /// connections (it listens only once the database is migrated).
+    async fn start(
+        binary: &Path,
+        database_url: &str,
+        redis_url: &str,
+        prefix: &str,
+        rate: u32,
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = std::env::var_os("BENCH_LOG").is_some();
+        let mut process = Command::new(binary)
+            .env_clear()
+            .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("RESTOCK_REDIS_PREFIX", prefix)
+            .env("RESTOCK_SEND_RATE", rate.to_string())
+            .env("RESTOCK_RUN_LEASE", CLUSTER_LEASE)
+            .env("RESTOCK_ADMIN_TOKEN", "bench")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        match wait_listening(&mut process, port).await {
+            Ok(channel) => Ok(Self {
+                process,
+                client: RestockServiceClient::new(channel),
+            }),
+            Err(e) => {
+                let _ = process.kill();
+                let _ = process.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Still running (not exited, or exited but not yet reaped)?
+    fn running(&mut self) -> anyhow::Result<bool> {
+        Ok(self.process.try_wait()?.is_none())
+    }
+
+    /// SIGTERM, as an orchestrator stops it.
+    fn terminate(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.process.id().to_string())
+            .status()
+            .context("cannot run kill")?;
+        anyhow::ensure!(
+            status.success(),
+            "kill -TERM {}: {status}",
+            self.process.id()
+        );
+        Ok(())
+    }
+
+    /// Waits for the process to exit, for at most `limit`.
+    async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "instance {} still running {limit:?} after SIGTERM",
+                self.process.id()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls until `process` accepts connections on `port`, for at most 30 s.
+async fn wait_listening(process: &mut Child, port: u16) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let endpoint = Channel::from_shared(format!("http://127.0.0.1:{port}"))?;
+        if let Ok(channel) = endpoint.connect().await {
+            return Ok(channel);
+        }
+        if let Some(status) = process.try_wait()? {
+            anyhow::bail!(
+                "the instance on port {port} exited ({status}) before listening; \
+                 BENCH_LOG=1 shows its log"
+            );
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the instance on port {port} did not listen within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+const CLUSTER_LEASE: &str = "10s";
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `limit`.
+async fn poll<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn recorded(db: &MySqlPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM product_user_notification_history")
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+async fn claim_token(db: &MySqlPool, product: i64) -> anyhow::Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT claim_token FROM product_notification_history \
+         WHERE product_id = ? AND restock_round = 1",
+    )
+    .bind(product)
+    .fetch_one(db)
+    .await?)
+}
+
+/// `(product, status, sent_count)` of every run.
+async fn runs(db: &MySqlPool) -> anyhow::Result<Vec<(i64, String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT product_id, status, sent_count FROM product_notification_history \
+         ORDER BY product_id",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// `sent_at` of every recorded notification, by product, sorted.
+async fn sent_times_by_product(db: &MySqlPool) -> anyhow::Result<Vec<(i64, Vec<DateTime<Utc>>)>> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT product_id, CAST(UNIX_TIMESTAMP(sent_at) * 1000000 AS SIGNED) \
+         FROM product_user_notification_history ORDER BY product_id, sent_at",
+    )
+    .fetch_all(db)
+    .await?;
+    let mut by_product: Vec<(i64, Vec<DateTime<Utc>>)> = Vec::new();
+    for (product, micros) in rows {
+        let at = DateTime::from_timestamp_micros(micros).context("sent_at out of range")?;
+        match by_product.last_mut() {
+            Some((p, times)) if *p == product => times.push(at),
+            _ => by_product.push((product, vec![at])),
+        }
+    }
+    Ok(by_product)
+}
+
+/// Events per second in `times` (sorted) between `from` and `to`, as a percentage of
+/// `limit`, with the count.
+fn utilisation(
+    times: &[DateTime<Utc>],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    limit: u32,
+) -> (usize, f64) {
+    let count = times.iter().filter(|&&t| from <= t && t <= to).count();
+    let span = (to - from).as_seconds_f64();
+    (count, 100.0 * count as f64 / span / f64::from(limit))
+}
+
+/// The fresh database of a `cluster` run, with the instances on it.
+struct Cluster {
+    instances: Vec<Instance>,
+    db: MySqlPool,
+    server: String,
+    database: String,
+}
+
+impl Cluster {
+    /// Stops the instances left (SIGTERM, then waits for each) and drops the database.
+    async fn tear_down(mut self) -> anyhow::Result<()> {
+        let mut stopping = Vec::new();
+        for instance in &mut self.instances {
+            if instance.running()? {
+                instance.terminate()?;
+                stopping.push(instance);
+            }
+        }
+        for instance in stopping {
+            let status = instance.wait_exit(Duration::from_secs(30)).await?;
+            anyhow::ensure!(status.success(), "an instance exited {status} on SIGTERM");
+        }
+        self.db.close().await;
+        let mut conn = MySqlConnection::connect(&self.server).await?;
+        sqlx::raw_sql(&format!("DROP DATABASE `{}`", self.database))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn cluster(users: u32, limit: u32, instances: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(instances >= 2, "--instances must be at least 2");
+    anyhow::ensure!(limit > 0, "--rate must be positive");
+    let per = users / instances;
+    anyhow::ensure!(per > 0, "--users must be at least --instances");
+    let binary = server_binary()?;
+    let server =
+        std::env::var("BENCH_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let redis =
+        std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let database = format!("restock_bench_{:08x}", rand::random::<u32>());
+    let database_url = format!("{server}/{database}");
+    let prefix = format!("{database}:");
+
+    // The first creates and migrates the database; the others start on it after.
+    let first = Instance::start(&binary, &database_url, &redis, &prefix, limit)
+        .await
+        .context("first instance")?;
+    let db = MySqlPool::connect(&database_url).await?;
+    let mut cluster = Cluster {
+        instances: vec![first],
+        db,
+        server,
+        database,
+    };
+    let outcome = async {
+        for i in 1..instances {
+            let instance = Instance::start(&binary, &database_url, &redis, &prefix, limit)
+                .await
+                .with_context(|| format!("instance {}", i + 1))?;
+            cluster.instances.push(instance);
+        }
+        cluster_run(&mut cluster, per, limit).await
+    }
+    .await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
+async fn cluster_run(cluster: &mut Cluster, per: u32, limit: u32) -> anyhow::Result<()> {
+    let db = &cluster.db.clone();
+    let n = cluster.instances.len() as i64;
+    let total = i64::from(per) * n;
+    // Registration order differs from user id order: the history must follow the former.
+    let order: Vec<i64> = (1..=i64::from(per)).rev().collect();
+    for product in 1..=n {
+        seed_product(&cluster.instances[0].client, db, product, 1_000_000, &order).await?;
+    }
+
+    // Product i on instance i, all at once.
+    let began = Instant::now();
+    futures::future::try_join_all(
+        cluster
+            .instances
+            .iter()
+            .zip(1..)
+            .map(|(instance, product)| {
+                let mut client = instance.client.clone();
+                async move {
+                    client
+                        .trigger_restock(proto::TriggerRestockRequest {
+                            product_id: product,
+                            stock: None,
+                        })
+                        .await
+                        .with_context(|| format!("TriggerRestock of product {product}"))
+                }
+            }),
+    )
+    .await?;
+    let expected = Duration::from_secs_f64(total as f64 / f64::from(limit));
+    let generous = expected * 3 + Duration::from_secs(60);
+
+    // SIGKILL the owner of product N once 40% of all sends are recorded.
+    let kill_at = total * 2 / 5;
+    let before_kill = poll("40% recorded", generous, || async {
+        let count = recorded(db).await?;
+        Ok((count >= kill_at).then_some(count))
+    })
+    .await?;
+    let token = claim_token(db, n).await?;
+    let victim = &mut cluster.instances.last_mut().context("no instance")?.process;
+    victim.kill().context("kill -9 of the last instance")?;
+    let killed = Instant::now();
+    let killed_at = Utc::now();
+    victim.wait()?;
+
+    let taken_over = poll("takeover of the killed run", generous, || async {
+        Ok((claim_token(db, n).await? != token).then(|| killed.elapsed()))
+    })
+    .await?;
+    let finished = poll("the killed run's completion", generous, || async {
+        let status: String = sqlx::query_scalar(
+            "SELECT status FROM product_notification_history \
+             WHERE product_id = ? AND restock_round = 1",
+        )
+        .bind(n)
+        .fetch_one(db)
+        .await?;
+        anyhow::ensure!(
+            status == "IN_PROGRESS" || status == "COMPLETED",
+            "product {n}'s run ended {status}"
+        );
+        Ok((status == "COMPLETED").then(|| killed.elapsed()))
+    })
+    .await?;
+    let runs = poll("every run completed", generous, || async {
+        let runs = runs(db).await?;
+        if let Some((product, status, _)) = runs
+            .iter()
+            .find(|(_, s, _)| s != "IN_PROGRESS" && s != "COMPLETED")
+        {
+            anyhow::bail!("product {product}'s run ended {status}");
+        }
+        let done = runs.len() as i64 == n && runs.iter().all(|(_, s, _)| s == "COMPLETED");
+        Ok(done.then_some(runs))
+    })
+    .await?;
+    let wall = began.elapsed();
+
+    let by_product = sent_times_by_product(db).await?;
+    let mut all: Vec<DateTime<Utc>> = by_product
+        .iter()
+        .flat_map(|(_, times)| times.iter().copied())
+        .collect();
+    all.sort();
+    anyhow::ensure!(!all.is_empty(), "nothing recorded");
+    let (first, last) = (all[0], all[all.len() - 1]);
+    let busiest = busiest_second(&all);
+    let (rows_whole, whole) = utilisation(&all, first, last, limit);
+    let (rows_before, before) = utilisation(&all, first, killed_at, limit);
+    let longest_gap = all
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM product_user_notification_history \
+         GROUP BY product_id, restock_round, user_id HAVING COUNT(*) > 1) AS d",
+    )
+    .fetch_one(db)
+    .await?;
+
+    println!(
+        "cluster: {n} instances, {total} users ({per} per product), limit {limit}/s shared, \
+         lease {CLUSTER_LEASE}; wall {wall:.2?}"
+    );
+    println!(
+        "  kill -9 of instance {n} (owner of product {n}) at {before_kill} recorded: \
+         taken over after {taken_over:.2?}, its run completed {finished:.2?} after the kill"
+    );
+    let mut in_order = true;
+    for (product, status, sent_count) in &runs {
+        let history: Vec<i64> = sqlx::query_scalar(
+            "SELECT user_id FROM product_user_notification_history \
+             WHERE product_id = ? AND restock_round = 1 ORDER BY id",
+        )
+        .bind(product)
+        .fetch_all(db)
+        .await?;
+        let ordered = history == order;
+        in_order &= ordered;
+        let times = by_product
+            .iter()
+            .find(|(p, _)| p == product)
+            .map(|(_, t)| t.as_slice())
+            .unwrap_or_default();
+        let last_sent = match times.last() {
+            Some(&t) if t >= killed_at => {
+                format!("{:.2} s after the kill", (t - killed_at).as_seconds_f64())
+            }
+            Some(&t) => format!("{:.2} s before the kill", (killed_at - t).as_seconds_f64()),
+            None => "none".into(),
+        };
+        println!(
+            "  product {product} (instance {product}): {status}, sent_count {sent_count}, \
+             {} rows, last send {last_sent}, history in registration order: {}",
+            history.len(),
+            if ordered { "yes" } else { "NO" }
+        );
+    }
+    println!(
+        "  busiest 1 s window over all instances {busiest} (limit {limit}): {}",
+        if busiest <= limit as usize {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    );
+    println!(
+        "  utilisation, whole span (first to last send, {:.2} s, includes the takeover gap): \
+         {rows_whole} rows, {whole:.2}% of limit",
+        (last - first).as_seconds_f64()
+    );
+    println!(
+        "  utilisation, before the kill (first send to kill, {:.2} s): {rows_before} rows, \
+         {before:.2}% of limit; longest pause between sends {:.1} ms",
+        (killed_at - first).as_seconds_f64(),
+        longest_gap.as_seconds_f64() * 1_000.0
+    );
+    println!(
+        "  duplicates (product, round, user recorded more than once): {duplicates}; \
+         every history in registration order: {}",
+        if in_order { "yes" } else { "NO" }
+    );
+    Ok(())
+}
+
 fn arg(args: &[String], name: &str, default: u32) -> anyhow::Result<u32> {
     match args.iter().position(|a| a == name) {
         Some(i) => args
@@ -380,9 +861,18 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Some("cluster") => {
+            cluster(
+                arg(&args, "--users", 30_000)?,
+                arg(&args, "--rate", 500)?,
+                arg(&args, "--instances", 3)?,
+            )
+            .await
+        }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] | fanout [--streams S] [--users N] [--rate R]"
+             memory [--users N] | fanout [--streams S] [--users N] [--rate R] | \
+             cluster [--users N] [--rate R] [--instances I]"
         ),
     }
 }
