@@ -133,11 +133,7 @@ impl Bench {
 
     async fn drop_database(self) -> anyhow::Result<()> {
         self.db.close().await;
-        let mut conn = MySqlConnection::connect(&self.server).await?;
-        sqlx::raw_sql(&format!("DROP DATABASE `{}`", self.database))
-            .execute(&mut conn)
-            .await?;
-        Ok(())
+        drop_database(&self.server, &self.database).await
     }
 }
 
@@ -617,11 +613,7 @@ impl Cluster {
             anyhow::ensure!(status.success(), "an instance exited {status} on SIGTERM");
         }
         self.db.close().await;
-        let mut conn = MySqlConnection::connect(&self.server).await?;
-        sqlx::raw_sql(&format!("DROP DATABASE `{}`", self.database))
-            .execute(&mut conn)
-            .await?;
-        Ok(())
+        drop_database(&self.server, &self.database).await
     }
 }
 
@@ -875,4 +867,13 @@ async fn main() -> anyhow::Result<()> {
              cluster [--users N] [--rate R] [--instances I]"
         ),
     }
+}
+
+/// Drops a benchmark's database.
+async fn drop_database(server: &str, database: &str) -> anyhow::Result<()> {
+    let mut conn = MySqlConnection::connect(server).await?;
+    sqlx::raw_sql(&format!("DROP DATABASE `{database}`"))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
 }

@@ -133,6 +133,28 @@ async fn lock_product(
     row.as_ref().map(product_from_row).transpose()
 }
 
+/// Gives a run a fresh claim and lease, in progress: resumed by an operator (G6) or
+/// taken over from an instance whose lease ran out (G8). Returns the new token.
+async fn grant_claim(
+    tx: &mut Transaction<'static, MySql>,
+    run_id: i64,
+    lease: Duration,
+) -> Result<i64, Error> {
+    let token = claim_token();
+    sqlx::query(
+        "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
+         lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+         updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
+    )
+    .bind(token)
+    .bind(lease_micros(lease))
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(token)
+}
+
 impl MySqlStore {
     async fn try_start_run(
         &self,
@@ -254,18 +276,7 @@ impl MySqlStore {
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
         check_resumable(product, current.restock_round, status, current.stock)?;
         let round = current.restock_round;
-        let token = claim_token();
-        sqlx::query(
-            "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
-             lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
-             updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(token)
-        .bind(lease_micros(lease))
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
+        let token = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ClaimedRun {
@@ -301,18 +312,7 @@ impl MySqlStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let token = claim_token();
-        sqlx::query(
-            "UPDATE product_notification_history SET claim_token = ?, \
-             lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
-             updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
-        )
-        .bind(token)
-        .bind(lease_micros(lease))
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
+        let token = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(ClaimedRun {

@@ -117,6 +117,28 @@ async fn select_product(
     row.as_ref().map(product_from_row).transpose()
 }
 
+/// Gives a run a fresh claim and lease, in progress: resumed by an operator (G6) or
+/// taken over after its lease ran out (G8). Returns the new token.
+async fn grant_claim(
+    tx: &mut Transaction<'static, Sqlite>,
+    run_id: i64,
+    lease: Duration,
+) -> Result<i64, Error> {
+    let token = claim_token();
+    sqlx::query(
+        "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
+         lease_until = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(token)
+    .bind(lease_deadline(lease))
+    .bind(Utc::now())
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(token)
+}
+
 async fn upsert_stock(
     tx: &mut Transaction<'static, Sqlite>,
     product: ProductId,
@@ -320,18 +342,7 @@ impl Store for SqliteStore {
         let status = RunStatus::from_str(&status)
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
         check_resumable(product, current.restock_round, status, current.stock)?;
-        let token = claim_token();
-        sqlx::query(
-            "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
-             lease_until = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(token)
-        .bind(lease_deadline(lease))
-        .bind(Utc::now())
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
+        let token = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ClaimedRun {
@@ -439,18 +450,7 @@ impl Store for SqliteStore {
         let mut taken = Vec::with_capacity(rows.len());
         for row in rows {
             let run_id: i64 = row.try_get("id").map_err(backend)?;
-            let token = claim_token();
-            sqlx::query(
-                "UPDATE product_notification_history SET claim_token = ?, lease_until = ?, \
-                 updated_at = ? WHERE id = ?",
-            )
-            .bind(token)
-            .bind(lease_deadline(lease))
-            .bind(now)
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+            let token = grant_claim(&mut tx, run_id, lease).await?;
             let run = select_run_by_id(&mut tx, run_id).await?;
             taken.push(ClaimedRun {
                 claim: RunClaim {
