@@ -4,7 +4,8 @@
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
 //! cargo run --release --example bench -- ceiling [--users 200000]
 //! cargo run --release --example bench -- memory  [--users 1000000]
-//! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500]
+//! cargo build --release && \
+//!   cargo run --release --example bench -- fanout [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo build --release && \
 //!   cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! ```
@@ -14,9 +15,11 @@
 //! the send-to-receive latency. `ceiling` runs the engine with no send limit and
 //! compares it with a plain batched INSERT of the same rows into the same MySQL.
 //! `memory` reports the peak RSS of the process during one unlimited run (the peak is
-//! reset after seeding). `fanout` opens many streams and checks that every stream gets
-//! every notification, with the send-to-receive p99 over all of them.
-//! `cluster` starts several processes of the real binary (built by `cargo build
+//! reset after seeding). `fanout` runs the real binary as its own process (two with
+//! `--across`: the run on one, the streams on the other), opens the streams from this
+//! process, checks that every stream gets every notification in order, and reports
+//! the send-to-receive p50/p99 over all of them and each server's CPU time per
+//! delivered notification. `cluster` starts several processes of the real binary (built by `cargo build
 //! --release`, next to this example) on one database and Redis prefix, runs one product
 //! on each at once, kills the owner of the last one with SIGKILL after 40% of all sends,
 //! and reports the busiest one-second window over all instances against the shared
@@ -342,40 +345,150 @@ async fn memory(users: u32) -> anyhow::Result<()> {
     bench.drop_database().await
 }
 
-async fn fanout(streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
-    let bench = start(limit).await?;
-    bench.seed(users).await?;
+/// Streams per HTTP/2 connection of the `fanout` subscribers: below the server's
+/// default limit of concurrent streams per connection.
+const STREAMS_PER_CONNECTION: u32 = 100;
+
+/// `fanout`: the server runs as its own process (two with `across`: the run on the first,
+/// the streams on the second), and this process holds the subscribers.
+async fn fanout(streams: u32, users: u32, limit: u32, across: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        streams > 0 && users > 0,
+        "--streams and --users must be positive"
+    );
+    let cluster = Cluster::start(if across { 2 } else { 1 }, limit).await?;
+    let outcome = fanout_run(&cluster, streams, users, limit).await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
+async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
+    let runner = &cluster.instances[0];
+    let serving = cluster.instances.last().context("no instance")?;
+    let order: Vec<i64> = (1..=i64::from(users)).collect();
+    seed_product(&runner.client, &cluster.db, 1, 1_000_000, &order).await?;
+
+    let connections = streams.div_ceil(STREAMS_PER_CONNECTION);
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(serving.connect().await?);
+    }
     let mut readers = Vec::new();
-    for _ in 0..streams {
-        let mut stream = bench.subscribe_all().await?;
+    for i in 0..streams {
+        let mut client = RestockServiceClient::new(channels[(i % connections) as usize].clone());
+        let mut stream = client
+            .subscribe(proto::SubscribeRequest::default())
+            .await
+            .with_context(|| format!("Subscribe #{i}"))?
+            .into_inner();
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(users as usize);
-            while latencies.len() < users as usize {
+            for expected in 1..=i64::from(users) {
                 let n = stream.next().await.context("stream ended")??;
-                latencies.push(latency_ms(&n)?);
+                anyhow::ensure!(
+                    n.user_id == expected,
+                    "got user {} where {expected} was next",
+                    n.user_id
+                );
+                latencies.push(latency_ms(&n)? as f32);
             }
             anyhow::Ok(latencies)
         }));
     }
-    bench.trigger().await?;
-    let mut all = Vec::with_capacity((streams * users) as usize);
-    let mut complete = 0;
+
+    let cpu_before: Vec<Duration> = cluster
+        .instances
+        .iter()
+        .map(Instance::cpu_time)
+        .collect::<anyhow::Result<_>>()?;
+    let own_before = cpu_time(std::process::id())?;
+    let began = Instant::now();
+    runner
+        .client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: 1,
+            stock: None,
+        })
+        .await?;
+    let mut all = Vec::with_capacity(streams as usize * users as usize);
+    let mut complete = 0u32;
+    let mut failures = Vec::new();
     for reader in readers {
-        if let Ok(latencies) = reader.await? {
-            complete += 1;
-            all.extend(latencies);
+        match reader.await? {
+            Ok(latencies) => {
+                complete += 1;
+                all.extend(latencies);
+            }
+            Err(e) => failures.push(e),
         }
     }
-    all.sort_by(f64::total_cmp);
-    let p = |q: usize| percentile(&all, q);
+    let wall = began.elapsed();
+    let cpu: Vec<Duration> = cluster
+        .instances
+        .iter()
+        .zip(&cpu_before)
+        .map(|(instance, before)| Ok(instance.cpu_time()? - *before))
+        .collect::<anyhow::Result<_>>()?;
+    let own = cpu_time(std::process::id())? - own_before;
+
+    let deliveries = u64::from(complete) * u64::from(users);
     println!(
-        "fanout: {streams} streams x {users} notifications at {limit}/s: {complete} streams \
-         got every notification; send-to-receive p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "fanout: {streams} streams over {connections} connections x {users} notifications at \
+         {limit}/s, streams on {}; wall {wall:.2?}",
+        if cluster.instances.len() > 1 {
+            "another instance than the run"
+        } else {
+            "the instance of the run"
+        }
+    );
+    println!("  {complete} of {streams} streams got every notification, in order");
+    if let Some(e) = failures.first() {
+        println!("  {} streams failed, the first with: {e:#}", failures.len());
+    }
+    anyhow::ensure!(!all.is_empty(), "no stream completed");
+    all.sort_by(f32::total_cmp);
+    let p = |q: usize| all[(all.len() * q / 100).min(all.len() - 1)];
+    println!(
+        "  send-to-receive p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         p(50),
         p(99),
         all[all.len() - 1]
     );
-    bench.drop_database().await
+    for (i, cpu) in cpu.iter().enumerate() {
+        let role = match (i, cluster.instances.len()) {
+            (_, 1) => "runs and streams",
+            (0, _) => "runs",
+            _ => "streams",
+        };
+        println!(
+            "  server process {} ({role}): CPU {:.2} s = {:.0}% of one core, {:.2} µs per \
+             delivered notification",
+            i + 1,
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / deliveries.max(1) as f64
+        );
+    }
+    println!(
+        "  subscriber process (this one): CPU {:.2} s = {:.0}% of one core",
+        own.as_secs_f64(),
+        100.0 * own.as_secs_f64() / wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// User plus system CPU time a process has used so far (`/proc/<pid>/stat`).
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it do not.
+    let after_name = &stat[stat.rfind(')').context("malformed /proc stat")? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10))
 }
 
 /// The service binary next to this example: examples are built in
@@ -399,6 +512,7 @@ fn server_binary() -> anyhow::Result<PathBuf> {
 /// One process of the real binary, killed if still running when dropped.
 struct Instance {
     process: Child,
+    port: u16,
     client: RestockServiceClient<Channel>,
 }
 
@@ -423,6 +537,8 @@ impl Instance {
             .env("REDIS_URL", redis_url)
             .env("RESTOCK_REDIS_PREFIX", prefix)
             .env("RESTOCK_SEND_RATE", rate.to_string())
+            // Opening a thousand streams at once is not what the API limit is for.
+            .env("RESTOCK_API_RATE", "100000")
             .env("RESTOCK_RUN_LEASE", CLUSTER_LEASE)
             .env("RESTOCK_ADMIN_TOKEN", "bench")
             .env("RUST_LOG", "warn")
@@ -433,6 +549,7 @@ impl Instance {
         match wait_listening(&mut process, port).await {
             Ok(channel) => Ok(Self {
                 process,
+                port,
                 client: RestockServiceClient::new(channel),
             }),
             Err(e) => {
@@ -441,6 +558,19 @@ impl Instance {
                 Err(e)
             }
         }
+    }
+
+    /// A new connection (HTTP/2 multiplexes a limited number of streams on each).
+    async fn connect(&self) -> anyhow::Result<Channel> {
+        Ok(
+            Channel::from_shared(format!("http://127.0.0.1:{}", self.port))?
+                .connect()
+                .await?,
+        )
+    }
+
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.process.id())
     }
 
     /// Still running (not exited, or exited but not yet reaped)?
@@ -617,41 +747,49 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Starts `instances` processes of the binary on a fresh database and Redis prefix.
+    async fn start(instances: u32, limit: u32) -> anyhow::Result<Self> {
+        anyhow::ensure!(limit > 0, "--rate must be positive");
+        let binary = server_binary()?;
+        let server = std::env::var("BENCH_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+        let redis =
+            std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let database = format!("restock_bench_{:08x}", rand::random::<u32>());
+        let database_url = format!("{server}/{database}");
+        let prefix = format!("{database}:");
+
+        // The first creates and migrates the database; the others start on it after.
+        let first = Instance::start(&binary, &database_url, &redis, &prefix, limit)
+            .await
+            .context("first instance")?;
+        let db = MySqlPool::connect(&database_url).await?;
+        let mut cluster = Cluster {
+            instances: vec![first],
+            db,
+            server,
+            database,
+        };
+        for i in 1..instances {
+            match Instance::start(&binary, &database_url, &redis, &prefix, limit).await {
+                Ok(instance) => cluster.instances.push(instance),
+                Err(e) => {
+                    cluster.tear_down().await?;
+                    return Err(e.context(format!("instance {}", i + 1)));
+                }
+            }
+        }
+        Ok(cluster)
+    }
+}
+
 async fn cluster(users: u32, limit: u32, instances: u32) -> anyhow::Result<()> {
     anyhow::ensure!(instances >= 2, "--instances must be at least 2");
-    anyhow::ensure!(limit > 0, "--rate must be positive");
     let per = users / instances;
     anyhow::ensure!(per > 0, "--users must be at least --instances");
-    let binary = server_binary()?;
-    let server =
-        std::env::var("BENCH_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let redis =
-        std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let database = format!("restock_bench_{:08x}", rand::random::<u32>());
-    let database_url = format!("{server}/{database}");
-    let prefix = format!("{database}:");
-
-    // The first creates and migrates the database; the others start on it after.
-    let first = Instance::start(&binary, &database_url, &redis, &prefix, limit)
-        .await
-        .context("first instance")?;
-    let db = MySqlPool::connect(&database_url).await?;
-    let mut cluster = Cluster {
-        instances: vec![first],
-        db,
-        server,
-        database,
-    };
-    let outcome = async {
-        for i in 1..instances {
-            let instance = Instance::start(&binary, &database_url, &redis, &prefix, limit)
-                .await
-                .with_context(|| format!("instance {}", i + 1))?;
-            cluster.instances.push(instance);
-        }
-        cluster_run(&mut cluster, per, limit).await
-    }
-    .await;
+    let mut cluster = Cluster::start(instances, limit).await?;
+    let outcome = cluster_run(&mut cluster, per, limit).await;
     let torn_down = cluster.tear_down().await;
     outcome?;
     torn_down
@@ -845,11 +983,11 @@ async fn main() -> anyhow::Result<()> {
         Some("ceiling") => ceiling(arg(&args, "--users", 200_000)?).await,
         Some("memory") => memory(arg(&args, "--users", 1_000_000)?).await,
         Some("fanout") => {
-            let streams = arg(&args, "--streams", 1_000)?;
             fanout(
-                streams,
+                arg(&args, "--streams", 1_000)?,
                 arg(&args, "--users", 5_000)?,
                 arg(&args, "--rate", 500)?,
+                args.iter().any(|a| a == "--across"),
             )
             .await
         }
@@ -863,7 +1001,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] | fanout [--streams S] [--users N] [--rate R] | \
+             memory [--users N] | fanout [--streams S] [--users N] [--rate R] [--across] | \
              cluster [--users N] [--rate R] [--instances I]"
         ),
     }
