@@ -1,13 +1,31 @@
 //! Generates the gRPC code from `proto/` with a vendored protoc, so no system protoc is needed.
+//!
+//! Two passes over the same file. The first makes the messages and the clients. The
+//! second makes the servers only, on those messages, except that `Subscribe` streams
+//! `crate::grpc::wire::EncodedNotification`: a `Notification` already encoded, so that
+//! a notification going to many streams is encoded once, not once per stream.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: a build script is single-threaded; prost-build reads PROTOC from the env.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["proto/restock/v1/restock.proto"];
     tonic_prost_build::configure()
+        .build_server(false)
         .file_descriptor_set_path(out_dir.join("restock_descriptor.bin"))
-        .compile_protos(&["proto/restock/v1/restock.proto"], &["proto"])?;
+        .compile_protos(&protos, &["proto"])?;
+    let servers = out_dir.join("servers");
+    std::fs::create_dir_all(&servers)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&servers)
+        .extern_path(
+            ".restock.v1.Notification",
+            "crate::grpc::wire::EncodedNotification",
+        )
+        .extern_path(".restock.v1", "crate::grpc::proto")
+        .compile_protos(&protos, &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

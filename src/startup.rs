@@ -127,7 +127,7 @@ impl Application {
             AdminAuth::new(&self.admin_token),
         )));
 
-        let stop_engine = engine.shutdown_token();
+        let stopping = engine.clone();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, ending streams, stopping runs");
@@ -136,7 +136,7 @@ impl Application {
                 .await;
             // Ends every Subscribe stream and stops the runs, so the server's drain
             // below does not wait on streams that would never end by themselves.
-            stop_engine.cancel();
+            stopping.begin_shutdown();
         };
 
         // No Nagle: a notification is one small frame, and holding it back for the

@@ -107,11 +107,6 @@ impl Engine {
         })
     }
 
-    /// Cancelled when the service is shutting down.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Sets a product's stock. Once this returns, every later delivery of any instance
     /// sees the new figure (G3).
     pub async fn set_stock(
@@ -235,10 +230,16 @@ impl Engine {
         run
     }
 
+    /// Refuses new work, ends every stream and tells every run to stop; does not wait.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        self.bus.close_streams();
+    }
+
     /// Stops every run and waits (up to `grace`) until each has recorded what it sent
     /// and released the run for another instance to continue (G8).
     pub async fn shutdown(&self, grace: Duration) {
-        self.shutdown.cancel();
+        self.begin_shutdown();
         self.runs.close();
         if tokio::time::timeout(grace, self.runs.wait()).await.is_err() {
             tracing::warn!(

@@ -201,10 +201,10 @@ impl RunState<'_> {
         // Microseconds: what the history and the bus keep, so a notification reads the
         // same live, replayed, or from another instance.
         let sent_at = Utc::now().trunc_subsecs(6);
-        let batch = SentBatch {
-            run: self.run,
-            prev_position: self.cursor,
-            items: chunk
+        let batch = SentBatch::new(
+            self.run,
+            self.cursor,
+            chunk
                 .iter()
                 .map(|r| SentItem {
                     user_id: r.user_id,
@@ -212,7 +212,7 @@ impl RunState<'_> {
                 })
                 .collect(),
             sent_at,
-        };
+        );
         // A figure missing from the cache is loaded from the database and the delivery
         // tried again; twice is plenty (the figure only goes missing when it expires or
         // a stock write is under way).

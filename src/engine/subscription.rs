@@ -45,7 +45,37 @@ pub enum StreamEnd {
     Failed(Error),
 }
 
-pub type NotificationStream = Pin<Box<dyn Stream<Item = Result<Notification, StreamEnd>> + Send>>;
+/// A notification on its way to a subscriber.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// Read from the record (a resumed stream catching up).
+    Recorded(Notification),
+    /// Item `index` of a live batch, which every stream it goes to shares (with the
+    /// batch's encoded form, [`SentBatch::encoded`]).
+    Live { batch: Arc<SentBatch>, index: usize },
+}
+
+impl Outgoing {
+    pub fn id(&self) -> NotificationId {
+        match self {
+            Outgoing::Recorded(n) => n.id,
+            Outgoing::Live { batch, index } => NotificationId {
+                product_id: batch.run.product_id,
+                restock_round: batch.run.restock_round,
+                user_id: batch.items[*index].user_id,
+            },
+        }
+    }
+
+    pub fn notification(&self) -> Notification {
+        match self {
+            Outgoing::Recorded(n) => n.clone(),
+            Outgoing::Live { batch, index } => batch.notification(*index),
+        }
+    }
+}
+
+pub type NotificationStream = Pin<Box<dyn Stream<Item = Result<Outgoing, StreamEnd>> + Send>>;
 
 impl Engine {
     /// Opens a subscription. With `resume_after`, the stream first delivers the recorded
@@ -61,6 +91,9 @@ impl Engine {
         // now on is in this buffer, and whatever was sent before is, or will be, in the
         // record.
         let live = self.bus.subscribe();
+        // Streams learn of a shutdown from the bus (`Closing`); one that subscribes after
+        // it was sent learns of it here.
+        self.refuse_if_shutting_down()?;
         let mut state = Subscription {
             engine: self.clone(),
             filter,
@@ -127,46 +160,43 @@ struct Subscription {
     /// over because the filter did not match.
     covered: HashMap<RunKey, i64>,
     /// Notifications ready to go out, in order.
-    ready: VecDeque<Notification>,
+    ready: VecDeque<Outgoing>,
     last_delivered: Option<NotificationId>,
     ended: bool,
 }
 
 impl Subscription {
-    async fn next(&mut self) -> Option<Result<Notification, StreamEnd>> {
+    async fn next(&mut self) -> Option<Result<Outgoing, StreamEnd>> {
         if self.ended {
             return None;
         }
         let item = self.produce().await;
         match &item {
-            Ok(n) => self.last_delivered = Some(n.id),
+            Ok(n) => self.last_delivered = Some(n.id()),
             Err(_) => self.ended = true,
         }
         Some(item)
     }
 
-    async fn produce(&mut self) -> Result<Notification, StreamEnd> {
+    async fn produce(&mut self) -> Result<Outgoing, StreamEnd> {
         loop {
             if let Some(n) = self.ready.pop_front() {
                 return Ok(n);
             }
-            if self.shutdown.is_cancelled() {
-                return Err(self.shutting_down());
-            }
-            if let Some(id) = self.resume_after.take() {
-                self.start_resume(id).await?;
+            if self.resume_after.is_some() || self.replay_from.is_some() {
+                // Catching up from the record: the bus is not read meanwhile, so the
+                // shutdown is looked for here.
+                if self.shutdown.is_cancelled() {
+                    return Err(self.shutting_down());
+                }
+                if let Some(id) = self.resume_after.take() {
+                    self.start_resume(id).await?;
+                } else if let Some(after) = self.replay_from {
+                    self.replay_page(after).await?;
+                }
                 continue;
             }
-            if let Some(after) = self.replay_from {
-                self.replay_page(after).await?;
-                continue;
-            }
-            let event = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Err(self.shutting_down()),
-                received = self.live.recv() => received,
-            };
-            match event {
+            match self.live.recv().await {
                 Ok(event) => self.on_event(&event).await?,
                 Err(RecvError::Lagged(missed)) => return Err(self.lagged(missed)),
                 Err(RecvError::Closed) => return Err(self.shutting_down()),
@@ -229,14 +259,16 @@ impl Subscription {
         for recorded in page {
             let run = run_of(&recorded.notification.id);
             let Some(position) = recorded.position else {
-                self.ready.push_back(recorded.notification);
+                self.ready
+                    .push_back(Outgoing::Recorded(recorded.notification));
                 continue;
             };
             if self.covered.get(&run).is_some_and(|&c| position <= c) {
                 continue;
             }
             self.covered.insert(run, position);
-            self.ready.push_back(recorded.notification);
+            self.ready
+                .push_back(Outgoing::Recorded(recorded.notification));
         }
         Ok(())
     }
@@ -267,21 +299,25 @@ impl Subscription {
             }
             BusEvent::RunEnded { .. } => {}
             BusEvent::Gap => return Err(self.lagged(0)),
+            BusEvent::Closing => return Err(self.shutting_down()),
         }
         Ok(())
     }
 
     /// Delivers the items of a live batch this stream has not covered yet.
-    fn take_live(&mut self, batch: &SentBatch) {
+    fn take_live(&mut self, batch: &Arc<SentBatch>) {
         let covered = self.covered.get(&batch.run).copied();
         let mut last = covered;
-        for (position, n) in batch.notifications() {
-            if covered.is_some_and(|c| position <= c) {
+        for (index, item) in batch.items.iter().enumerate() {
+            if covered.is_some_and(|c| item.position <= c) {
                 continue;
             }
-            last = Some(position);
-            if self.filter.matches(&n.id) {
-                self.ready.push_back(n);
+            last = Some(item.position);
+            if self.filter.matches(&batch.notification(index).id) {
+                self.ready.push_back(Outgoing::Live {
+                    batch: batch.clone(),
+                    index,
+                });
             }
         }
         if let Some(last) = last {
@@ -328,7 +364,7 @@ impl Subscription {
                 // Recorded before the resume point: the subscriber had it already.
                 let n = recorded.notification;
                 if recorded.seq > resume.seq && self.filter.matches(&n.id) {
-                    self.ready.push_back(n);
+                    self.ready.push_back(Outgoing::Recorded(n));
                 }
             }
             if full_page {

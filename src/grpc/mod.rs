@@ -5,13 +5,17 @@ pub mod admin;
 pub mod ratelimit;
 pub mod restock;
 mod status;
+pub mod wire;
 
 use crate::domain::{self, RunStatus};
 use chrono::{DateTime, Utc};
 
-/// Generated code of `proto/restock/v1/restock.proto`.
+/// Generated code of `proto/restock/v1/restock.proto` (see `build.rs`).
 pub mod proto {
+    // Messages and clients.
     tonic::include_proto!("restock.v1");
+    // Servers, whose `Subscribe` streams encoded notifications.
+    include!(concat!(env!("OUT_DIR"), "/servers/restock.v1.rs"));
 
     /// Encoded descriptors of the API, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -6,6 +6,7 @@ use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, restock_service_server::RestockService};
+use super::wire::EncodedNotification;
 use crate::domain::{
     NotificationFilter, NotificationId, ProductId, UserId, parse_round, parse_stock,
 };
@@ -23,7 +24,7 @@ impl RestockApi {
 }
 
 type NotificationStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Notification, Status>> + Send>>;
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedNotification, Status>> + Send>>;
 
 fn end_status(end: StreamEnd) -> Status {
     let resume = |last: Option<NotificationId>| match last {
@@ -78,7 +79,7 @@ impl RestockService for RestockApi {
             .transpose()?;
         let stream = self.engine.subscribe(filter, resume_after).await?;
         let stream = stream.map(|item| match item {
-            Ok(n) => Ok(proto::Notification::from(&n)),
+            Ok(n) => Ok(EncodedNotification::of(n)),
             Err(end) => Err(end_status(end)),
         });
         Ok(Response::new(Box::pin(stream)))

@@ -127,19 +127,19 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
     let (cache, fence, bus) = fence(redis).await;
     let mut events = bus.subscribe();
     let product = ProductId::parse(5).unwrap();
-    let batch = SentBatch {
-        run: RunKey {
+    let batch = SentBatch::new(
+        RunKey {
             product_id: product,
             restock_round: 1,
         },
-        prev_position: None,
-        items: vec![SentItem {
+        None,
+        vec![SentItem {
             user_id: UserId::parse(9).unwrap(),
             position: 1,
         }],
         // The engine stamps sends to the microsecond, as the history keeps them.
-        sent_at: Utc::now().trunc_subsecs(6),
-    };
+        Utc::now().trunc_subsecs(6),
+    );
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
     assert_eq!(cache.fill(product, 3).await.unwrap(), 3);
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Delivered);
@@ -147,7 +147,7 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(*got, BusEvent::Sent(batch.clone()));
+    assert_eq!(*got, BusEvent::Sent(Arc::new(batch.clone())));
     {
         let _write = fence.lock_for_write(product).await;
         cache.invalidate(product).await.unwrap();

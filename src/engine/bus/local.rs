@@ -40,4 +40,8 @@ impl NotificationBus for LocalBus {
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
         self.sender.subscribe()
     }
+
+    fn close_streams(&self) {
+        self.send(BusEvent::Closing);
+    }
 }

@@ -4,9 +4,10 @@
 pub mod local;
 pub mod redis;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
@@ -36,24 +37,41 @@ pub struct SentBatch {
     pub prev_position: Option<i64>,
     pub items: Vec<SentItem>,
     pub sent_at: DateTime<Utc>,
+    /// The notifications as the API sends them, encoded once for every stream.
+    pub encoded: Encoded,
 }
 
 impl SentBatch {
+    pub fn new(
+        run: RunKey,
+        prev_position: Option<i64>,
+        items: Vec<SentItem>,
+        sent_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            run,
+            prev_position,
+            items,
+            sent_at,
+            encoded: Encoded::default(),
+        }
+    }
+
+    /// The notification of item `index`.
+    pub fn notification(&self, index: usize) -> Notification {
+        Notification {
+            id: NotificationId {
+                product_id: self.run.product_id,
+                restock_round: self.run.restock_round,
+                user_id: self.items[index].user_id,
+            },
+            sent_at: self.sent_at,
+        }
+    }
+
     /// The notifications, in send order.
-    pub fn notifications(&self) -> impl Iterator<Item = (i64, Notification)> + '_ {
-        self.items.iter().map(|item| {
-            (
-                item.position,
-                Notification {
-                    id: NotificationId {
-                        product_id: self.run.product_id,
-                        restock_round: self.run.restock_round,
-                        user_id: item.user_id,
-                    },
-                    sent_at: self.sent_at,
-                },
-            )
-        })
+    pub fn notifications(&self) -> impl Iterator<Item = Notification> + '_ {
+        (0..self.items.len()).map(|index| self.notification(index))
     }
 }
 
@@ -61,7 +79,7 @@ impl SentBatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusEvent {
     /// A run delivered these notifications.
-    Sent(SentBatch),
+    Sent(Arc<SentBatch>),
     /// A run left this instance: it reached a final state, or was handed over. What it
     /// sent up to `last_position` is recorded.
     RunEnded {
@@ -72,7 +90,37 @@ pub enum BusEvent {
     /// This instance's feed from the shared bus lost events (it fell behind): every
     /// stream must end and resume from the record.
     Gap,
+    /// This instance is shutting down: every stream ends. Never leaves the instance.
+    Closing,
 }
+
+/// A batch's notifications in the form the API sends them, made by the first stream
+/// that sends the batch and shared by every other: with a thousand streams, a
+/// notification is encoded once, and each stream only writes the bytes into its frame.
+/// It is a cache: a clone starts empty, and two batches compare equal whatever it holds.
+#[derive(Debug, Default)]
+pub struct Encoded(OnceLock<Box<[Bytes]>>);
+
+impl Encoded {
+    /// The encoded notifications, in batch order; `encode` makes them the first time.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Box<[Bytes]>) -> &[Bytes] {
+        self.0.get_or_init(encode)
+    }
+}
+
+impl Clone for Encoded {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Encoded {}
 
 /// Carries events to every subscriber of every instance.
 #[async_trait]
@@ -83,4 +131,10 @@ pub trait NotificationBus: Send + Sync + 'static {
 
     /// Everything published from now on, by any instance, in publish order.
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>>;
+
+    /// Sends [`BusEvent::Closing`] to this instance's subscribers. Streams learn of a
+    /// shutdown this way, in the one place they wait anyway, rather than each also
+    /// watching a shared token (with a thousand streams, that alone cost a tenth of the
+    /// fan-out's CPU).
+    fn close_streams(&self);
 }

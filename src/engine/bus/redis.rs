@@ -87,7 +87,7 @@ fn encode(event: &BusEvent) -> Option<Bytes> {
             .encode_to_vec()
             .into(),
         ),
-        BusEvent::Gap => None,
+        BusEvent::Gap | BusEvent::Closing => None,
     }
 }
 
@@ -98,11 +98,10 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
         restock_round: wire.restock_round,
     };
     match wire.kind {
-        SENT => Some(BusEvent::Sent(SentBatch {
+        SENT => Some(BusEvent::Sent(Arc::new(SentBatch::new(
             run,
-            prev_position: wire.position,
-            items: wire
-                .user_ids
+            wire.position,
+            wire.user_ids
                 .iter()
                 .zip(&wire.positions)
                 .map(|(&user, &position)| SentItem {
@@ -110,8 +109,8 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
                     position,
                 })
                 .collect(),
-            sent_at: DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
-        })),
+            DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
+        )))),
         RUN_ENDED => Some(BusEvent::RunEnded {
             run,
             status: wire.status.parse().ok()?,
@@ -204,6 +203,10 @@ impl NotificationBus for RedisBus {
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
         self.local.subscribe()
     }
+
+    fn close_streams(&self) {
+        self.local.close_streams();
+    }
 }
 
 #[cfg(test)]
@@ -217,10 +220,10 @@ mod tests {
             product_id: ProductId::parse(7).unwrap(),
             restock_round: 3,
         };
-        let sent = BusEvent::Sent(SentBatch {
+        let sent = BusEvent::Sent(Arc::new(SentBatch::new(
             run,
-            prev_position: Some(41),
-            items: vec![
+            Some(41),
+            vec![
                 SentItem {
                     user_id: UserId::from_stored(9),
                     position: 42,
@@ -230,8 +233,8 @@ mod tests {
                     position: 45,
                 },
             ],
-            sent_at: DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
-        });
+            DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+        )));
         let ended = BusEvent::RunEnded {
             run,
             status: RunStatus::CanceledBySoldOut,

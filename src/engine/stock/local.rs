@@ -82,7 +82,7 @@ impl StockFence for LocalStockFence {
             None => Ok(Delivery::NotCached),
             Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
             Some(_) => {
-                self.bus.send(BusEvent::Sent(batch.clone()));
+                self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
                 Ok(Delivery::Delivered)
             }
         }
