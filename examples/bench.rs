@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use restock_notifier::config::{Config, LogFormat};
+use restock_notifier::config::{Config, LogFormat, MetricsListen};
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{self, RunStatus};
@@ -68,6 +68,7 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
         admin_token: Some("bench".into()),
         log: "warn".into(),
         log_format: LogFormat::Text,
+        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: std::time::Duration::from_secs(10),
     };
     let settings = EngineSettings {

@@ -68,6 +68,16 @@ pub struct Config {
     )]
     pub run_lease: Duration,
 
+    /// Address of the Prometheus endpoint, `GET /metrics` over plain HTTP; `off`
+    /// turns it off.
+    #[arg(
+        long = "metrics-listen",
+        env = "RESTOCK_METRICS_LISTEN",
+        default_value = "0.0.0.0:9464",
+        value_parser = parse_metrics_listen
+    )]
+    pub metrics_listen: MetricsListen,
+
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -85,6 +95,24 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Where `/metrics` is served, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    On(SocketAddr),
+}
+
+/// Parses `RESTOCK_METRICS_LISTEN`: an address, or `off`.
+fn parse_metrics_listen(raw: &str) -> Result<MetricsListen, String> {
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(MetricsListen::Off);
+    }
+    raw.trim()
+        .parse()
+        .map(MetricsListen::On)
+        .map_err(|_| "expected an address like 0.0.0.0:9464, or off".to_string())
 }
 
 /// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
@@ -112,6 +140,16 @@ fn parse_lease(raw: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        assert_eq!(parse_metrics_listen("off"), Ok(MetricsListen::Off));
+        assert_eq!(
+            parse_metrics_listen("127.0.0.1:9464"),
+            Ok(MetricsListen::On("127.0.0.1:9464".parse().unwrap()))
+        );
+        assert!(parse_metrics_listen("9464").is_err());
+    }
 
     #[test]
     fn leases_parse_with_units_and_refuse_the_rest() {

@@ -11,6 +11,8 @@ pub mod domain;
 pub mod engine;
 /// The gRPC services, conversions, status codes and the API rate limit.
 pub mod grpc;
+/// Prometheus metrics and their `/metrics` endpoint.
+pub mod monitoring;
 /// Secrets kept out of messages and logs.
 pub mod redact;
 /// Redis through fred: the stock cache, with every key under one prefix.

@@ -11,15 +11,17 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::Config;
+use crate::config::{Config, MetricsListen};
 use crate::deployment::Deployment;
 use crate::engine::{Engine, EngineSettings};
 use crate::grpc::admin::{AdminApi, AdminAuth};
+use crate::grpc::observe::{KnownMethods, ObserveLayer};
 use crate::grpc::proto;
 use crate::grpc::proto::restock_admin_service_server::RestockAdminServiceServer;
 use crate::grpc::proto::restock_service_server::RestockServiceServer;
 use crate::grpc::ratelimit::ApiRateLimit;
 use crate::grpc::restock::RestockApi;
+use crate::monitoring::{Metrics, MetricsServer};
 use crate::store::Store;
 use crate::store::mysql::MySqlStore;
 use crate::store::sqlite::SqliteStore;
@@ -31,6 +33,8 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<MetricsServer>,
     admin_token: String,
     api_rate: std::num::NonZeroU32,
 }
@@ -61,7 +65,8 @@ impl Application {
         let capabilities = deployment
             .capabilities(config.send_rate, settings.subscriber_buffer)
             .await?;
-        let engine = Engine::new(store, capabilities, settings);
+        let metrics = Metrics::new(config.send_rate.get());
+        let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {
                 anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
@@ -80,10 +85,16 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on RESTOCK_LISTEN {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let metrics_server = match config.metrics_listen {
+            MetricsListen::On(addr) => Some(MetricsServer::bind(addr).await?),
+            MetricsListen::Off => None,
+        };
         Ok(Self {
             listener,
             local_addr,
             engine,
+            metrics,
+            metrics_server,
             admin_token,
             api_rate: config.api_rate,
         })
@@ -91,6 +102,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` is served, unless `RESTOCK_METRICS_LISTEN` is `off`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::local_addr)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, ends the streams, and
@@ -102,6 +118,10 @@ impl Application {
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
         engine.spawn_takeover();
+        let stop_metrics = tokio_util::sync::CancellationToken::new();
+        if let Some(server) = self.metrics_server {
+            tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone()));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -144,7 +164,17 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
+        let observe = ObserveLayer::new(
+            self.metrics.clone(),
+            KnownMethods::from_descriptor_sets(&[
+                proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ]),
+        );
         let served = tonic::transport::Server::builder()
+            .layer(observe)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -154,6 +184,7 @@ impl Application {
             .await
             .context("the gRPC server failed");
         engine.shutdown(SHUTDOWN_GRACE).await;
+        stop_metrics.cancel();
         tracing::info!("stopped");
         served
     }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{Alert, Error, Product, ProductId, Run, UserId};
+use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store};
 use bus::NotificationBus;
 use lease::LeaseSettings;
@@ -83,6 +84,7 @@ pub struct Engine {
     limiter: Arc<dyn SendLimiter>,
     bus: Arc<dyn NotificationBus>,
     settings: EngineSettings,
+    metrics: Arc<Metrics>,
     /// Cancelled when the service shuts down: runs stop and streams end.
     shutdown: CancellationToken,
     /// Every run task, so shutdown can wait until each has released its run.
@@ -94,6 +96,7 @@ impl Engine {
         store: Arc<dyn Store>,
         capabilities: Capabilities,
         settings: EngineSettings,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -102,6 +105,7 @@ impl Engine {
             limiter: capabilities.limiter,
             bus: capabilities.bus,
             settings,
+            metrics,
             shutdown: CancellationToken::new(),
             runs: TaskTracker::new(),
         })

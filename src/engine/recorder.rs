@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::lease::LeaseKeeper;
 use super::run::Stop;
 use crate::domain::{BackendError, Error, Registration, UserId};
+use crate::monitoring::Metrics;
 use crate::store::{After, Claimed, FinalStatus, RunClaim, SentNotification, Store};
 
 /// Settings of the recorder.
@@ -61,6 +62,9 @@ pub(super) struct Recorder {
     pending: Vec<SentNotification>,
     oldest_pending: Option<Instant>,
     in_flight: Option<InFlight>,
+    metrics: Arc<Metrics>,
+    /// What this recorder last added to `restock_unrecorded_sends`.
+    reported: usize,
 }
 
 impl Recorder {
@@ -69,6 +73,7 @@ impl Recorder {
         claim: RunClaim,
         settings: RecorderSettings,
         lease: LeaseKeeper,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -78,7 +83,21 @@ impl Recorder {
             lease,
             oldest_pending: None,
             in_flight: None,
+            metrics,
+            reported: 0,
         }
+    }
+
+    /// Brings `restock_unrecorded_sends` up to date with this run's share.
+    fn report(&mut self) {
+        let now = self.unrecorded();
+        let gauge = &self.metrics.unrecorded_sends;
+        if now > self.reported {
+            gauge.increment((now - self.reported) as f64);
+        } else if now < self.reported {
+            gauge.decrement((self.reported - now) as f64);
+        }
+        self.reported = now;
     }
 
     /// Takes note of notifications just delivered.
@@ -89,6 +108,7 @@ impl Recorder {
                 sent_at,
             }));
         self.oldest_pending.get_or_insert_with(Instant::now);
+        self.report();
     }
 
     /// Delivered but not committed (G10).
@@ -189,8 +209,13 @@ impl Recorder {
         let users = batch.iter().map(|s| s.registration.user_id).collect();
         let store = self.store.clone();
         let (claim, lease) = (self.claim, self.lease.lease());
-        let done =
-            tokio::spawn(async move { store.record(&claim, &batch, After::Renew, lease).await });
+        let took = self.metrics.record_batch_seconds.clone();
+        let done = tokio::spawn(async move {
+            let started = Instant::now();
+            let recorded = store.record(&claim, &batch, After::Renew, lease).await;
+            took.record(started.elapsed().as_secs_f64());
+            recorded
+        });
         self.in_flight = Some(InFlight {
             users,
             started: Instant::now(),
@@ -202,6 +227,12 @@ impl Recorder {
     /// dropped from the record too (a resume delivers it again under the same ids):
     /// recording it would leave a hole in the history (G5).
     async fn settle(&mut self) -> Result<(), Stop> {
+        let settled = self.settle_in_flight().await;
+        self.report();
+        settled
+    }
+
+    async fn settle_in_flight(&mut self) -> Result<(), Stop> {
         let Some(in_flight) = self.in_flight.take() else {
             return Ok(());
         };
@@ -237,12 +268,20 @@ impl Recorder {
             Err(_) => after = After::Finish(FinalStatus::Error),
         }
         let lease = self.lease.lease();
+        let started = Instant::now();
         let first = self
             .store
             .record(&self.claim, &self.pending, after, lease)
             .await;
+        self.metrics
+            .record_batch_seconds
+            .record(started.elapsed().as_secs_f64());
         match first {
-            Ok(Claimed::Yes) => Ok(after),
+            Ok(Claimed::Yes) => {
+                self.pending.clear();
+                self.report();
+                Ok(after)
+            }
             Ok(Claimed::Lost) => Err(Stop::Lost),
             Err(err) => {
                 tracing::error!(
@@ -281,5 +320,15 @@ impl Recorder {
         Err(Stop::Failed(
             last_error.expect("at least one attempt failed"),
         ))
+    }
+}
+
+impl Drop for Recorder {
+    /// A run that stops takes its share out of `restock_unrecorded_sends`, whatever
+    /// became of it.
+    fn drop(&mut self) {
+        self.metrics
+            .unrecorded_sends
+            .decrement(self.reported as f64);
     }
 }

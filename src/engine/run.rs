@@ -45,6 +45,8 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
     );
     async move {
         tracing::info!(resume_cursor = ?claimed.cursor, "run started");
+        engine.metrics.runs_in_progress.increment(1.0);
+        let _running = DecrementOnDrop(engine.metrics.runs_in_progress.clone());
         let claim = claimed.claim;
         let mut run = RunState {
             run: RunKey {
@@ -56,6 +58,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
                 claim,
                 engine.settings.recorder.clone(),
                 LeaseKeeper::new(engine.settings.lease.clone(), claimed_at),
+                engine.metrics.clone(),
             ),
             claim,
             cursor: claimed.cursor,
@@ -84,7 +87,10 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
             }
         };
         let status = match written {
-            After::Finish(status) => status.status(),
+            After::Finish(status) => {
+                engine.metrics.run_finished(status);
+                status.status()
+            }
             _ => RunStatus::InProgress,
         };
         match written {
@@ -225,6 +231,10 @@ impl RunState<'_> {
                 .map_err(Error::from)?
             {
                 Delivery::Delivered => {
+                    self.engine
+                        .metrics
+                        .notifications_sent
+                        .increment(chunk.len() as u64);
                     self.recorder.delivered(chunk, sent_at);
                     self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
                     return Ok(());
@@ -254,4 +264,14 @@ fn log_lease_run_out() {
         "commits stalled until the lease could run out: stopped sending; the run is taken \
          over once its lease has run out"
     );
+}
+
+/// Takes one off a gauge when dropped: a run counts as in progress for as long as its
+/// task drives it, however it stops.
+struct DecrementOnDrop(metrics::Gauge);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::Engine;
 use super::bus::{BusEvent, RunKey, SentBatch};
 use crate::domain::{Error, Notification, NotificationFilter, NotificationId, RunStatus};
+use crate::monitoring::Metrics;
 use crate::store::Recorded;
 
 /// Recorded notifications read per query.
@@ -95,6 +96,7 @@ impl Engine {
         // it was sent learns of it here.
         self.refuse_if_shutting_down()?;
         let mut state = Subscription {
+            open: OpenStream::new(self.metrics.clone()),
             engine: self.clone(),
             filter,
             live,
@@ -147,6 +149,8 @@ struct ResumePoint {
 }
 
 struct Subscription {
+    /// Counts the stream in `restock_subscribers` while it exists.
+    open: OpenStream,
     engine: Arc<Engine>,
     filter: NotificationFilter,
     live: broadcast::Receiver<Arc<BusEvent>>,
@@ -211,6 +215,7 @@ impl Subscription {
     }
 
     fn lagged(&self, missed: u64) -> StreamEnd {
+        self.open.metrics.subscribers_lagged.increment(1);
         StreamEnd::Lagged {
             missed,
             last_delivered: self.last_delivered,
@@ -391,6 +396,23 @@ impl Subscription {
             _ = self.shutdown.cancelled() => Err(self.shutting_down()),
             _ = tokio::time::sleep(self.engine.settings.recorder.flush_interval) => Ok(()),
         }
+    }
+}
+
+struct OpenStream {
+    metrics: Arc<Metrics>,
+}
+
+impl OpenStream {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.subscribers.increment(1.0);
+        Self { metrics }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.metrics.subscribers.decrement(1.0);
     }
 }
 

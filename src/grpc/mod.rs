@@ -2,6 +2,7 @@
 //! place where errors become status codes, and the API rate limit.
 
 pub mod admin;
+pub mod observe;
 pub mod ratelimit;
 pub mod restock;
 mod status;

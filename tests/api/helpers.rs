@@ -6,7 +6,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use restock_notifier::config::{Config, LogFormat};
+use restock_notifier::config::{Config, LogFormat, MetricsListen};
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminServiceClient;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
@@ -88,6 +88,8 @@ pub struct TestApp {
     pub admin: RestockAdminServiceClient<Channel>,
     pub channel: Channel,
     pub addr: std::net::SocketAddr,
+    /// The `/metrics` endpoint (on port 0).
+    pub metrics_addr: std::net::SocketAddr,
     /// A pool on the test's own database, for assertions on the tables. Queries through
     /// it are written to run on both MySQL and SQLite.
     pub db: AnyPool,
@@ -151,12 +153,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin_token: Some(ADMIN_TOKEN.into()),
         log: "info".into(),
         log_format: LogFormat::Text,
+        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: options.run_lease,
     };
     let app = Application::build_with(config, options.settings.clone())
         .await
         .expect("the application starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr().expect("tests serve /metrics");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -176,6 +180,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin: RestockAdminServiceClient::new(channel.clone()),
         channel,
         addr,
+        metrics_addr,
         db,
         backend,
         database,
@@ -199,6 +204,37 @@ impl TestApp {
             .expect("server stops cleanly");
         self.keep_database = true;
         (self.database.clone(), self.redis_prefix.clone())
+    }
+
+    /// `GET /metrics`: status line, headers and body.
+    pub async fn get_metrics_page(&self, path: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .expect("connects to /metrics");
+        conn.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        (head.to_string(), body.to_string())
+    }
+
+    /// Every sample of `/metrics`, by name with labels as exported
+    /// (`restock_runs_finished_total{status="completed"}`).
+    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+        let (head, body) = self.get_metrics_page("/metrics").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("name value");
+                (name.to_string(), value.parse().expect("a number"))
+            })
+            .collect()
     }
 
     pub async fn set_stock(&self, product: i64, stock: i64) -> proto::Product {

@@ -9,6 +9,7 @@ mod cluster;
 mod embedded;
 mod errors;
 mod manual_restock;
+mod metrics;
 mod rate_limit;
 mod redis_failure;
 mod runs;

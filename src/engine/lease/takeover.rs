@@ -42,6 +42,7 @@ impl Engine {
                                 resume_cursor = ?claimed.cursor,
                                 "took over a run whose lease ran out"
                             );
+                            engine.metrics.runs_taken_over.increment(1);
                             engine.spawn_run(claimed, claimed_at);
                         }
                     }

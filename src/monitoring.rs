@@ -1,0 +1,266 @@
+//! Prometheus metrics: the names of SPEC §5, recorded through the `metrics` facade into a
+//! Prometheus recorder of this service's own (not the process-global one, so that
+//! several services in one process, as in the tests, count apart), and served as text
+//! on `GET /metrics` over plain HTTP at `RESTOCK_METRICS_LISTEN`.
+//!
+//! No metric has a per-product or per-user label: their number stays fixed however many
+//! products and users there are.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder as _, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::FinalStatus;
+
+const SENT: &str = "restock_notifications_sent_total";
+const RATE_LIMIT: &str = "restock_send_rate_limit";
+const IN_PROGRESS: &str = "restock_runs_in_progress";
+const FINISHED: &str = "restock_runs_finished_total";
+const TAKEN_OVER: &str = "restock_runs_taken_over_total";
+const SUBSCRIBERS: &str = "restock_subscribers";
+const LAGGED: &str = "restock_subscribers_lagged_total";
+const RECORD_BATCH: &str = "restock_record_batch_seconds";
+const UNRECORDED: &str = "restock_unrecorded_sends";
+const GRPC_HANDLED: &str = "grpc_server_handled_total";
+const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
+
+/// Buckets of the latency histograms, in seconds: from a fast unary call (a
+/// millisecond) to a commit stalled for seconds.
+const RECORD_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// As go-grpc-prometheus's defaults, plus longer ones: a stream is handled until it ends.
+const GRPC_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0,
+];
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+/// The service's metrics, as handles that are cheap to update (an atomic each).
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    pub notifications_sent: Counter,
+    pub runs_in_progress: Gauge,
+    finished_completed: Counter,
+    finished_sold_out: Counter,
+    finished_error: Counter,
+    pub runs_taken_over: Counter,
+    pub subscribers: Gauge,
+    pub subscribers_lagged: Counter,
+    pub record_batch_seconds: Histogram,
+    pub unrecorded_sends: Gauge,
+}
+
+impl Metrics {
+    /// A fresh set, every metric at zero, with `restock_send_rate_limit` at `send_rate`.
+    pub fn new(send_rate: u32) -> Arc<Self> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(RECORD_BATCH.into()), RECORD_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(GRPC_SECONDS.into()), GRPC_BUCKETS)
+            })
+            .expect("the bucket lists are not empty")
+            .build_recorder();
+        describe(&recorder);
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
+        let finished = |status: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(FINISHED, vec![Label::new("status", status)]),
+                &META,
+            )
+        };
+        gauge(RATE_LIMIT).set(f64::from(send_rate));
+        let notifications_sent = counter(SENT);
+        let runs_in_progress = gauge(IN_PROGRESS);
+        let finished_completed = finished("completed");
+        let finished_sold_out = finished("canceled_by_sold_out");
+        let finished_error = finished("canceled_by_error");
+        let runs_taken_over = counter(TAKEN_OVER);
+        let subscribers = gauge(SUBSCRIBERS);
+        let subscribers_lagged = counter(LAGGED);
+        let record_batch_seconds =
+            recorder.register_histogram(&Key::from_name(RECORD_BATCH), &META);
+        let unrecorded_sends = gauge(UNRECORDED);
+        let metrics = Self {
+            recorder,
+            notifications_sent,
+            runs_in_progress,
+            finished_completed,
+            finished_sold_out,
+            finished_error,
+            runs_taken_over,
+            subscribers,
+            subscribers_lagged,
+            record_batch_seconds,
+            unrecorded_sends,
+        };
+        Arc::new(metrics)
+    }
+
+    /// Counts a run this instance brought to a final state.
+    pub fn run_finished(&self, status: FinalStatus) {
+        match status {
+            FinalStatus::Completed => &self.finished_completed,
+            FinalStatus::SoldOut => &self.finished_sold_out,
+            FinalStatus::Error => &self.finished_error,
+        }
+        .increment(1);
+    }
+
+    /// Counts a gRPC call that ended with `code` after `elapsed`. `service` and
+    /// `method` come from a fixed list (see `grpc::observe`), so the label sets are few.
+    pub fn grpc_handled(&self, service: &str, method: &str, code: &'static str, elapsed: Duration) {
+        let (service, method) = (service.to_owned(), method.to_owned());
+        let labels = vec![
+            Label::new("grpc_service", service.clone()),
+            Label::new("grpc_method", method.clone()),
+            Label::new("grpc_code", code),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(GRPC_HANDLED, labels), &META)
+            .increment(1);
+        let labels = vec![
+            Label::new("grpc_service", service),
+            Label::new("grpc_method", method),
+        ];
+        self.recorder
+            .register_histogram(&Key::from_parts(GRPC_SECONDS, labels), &META)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.recorder.handle().render()
+    }
+}
+
+fn describe(recorder: &PrometheusRecorder) {
+    let counter = |name: &'static str, text: &'static str| {
+        recorder.describe_counter(name.into(), None, text.into());
+    };
+    let gauge = |name: &'static str, text: &'static str| {
+        recorder.describe_gauge(name.into(), None, text.into());
+    };
+    let histogram = |name: &'static str, text: &'static str| {
+        recorder.describe_histogram(name.into(), Some(Unit::Seconds), text.into());
+    };
+    counter(SENT, "Notifications delivered by runs on this instance.");
+    gauge(
+        RATE_LIMIT,
+        "The configured RESTOCK_SEND_RATE: notifications per second, shared by all instances.",
+    );
+    gauge(IN_PROGRESS, "Runs this instance is driving now.");
+    counter(
+        FINISHED,
+        "Runs this instance brought to a final state, by status.",
+    );
+    counter(
+        TAKEN_OVER,
+        "Runs this instance took over from an instance whose lease ran out.",
+    );
+    gauge(SUBSCRIBERS, "Subscribe streams open on this instance.");
+    counter(LAGGED, "Subscribe streams ended because they fell behind.");
+    histogram(
+        RECORD_BATCH,
+        "Time to commit one batch of history rows with the run's cursor.",
+    );
+    gauge(
+        UNRECORDED,
+        "Notifications delivered by this instance's runs but not yet committed (G10).",
+    );
+    counter(
+        GRPC_HANDLED,
+        "gRPC calls completed on the server, by service, method and status code.",
+    );
+    histogram(
+        GRPC_SECONDS,
+        "Time from the start of a gRPC call to its end, streams included.",
+    );
+}
+
+/// The `/metrics` endpoint, bound and ready to serve.
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (port 0 picks one).
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on RESTOCK_METRICS_LISTEN {addr}"))?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves `GET /metrics` until `stop` is cancelled; also runs the recorder's upkeep.
+    pub async fn serve(self, metrics: Arc<Metrics>, stop: CancellationToken) {
+        let upkeep = metrics.clone();
+        let upkeep = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                upkeep.recorder.handle().run_upkeep();
+            }
+        });
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                // A scraper that hangs up mid-answer is its own business.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+        upkeep.abort();
+    }
+}
+
+fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "metrics are at GET /metrics\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n".into());
+    }
+    let mut response = reply(StatusCode::OK, metrics.render());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
