@@ -2,8 +2,11 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use futures::StreamExt as _;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
@@ -26,24 +29,45 @@ impl RestockApi {
 type NotificationStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedNotification, Status>> + Send>>;
 
+/// `google.rpc.ErrorInfo` domain of the stream ends below.
+pub const ERROR_DOMAIN: &str = "restock.v1";
+
+/// The status a stream ends with, in words and, for a client that resumes by itself,
+/// as `google.rpc.ErrorInfo { reason, domain: "restock.v1", metadata: { resume_after } }`
+/// in the status details (`resume_after` absent when nothing was delivered yet).
 fn end_status(end: StreamEnd) -> Status {
     let resume = |last: Option<NotificationId>| match last {
         Some(id) => format!("subscribe again with resume_after = \"{id}\""),
         None => "subscribe again".to_string(),
     };
+    let details = |reason: &str, last: Option<NotificationId>| {
+        let metadata: HashMap<String, String> = last
+            .map(|id| ("resume_after".to_string(), id.to_string()))
+            .into_iter()
+            .collect();
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+    };
     match end {
         StreamEnd::Lagged {
             missed,
             last_delivered,
-        } => Status::resource_exhausted(format!(
-            "this stream fell {missed} notifications behind and its buffer overflowed; read \
-             faster and {} to continue without a gap",
-            resume(last_delivered)
-        )),
-        StreamEnd::ShuttingDown { last_delivered } => Status::unavailable(format!(
-            "the service is shutting down; {} once it is back",
-            resume(last_delivered)
-        )),
+        } => Status::with_error_details(
+            Code::ResourceExhausted,
+            format!(
+                "this stream fell {missed} notifications behind and its buffer overflowed; \
+                 read faster and {} to continue without a gap",
+                resume(last_delivered)
+            ),
+            details("STREAM_LAGGED", last_delivered),
+        ),
+        StreamEnd::ShuttingDown { last_delivered } => Status::with_error_details(
+            Code::Unavailable,
+            format!(
+                "the service is shutting down; {} once it is back",
+                resume(last_delivered)
+            ),
+            details("SHUTTING_DOWN", last_delivered),
+        ),
         StreamEnd::Failed(err) => err.into(),
     }
 }

@@ -3,6 +3,7 @@
 use futures::StreamExt as _;
 use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
 use tonic::Code;
+use tonic_types::StatusExt as _;
 
 use crate::helpers::*;
 
@@ -30,7 +31,22 @@ async fn shutdown_mid_run_releases_the_run_and_the_next_start_continues_it(backe
         }
     };
     match end {
-        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Some(Err(status)) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            let info = status
+                .get_details_error_info()
+                .expect("ErrorInfo in the details");
+            assert_eq!(info.reason, "SHUTTING_DOWN");
+            assert_eq!(info.domain, "restock.v1");
+            // The last one this stream delivered: the 100 read, and maybe more.
+            let resume_after = info.metadata.get("resume_after").expect("resume_after");
+            let user: i64 = resume_after
+                .strip_prefix("1-1-")
+                .expect("a notification of product 1, round 1")
+                .parse()
+                .unwrap();
+            assert!(user >= 100, "{resume_after}");
+        }
         // The connection may close before the status is read; either way it ended.
         None => {}
         other => panic!("unexpected end {other:?}"),

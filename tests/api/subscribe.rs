@@ -8,6 +8,7 @@ use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
 
 use crate::helpers::*;
 
@@ -137,6 +138,20 @@ async fn a_stalled_subscriber_does_not_slow_a_run_and_is_ended_with_a_clear_stat
         "{}",
         status.message()
     );
+    // The same, for a client that resumes by itself: ErrorInfo in the details, with
+    // the last notification this stream delivered.
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo in the details");
+    assert_eq!(info.reason, "STREAM_LAGGED");
+    assert_eq!(info.domain, "restock.v1");
+    if delivered > 0 {
+        assert_eq!(
+            info.metadata.get("resume_after").map(String::as_str),
+            Some(format!("1-1-{delivered}").as_str()),
+            "the last one delivered"
+        );
+    }
 }
 
 async fn resume_after_replays_the_recorded_ones_then_continues_live(backend: Backend) {
