@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tonic::service::LayerExt as _;
+use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::{Config, MetricsListen};
@@ -142,10 +144,12 @@ impl Application {
 
         let limit = ApiRateLimit::new(self.api_rate);
         let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
-        let admin = limit.wrap(RestockAdminServiceServer::new(AdminApi::new(
-            engine.clone(),
-            AdminAuth::new(&self.admin_token),
-        )));
+        // The token is checked before anything else, the rate limit included (the
+        // limiter only wraps services that answer with plain bodies).
+        let admin =
+            InterceptorLayer::new(AdminAuth::new(&self.admin_token)).named_layer(limit.wrap(
+                RestockAdminServiceServer::new(AdminApi::new(engine.clone())),
+            ));
 
         let stopping = engine.clone();
         let signal = async move {

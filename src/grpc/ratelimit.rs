@@ -2,18 +2,16 @@
 //! calls with gRPC `RESOURCE_EXHAUSTED` (never an HTTP 429). It wraps the restock
 //! services only; health checks are never limited.
 
-use std::convert::Infallible;
-use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::server::NamedService;
+use tonic::service::{LayerExt as _, Layered};
 use tonic::transport::server::TcpConnectInfo;
-use tower::{Layer, Service};
+
 use tower_governor::GovernorError;
 use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
 use tower_governor::key_extractor::KeyExtractor;
@@ -64,7 +62,7 @@ impl ApiRateLimit {
     }
 
     /// Wraps a generated service, keeping its gRPC name so the router can mount it.
-    pub fn wrap<S>(&self, service: S) -> Limited<Governed<S>, S>
+    pub fn wrap<S>(&self, service: S) -> Layered<Governed<S>, S>
     where
         S: NamedService,
     {
@@ -89,45 +87,6 @@ impl ApiRateLimit {
                 status.into_http()
             },
         );
-        Limited {
-            inner: layer.layer(service),
-            _named: PhantomData,
-        }
-    }
-}
-
-/// A wrapped service that still answers to the wrapped one's gRPC name.
-pub struct Limited<S, N> {
-    inner: S,
-    _named: PhantomData<fn() -> N>,
-}
-
-impl<S: Clone, N> Clone for Limited<S, N> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            _named: PhantomData,
-        }
-    }
-}
-
-impl<S, N: NamedService> NamedService for Limited<S, N> {
-    const NAME: &'static str = N::NAME;
-}
-
-impl<S, N> Service<http::Request<Body>> for Limited<S, N>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-{
-    type Response = S::Response;
-    type Error = Infallible;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        self.inner.call(req)
+        layer.named_layer(service)
     }
 }
