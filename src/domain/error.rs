@@ -30,6 +30,9 @@ pub enum Error {
     /// A run of the product is in progress (G7).
     #[error("product {product} has a run in progress (round {round})")]
     RunInProgress { product: ProductId, round: i64 },
+    /// The product's restock round is at its largest value: it cannot start another.
+    #[error("product {0} has used every restock round")]
+    RoundsExhausted(ProductId),
     /// The product's stock is zero or less.
     #[error("product {product} is out of stock ({stock})")]
     OutOfStock { product: ProductId, stock: i64 },

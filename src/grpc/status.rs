@@ -31,6 +31,10 @@ impl From<Error> for Status {
                 "product {product} already has a run in progress (round {round}); wait for it \
                  to finish (GetRestockRun shows its status)"
             )),
+            Error::RoundsExhausted(product) => Status::failed_precondition(format!(
+                "product {product} has used every restock round (the round counter is at its \
+                 largest value) and cannot be restocked again; use a new product id"
+            )),
             Error::OutOfStock { product, stock } => Status::failed_precondition(format!(
                 "product {product} is out of stock (stock {stock}); set a positive stock with \
                  SetStock, or with the `stock` field of TriggerRestock"

@@ -89,8 +89,37 @@ fn backend(err: sqlx::Error) -> Error {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
-    );
+    ) || refuses_writes_for_now(&err);
     Error::Backend(BackendError::new(STORE, unavailable, err))
+}
+
+/// Errors of a server that takes no writes at the moment, as a primary does that was
+/// demoted in a failover (read-only until the new primary is found), or a Galera node
+/// out of its cluster. Retrying later, through a new connection, may work:
+/// UNAVAILABLE, not INTERNAL.
+fn refuses_writes_for_now(err: &sqlx::Error) -> bool {
+    /// `--read-only` (or `--super-read-only`) prevents the statement.
+    const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
+    /// A write in a transaction started READ ONLY.
+    const ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION: u16 = 1792;
+    /// `innodb_read_only` and the like.
+    const ER_READ_ONLY_MODE: u16 = 1836;
+    /// Galera: the node is not ready ("WSREP has not yet prepared node for application use").
+    const ER_UNKNOWN_COM_ERROR: u16 = 1047;
+    /// The server is shutting down.
+    const ER_SERVER_SHUTDOWN: u16 = 1053;
+    err.as_database_error()
+        .and_then(|db| db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|db| {
+            matches!(
+                db.number(),
+                ER_OPTION_PREVENTS_STATEMENT
+                    | ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+                    | ER_READ_ONLY_MODE
+                    | ER_UNKNOWN_COM_ERROR
+                    | ER_SERVER_SHUTDOWN
+            )
+        })
 }
 
 fn mysql_error_number(err: &Error) -> Option<u16> {
@@ -178,12 +207,8 @@ impl MySqlStore {
         let current = lock_product(&mut tx, product)
             .await?
             .ok_or_else(|| Error::UnknownProduct(product))?;
-        if current.stock <= 0 {
-            return Err(Error::OutOfStock {
-                product,
-                stock: current.stock,
-            });
-        }
+        // A run in progress is the first thing to tell: with `stock: 0` during a run,
+        // the caller learns the run goes on, not merely that the stock is out.
         if current.restock_round > 0 {
             let status: Option<String> = sqlx::query_scalar(
                 "SELECT status FROM product_notification_history \
@@ -201,7 +226,16 @@ impl MySqlStore {
                 });
             }
         }
-        let round = current.restock_round + 1;
+        if current.stock <= 0 {
+            return Err(Error::OutOfStock {
+                product,
+                stock: current.stock,
+            });
+        }
+        let round = current
+            .restock_round
+            .checked_add(1)
+            .ok_or(Error::RoundsExhausted(product))?;
         sqlx::query(
             "UPDATE product SET restock_round = ?, updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
         )
@@ -585,5 +619,49 @@ impl Store for MySqlStore {
 
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
         read_recorded(&self.pool, id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection as _, Executor as _, MySqlConnection};
+
+    use super::*;
+
+    /// A server that takes no writes answers with an error a caller may retry
+    /// (UNAVAILABLE). A demoted primary's `--read-only` cannot be switched on for one
+    /// test without stopping every other test's writes, so the same refusal comes from
+    /// a read-only transaction, on the real server.
+    #[tokio::test]
+    async fn writes_refused_by_a_read_only_server_are_unavailable() {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+        let database = format!("restock_unit_{:016x}", rand::random::<u64>());
+        let mut conn = MySqlConnection::connect(&server).await.unwrap();
+        conn.execute(format!("CREATE DATABASE {database}").as_str())
+            .await
+            .unwrap();
+        conn.execute(format!("CREATE TABLE {database}.t (x INT)").as_str())
+            .await
+            .unwrap();
+        conn.execute("SET SESSION TRANSACTION READ ONLY")
+            .await
+            .unwrap();
+        conn.execute("START TRANSACTION").await.unwrap();
+        let refused = conn
+            .execute(format!("INSERT INTO {database}.t VALUES (1)").as_str())
+            .await
+            .unwrap_err();
+        conn.execute("ROLLBACK").await.unwrap();
+        conn.execute("SET SESSION TRANSACTION READ WRITE")
+            .await
+            .unwrap();
+        conn.execute(format!("DROP DATABASE {database}").as_str())
+            .await
+            .unwrap();
+        let Error::Backend(err) = backend(refused) else {
+            panic!("a backend error")
+        };
+        assert!(err.unavailable, "{:?}", err.source);
     }
 }

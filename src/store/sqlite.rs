@@ -44,8 +44,30 @@ fn backend(err: sqlx::Error) -> Error {
     let unavailable = matches!(
         err,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    );
+    ) || refuses_writes_for_now(&err);
     Error::Backend(BackendError::new(STORE, unavailable, err))
+}
+
+/// SQLite result codes (the primary code, the low byte of an extended one) of a file
+/// that cannot be written at the moment: read-only (a read-only mount or file, a
+/// standby copy), busy or locked past the timeout, an I/O error, a full disk, a file
+/// that cannot be opened. Retrying later may work: UNAVAILABLE, not INTERNAL.
+fn refuses_writes_for_now(err: &sqlx::Error) -> bool {
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    const READONLY: i64 = 8;
+    const IOERR: i64 = 10;
+    const FULL: i64 = 13;
+    const CANTOPEN: i64 = 14;
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .and_then(|code| code.parse::<i64>().ok())
+        .is_some_and(|code| {
+            matches!(
+                code & 0xff,
+                BUSY | LOCKED | READONLY | IOERR | FULL | CANTOPEN
+            )
+        })
 }
 
 fn is_unique_violation(err: &sqlx::Error) -> bool {
@@ -254,12 +276,8 @@ impl Store for SqliteStore {
         let current = select_product(&mut tx, product)
             .await?
             .ok_or_else(|| Error::UnknownProduct(product))?;
-        if current.stock <= 0 {
-            return Err(Error::OutOfStock {
-                product,
-                stock: current.stock,
-            });
-        }
+        // A run in progress is the first thing to tell: with `stock: 0` during a run,
+        // the caller learns the run goes on, not merely that the stock is out.
         let in_progress: Option<i64> = sqlx::query_scalar(
             "SELECT restock_round FROM product_notification_history \
              WHERE product_id = ? AND status = 'IN_PROGRESS'",
@@ -271,7 +289,16 @@ impl Store for SqliteStore {
         if let Some(round) = in_progress {
             return Err(Error::RunInProgress { product, round });
         }
-        let round = current.restock_round + 1;
+        if current.stock <= 0 {
+            return Err(Error::OutOfStock {
+                product,
+                stock: current.stock,
+            });
+        }
+        let round = current
+            .restock_round
+            .checked_add(1)
+            .ok_or(Error::RoundsExhausted(product))?;
         let now = Utc::now();
         sqlx::query("UPDATE product SET restock_round = ?, updated_at = ? WHERE id = ?")
             .bind(round)

@@ -115,3 +115,34 @@ on_each_backend!(
     the_database_itself_refuses_a_second_run_in_progress,
     replayed_notifications_carry_the_sent_at_they_were_sent_with,
 );
+
+/// A database that takes no writes (here a file opened read-only, as a read-only mount
+/// or a standby copy would be) answers UNAVAILABLE, which says to retry, not INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_unavailable_not_internal() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.set_stock(1, 5).await;
+    let (path, _) = app.shut_down().await;
+    let _file = TempDb(path.clone());
+    let app = spawn_app_with(Options {
+        database: Some(format!("{path}?mode=ro")),
+        ..Options::new(Backend::Embedded)
+    })
+    .await;
+    // Reads work; writes are refused with a code that says to retry.
+    assert_eq!(
+        app.get_run(1, None).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let refused = app
+        .client
+        .clone()
+        .set_stock(restock_notifier::grpc::proto::SetStockRequest {
+            product_id: 1,
+            stock: 7,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_code(app.trigger(1, None).await, Code::Unavailable);
+}

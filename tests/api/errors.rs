@@ -108,7 +108,80 @@ async fn unknown_products_rounds_and_alerts_are_not_found(backend: Backend) {
     );
 }
 
+async fn trigger_with_stock_zero_during_a_run_says_the_run_is_in_progress(backend: Backend) {
+    let app = spawn_app_with(Options {
+        send_rate: 20,
+        ..Options::new(backend)
+    })
+    .await;
+    app.set_stock(1, 5).await;
+    let users: Vec<i64> = (1..=10).collect();
+    app.register_bulk(1, &users).await;
+    app.trigger(1, None).await.unwrap();
+    let refused = app.trigger(1, Some(0)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("run in progress"),
+        "{}",
+        refused.message()
+    );
+    // Nothing changed: the stock is still 5 and the run goes on to the end.
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), proto::RunStatus::Completed);
+    assert_eq!(run.sent_count, 10);
+    let stock: i64 = sqlx::query_scalar("SELECT stock FROM product WHERE id = 1")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stock, 5);
+}
+
+async fn the_restock_round_refuses_to_wrap(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.set_stock(1, 5).await;
+    sqlx::query("UPDATE product SET restock_round = ? WHERE id = 1")
+        .bind(i64::MAX)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let refused = app.trigger(1, None).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("every restock round"),
+        "{}",
+        refused.message()
+    );
+    let (round, runs): (i64, i64) = sqlx::query_as(
+        "SELECT restock_round, (SELECT COUNT(*) FROM product_notification_history) \
+         FROM product WHERE id = 1",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((round, runs), (i64::MAX, 0));
+}
+
+/// A 200 kB `resume_after` is refused with a message of bounded size.
+async fn an_oversized_input_gets_a_short_message(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let huge = "9".repeat(200_000);
+    let refused = app
+        .client
+        .clone()
+        .subscribe(SubscribeRequest {
+            resume_after: Some(huge),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().len() < 400, "{}", refused.message().len());
+}
+
 on_each_backend!(
     invalid_arguments_are_refused,
     unknown_products_rounds_and_alerts_are_not_found,
+    trigger_with_stock_zero_during_a_run_says_the_run_is_in_progress,
+    the_restock_round_refuses_to_wrap,
+    an_oversized_input_gets_a_short_message,
 );
