@@ -53,6 +53,11 @@ struct Bench {
 }
 
 async fn start(rate: u32) -> anyhow::Result<Bench> {
+    start_with(rate, true).await
+}
+
+/// As `start`, with metrics recorded or not (`RESTOCK_METRICS_LISTEN=off`).
+async fn start_with(rate: u32, metrics: bool) -> anyhow::Result<Bench> {
     let server =
         std::env::var("BENCH_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
     let redis =
@@ -68,7 +73,11 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
         admin_token: Some("bench".into()),
         log: "warn".into(),
         log_format: LogFormat::Text,
-        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
+        metrics_listen: if metrics {
+            MetricsListen::On("127.0.0.1:0".parse().unwrap())
+        } else {
+            MetricsListen::Off
+        },
         run_lease: std::time::Duration::from_secs(10),
     };
     let settings = EngineSettings {
@@ -91,6 +100,16 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
 }
 
 impl Bench {
+    /// The client and pool, to use from another task.
+    fn clone_handles(&self) -> Bench {
+        Bench {
+            client: self.client.clone(),
+            db: self.db.clone(),
+            server: self.server.clone(),
+            database: self.database.clone(),
+        }
+    }
+
     /// Product 1 with `users` registrations, written straight into the table.
     async fn seed(&self, users: u32) -> anyhow::Result<()> {
         let ids: Vec<i64> = (1..=i64::from(users)).collect();
@@ -270,6 +289,9 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
 async fn ceiling(users: u32) -> anyhow::Result<()> {
     let bench = start(u32::MAX).await?;
     bench.seed(users).await?;
+    // The same run on a second service with metrics off: what recording them costs.
+    let unmetered = start_with(u32::MAX, false).await?;
+    unmetered.seed(users).await?;
 
     // Baseline: the same rows, batched the same way, into a copy of the history table.
     sqlx::query("CREATE TABLE baseline LIKE product_user_notification_history")
@@ -289,26 +311,39 @@ async fn ceiling(users: u32) -> anyhow::Result<()> {
     }
     let baseline = began.elapsed();
 
-    let began = Instant::now();
-    bench.trigger().await?;
-    let run = bench.wait_final().await?;
-    let engine = began.elapsed();
-    anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
+    let timed_run = |bench: &Bench| {
+        let bench = bench.clone_handles();
+        async move {
+            let began = Instant::now();
+            bench.trigger().await?;
+            let run = bench.wait_final().await?;
+            anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
+            anyhow::Ok((began.elapsed(), run))
+        }
+    };
+    let (engine, run) = timed_run(&bench).await?;
+    let (engine_unmetered, _) = timed_run(&unmetered).await?;
 
     let per_s = |d: Duration| f64::from(users) / d.as_secs_f64();
     println!("ceiling: {users} users, run {:?}", run.status());
     println!(
-        "  plain batched INSERT: {baseline:.2?} ({:.0} rows/s)",
+        "  plain batched INSERT:            {baseline:.2?} ({:.0} rows/s)",
         per_s(baseline)
     );
     println!(
-        "  engine, unlimited:    {engine:.2?} ({:.0} notifications/s)",
+        "  engine, unlimited:               {engine:.2?} ({:.0} notifications/s)",
         per_s(engine)
     );
     println!(
-        "  engine / INSERT = {:.1}%",
-        100.0 * per_s(engine) / per_s(baseline)
+        "  engine, unlimited, metrics off:  {engine_unmetered:.2?} ({:.0} notifications/s)",
+        per_s(engine_unmetered)
     );
+    println!(
+        "  engine / INSERT = {:.1}%; with metrics / without = {:.1}%",
+        100.0 * per_s(engine) / per_s(baseline),
+        100.0 * per_s(engine) / per_s(engine_unmetered)
+    );
+    unmetered.drop_database().await?;
     bench.drop_database().await
 }
 

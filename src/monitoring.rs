@@ -48,7 +48,8 @@ static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None
 
 /// The service's metrics, as handles that are cheap to update (an atomic each).
 pub struct Metrics {
-    recorder: PrometheusRecorder,
+    /// `None` when metrics are off: every handle is then a no-op.
+    recorder: Option<PrometheusRecorder>,
     pub notifications_sent: Counter,
     pub runs_in_progress: Gauge,
     finished_completed: Counter,
@@ -62,6 +63,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Handles that record nothing, for `RESTOCK_METRICS_LISTEN=off`.
+    pub fn off() -> Arc<Self> {
+        Arc::new(Self {
+            recorder: None,
+            notifications_sent: Counter::noop(),
+            runs_in_progress: Gauge::noop(),
+            finished_completed: Counter::noop(),
+            finished_sold_out: Counter::noop(),
+            finished_error: Counter::noop(),
+            runs_taken_over: Counter::noop(),
+            subscribers: Gauge::noop(),
+            subscribers_lagged: Counter::noop(),
+            record_batch_seconds: Histogram::noop(),
+            unrecorded_sends: Gauge::noop(),
+        })
+    }
+
     /// A fresh set, every metric at zero, with `restock_send_rate_limit` at `send_rate`.
     pub fn new(send_rate: u32) -> Arc<Self> {
         let recorder = PrometheusBuilder::new()
@@ -93,7 +111,7 @@ impl Metrics {
             recorder.register_histogram(&Key::from_name(RECORD_BATCH), &META);
         let unrecorded_sends = gauge(UNRECORDED);
         let metrics = Self {
-            recorder,
+            recorder: Some(recorder),
             notifications_sent,
             runs_in_progress,
             finished_completed,
@@ -121,27 +139,33 @@ impl Metrics {
     /// Counts a gRPC call that ended with `code` after `elapsed`. `service` and
     /// `method` come from a fixed list (see `grpc::observe`), so the label sets are few.
     pub fn grpc_handled(&self, service: &str, method: &str, code: &'static str, elapsed: Duration) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
         let (service, method) = (service.to_owned(), method.to_owned());
         let labels = vec![
             Label::new("grpc_service", service.clone()),
             Label::new("grpc_method", method.clone()),
             Label::new("grpc_code", code),
         ];
-        self.recorder
+        recorder
             .register_counter(&Key::from_parts(GRPC_HANDLED, labels), &META)
             .increment(1);
         let labels = vec![
             Label::new("grpc_service", service),
             Label::new("grpc_method", method),
         ];
-        self.recorder
+        recorder
             .register_histogram(&Key::from_parts(GRPC_SECONDS, labels), &META)
             .record(elapsed.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.recorder.handle().render()
+        self.recorder
+            .as_ref()
+            .map(|r| r.handle().render())
+            .unwrap_or_default()
     }
 }
 
@@ -216,7 +240,9 @@ impl MetricsServer {
             let mut every = tokio::time::interval(Duration::from_secs(5));
             loop {
                 every.tick().await;
-                upkeep.recorder.handle().run_upkeep();
+                if let Some(recorder) = &upkeep.recorder {
+                    recorder.handle().run_upkeep();
+                }
             }
         });
         loop {

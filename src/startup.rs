@@ -67,7 +67,10 @@ impl Application {
         let capabilities = deployment
             .capabilities(config.send_rate, settings.subscriber_buffer)
             .await?;
-        let metrics = Metrics::new(config.send_rate.get());
+        let metrics = match config.metrics_listen {
+            MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
+            MetricsListen::Off => Metrics::off(),
+        };
         let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {
