@@ -5,10 +5,12 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
+use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::domain::{
-    NotificationFilter, NotificationId, ProductId, UserId, parse_round, parse_stock,
+    NotificationFilter, NotificationId, PageToken, ProductId, RunFilter, UserId, parse_page_size,
+    parse_round, parse_stock,
 };
 use crate::engine::Engine;
 use crate::engine::subscription::StreamEnd;
@@ -127,5 +129,20 @@ impl RestockService for RestockApi {
         let round = req.restock_round.map(parse_round).transpose()?;
         let run = self.engine.restock_run(product, round).await?;
         Ok(Response::new(run.into()))
+    }
+
+    async fn list_restock_runs(
+        &self,
+        request: Request<proto::ListRestockRunsRequest>,
+    ) -> Result<Response<proto::ListRestockRunsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = RunFilter {
+            status: req.status.map(parse_run_status).transpose()?,
+            product_id: req.product_id.map(ProductId::parse).transpose()?,
+        };
+        let page_size = parse_page_size(req.page_size)?;
+        let from = PageToken::decode(&req.page_token, &filter)?;
+        let page = self.engine.list_runs(filter, page_size, from).await?;
+        Ok(Response::new(page.into()))
     }
 }
