@@ -9,6 +9,7 @@ pub mod recorder;
 mod run;
 pub mod stock;
 pub mod subscription;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -25,6 +25,9 @@ impl RestockApi {
     }
 }
 
+type RunStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::RestockRun, Status>> + Send>>;
+
 type NotificationStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedNotification, Status>> + Send>>;
 
@@ -129,6 +132,20 @@ impl RestockService for RestockApi {
         let round = req.restock_round.map(parse_round).transpose()?;
         let run = self.engine.restock_run(product, round).await?;
         Ok(Response::new(run.into()))
+    }
+
+    type WatchRestockRunStream = RunStream;
+
+    async fn watch_restock_run(
+        &self,
+        request: Request<proto::WatchRestockRunRequest>,
+    ) -> Result<Response<Self::WatchRestockRunStream>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let round = req.restock_round.map(parse_round).transpose()?;
+        let stream = self.engine.watch_run(product, round).await?;
+        let stream = stream.map(|item| item.map(Into::into).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_restock_runs(

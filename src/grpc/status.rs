@@ -4,6 +4,7 @@
 use tonic::Status;
 
 use crate::domain::{BackendError, DEFAULT_PAGE_SIZE, Error, Invalid, MAX_PAGE_SIZE, NotResumable};
+use crate::engine::watch::WatchEnd;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
@@ -63,6 +64,18 @@ impl From<Error> for Status {
                 Status::unavailable("the service is shutting down; retry on another instance")
             }
             Error::Backend(err) => backend_status(err),
+        }
+    }
+}
+
+impl From<WatchEnd> for Status {
+    fn from(end: WatchEnd) -> Self {
+        match end {
+            WatchEnd::ShuttingDown { product, round } => Status::unavailable(format!(
+                "the service is shutting down; call WatchRestockRun again (product_id \
+                 {product}, restock_round {round}) once it is back, or on another instance"
+            )),
+            WatchEnd::Failed(err) => err.into(),
         }
     }
 }
