@@ -15,3 +15,4 @@ mod runs;
 mod shutdown;
 mod startup;
 mod subscribe;
+mod watch_list;
