@@ -115,6 +115,11 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
         .is_some_and(|e| e.is_unique_violation())
 }
 
+/// Names the index a query reads (see `read_runs`).
+fn use_index(index: &str) -> String {
+    format!(" FORCE INDEX ({index})")
+}
+
 fn lease_micros(lease: Duration) -> i64 {
     i64::try_from(lease.as_micros()).unwrap_or(i64::MAX)
 }

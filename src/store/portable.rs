@@ -233,17 +233,27 @@ macro_rules! portable_queries {
         }
 
         /// Newest first, by key. Each filter has an index that yields its rows in key
-        /// order (migrations `*_run_listing.sql`), so the `LIMIT` stops the scan: the
-        /// primary key with no filter, ix_pnh_list_status, ix_pnh_list_product, and
-        /// ix_pnh_list_product_status with both.
+        /// order (migrations `*_run_listing.sql`), so a page is read from it backwards and
+        /// the `LIMIT` stops the scan: the primary key with no filter, and the index
+        /// named below otherwise. The index is named to the database (`use_index`):
+        /// left to itself, MariaDB reads a product's runs through uq_pnh_product_round
+        /// and sorts them once the page is larger than its estimate of their number, and
+        /// a frequent status through the primary key, filtering as it goes.
         async fn read_runs(
             pool: &sqlx::Pool<$db>,
             filter: RunFilter,
             before: Option<i64>,
             limit: u32,
         ) -> Result<Vec<ListedRun>, Error> {
+            let index = match (filter.status, filter.product_id) {
+                (None, None) => None,
+                (Some(_), None) => Some("ix_pnh_list_status"),
+                (None, Some(_)) => Some("ix_pnh_list_product"),
+                (Some(_), Some(_)) => Some("ix_pnh_list_product_status"),
+            };
             let mut query = sqlx::QueryBuilder::<$db>::new(format!(
-                "SELECT id, {RUN_COLUMNS} FROM product_notification_history"
+                "SELECT id, {RUN_COLUMNS} FROM product_notification_history{}",
+                index.map(use_index).unwrap_or_default()
             ));
             let mut clause = " WHERE ";
             if let Some(status) = filter.status {

@@ -53,6 +53,12 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
         .is_some_and(|e| e.is_unique_violation())
 }
 
+/// Names the index a query reads (see `read_runs`); SQLite refuses the query, rather
+/// than scan, should the index not serve it.
+fn use_index(index: &str) -> String {
+    format!(" INDEXED BY {index}")
+}
+
 /// Lease deadlines are Unix microseconds, so they compare as numbers.
 fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
