@@ -61,6 +61,16 @@ pub enum Invalid {
     /// `resume_after` is not a notification id. Holds at most [`Invalid::QUOTE_MAX`]
     /// bytes of what was sent, so a huge input is never echoed back.
     NotANotificationId(String),
+    /// `status` of a listing is not a run status (RUN_STATUS_UNSPECIFIED, or a number
+    /// this build does not know).
+    NotARunStatus(i32),
+    /// A page size below zero.
+    NegativePageSize(i32),
+    /// `page_token` is not one this service made. Holds at most
+    /// [`Invalid::QUOTE_MAX`] bytes of what was sent.
+    NotAPageToken(String),
+    /// `page_token` was made for a listing with another filter.
+    PageTokenOfAnotherFilter,
 }
 
 impl Invalid {
@@ -86,6 +96,10 @@ impl fmt::Display for Invalid {
             Invalid::NotPositive { field, got } => write!(f, "{field} {got}"),
             Invalid::NegativeStock(got) => write!(f, "stock {got}"),
             Invalid::NotANotificationId(s) => write!(f, "resume_after {s:?}"),
+            Invalid::NotARunStatus(got) => write!(f, "status {got}"),
+            Invalid::NegativePageSize(got) => write!(f, "page_size {got}"),
+            Invalid::NotAPageToken(s) => write!(f, "page_token {s:?}"),
+            Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! errors a caller can act on. Nothing here knows about gRPC, SQL or Redis.
 
 mod error;
+mod listing;
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,6 +10,9 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 
 pub use error::{BackendError, Error, Invalid, NotResumable};
+pub use listing::{
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, RunFilter, RunPage, parse_page_size,
+};
 
 /// A product id: always positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

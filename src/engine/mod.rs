@@ -9,6 +9,7 @@ pub mod recorder;
 mod run;
 pub mod stock;
 pub mod subscription;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{Alert, Error, Product, ProductId, Run, UserId};
+use crate::domain::{Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, UserId};
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store};
 use bus::NotificationBus;
@@ -216,6 +217,32 @@ impl Engine {
         Err(match round {
             Some(round) => Error::UnknownRound { product, round },
             None => Error::NeverRestocked(product),
+        })
+    }
+
+    /// One page of runs matching `filter`, newest first, starting after `from` (the
+    /// token of the previous page; the first page when `None`).
+    pub async fn list_runs(
+        &self,
+        filter: RunFilter,
+        page_size: u32,
+        from: Option<PageToken>,
+    ) -> Result<RunPage, Error> {
+        // One run more than the page holds says whether there is a next page, so the
+        // last page never hands out a token that leads to an empty one.
+        let mut listed = self
+            .store
+            .list_runs(filter, from.map(|t| t.after()), page_size + 1)
+            .await?;
+        let more = listed.len() > page_size as usize;
+        listed.truncate(page_size as usize);
+        let next = match listed.last() {
+            Some(last) if more => Some(PageToken::new(filter, last.key)),
+            _ => None,
+        };
+        Ok(RunPage {
+            runs: listed.into_iter().map(|l| l.run).collect(),
+            next,
         })
     }
 

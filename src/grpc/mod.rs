@@ -8,7 +8,7 @@ pub mod restock;
 mod status;
 pub mod wire;
 
-use crate::domain::{self, RunStatus};
+use crate::domain::{self, Error, Invalid, RunStatus};
 use chrono::{DateTime, Utc};
 
 /// Generated code of `proto/restock/v1/restock.proto` (see `build.rs`).
@@ -41,6 +41,20 @@ impl From<RunStatus> for proto::RunStatus {
     }
 }
 
+/// A run status asked for by a caller. RUN_STATUS_UNSPECIFIED is not one (an unset
+/// field means "any status"), nor is a number this build does not know.
+pub(crate) fn parse_run_status(raw: i32) -> Result<RunStatus, Error> {
+    match proto::RunStatus::try_from(raw) {
+        Ok(proto::RunStatus::InProgress) => Ok(RunStatus::InProgress),
+        Ok(proto::RunStatus::CanceledBySoldOut) => Ok(RunStatus::CanceledBySoldOut),
+        Ok(proto::RunStatus::CanceledByError) => Ok(RunStatus::CanceledByError),
+        Ok(proto::RunStatus::Completed) => Ok(RunStatus::Completed),
+        Ok(proto::RunStatus::Unspecified) | Err(_) => {
+            Err(Error::InvalidArgument(Invalid::NotARunStatus(raw)))
+        }
+    }
+}
+
 impl From<domain::Run> for proto::RestockRun {
     fn from(run: domain::Run) -> Self {
         proto::RestockRun {
@@ -51,6 +65,15 @@ impl From<domain::Run> for proto::RestockRun {
             sent_count: run.sent_count,
             started_at: Some(timestamp(run.started_at)),
             updated_at: Some(timestamp(run.updated_at)),
+        }
+    }
+}
+
+impl From<domain::RunPage> for proto::ListRestockRunsResponse {
+    fn from(page: domain::RunPage) -> Self {
+        proto::ListRestockRunsResponse {
+            runs: page.runs.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
         }
     }
 }

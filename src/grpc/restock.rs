@@ -8,10 +8,12 @@ use futures::StreamExt as _;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::domain::{
-    NotificationFilter, NotificationId, ProductId, UserId, parse_round, parse_stock,
+    NotificationFilter, NotificationId, PageToken, ProductId, RunFilter, UserId, parse_page_size,
+    parse_round, parse_stock,
 };
 use crate::engine::Engine;
 use crate::engine::subscription::StreamEnd;
@@ -25,6 +27,9 @@ impl RestockApi {
         Self { engine }
     }
 }
+
+type RunStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::RestockRun, Status>> + Send>>;
 
 type NotificationStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedNotification, Status>> + Send>>;
@@ -151,5 +156,34 @@ impl RestockService for RestockApi {
         let round = req.restock_round.map(parse_round).transpose()?;
         let run = self.engine.restock_run(product, round).await?;
         Ok(Response::new(run.into()))
+    }
+
+    type WatchRestockRunStream = RunStream;
+
+    async fn watch_restock_run(
+        &self,
+        request: Request<proto::WatchRestockRunRequest>,
+    ) -> Result<Response<Self::WatchRestockRunStream>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let round = req.restock_round.map(parse_round).transpose()?;
+        let stream = self.engine.watch_run(product, round).await?;
+        let stream = stream.map(|item| item.map(Into::into).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_restock_runs(
+        &self,
+        request: Request<proto::ListRestockRunsRequest>,
+    ) -> Result<Response<proto::ListRestockRunsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = RunFilter {
+            status: req.status.map(parse_run_status).transpose()?,
+            product_id: req.product_id.map(ProductId::parse).transpose()?,
+        };
+        let page_size = parse_page_size(req.page_size)?;
+        let from = PageToken::decode(&req.page_token, &filter)?;
+        let page = self.engine.list_runs(filter, page_size, from).await?;
+        Ok(Response::new(page.into()))
     }
 }

@@ -3,7 +3,8 @@
 
 use tonic::Status;
 
-use crate::domain::{BackendError, Error, Invalid, NotResumable};
+use crate::domain::{BackendError, DEFAULT_PAGE_SIZE, Error, Invalid, MAX_PAGE_SIZE, NotResumable};
+use crate::engine::watch::WatchEnd;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
@@ -71,6 +72,18 @@ impl From<Error> for Status {
     }
 }
 
+impl From<WatchEnd> for Status {
+    fn from(end: WatchEnd) -> Self {
+        match end {
+            WatchEnd::ShuttingDown { product, round } => Status::unavailable(format!(
+                "the service is shutting down; call WatchRestockRun again (product_id \
+                 {product}, restock_round {round}) once it is back, or on another instance"
+            )),
+            WatchEnd::Failed(err) => err.into(),
+        }
+    }
+}
+
 fn invalid_message(invalid: &Invalid) -> String {
     match invalid {
         Invalid::NotPositive {
@@ -88,6 +101,24 @@ fn invalid_message(invalid: &Invalid) -> String {
             "resume_after {quoted:?} is not a notification_id; pass the notification_id of a \
              notification you received (<product_id>-<restock_round>-<user_id>)"
         ),
+        Invalid::NotARunStatus(got) => format!(
+            "status {got} is not a run status; pass one of RUN_STATUS_IN_PROGRESS, \
+             RUN_STATUS_CANCELED_BY_SOLD_OUT, RUN_STATUS_CANCELED_BY_ERROR, \
+             RUN_STATUS_COMPLETED, or leave status unset for runs of every status"
+        ),
+        Invalid::NegativePageSize(got) => format!(
+            "page_size must be zero or more, got {got}; 0 means {DEFAULT_PAGE_SIZE}, and \
+             more than {MAX_PAGE_SIZE} means {MAX_PAGE_SIZE}"
+        ),
+        Invalid::NotAPageToken(quoted) => format!(
+            "page_token {quoted:?} is not a page token of this service; pass the \
+             next_page_token of the previous page as it was, or start again without \
+             page_token"
+        ),
+        Invalid::PageTokenOfAnotherFilter => "page_token belongs to a listing with another \
+             status or product_id; send the same filter as for the previous page, or start \
+             again without page_token"
+            .to_string(),
     }
 }
 

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     Alert, Error, NotResumable, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunStatus, UserId,
+    ProductId, Registration, Run, RunFilter, RunStatus, UserId,
 };
 
 /// Which run a task drives, and the claim that proves it still drives it: every write of
@@ -180,6 +180,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Where a notification was recorded, if it was.
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error>;
+
+    /// Up to `limit` runs matching `filter` with a key below `before` (all when `None`),
+    /// newest first: in descending key order, which is creation order reversed.
+    async fn list_runs(
+        &self,
+        filter: RunFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ListedRun>, Error>;
+}
+
+/// A run as listed, with the key a listing pages by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRun {
+    /// The run row's id: handed out in creation order, so the newest run has the
+    /// highest.
+    pub key: i64,
+    pub run: Run,
 }
 
 /// A recorded notification: its place in the record and in its run's queue.

@@ -10,12 +10,12 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 
 use super::{
-    After, Claimed, ClaimedRun, Recorded, RunClaim, RunProgress, SentNotification, Store,
-    check_resumable, claim_token,
+    After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
+    Store, check_resumable, claim_token,
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunStatus, UserId,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId,
 };
 
 const STORE: &str = "database";
@@ -142,6 +142,11 @@ fn is_retryable(err: &Error) -> bool {
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .is_some_and(|e| e.is_unique_violation())
+}
+
+/// Names the index a query reads (see `read_runs`).
+fn use_index(index: &str) -> String {
+    format!(" FORCE INDEX ({index})")
 }
 
 fn lease_micros(lease: Duration) -> i64 {
@@ -619,6 +624,15 @@ impl Store for MySqlStore {
 
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
         read_recorded(&self.pool, id).await
+    }
+
+    async fn list_runs(
+        &self,
+        filter: RunFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ListedRun>, Error> {
+        read_runs(&self.pool, filter, before, limit).await
     }
 }
 

@@ -232,6 +232,53 @@ macro_rules! portable_queries {
             rows.iter().map(recorded_from_row).collect()
         }
 
+        /// Newest first, by key. Each filter has an index that yields its rows in key
+        /// order (migrations `*_run_listing.sql`), so a page is read from it backwards and
+        /// the `LIMIT` stops the scan: the primary key with no filter, and the index
+        /// named below otherwise. The index is named to the database (`use_index`):
+        /// left to itself, MariaDB reads a product's runs through uq_pnh_product_round
+        /// and sorts them once the page is larger than its estimate of their number, and
+        /// a frequent status through the primary key, filtering as it goes.
+        async fn read_runs(
+            pool: &sqlx::Pool<$db>,
+            filter: RunFilter,
+            before: Option<i64>,
+            limit: u32,
+        ) -> Result<Vec<ListedRun>, Error> {
+            let index = match (filter.status, filter.product_id) {
+                (None, None) => None,
+                (Some(_), None) => Some("ix_pnh_list_status"),
+                (None, Some(_)) => Some("ix_pnh_list_product"),
+                (Some(_), Some(_)) => Some("ix_pnh_list_product_status"),
+            };
+            let mut query = sqlx::QueryBuilder::<$db>::new(format!(
+                "SELECT id, {RUN_COLUMNS} FROM product_notification_history{}",
+                index.map(use_index).unwrap_or_default()
+            ));
+            let mut clause = " WHERE ";
+            if let Some(status) = filter.status {
+                query.push(clause).push("status = ").push_bind(status.as_str());
+                clause = " AND ";
+            }
+            if let Some(product) = filter.product_id {
+                query.push(clause).push("product_id = ").push_bind(product.get());
+                clause = " AND ";
+            }
+            if let Some(before) = before {
+                query.push(clause).push("id < ").push_bind(before);
+            }
+            query.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+            let rows = query.build().fetch_all(pool).await.map_err(backend)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(ListedRun {
+                        key: row.try_get("id").map_err(backend)?,
+                        run: run_from_row(row)?,
+                    })
+                })
+                .collect()
+        }
+
         /// Served by uq_pnh_product_round.
         async fn read_run_progress(
             pool: &sqlx::Pool<$db>,

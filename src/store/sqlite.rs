@@ -21,12 +21,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    After, Claimed, ClaimedRun, Recorded, RunClaim, RunProgress, SentNotification, Store,
-    check_resumable, claim_token,
+    After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
+    Store, check_resumable, claim_token,
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunStatus, UserId,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId,
 };
 
 const STORE: &str = "database";
@@ -73,6 +73,12 @@ fn refuses_writes_for_now(err: &sqlx::Error) -> bool {
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .is_some_and(|e| e.is_unique_violation())
+}
+
+/// Names the index a query reads (see `read_runs`); SQLite refuses the query, rather
+/// than scan, should the index not serve it.
+fn use_index(index: &str) -> String {
+    format!(" INDEXED BY {index}")
 }
 
 /// Lease deadlines are Unix microseconds, so they compare as numbers.
@@ -524,5 +530,14 @@ impl Store for SqliteStore {
 
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
         read_recorded(&self.reader, id).await
+    }
+
+    async fn list_runs(
+        &self,
+        filter: RunFilter,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ListedRun>, Error> {
+        read_runs(&self.reader, filter, before, limit).await
     }
 }

@@ -16,3 +16,4 @@ mod runs;
 mod shutdown;
 mod startup;
 mod subscribe;
+mod watch_list;

@@ -1,0 +1,284 @@
+//! Listing runs: which runs, how many per page, and the page token that carries a page's
+//! end to the next request.
+//!
+//! Pages are keyset pages, never offsets: runs come newest first, in descending order
+//! of their key (the run row's id, handed out in creation order), and a page token is
+//! the key of the last run a page held. A run started between two pages cannot shift
+//! the next page, and reading page 1,000 costs what reading page 1 does.
+//!
+//! The token also holds the filter it was made for. A token sent back with a different
+//! filter would start the new listing at a point of the old one, so it is refused
+//! rather than honoured with a silently wrong page.
+
+use super::{Error, Invalid, ProductId, Run, RunStatus};
+
+/// Which runs a listing returns; `None` matches everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    pub product_id: Option<ProductId>,
+}
+
+/// Runs per page when the caller does not say (AIP-158).
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The most runs per page; a larger page size is read as this one (AIP-158).
+pub const MAX_PAGE_SIZE: u32 = 1_000;
+
+/// Validates a caller's page size: 0 means the default, more than the maximum means the
+/// maximum, a negative size is refused.
+pub fn parse_page_size(raw: i32) -> Result<u32, Error> {
+    match u32::try_from(raw) {
+        Err(_) => Err(Error::InvalidArgument(Invalid::NegativePageSize(raw))),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(size) => Ok(size.min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// One page of a listing, newest run first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<PageToken>,
+}
+
+/// Where the next page of a listing starts: after the run with key `after`, for
+/// `filter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageToken {
+    filter: RunFilter,
+    after: i64,
+}
+
+/// Version of the token's encoding, its first byte: a later encoding gets a new number,
+/// so a token of an older build is recognised rather than misread.
+const VERSION: u8 = 1;
+const HAS_STATUS: u8 = 0b01;
+const HAS_PRODUCT: u8 = 0b10;
+/// version, flags, status, product id (8 bytes), key (8 bytes).
+const TOKEN_LEN: usize = 19;
+
+impl PageToken {
+    pub fn new(filter: RunFilter, after: i64) -> Self {
+        Self { filter, after }
+    }
+
+    /// The key of the last run of the previous page: the next page has the runs below it.
+    pub fn after(&self) -> i64 {
+        self.after
+    }
+
+    /// The opaque form a caller sends back: URL-safe base64, without padding.
+    pub fn encode(&self) -> String {
+        let mut bytes = [0u8; TOKEN_LEN];
+        bytes[0] = VERSION;
+        if let Some(status) = self.filter.status {
+            bytes[1] |= HAS_STATUS;
+            bytes[2] = status_code(status);
+        }
+        if let Some(product) = self.filter.product_id {
+            bytes[1] |= HAS_PRODUCT;
+            bytes[3..11].copy_from_slice(&product.get().to_be_bytes());
+        }
+        bytes[11..19].copy_from_slice(&self.after.to_be_bytes());
+        base64url::encode(&bytes)
+    }
+
+    /// Reads a caller's `page_token` for a listing with `filter`: `None` when it is
+    /// empty (the first page). Refused when it is not a token of this service, or was
+    /// made for another filter.
+    pub fn decode(token: &str, filter: &RunFilter) -> Result<Option<Self>, Error> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let malformed = || Error::InvalidArgument(Invalid::NotAPageToken(Invalid::quote(token)));
+        let bytes = base64url::decode(token).ok_or_else(malformed)?;
+        let bytes: [u8; TOKEN_LEN] = bytes.try_into().map_err(|_| malformed())?;
+        let flags = bytes[1];
+        if bytes[0] != VERSION || flags & !(HAS_STATUS | HAS_PRODUCT) != 0 {
+            return Err(malformed());
+        }
+        let status = match flags & HAS_STATUS {
+            0 if bytes[2] == 0 => None,
+            0 => return Err(malformed()),
+            _ => Some(status_of_code(bytes[2]).ok_or_else(malformed)?),
+        };
+        let product = i64::from_be_bytes(bytes[3..11].try_into().expect("8 bytes"));
+        let product_id = match flags & HAS_PRODUCT {
+            0 if product == 0 => None,
+            0 => return Err(malformed()),
+            _ => Some(ProductId::parse(product).map_err(|_| malformed())?),
+        };
+        let after = i64::from_be_bytes(bytes[11..19].try_into().expect("8 bytes"));
+        if after <= 0 {
+            return Err(malformed());
+        }
+        let made_for = RunFilter { status, product_id };
+        if made_for != *filter {
+            return Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherFilter));
+        }
+        Ok(Some(Self {
+            filter: made_for,
+            after,
+        }))
+    }
+}
+
+/// The byte a status is stored as in a token. Fixed forever: tokens outlive builds.
+fn status_code(status: RunStatus) -> u8 {
+    match status {
+        RunStatus::InProgress => 1,
+        RunStatus::CanceledBySoldOut => 2,
+        RunStatus::CanceledByError => 3,
+        RunStatus::Completed => 4,
+    }
+}
+
+fn status_of_code(code: u8) -> Option<RunStatus> {
+    Some(match code {
+        1 => RunStatus::InProgress,
+        2 => RunStatus::CanceledBySoldOut,
+        3 => RunStatus::CanceledByError,
+        4 => RunStatus::Completed,
+        _ => return None,
+    })
+}
+
+/// URL-safe base64 without padding (RFC 4648 §5): a token can go in a URL or a shell
+/// command as it is. A handful of lines, rather than a dependency for one 19-byte value.
+mod base64url {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            // A chunk of k bytes gives k + 1 characters.
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize] as char);
+            }
+        }
+        out
+    }
+
+    /// `None` unless `text` is the canonical encoding of some bytes.
+    pub fn decode(text: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(text.len() * 3 / 4);
+        for chunk in text.as_bytes().chunks(4) {
+            if chunk.len() == 1 {
+                return None;
+            }
+            let mut n = 0u32;
+            for (i, &c) in chunk.iter().enumerate() {
+                let value = ALPHABET.iter().position(|&a| a == c)? as u32;
+                n |= value << (18 - 6 * i);
+            }
+            // A chunk of k characters holds k - 1 bytes; the bits left over must be 0.
+            let len = chunk.len() - 1;
+            if len < 3 && n & (0xff_ffff >> (8 * len)) != 0 {
+                return None;
+            }
+            out.extend((0..len).map(|i| (n >> (16 - 8 * i)) as u8));
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(status: Option<RunStatus>, product: Option<i64>) -> RunFilter {
+        RunFilter {
+            status,
+            product_id: product.map(|p| ProductId::parse(p).unwrap()),
+        }
+    }
+
+    #[test]
+    fn base64url_round_trips_every_length() {
+        let data: Vec<u8> = (0..=255).collect();
+        for len in 0..40 {
+            let encoded = base64url::encode(&data[200 - len..200]);
+            assert!(!encoded.contains(['+', '/', '=']));
+            assert_eq!(base64url::decode(&encoded).unwrap(), &data[200 - len..200]);
+        }
+        assert_eq!(base64url::encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64url::encode(b"fo"), "Zm8");
+        assert_eq!(base64url::encode(&[0xfb, 0xff]), "-_8");
+        // Non-canonical trailing bits, stray characters and impossible lengths.
+        for bad in ["Zm9", "Zm8=", "Z", "Zm8/", "Zm8 ", "ä"] {
+            assert_eq!(base64url::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_round_trips_with_its_filter() {
+        for f in [
+            filter(None, None),
+            filter(Some(RunStatus::Completed), None),
+            filter(None, Some(i64::MAX)),
+            filter(Some(RunStatus::InProgress), Some(7)),
+        ] {
+            let token = PageToken::new(f, 12_345);
+            let decoded = PageToken::decode(&token.encode(), &f).unwrap().unwrap();
+            assert_eq!(decoded, token);
+            assert_eq!(decoded.after(), 12_345);
+        }
+        assert_eq!(PageToken::decode("", &filter(None, None)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_token_for_another_filter_is_refused() {
+        let token = PageToken::new(filter(Some(RunStatus::Completed), Some(3)), 9).encode();
+        for other in [
+            filter(None, None),
+            filter(Some(RunStatus::Completed), None),
+            filter(Some(RunStatus::Completed), Some(4)),
+            filter(Some(RunStatus::CanceledByError), Some(3)),
+        ] {
+            assert!(matches!(
+                PageToken::decode(&token, &other),
+                Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherFilter))
+            ));
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_and_quoted_short() {
+        let any = filter(None, None);
+        let good = PageToken::new(any, 5).encode();
+        let mut versioned = base64url::decode(&good).unwrap();
+        versioned[0] = 2;
+        let mut zero_key = base64url::decode(&good).unwrap();
+        zero_key[18] = 0;
+        let huge = "x".repeat(10_000);
+        for bad in [
+            "not a token".to_string(),
+            good[..good.len() - 1].to_string(),
+            format!("{good}AA"),
+            base64url::encode(&versioned),
+            base64url::encode(&zero_key),
+            huge.clone(),
+        ] {
+            match PageToken::decode(&bad, &any) {
+                Err(Error::InvalidArgument(Invalid::NotAPageToken(quoted))) => {
+                    assert!(quoted.len() <= Invalid::QUOTE_MAX + '…'.len_utf8());
+                }
+                other => panic!("{bad:.80}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn page_size_defaults_caps_and_refuses_negatives() {
+        assert_eq!(parse_page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(parse_page_size(3).unwrap(), 3);
+        assert_eq!(parse_page_size(1_000).unwrap(), 1_000);
+        assert_eq!(parse_page_size(i32::MAX).unwrap(), MAX_PAGE_SIZE);
+        assert!(parse_page_size(-1).is_err());
+    }
+}
