@@ -2,11 +2,8 @@
 
 use std::sync::Arc;
 
-use std::collections::HashMap;
-
 use futures::StreamExt as _;
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
+use tonic::{Request, Response, Status};
 
 use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
@@ -16,7 +13,6 @@ use crate::domain::{
     parse_round, parse_stock,
 };
 use crate::engine::Engine;
-use crate::engine::subscription::StreamEnd;
 
 pub struct RestockApi {
     engine: Arc<Engine>,
@@ -33,49 +29,6 @@ type RunStream =
 
 type NotificationStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<EncodedNotification, Status>> + Send>>;
-
-/// `google.rpc.ErrorInfo` domain of the stream ends below.
-pub const ERROR_DOMAIN: &str = "restock.v1";
-
-/// The status a stream ends with, in words and, for a client that resumes by itself,
-/// as `google.rpc.ErrorInfo { reason, domain: "restock.v1", metadata: { resume_after } }`
-/// in the status details (`resume_after` absent when nothing was delivered yet).
-fn end_status(end: StreamEnd) -> Status {
-    let resume = |last: Option<NotificationId>| match last {
-        Some(id) => format!("subscribe again with resume_after = \"{id}\""),
-        None => "subscribe again".to_string(),
-    };
-    let details = |reason: &str, last: Option<NotificationId>| {
-        let metadata: HashMap<String, String> = last
-            .map(|id| ("resume_after".to_string(), id.to_string()))
-            .into_iter()
-            .collect();
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
-    };
-    match end {
-        StreamEnd::Lagged {
-            missed,
-            last_delivered,
-        } => Status::with_error_details(
-            Code::ResourceExhausted,
-            format!(
-                "this stream fell {missed} notifications behind and its buffer overflowed; \
-                 read faster and {} to continue without a gap",
-                resume(last_delivered)
-            ),
-            details("STREAM_LAGGED", last_delivered),
-        ),
-        StreamEnd::ShuttingDown { last_delivered } => Status::with_error_details(
-            Code::Unavailable,
-            format!(
-                "the service is shutting down; {} once it is back",
-                resume(last_delivered)
-            ),
-            details("SHUTTING_DOWN", last_delivered),
-        ),
-        StreamEnd::Failed(err) => err.into(),
-    }
-}
 
 #[tonic::async_trait]
 impl RestockService for RestockApi {
@@ -109,7 +62,7 @@ impl RestockService for RestockApi {
         let stream = self.engine.subscribe(filter, resume_after).await?;
         let stream = stream.map(|item| match item {
             Ok(n) => Ok(EncodedNotification::of(n)),
-            Err(end) => Err(end_status(end)),
+            Err(end) => Err(end.into()),
         });
         Ok(Response::new(Box::pin(stream)))
     }

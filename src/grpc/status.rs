@@ -1,9 +1,15 @@
 //! The one place where errors become gRPC status codes, and where the words a caller
 //! reads are written: each message says what to do next.
 
-use tonic::Status;
+use std::collections::HashMap;
 
-use crate::domain::{BackendError, DEFAULT_PAGE_SIZE, Error, Invalid, MAX_PAGE_SIZE, NotResumable};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use crate::domain::{
+    BackendError, DEFAULT_PAGE_SIZE, Error, Invalid, MAX_PAGE_SIZE, NotResumable, NotificationId,
+};
+use crate::engine::subscription::StreamEnd;
 use crate::engine::watch::WatchEnd;
 
 impl From<Error> for Status {
@@ -72,13 +78,85 @@ impl From<Error> for Status {
     }
 }
 
+/// `google.rpc.ErrorInfo` domain of the stream ends below.
+pub const ERROR_DOMAIN: &str = "restock.v1";
+
+/// `google.rpc.ErrorInfo { reason, domain: "restock.v1", metadata }` in a status's
+/// details, for clients that act on a stream's end without parsing its message.
+fn with_error_info(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: &[(&str, String)],
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+/// A `Subscribe` stream the service ends: in words, and as ErrorInfo with the
+/// `resume_after` to subscribe again with (absent when nothing was delivered yet).
+impl From<StreamEnd> for Status {
+    fn from(end: StreamEnd) -> Self {
+        let resume = |last: Option<NotificationId>| match last {
+            Some(id) => format!("subscribe again with resume_after = \"{id}\""),
+            None => "subscribe again".to_string(),
+        };
+        let metadata = |last: Option<NotificationId>| -> Vec<(&str, String)> {
+            last.map(|id| ("resume_after", id.to_string()))
+                .into_iter()
+                .collect()
+        };
+        match end {
+            StreamEnd::Lagged {
+                missed,
+                last_delivered,
+            } => with_error_info(
+                Code::ResourceExhausted,
+                format!(
+                    "this stream fell {missed} notifications behind and its buffer overflowed; \
+                     read faster and {} to continue without a gap",
+                    resume(last_delivered)
+                ),
+                "STREAM_LAGGED",
+                &metadata(last_delivered),
+            ),
+            StreamEnd::ShuttingDown { last_delivered } => with_error_info(
+                Code::Unavailable,
+                format!(
+                    "the service is shutting down; {} once it is back",
+                    resume(last_delivered)
+                ),
+                "SHUTTING_DOWN",
+                &metadata(last_delivered),
+            ),
+            StreamEnd::Failed(err) => err.into(),
+        }
+    }
+}
+
+/// A `WatchRestockRun` stream the service ends before the run's final state.
 impl From<WatchEnd> for Status {
     fn from(end: WatchEnd) -> Self {
         match end {
-            WatchEnd::ShuttingDown { product, round } => Status::unavailable(format!(
-                "the service is shutting down; call WatchRestockRun again (product_id \
-                 {product}, restock_round {round}) once it is back, or on another instance"
-            )),
+            WatchEnd::ShuttingDown { product, round } => with_error_info(
+                Code::Unavailable,
+                format!(
+                    "the service is shutting down; call WatchRestockRun again (product_id \
+                     {product}, restock_round {round}) once it is back, or on another instance"
+                ),
+                "SHUTTING_DOWN",
+                &[
+                    ("product_id", product.to_string()),
+                    ("restock_round", round.to_string()),
+                ],
+            ),
             WatchEnd::Failed(err) => err.into(),
         }
     }

@@ -9,6 +9,7 @@ use restock_notifier::grpc::proto::{
 };
 use tokio::time::Instant;
 use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
 
 use crate::cluster::spawn_cluster;
 use crate::helpers::*;
@@ -148,6 +149,19 @@ async fn watch_ends_unavailable_when_the_service_shuts_down(backend: Backend) {
     );
     let status = end.expect("the watch does not end OK while the run goes on");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo in the details");
+    assert_eq!(info.reason, "SHUTTING_DOWN");
+    assert_eq!(info.domain, "restock.v1");
+    assert_eq!(
+        info.metadata.get("product_id").map(String::as_str),
+        Some("4")
+    );
+    assert_eq!(
+        info.metadata.get("restock_round").map(String::as_str),
+        Some("1")
+    );
 }
 
 on_each_backend!(
