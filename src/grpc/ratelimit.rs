@@ -51,12 +51,15 @@ pub struct ApiRateLimit {
 
 impl ApiRateLimit {
     pub fn new(rate: NonZeroU32) -> Self {
+        // The governor refuses a zero period, and `1s / rate` rounds down to zero above
+        // a billion a second: never let it go below a nanosecond.
+        let period = Duration::from_nanos((1_000_000_000 / u64::from(rate.get())).max(1));
         let config = GovernorConfigBuilder::default()
             .key_extractor(ClientIp)
-            .period(Duration::from_secs(1) / rate.get())
+            .period(period)
             .burst_size(rate.get())
             .finish()
-            .expect("a non-zero rate gives a valid governor config");
+            .expect("a non-zero period and burst give a valid governor config");
         Self {
             config: Arc::new(config),
             rate: rate.get(),
@@ -129,5 +132,18 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_non_zero_rate_builds_a_limit() {
+        for rate in [1, 3, 500, 1_000_000, 1_000_000_001, 2_000_000_000, u32::MAX] {
+            let limit = ApiRateLimit::new(NonZeroU32::new(rate).unwrap());
+            assert_eq!(limit.rate, rate);
+        }
     }
 }
