@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::deployment::Deployment;
@@ -103,7 +104,9 @@ impl Application {
         let engine = self.engine.clone();
         engine.spawn_takeover();
 
+        // "" is the whole server's health, the one a load balancer usually checks.
         let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
         health
             .set_serving::<RestockServiceServer<RestockApi>>()
             .await;
@@ -131,8 +134,16 @@ impl Application {
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, ending streams, stopping runs");
+            // Before the listener closes, so that load balancers stop sending calls here
+            // first: the whole server and each service.
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health
                 .set_not_serving::<RestockServiceServer<RestockApi>>()
+                .await;
+            health
+                .set_not_serving::<RestockAdminServiceServer<AdminApi>>()
                 .await;
             // Ends every Subscribe stream and stops the runs, so the server's drain
             // below does not wait on streams that would never end by themselves.
