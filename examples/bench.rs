@@ -69,6 +69,8 @@ async fn start(rate: u32) -> anyhow::Result<Bench> {
         log: "warn".into(),
         log_format: LogFormat::Text,
         run_lease: std::time::Duration::from_secs(10),
+        tls_cert: None,
+        tls_key: None,
     };
     let settings = EngineSettings {
         subscriber_buffer: 1 << 16,

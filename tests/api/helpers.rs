@@ -152,6 +152,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         log: "info".into(),
         log_format: LogFormat::Text,
         run_lease: options.run_lease,
+        tls_cert: None,
+        tls_key: None,
     };
     let app = Application::build_with(config, options.settings.clone())
         .await
@@ -466,4 +468,41 @@ macro_rules! on_each_backend {
             )+
         }
     };
+}
+
+/// Runs the real binary with only the given environment and waits for it to exit (at
+/// most 30 s: a binary that keeps running fails the test).
+pub fn run_binary(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match output.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("the binary's output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the binary with {env:?} {args:?} was still running after 30 s");
+        }
+    }
+}
+
+/// A fresh SQLite file URL in the temp directory, for runs of the binary that should not
+/// leave a `restock.db` behind in the working directory.
+pub fn temp_sqlite_url() -> String {
+    format!(
+        "sqlite://{}",
+        std::env::temp_dir()
+            .join(unique("restock-test-") + ".db")
+            .display()
+    )
 }

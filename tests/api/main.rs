@@ -12,6 +12,7 @@ mod manual_restock;
 mod rate_limit;
 mod redis_failure;
 mod runs;
+mod secrets;
 mod shutdown;
 mod startup;
 mod subscribe;

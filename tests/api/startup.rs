@@ -17,6 +17,8 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         log: "info".into(),
         log_format: LogFormat::Text,
         run_lease: std::time::Duration::from_secs(10),
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
