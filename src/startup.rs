@@ -34,6 +34,8 @@ pub struct Application {
     engine: Arc<Engine>,
     admin_token: String,
     api_rate: std::num::NonZeroU32,
+    /// The gRPC server builder, with TLS when it is configured.
+    server: tonic::transport::Server,
 }
 
 impl Application {
@@ -56,6 +58,18 @@ impl Application {
             .recorder
             .unrecorded_bound
             .min(config.send_rate.get() as usize);
+        let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        match &config.tls_cert {
+            Some(cert) => tracing::info!(
+                tls = true,
+                cert = %cert.display(),
+                "gRPC over TLS only: plaintext connections are refused"
+            ),
+            None => tracing::info!(
+                tls = false,
+                "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
+            ),
+        }
         let store = connect_store(&config.database_url).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
@@ -87,6 +101,7 @@ impl Application {
             engine,
             admin_token,
             api_rate: config.api_rate,
+            server,
         })
     }
 
@@ -98,7 +113,7 @@ impl Application {
     /// waits for every run to record what it sent and release itself to another
     /// instance (G8).
     pub async fn run_until_stopped(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
@@ -155,7 +170,8 @@ impl Application {
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
-        let served = tonic::transport::Server::builder()
+        let served = self
+            .server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -16,3 +16,4 @@ mod secrets;
 mod shutdown;
 mod startup;
 mod subscribe;
+mod tls;
