@@ -1,8 +1,6 @@
 //! Secrets (passwords in DATABASE_URL and REDIS_URL, the admin token) never appear in
 //! `--help`, in the logs of the real binary, or in `Debug` of the settings.
 
-use std::time::Duration;
-
 use clap::Parser as _;
 use fred::prelude::{ClientLike as _, Config as RedisConfig};
 use restock_notifier::config::Config;
@@ -145,56 +143,21 @@ async fn a_failed_start_does_not_show_the_passwords() {
 async fn a_clustered_start_and_stop_with_passwords_does_not_log_them() {
     users_with_the_secret().await;
     let database = format!("restock_test_{:016x}", rand::random::<u64>());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let credentials = format!("restock_secret_test:{SECRET}");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
-        .env_clear()
-        .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
-        .env(
+    let output = start_and_stop_binary(&[
+        (
             "DATABASE_URL",
-            with_credentials(&format!("{}/{database}", mysql_server_url()), &credentials),
-        )
-        .env("REDIS_URL", with_credentials(&redis_url(), &credentials))
-        .env(
+            &with_credentials(&format!("{}/{database}", mysql_server_url()), &credentials),
+        ),
+        ("REDIS_URL", &with_credentials(&redis_url(), &credentials)),
+        (
             "RESTOCK_REDIS_PREFIX",
-            format!("restock-secret-test:{database}:"),
-        )
-        .env("RESTOCK_ADMIN_TOKEN", SECRET)
-        .env("RUST_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let pid = child.id();
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if tokio::time::Instant::now() > deadline || output.is_finished() {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let log = text(&output.await.unwrap().unwrap());
-            panic!("the service did not come up:\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
-        .await
-        .expect("the service stops within 30 s of SIGTERM")
-        .unwrap()
-        .unwrap();
+            &format!("restock-secret-test:{database}:"),
+        ),
+        ("RESTOCK_ADMIN_TOKEN", SECRET),
+        ("RUST_LOG", "debug"),
+    ])
+    .await;
 
     let mut conn = MySqlConnection::connect(&mysql_server_url()).await.unwrap();
     sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS `{database}`"))

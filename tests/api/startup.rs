@@ -62,6 +62,18 @@ async fn an_unreachable_or_malformed_redis_is_refused_naming_the_setting() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_requiring_tls_is_honoured() {
+    // The test MariaDB offers no TLS: `required` must refuse to go on in plaintext.
+    let server = crate::helpers::mysql_server_url();
+    let url = format!("{server}/restock_tls_required?ssl-mode=required");
+    let message = start_error(config(&url, None)).await;
+    assert!(message.contains("DATABASE_URL"), "{message}");
+    assert!(message.contains("TLS"), "{message}");
+    let message = start_error(config(&format!("{server}/x?ssl-mode=sometimes"), None)).await;
+    assert!(message.contains("DATABASE_URL"), "{message}");
+}
+
 /// Runs the binary with `settings` (on a throwaway SQLite file) and returns its stderr,
 /// checking it stopped with an error and did not panic.
 fn refused_start(settings: &[(&str, &str)]) -> String {

@@ -272,3 +272,98 @@ async fn the_healthcheck_binary_speaks_tls_when_told_which_ca_to_trust() {
         String::from_utf8_lossy(&own_cert.stderr)
     );
 }
+
+/// A Redis server of its own that accepts only TLS, with `pki`'s certificate; killed on
+/// drop.
+struct TlsRedis {
+    process: std::process::Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    async fn start(pki: &Pki) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (with TLS support) is installed");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { process, port }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_connects_over_tls_and_verifies_the_server() {
+    let pki = Pki::generate();
+    let redis = TlsRedis::start(&pki).await;
+    let redis_url = format!("rediss://localhost:{}", redis.port);
+    let database_url = crate::helpers::temp_sqlite_url();
+    let ca = pki.ca.to_string_lossy();
+    let settings = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("RESTOCK_ADMIN_TOKEN", "tls-test-token"),
+    ];
+
+    // Trusting the test CA (rustls reads SSL_CERT_FILE as the system's roots), the
+    // service starts clustered on the TLS-only Redis.
+    let mut trusting = settings.to_vec();
+    trusting.push(("SSL_CERT_FILE", &ca));
+    let output = crate::helpers::start_and_stop_binary(&trusting).await;
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("deployment=\"clustered\""), "{log}");
+
+    // Without it, the server's certificate is not trusted and the start is refused.
+    let mut refusing = settings.to_vec();
+    let empty = pki.ca.with_file_name("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_string_lossy();
+    refusing.push(("SSL_CERT_FILE", &empty));
+    let output = crate::helpers::run_binary(&refusing, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+    assert!(stderr.contains("InvalidCertificate"), "{stderr}");
+
+    let file = database_url.trim_start_matches("sqlite://");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
+}
