@@ -43,6 +43,24 @@ async fn users_with_the_secret() {
     redis.quit().await.unwrap();
 }
 
+/// The users of `users_with_the_secret` are not left behind with their privileges.
+async fn remove_the_users() {
+    let mut conn = MySqlConnection::connect(&mysql_server_url()).await.unwrap();
+    sqlx::raw_sql("DROP USER IF EXISTS 'restock_secret_test'@'%'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let redis = fred::prelude::Builder::from_config(RedisConfig::from_url(&redis_url()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let _: i64 = redis
+        .custom(fred::cmd!("ACL"), vec!["DELUSER", "restock_secret_test"])
+        .await
+        .unwrap();
+    redis.quit().await.unwrap();
+}
+
 fn with_credentials(url: &str, credentials: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
@@ -164,6 +182,7 @@ async fn a_clustered_start_and_stop_with_passwords_does_not_log_them() {
         .execute(&mut conn)
         .await
         .unwrap();
+    remove_the_users().await;
 
     let log = text(&output);
     assert!(output.status.success(), "{log}");
