@@ -79,6 +79,8 @@ async fn start_with(rate: u32, metrics: bool) -> anyhow::Result<Bench> {
             MetricsListen::Off
         },
         run_lease: std::time::Duration::from_secs(10),
+        tls_cert: None,
+        tls_key: None,
     };
     let settings = EngineSettings {
         subscriber_buffer: 1 << 16,
@@ -568,6 +570,8 @@ impl Instance {
         let log = std::env::var_os("BENCH_LOG").is_some();
         let mut process = Command::new(binary)
             .env_clear()
+            // Several processes at once: never the default metrics port.
+            .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
             .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)

@@ -1,13 +1,19 @@
 //! Settings of the service: every one is a command-line flag and an environment
 //! variable (README, "Settings").
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-#[derive(Debug, Clone, Parser)]
+use crate::redact;
+
+/// `Debug` is written by hand (below) so that passwords in the URLs and the admin token
+/// never reach a log line; `hide_env_values` keeps them out of `--help`.
+#[derive(Clone, Parser)]
 #[command(name = "restock-notifier", version, about)]
 pub struct Config {
     /// Address the gRPC server listens on.
@@ -24,13 +30,15 @@ pub struct Config {
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
-        default_value = "sqlite://restock.db"
+        default_value = "sqlite://restock.db",
+        hide_env_values = true
     )]
     pub database_url: String,
 
-    /// Redis (`redis://host:port`) for the stock cache. Without it, the stock cache,
-    /// send limiter and notification bus live in this process: run a single instance.
-    #[arg(long = "redis-url", env = "REDIS_URL")]
+    /// Redis (`redis://host:port`, or `rediss://` for TLS) for the stock cache. Without
+    /// it, the stock cache, send limiter and notification bus live in this process: run a
+    /// single instance.
+    #[arg(long = "redis-url", env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key and channel, so deployments can share one Redis.
@@ -41,12 +49,22 @@ pub struct Config {
     )]
     pub redis_prefix: String,
 
-    /// Notifications sent per second, at most, in any one-second window.
-    #[arg(long = "send-rate", env = "RESTOCK_SEND_RATE", default_value = "500")]
+    /// Notifications sent per second, at most, in any one-second window (1 to 100000).
+    #[arg(
+        long = "send-rate",
+        env = "RESTOCK_SEND_RATE",
+        default_value = "500",
+        value_parser = parse_send_rate
+    )]
     pub send_rate: NonZeroU32,
 
-    /// API requests per second per client IP (the burst is the same).
-    #[arg(long = "api-rate", env = "RESTOCK_API_RATE", default_value = "500")]
+    /// API requests per second per client IP, the burst the same (1 to 1000000).
+    #[arg(
+        long = "api-rate",
+        env = "RESTOCK_API_RATE",
+        default_value = "500",
+        value_parser = parse_api_rate
+    )]
     pub api_rate: NonZeroU32,
 
     /// Bearer token of the admin service. Without it, one is generated at start and
@@ -77,6 +95,14 @@ pub struct Config {
         value_parser = parse_metrics_listen
     )]
     pub metrics_listen: MetricsListen,
+    /// PEM file of the server's certificate chain. With RESTOCK_TLS_KEY, gRPC is served
+    /// over TLS only; set both or neither.
+    #[arg(long = "tls-cert", env = "RESTOCK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file of the private key of RESTOCK_TLS_CERT.
+    #[arg(long = "tls-key", env = "RESTOCK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
@@ -89,6 +115,26 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database_url", &redact::url(&self.database_url))
+            .field("redis_url", &self.redis_url.as_deref().map(redact::url))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("send_rate", &self.send_rate)
+            .field("api_rate", &self.api_rate)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("run_lease", &self.run_lease)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("log", &self.log)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +159,29 @@ fn parse_metrics_listen(raw: &str) -> Result<MetricsListen, String> {
         .parse()
         .map(MetricsListen::On)
         .map_err(|_| "expected an address like 0.0.0.0:9464, or off".to_string())
+}
+
+/// Parses `RESTOCK_SEND_RATE`. Above 100000 a second, the pacing and the recorder's
+/// batches (G10) are no longer what the service is built and measured for.
+fn parse_send_rate(raw: &str) -> Result<NonZeroU32, String> {
+    parse_rate("RESTOCK_SEND_RATE", raw, 100_000)
+}
+
+/// Parses `RESTOCK_API_RATE`. The limiter spaces requests `1s / rate` apart; a million a
+/// second keeps that a whole microsecond, well within what the limiter can count.
+fn parse_api_rate(raw: &str) -> Result<NonZeroU32, String> {
+    parse_rate("RESTOCK_API_RATE", raw, 1_000_000)
+}
+
+/// A whole number from 1 to `max`; the message names the setting, as clap names only
+/// the flag.
+fn parse_rate(setting: &str, raw: &str, max: u32) -> Result<NonZeroU32, String> {
+    raw.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|rate| (1..=max).contains(rate))
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("{setting} must be a whole number from 1 to {max}"))
 }
 
 /// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
@@ -149,6 +218,24 @@ mod tests {
             Ok(MetricsListen::On("127.0.0.1:9464".parse().unwrap()))
         );
         assert!(parse_metrics_listen("9464").is_err());
+    }
+
+    #[test]
+    fn rates_parse_within_their_range_and_name_the_setting_otherwise() {
+        assert_eq!(parse_send_rate("500").map(NonZeroU32::get), Ok(500));
+        assert_eq!(parse_send_rate("100000").map(NonZeroU32::get), Ok(100_000));
+        assert_eq!(
+            parse_api_rate("1000000").map(NonZeroU32::get),
+            Ok(1_000_000)
+        );
+        for bad in ["0", "-1", "100001", "2000000000", "1.5", "", "many"] {
+            let err = parse_send_rate(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_SEND_RATE"), "{bad}: {err}");
+        }
+        for bad in ["0", "1000001", "2000000000", "99999999999"] {
+            let err = parse_api_rate(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_API_RATE"), "{bad}: {err}");
+        }
     }
 
     #[test]

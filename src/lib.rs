@@ -23,3 +23,5 @@ pub mod startup;
 pub mod store;
 /// Structured logging.
 pub mod telemetry;
+/// TLS for the gRPC server, from PEM files.
+pub mod tls;

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tonic::service::LayerExt as _;
 use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 use crate::config::{Config, MetricsListen};
 use crate::deployment::Deployment;
@@ -39,6 +40,8 @@ pub struct Application {
     metrics_server: Option<MetricsServer>,
     admin_token: String,
     api_rate: std::num::NonZeroU32,
+    /// The gRPC server builder, with TLS when it is configured.
+    server: tonic::transport::Server,
 }
 
 impl Application {
@@ -61,6 +64,18 @@ impl Application {
             .recorder
             .unrecorded_bound
             .min(config.send_rate.get() as usize);
+        let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        match &config.tls_cert {
+            Some(cert) => tracing::info!(
+                tls = true,
+                cert = %cert.display(),
+                "gRPC over TLS only: plaintext connections are refused"
+            ),
+            None => tracing::info!(
+                tls = false,
+                "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
+            ),
+        }
         let store = connect_store(&config.database_url).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
@@ -102,6 +117,7 @@ impl Application {
             metrics_server,
             admin_token,
             api_rate: config.api_rate,
+            server,
         })
     }
 
@@ -128,7 +144,9 @@ impl Application {
             tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone()));
         }
 
+        // "" is the whole server's health, the one a load balancer usually checks.
         let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
         health
             .set_serving::<RestockServiceServer<RestockApi>>()
             .await;
@@ -158,8 +176,16 @@ impl Application {
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, ending streams, stopping runs");
+            // Before the listener closes, so that load balancers stop sending calls here
+            // first: the whole server and each service.
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health
                 .set_not_serving::<RestockServiceServer<RestockApi>>()
+                .await;
+            health
+                .set_not_serving::<RestockAdminServiceServer<AdminApi>>()
                 .await;
             // Ends every Subscribe stream and stops the runs, so the server's drain
             // below does not wait on streams that would never end by themselves.
@@ -180,7 +206,8 @@ impl Application {
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ]),
         );
-        let served = tonic::transport::Server::builder()
+        let served = self
+            .server
             .layer(observe)
             .add_service(health_service)
             .add_service(reflection_v1)

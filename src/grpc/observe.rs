@@ -18,7 +18,6 @@ use http_body::{Frame, SizeHint};
 use prost::Message as _;
 use tonic::Code;
 use tonic::body::Body;
-use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
@@ -143,10 +142,7 @@ where
 }
 
 fn peer<B>(request: &http::Request<B>) -> Option<SocketAddr> {
-    request
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
+    super::peer_addr(request.extensions())
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::{LayerExt as _, Layered};
-use tonic::transport::server::TcpConnectInfo;
 
 use tower_governor::GovernorError;
 use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
@@ -26,9 +25,7 @@ impl KeyExtractor for ClientIp {
     type Key = IpAddr;
 
     fn extract<T>(&self, req: &http::Request<T>) -> Result<Self::Key, GovernorError> {
-        req.extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
+        super::peer_addr(req.extensions())
             .map(|addr| addr.ip())
             .ok_or(GovernorError::UnableToExtractKey)
     }
@@ -49,12 +46,15 @@ pub struct ApiRateLimit {
 
 impl ApiRateLimit {
     pub fn new(rate: NonZeroU32) -> Self {
+        // The governor refuses a zero period, and `1s / rate` rounds down to zero above
+        // a billion a second: never let it go below a nanosecond.
+        let period = Duration::from_nanos((1_000_000_000 / u64::from(rate.get())).max(1));
         let config = GovernorConfigBuilder::default()
             .key_extractor(ClientIp)
-            .period(Duration::from_secs(1) / rate.get())
+            .period(period)
             .burst_size(rate.get())
             .finish()
-            .expect("a non-zero rate gives a valid governor config");
+            .expect("a non-zero period and burst give a valid governor config");
         Self {
             config: Arc::new(config),
             rate: rate.get(),
@@ -88,5 +88,18 @@ impl ApiRateLimit {
             },
         );
         layer.named_layer(service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_non_zero_rate_builds_a_limit() {
+        for rate in [1, 3, 500, 1_000_000, 1_000_000_001, 2_000_000_000, u32::MAX] {
+            let limit = ApiRateLimit::new(NonZeroU32::new(rate).unwrap());
+            assert_eq!(limit.rate, rate);
+        }
     }
 }

@@ -95,10 +95,15 @@ pub async fn connect_subscriber(url: &str) -> anyhow::Result<SubscriberClient> {
 
 fn builder(url: &str) -> anyhow::Result<Builder> {
     // fred reads any scheme it does not know as a plain server address; refuse early.
-    if !url.starts_with("redis://") {
-        anyhow::bail!("REDIS_URL has an unsupported scheme: use redis://host:port");
+    // `rediss://` is TLS, verified against the system's root certificates.
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        anyhow::bail!(
+            "REDIS_URL has an unsupported scheme: use redis://host:port, or rediss://host:port \
+             for TLS"
+        );
     }
-    let config = Config::from_url(url).context("REDIS_URL is not a valid redis:// URL")?;
+    let config =
+        Config::from_url(url).context("REDIS_URL is not a valid redis:// or rediss:// URL")?;
     let mut builder = Builder::from_config(config);
     builder
         .with_connection_config(|c| {

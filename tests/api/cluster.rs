@@ -291,6 +291,8 @@ impl Instance {
         let quiet = std::env::var_os("TEST_LOG").is_none();
         let process = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
             .env_clear()
+            // Several processes at once: never the default metrics port.
+            .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
             .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", format!("{}/{database}", mysql_server_url()))
             .env("REDIS_URL", redis_url())

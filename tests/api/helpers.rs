@@ -155,6 +155,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         log_format: LogFormat::Text,
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: options.run_lease,
+        tls_cert: None,
+        tls_key: None,
     };
     let app = Application::build_with(config, options.settings.clone())
         .await
@@ -502,4 +504,96 @@ macro_rules! on_each_backend {
             )+
         }
     };
+}
+
+/// Runs the real binary with only the given environment and waits for it to exit (at
+/// most 30 s: a binary that keeps running fails the test).
+pub fn run_binary(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
+        .env_clear()
+        // Tests start many processes at once: never the default metrics port.
+        .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match output.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("the binary's output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the binary with {env:?} {args:?} was still running after 30 s");
+        }
+    }
+}
+
+/// A fresh SQLite file URL in the temp directory, for runs of the binary that should not
+/// leave a `restock.db` behind in the working directory.
+pub fn temp_sqlite_url() -> String {
+    format!(
+        "sqlite://{}",
+        std::env::temp_dir()
+            .join(unique("restock-test-") + ".db")
+            .display()
+    )
+}
+
+/// Starts the real binary with only the given environment (and a free port), waits until
+/// it accepts connections, stops it with SIGTERM and returns what it printed. Fails the
+/// test if it does not come up or does not stop within 30 s.
+pub async fn start_and_stop_binary(env: &[(&str, &str)]) -> std::process::Output {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
+        .env_clear()
+        .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
+        .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let pid = child.id().to_string();
+    let kill = |signal: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status();
+    };
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
+
+    // Another process: poll until it accepts connections (it binds before serving).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if output.is_finished() || tokio::time::Instant::now() > deadline {
+            kill("-KILL");
+            let output = output.await.unwrap().unwrap();
+            panic!(
+                "the service with {env:?} did not come up:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill("-TERM");
+    match tokio::time::timeout(Duration::from_secs(30), output).await {
+        Ok(output) => output.unwrap().expect("the binary's output"),
+        Err(_) => {
+            kill("-KILL");
+            panic!("the service did not stop within 30 s of SIGTERM");
+        }
+    }
 }

@@ -1,8 +1,14 @@
-//! Graceful shutdown mid-run, then a restart that continues the run by itself (G8).
+//! Graceful shutdown mid-run, then a restart that continues the run by itself (G8);
+//! health turning NOT_SERVING first, so load balancers drain the instance.
+
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt as _;
 
 use crate::helpers::*;
@@ -83,4 +89,56 @@ async fn shutdown_mid_run_releases_the_run_and_the_next_start_continues_it(backe
     assert_eq!(app.history(1, 1).await, users);
 }
 
-on_each_backend!(shutdown_mid_run_releases_the_run_and_the_next_start_continues_it,);
+/// The whole server ("") and each service, as a load balancer would ask.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    "restock.v1.RestockService",
+    "restock.v1.RestockAdminService",
+];
+
+async fn health_is_serving_while_running_and_not_serving_on_shutdown(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut health = HealthClient::new(app.channel.clone());
+    let mut watches = Vec::new();
+    for service in HEALTH_SERVICES {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let now = health.check(request.clone()).await.expect("health Check");
+        assert_eq!(
+            now.into_inner().status(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+        let mut watch = health
+            .watch(request)
+            .await
+            .expect("health Watch")
+            .into_inner();
+        let first = watch.message().await.expect("a status").expect("a status");
+        assert_eq!(first.status(), ServingStatus::Serving, "{service:?}");
+        watches.push((service, watch));
+    }
+
+    let stopping = tokio::spawn(app.shut_down());
+    for (service, mut watch) in watches {
+        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("no new status for {service:?} within 10 s"));
+        match next {
+            Ok(Some(status)) => {
+                assert_eq!(status.status(), ServingStatus::NotServing, "{service:?}")
+            }
+            other => panic!("{service:?}: the watch ended without NOT_SERVING: {other:?}"),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("the server stops with health watches open")
+        .unwrap();
+}
+
+on_each_backend!(
+    shutdown_mid_run_releases_the_run_and_the_next_start_continues_it,
+    health_is_serving_while_running_and_not_serving_on_shutdown,
+);

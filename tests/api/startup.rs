@@ -18,6 +18,8 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         log_format: LogFormat::Text,
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: std::time::Duration::from_secs(10),
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
@@ -59,4 +61,87 @@ async fn an_unreachable_or_malformed_redis_is_refused_naming_the_setting() {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_requiring_tls_is_honoured() {
+    // The test MariaDB offers no TLS: `required` must refuse to go on in plaintext.
+    let server = crate::helpers::mysql_server_url();
+    let url = format!("{server}/restock_tls_required?ssl-mode=required");
+    let message = start_error(config(&url, None)).await;
+    assert!(message.contains("DATABASE_URL"), "{message}");
+    assert!(message.contains("TLS"), "{message}");
+    let message = start_error(config(&format!("{server}/x?ssl-mode=sometimes"), None)).await;
+    assert!(message.contains("DATABASE_URL"), "{message}");
+}
+
+/// Runs the binary with `settings` (on a throwaway SQLite file) and returns its stderr,
+/// checking it stopped with an error and did not panic.
+fn refused_start(settings: &[(&str, &str)]) -> String {
+    let database_url = crate::helpers::temp_sqlite_url();
+    let mut env = vec![
+        ("DATABASE_URL", database_url.as_str()),
+        ("RESTOCK_LISTEN", "127.0.0.1:0"),
+        ("RESTOCK_ADMIN_TOKEN", "startup-test-token"),
+    ];
+    env.extend_from_slice(settings);
+    let output = crate::helpers::run_binary(&env, &[]);
+    let file = database_url.trim_start_matches("sqlite://");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "the service started with {settings:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn out_of_range_rates_are_refused_naming_the_setting() {
+    for (setting, value) in [
+        ("RESTOCK_API_RATE", "2000000000"),
+        ("RESTOCK_API_RATE", "0"),
+        ("RESTOCK_SEND_RATE", "0"),
+        ("RESTOCK_SEND_RATE", "100001"),
+        ("RESTOCK_SEND_RATE", "fast"),
+    ] {
+        let stderr = refused_start(&[(setting, value)]);
+        assert!(stderr.contains(setting), "{setting}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn half_a_tls_setting_is_refused_naming_the_missing_one() {
+    let pki = crate::tls::Pki::generate();
+    let cert = pki.cert.to_string_lossy();
+    let key = pki.key.to_string_lossy();
+    let stderr = refused_start(&[("RESTOCK_TLS_CERT", &cert)]);
+    assert!(stderr.contains("RESTOCK_TLS_KEY"), "{stderr}");
+    let stderr = refused_start(&[("RESTOCK_TLS_KEY", &key)]);
+    assert!(stderr.contains("RESTOCK_TLS_CERT"), "{stderr}");
+}
+
+#[test]
+fn unreadable_or_invalid_tls_files_are_refused_naming_the_setting() {
+    let pki = crate::tls::Pki::generate();
+    let cert = pki.cert.to_string_lossy();
+    let key = pki.key.to_string_lossy();
+    let missing = pki.ca.with_file_name("missing.pem");
+    let missing = missing.to_string_lossy();
+
+    let stderr = refused_start(&[("RESTOCK_TLS_CERT", &missing), ("RESTOCK_TLS_KEY", &key)]);
+    assert!(stderr.contains("RESTOCK_TLS_CERT"), "{stderr}");
+    let stderr = refused_start(&[("RESTOCK_TLS_CERT", &cert), ("RESTOCK_TLS_KEY", &missing)]);
+    assert!(stderr.contains("RESTOCK_TLS_KEY"), "{stderr}");
+    // The two files swapped: neither holds what its setting names.
+    let stderr = refused_start(&[("RESTOCK_TLS_CERT", &key), ("RESTOCK_TLS_KEY", &cert)]);
+    assert!(stderr.contains("RESTOCK_TLS_CERT"), "{stderr}");
+    // Both are PEM, but the key is not the certificate's: the CA's certificate with the
+    // server's key.
+    let ca = pki.ca.to_string_lossy();
+    let stderr = refused_start(&[("RESTOCK_TLS_CERT", &ca), ("RESTOCK_TLS_KEY", &key)]);
+    assert!(stderr.contains("RESTOCK_TLS_CERT"), "{stderr}");
 }

@@ -1,0 +1,370 @@
+//! gRPC over TLS: with RESTOCK_TLS_CERT and RESTOCK_TLS_KEY the server speaks TLS only,
+//! and the container health check still gets its answer.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use restock_notifier::config::{Config, LogFormat};
+use restock_notifier::grpc::proto;
+use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
+use restock_notifier::startup::Application;
+use tokio::sync::oneshot;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A CA and a server certificate it signed for localhost and 127.0.0.1, as PEM files in
+/// a directory of their own, removed on drop.
+pub struct Pki {
+    dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn generate() -> Self {
+        let dir = std::env::temp_dir().join(format!("restock-tls-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "restock test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+        let pki = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        };
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.cert, server_cert.pem()).unwrap();
+        std::fs::write(&pki.key, server_key.serialize_pem()).unwrap();
+        pki
+    }
+
+    /// A self-signed certificate for localhost and 127.0.0.1, with no CA: `ca` is the
+    /// certificate itself.
+    pub fn self_signed() -> Self {
+        let dir = std::env::temp_dir().join(format!("restock-tls-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pki = Self {
+            ca: dir.join("server.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        };
+        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        pki
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(&self.ca).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The server, in this process, on an embedded SQLite file, over TLS with `pki`.
+struct TlsApp {
+    addr: SocketAddr,
+    database: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TlsApp {
+    async fn spawn(pki: &Pki) -> Self {
+        let database = std::env::temp_dir().join(format!(
+            "restock-tls-test-{:016x}.db",
+            rand::random::<u64>()
+        ));
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: format!("sqlite://{}", database.display()),
+            redis_url: None,
+            redis_prefix: "restock-tls-test:".into(),
+            send_rate: NonZeroU32::new(1_000).unwrap(),
+            api_rate: NonZeroU32::new(1_000).unwrap(),
+            admin_token: Some(crate::helpers::ADMIN_TOKEN.into()),
+            log: "info".into(),
+            log_format: LogFormat::Text,
+            run_lease: Duration::from_secs(10),
+            metrics_listen: restock_notifier::config::MetricsListen::Off,
+            tls_cert: Some(pki.cert.clone()),
+            tls_key: Some(pki.key.clone()),
+        };
+        let app = Application::build(config)
+            .await
+            .expect("the application starts over TLS");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            database,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for TlsApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.database.display()));
+        }
+    }
+}
+
+async fn tls_channel(addr: SocketAddr, ca_pem: Vec<u8>, domain: &str) -> Result<Channel, String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(domain);
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_client_trusting_the_ca_is_served_and_a_plaintext_client_is_not() {
+    let pki = Pki::generate();
+    let app = TlsApp::spawn(&pki).await;
+
+    for domain in ["localhost", "127.0.0.1"] {
+        let channel = tls_channel(app.addr, pki.ca_pem(), domain)
+            .await
+            .expect("a TLS client trusting the CA connects");
+        let product = RestockServiceClient::new(channel.clone())
+            .set_stock(proto::SetStockRequest {
+                product_id: 7,
+                stock: 3,
+            })
+            .await
+            .expect("SetStock over TLS")
+            .into_inner();
+        assert_eq!(product.stock, 3);
+        let health = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health Check over TLS")
+            .into_inner();
+        assert_eq!(health.status(), ServingStatus::Serving);
+    }
+
+    // A client that does not trust the CA is refused by its own TLS check.
+    let stranger = Pki::generate();
+    let refused = tls_channel(app.addr, stranger.ca_pem(), "localhost").await;
+    assert!(refused.is_err(), "a client with another CA connected");
+
+    // Plaintext HTTP/2 to the TLS listener: the connection or the call fails, and the
+    // call never reaches the service.
+    let plaintext = async {
+        let channel = Channel::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        RestockServiceClient::new(channel)
+            .set_stock(proto::SetStockRequest {
+                product_id: 8,
+                stock: 1,
+            })
+            .await
+            .map_err(|status| format!("{status:?}"))
+    };
+    let result = tokio::time::timeout(Duration::from_secs(10), plaintext)
+        .await
+        .expect("the plaintext attempt ends within 10 s");
+    assert!(result.is_err(), "a plaintext call was served: {result:?}");
+}
+
+/// Runs `restock-healthcheck ADDR` with only the given environment.
+fn healthcheck(addr: SocketAddr, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_restock-healthcheck"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .arg(addr.to_string())
+        .output()
+        .expect("the health check runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_binary_speaks_tls_when_told_which_ca_to_trust() {
+    let pki = Pki::generate();
+    let app = TlsApp::spawn(&pki).await;
+    let addr = app.addr;
+
+    let trusted = tokio::task::spawn_blocking({
+        let ca = pki.ca.clone();
+        move || healthcheck(addr, &[("RESTOCK_HEALTHCHECK_CA", ca.as_os_str())])
+    })
+    .await
+    .unwrap();
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+
+    // In plaintext (no CA, no RESTOCK_TLS_CERT) it cannot reach a TLS server.
+    let plaintext = tokio::task::spawn_blocking(move || healthcheck(addr, &[]))
+        .await
+        .unwrap();
+    assert!(!plaintext.status.success());
+
+    // Given no CA, it trusts the service's own RESTOCK_TLS_CERT: that fits a
+    // self-signed certificate (the README's recipe), not one a CA signed.
+    let signed_by_ca = tokio::task::spawn_blocking({
+        let cert = pki.cert.clone();
+        move || healthcheck(addr, &[("RESTOCK_TLS_CERT", cert.as_os_str())])
+    })
+    .await
+    .unwrap();
+    assert!(!signed_by_ca.status.success());
+
+    let self_signed = Pki::self_signed();
+    let app = TlsApp::spawn(&self_signed).await;
+    let addr = app.addr;
+    let own_cert = tokio::task::spawn_blocking({
+        let cert = self_signed.cert.clone();
+        move || healthcheck(addr, &[("RESTOCK_TLS_CERT", cert.as_os_str())])
+    })
+    .await
+    .unwrap();
+    assert!(
+        own_cert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own_cert.stderr)
+    );
+}
+
+/// A Redis server of its own that accepts only TLS, with `pki`'s certificate; killed on
+/// drop.
+struct TlsRedis {
+    process: std::process::Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    async fn start(pki: &Pki) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (with TLS support) is installed");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { process, port }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_connects_over_tls_and_verifies_the_server() {
+    let pki = Pki::generate();
+    let redis = TlsRedis::start(&pki).await;
+    let redis_url = format!("rediss://localhost:{}", redis.port);
+    let database_url = crate::helpers::temp_sqlite_url();
+    let ca = pki.ca.to_string_lossy();
+    let settings = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("RESTOCK_ADMIN_TOKEN", "tls-test-token"),
+    ];
+
+    // Trusting the test CA (rustls reads SSL_CERT_FILE as the system's roots), the
+    // service starts clustered on the TLS-only Redis.
+    let mut trusting = settings.to_vec();
+    trusting.push(("SSL_CERT_FILE", &ca));
+    let output = crate::helpers::start_and_stop_binary(&trusting).await;
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("deployment=\"clustered\""), "{log}");
+
+    // Without it, the server's certificate is not trusted and the start is refused.
+    let mut refusing = settings.to_vec();
+    let empty = pki.ca.with_file_name("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_string_lossy();
+    refusing.push(("SSL_CERT_FILE", &empty));
+    let output = crate::helpers::run_binary(&refusing, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+    assert!(stderr.contains("InvalidCertificate"), "{stderr}");
+
+    let file = database_url.trim_start_matches("sqlite://");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{file}{suffix}"));
+    }
+}
