@@ -17,7 +17,7 @@ COPY --from=build /src/target/release/restock-notifier /usr/local/bin/restock-no
 COPY --from=build /src/target/release/restock-healthcheck /usr/local/bin/restock-healthcheck
 USER restock
 ENV RESTOCK_LISTEN=0.0.0.0:50051
-EXPOSE 50051
+EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
   CMD ["restock-healthcheck", "127.0.0.1:50051"]
 ENTRYPOINT ["restock-notifier"]

@@ -172,7 +172,8 @@ impl CallEnd {
         let elapsed = self.started.elapsed();
         self.metrics
             .grpc_handled(&self.service, &self.method, code_label(code), elapsed);
-        let latency_ms = elapsed.as_secs_f64() * 1_000.0;
+        // Milliseconds, to the microsecond.
+        let latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
         self.span.record("code", code_label(code));
         self.span.record("latency_ms", latency_ms);
         let _entered = self.span.enter();
