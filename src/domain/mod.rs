@@ -153,6 +153,51 @@ pub struct Run {
     pub sent_count: i64,
     pub started_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Set for a run that notifies in waves.
+    pub wave: Option<WaveState>,
+}
+
+/// How a run notifies in waves (`TriggerRestock.wave`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wave {
+    /// Users per unit in stock, per wave; at least 1.
+    pub per_unit: u32,
+    /// From the end of a wave to the start of the next.
+    pub interval: std::time::Duration,
+}
+
+impl Wave {
+    pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+    pub const MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+    /// How many a wave that starts with `stock` in stock may notify: `per_unit` per
+    /// unit; none when the product is sold out.
+    pub fn quota(&self, stock: i64) -> i64 {
+        stock.max(0).saturating_mul(i64::from(self.per_unit))
+    }
+}
+
+/// A wave run's settings and where its current wave stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaveState {
+    pub wave: Wave,
+    /// While the run waits between waves: when the next one starts.
+    pub next_wave_at: Option<DateTime<Utc>>,
+    /// How many the current wave may notify; `None` before the first wave.
+    pub quota: Option<i64>,
+    /// The run's `sent_count` when the current wave started.
+    pub started_count: Option<i64>,
+}
+
+impl WaveState {
+    /// How many the current wave may still notify, for a run that has recorded
+    /// `sent_count`; `None` when no wave is under way (none started yet, or the last
+    /// one is done) and the next must start.
+    pub fn left_in_wave(&self, sent_count: i64) -> Option<i64> {
+        let (quota, started) = (self.quota?, self.started_count?);
+        let left = quota - (sent_count - started);
+        (left > 0).then_some(left)
+    }
 }
 
 /// One active registration, as the engine reads it: who, and where in the queue.

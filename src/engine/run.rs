@@ -13,8 +13,8 @@ use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
 use super::lease::LeaseKeeper;
 use super::recorder::Recorder;
 use super::stock::Delivery;
-use crate::domain::{Error, ProductId, Registration, RunStatus};
-use crate::store::{After, ClaimedRun, FinalStatus, RunClaim};
+use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
+use crate::store::{After, Claimed, ClaimedRun, FinalStatus, RunClaim};
 
 /// Why a run stopped before finishing its queue.
 pub(super) enum Stop {
@@ -48,6 +48,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
         engine.metrics.runs_in_progress.increment(1.0);
         let _running = DecrementOnDrop(engine.metrics.runs_in_progress.clone());
         let claim = claimed.claim;
+        let wave = claimed.run.wave;
         let mut run = RunState {
             run: RunKey {
                 product_id: claim.product_id,
@@ -62,11 +63,21 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
             ),
             claim,
             cursor: claimed.cursor,
+            wave_left: None,
             engine: &engine,
         };
         let started = Instant::now();
-        let after = match run.notify_all().await {
-            Ok(()) => After::Finish(FinalStatus::Completed),
+        let notified = async {
+            if let Some(wave) = wave {
+                run.begin_wave(wave, claimed.run.sent_count).await?;
+            }
+            run.notify_all().await
+        };
+        let after = match notified.await {
+            Ok(Done::Queue) => After::Finish(FinalStatus::Completed),
+            Ok(Done::Wave) => After::WaitForWave(
+                wave.map_or(crate::domain::Wave::MIN_INTERVAL, |w| w.wave.interval),
+            ),
             Err(Stop::SoldOut) => After::Finish(FinalStatus::SoldOut),
             Err(Stop::ShuttingDown) => After::Release,
             Err(Stop::Failed(err)) => {
@@ -98,6 +109,11 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
                 "run released on shutdown: another instance, or this one after a restart, \
                  continues it"
             ),
+            After::WaitForWave(interval) => tracing::info!(
+                next_wave_in_ms = interval.as_millis() as u64,
+                "wave done; the run waits for its next wave (whichever instance is alive \
+                 then starts it)"
+            ),
             _ => tracing::info!(
                 %status,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -126,6 +142,16 @@ struct RunState<'a> {
     recorder: Recorder,
     /// Queue position of the last notification delivered (recorded or not).
     cursor: Option<i64>,
+    /// A wave run: how many the current wave may still notify.
+    wave_left: Option<i64>,
+}
+
+/// Why a run stopped sending, when it did not stop early.
+pub(super) enum Done {
+    /// Every user in the queue was notified.
+    Queue,
+    /// The current wave notified its quota, and users remain for the next.
+    Wave,
 }
 
 impl RunState<'_> {
@@ -133,7 +159,42 @@ impl RunState<'_> {
         self.run.product_id
     }
 
-    async fn notify_all(&mut self) -> Result<(), Stop> {
+    /// Starts the run's next wave, or continues the current one if it was under way
+    /// (the run was taken over, released on shutdown or resumed mid-wave). A wave starts
+    /// by reading the stock: 0 ends the run sold out (G3); otherwise the wave may notify
+    /// `per_unit` x the stock, recorded with the run so that whoever drives it next knows.
+    async fn begin_wave(&mut self, state: WaveState, sent_count: i64) -> Result<(), Stop> {
+        if let Some(left) = state.left_in_wave(sent_count) {
+            tracing::info!(left, "continuing the current wave");
+            self.wave_left = Some(left);
+            return Ok(());
+        }
+        let engine = self.engine;
+        let stock = engine
+            .store
+            .product(self.product())
+            .await?
+            .map_or(0, |p| p.stock);
+        let quota = state.wave.quota(stock);
+        if quota <= 0 {
+            tracing::info!(stock, "sold out at the start of a wave");
+            return Err(Stop::SoldOut);
+        }
+        let asked = Instant::now();
+        let started = engine
+            .store
+            .start_wave(&self.claim, quota, sent_count, engine.settings.lease.lease)
+            .await?;
+        if started == Claimed::Lost {
+            return Err(Stop::Lost);
+        }
+        self.recorder.lease.renewed(asked);
+        tracing::info!(stock, quota, "wave started");
+        self.wave_left = Some(quota);
+        Ok(())
+    }
+
+    async fn notify_all(&mut self) -> Result<Done, Stop> {
         let engine = self.engine;
         loop {
             // The page leaves out users already notified in this round: the query skips
@@ -145,7 +206,7 @@ impl RunState<'_> {
                 .next_registrations(&self.claim, self.cursor, engine.settings.page_size)
                 .await?;
             if page.is_empty() {
-                return Ok(());
+                return Ok(Done::Queue);
             }
             let unrecorded = self.recorder.unrecorded_users();
             if !unrecorded.is_empty() {
@@ -157,8 +218,12 @@ impl RunState<'_> {
                     continue;
                 }
             }
+            if self.wave_left == Some(0) {
+                // Users remain (this page), for the next wave.
+                return Ok(Done::Wave);
+            }
             let mut rest = &page[..];
-            while !rest.is_empty() {
+            while !rest.is_empty() && self.wave_left != Some(0) {
                 let sent = self.send(rest).await?;
                 rest = &rest[sent..];
                 self.recorder.poll().await?;
@@ -183,7 +248,10 @@ impl RunState<'_> {
             // G10 and G8: never more than a second's worth unrecorded, and nothing sent
             // on a lease that could have run out.
             self.recorder.wait_for_room().await?;
-            let want = queue.len().min(self.recorder.room());
+            let mut want = queue.len().min(self.recorder.room());
+            if let Some(left) = self.wave_left {
+                want = want.min(usize::try_from(left).unwrap_or(usize::MAX));
+            }
             let slice_end = Instant::now() + engine.settings.recorder.flush_interval;
             let granted = tokio::select! {
                 biased;
@@ -236,6 +304,9 @@ impl RunState<'_> {
                         .notifications_sent
                         .increment(chunk.len() as u64);
                     self.recorder.delivered(chunk, sent_at);
+                    if let Some(left) = &mut self.wave_left {
+                        *left -= chunk.len() as i64;
+                    }
                     self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
                     return Ok(());
                 }

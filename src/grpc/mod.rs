@@ -78,6 +78,20 @@ impl From<domain::Run> for proto::RestockRun {
             sent_count: run.sent_count,
             started_at: Some(timestamp(run.started_at)),
             updated_at: Some(timestamp(run.updated_at)),
+            next_wave_at: run.wave.and_then(|w| w.next_wave_at).map(timestamp),
+            wave: run.wave.map(|w| proto::Wave::from(w.wave)),
+        }
+    }
+}
+
+impl From<domain::Wave> for proto::Wave {
+    fn from(wave: domain::Wave) -> Self {
+        proto::Wave {
+            per_unit: wave.per_unit,
+            interval: Some(prost_types::Duration {
+                seconds: wave.interval.as_secs() as i64,
+                nanos: wave.interval.subsec_nanos() as i32,
+            }),
         }
     }
 }

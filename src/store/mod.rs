@@ -70,6 +70,10 @@ pub enum After {
     Release,
     /// Moves it to a final state.
     Finish(FinalStatus),
+    /// Ends a wave: keeps it `IN_PROGRESS`, sets `next_wave_at` this long from now and
+    /// lets the lease run out then, so that whichever instance takes it over at that
+    /// moment starts the next wave. Nothing holds the run meanwhile.
+    WaitForWave(Duration),
 }
 
 /// Outcome of a conditional write by the engine.
@@ -114,6 +118,17 @@ pub trait Store: Send + Sync + 'static {
         stock: Option<i64>,
         lease: Duration,
     ) -> Result<ClaimedRun, Error>;
+
+    /// Starts a wave of a wave run: it may notify `quota` more, counted from
+    /// `started_count` (its `sent_count` now). Conditional on the claim, like `record`;
+    /// renews the lease.
+    async fn start_wave(
+        &self,
+        claim: &RunClaim,
+        quota: i64,
+        started_count: i64,
+        lease: Duration,
+    ) -> Result<Claimed, Error>;
 
     /// Puts the latest run back to `IN_PROGRESS` if it ended `CANCELED_BY_ERROR` (G6).
     async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error>;

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId, Wave, WaveState,
 };
 
 const STORE: &str = "database";
@@ -532,10 +532,11 @@ impl Store for MySqlStore {
             insert.build().execute(&mut *tx).await.map_err(backend)?;
         }
         let last = sent.last().map(|s| s.registration);
-        let (status, renew, release) = match after {
-            After::Renew => (RunStatus::InProgress, true, false),
-            After::Release => (RunStatus::InProgress, false, true),
-            After::Finish(status) => (status.status(), false, false),
+        let (status, renew, release, wait) = match after {
+            After::Renew => (RunStatus::InProgress, true, false, None),
+            After::Release => (RunStatus::InProgress, false, true, None),
+            After::Finish(status) => (status.status(), false, false, None),
+            After::WaitForWave(interval) => (RunStatus::InProgress, false, false, Some(interval)),
         };
         let updated = sqlx::query(
             "UPDATE product_notification_history SET \
@@ -543,7 +544,10 @@ impl Store for MySqlStore {
              last_sent_position = COALESCE(?, last_sent_position), \
              sent_count = sent_count + ?, status = ?, \
              lease_until = CASE WHEN ? THEN CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
-                                WHEN ? THEN CURRENT_TIMESTAMP(6) ELSE NULL END, \
+                                WHEN ? THEN CURRENT_TIMESTAMP(6) \
+                                WHEN ? THEN CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                                ELSE NULL END, \
+             next_wave_at = IF(?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, NULL), \
              claim_token = IF(?, claim_token, NULL), \
              updated_at = CURRENT_TIMESTAMP(6) \
              WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
@@ -556,6 +560,10 @@ impl Store for MySqlStore {
         .bind(renew)
         .bind(lease_micros(lease))
         .bind(release)
+        .bind(wait.is_some())
+        .bind(wait.map_or(0, lease_micros))
+        .bind(wait.is_some())
+        .bind(wait.map_or(0, lease_micros))
         .bind(renew)
         .bind(claim.run_id)
         .bind(claim.token)
@@ -568,6 +576,36 @@ impl Store for MySqlStore {
         }
         tx.commit().await.map_err(backend)?;
         Ok(Claimed::Yes)
+    }
+
+    async fn start_wave(
+        &self,
+        claim: &RunClaim,
+        quota: i64,
+        started_count: i64,
+        lease: Duration,
+    ) -> Result<Claimed, Error> {
+        let updated = sqlx::query(
+            "UPDATE product_notification_history SET wave_quota = ?, wave_started_count = ?, \
+             next_wave_at = NULL, \
+             lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+             updated_at = CURRENT_TIMESTAMP(6) \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
+               AND lease_until > CURRENT_TIMESTAMP(6)",
+        )
+        .bind(quota)
+        .bind(started_count)
+        .bind(lease_micros(lease))
+        .bind(claim.run_id)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(if updated.rows_affected() == 0 {
+            Claimed::Lost
+        } else {
+            Claimed::Yes
+        })
     }
 
     async fn take_over_expired(

@@ -10,7 +10,9 @@ macro_rules! portable_queries {
     ($db:ty, $row:ty) => {
         /// Columns of `product_notification_history` that make a [`Run`], in this order.
         const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, \
-                                   sent_count, started_at, updated_at";
+                                   sent_count, started_at, updated_at, wave_per_unit, \
+                                   wave_interval_ms, wave_quota, wave_started_count, \
+                                   next_wave_at";
 
         fn run_from_row(row: &$row) -> Result<Run, Error> {
             let status: String = row.try_get("status").map_err(backend)?;
@@ -27,7 +29,25 @@ macro_rules! portable_queries {
                 sent_count: row.try_get("sent_count").map_err(backend)?,
                 started_at: row.try_get("started_at").map_err(backend)?,
                 updated_at: row.try_get("updated_at").map_err(backend)?,
+                wave: wave_from_row(row)?,
             })
+        }
+
+        fn wave_from_row(row: &$row) -> Result<Option<WaveState>, Error> {
+            let per_unit: Option<i64> = row.try_get("wave_per_unit").map_err(backend)?;
+            let interval_ms: Option<i64> = row.try_get("wave_interval_ms").map_err(backend)?;
+            let (Some(per_unit), Some(interval_ms)) = (per_unit, interval_ms) else {
+                return Ok(None);
+            };
+            Ok(Some(WaveState {
+                wave: Wave {
+                    per_unit: u32::try_from(per_unit).unwrap_or(u32::MAX),
+                    interval: std::time::Duration::from_millis(interval_ms.max(0) as u64),
+                },
+                next_wave_at: row.try_get("next_wave_at").map_err(backend)?,
+                quota: row.try_get("wave_quota").map_err(backend)?,
+                started_count: row.try_get("wave_started_count").map_err(backend)?,
+            }))
         }
 
         fn product_from_row(row: &$row) -> Result<Product, Error> {

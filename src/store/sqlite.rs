@@ -26,7 +26,7 @@ use super::{
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId, Wave, WaveState,
 };
 
 const STORE: &str = "database";
@@ -413,16 +413,26 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let now = Utc::now();
         let last = sent.last().map(|s| s.registration);
-        let (status, lease_until, keep_claim) = match after {
-            After::Renew => (RunStatus::InProgress, Some(lease_deadline(lease)), true),
-            After::Release => (RunStatus::InProgress, Some(micros(now)), false),
-            After::Finish(status) => (status.status(), None, false),
+        let (status, lease_until, keep_claim, next_wave_at) = match after {
+            After::Renew => (
+                RunStatus::InProgress,
+                Some(lease_deadline(lease)),
+                true,
+                None,
+            ),
+            After::Release => (RunStatus::InProgress, Some(micros(now)), false, None),
+            After::Finish(status) => (status.status(), None, false, None),
+            After::WaitForWave(interval) => {
+                let at =
+                    now + chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
+                (RunStatus::InProgress, Some(micros(at)), false, Some(at))
+            }
         };
         let updated = sqlx::query(
             "UPDATE product_notification_history SET \
              last_sent_user_id = COALESCE(?, last_sent_user_id), \
              last_sent_position = COALESCE(?, last_sent_position), \
-             sent_count = sent_count + ?, status = ?, lease_until = ?, \
+             sent_count = sent_count + ?, status = ?, lease_until = ?, next_wave_at = ?, \
              claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, updated_at = ? \
              WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' AND lease_until > ?",
         )
@@ -431,6 +441,7 @@ impl Store for SqliteStore {
         .bind(sent.len() as i64)
         .bind(status.as_str())
         .bind(lease_until)
+        .bind(next_wave_at)
         .bind(keep_claim)
         .bind(now)
         .bind(claim.run_id)
@@ -459,6 +470,36 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(backend)?;
         Ok(Claimed::Yes)
+    }
+
+    async fn start_wave(
+        &self,
+        claim: &RunClaim,
+        quota: i64,
+        started_count: i64,
+        lease: Duration,
+    ) -> Result<Claimed, Error> {
+        let now = Utc::now();
+        let updated = sqlx::query(
+            "UPDATE product_notification_history SET wave_quota = ?, wave_started_count = ?, \
+             next_wave_at = NULL, lease_until = ?, updated_at = ? \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' AND lease_until > ?",
+        )
+        .bind(quota)
+        .bind(started_count)
+        .bind(lease_deadline(lease))
+        .bind(now)
+        .bind(claim.run_id)
+        .bind(claim.token)
+        .bind(micros(now))
+        .execute(&self.writer)
+        .await
+        .map_err(backend)?;
+        Ok(if updated.rows_affected() == 0 {
+            Claimed::Lost
+        } else {
+            Claimed::Yes
+        })
     }
 
     async fn take_over_expired(

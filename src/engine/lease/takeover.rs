@@ -4,6 +4,10 @@
 //! cursor. The claim is a conditional write, so of several instances racing for a run
 //! exactly one gets it. It looks at once on start, so a run left by an instance that
 //! stopped while no other was alive is continued by the next one to start.
+//!
+//! The same loop starts the waves of wave runs: a run waiting for its next wave has no
+//! owner and a lease that runs out when the wave is due, so the next wave starts within
+//! one look of its time, on whichever instance is alive then.
 
 use std::sync::Arc;
 
@@ -36,13 +40,21 @@ impl Engine {
                         // Claimed just as shutdown began, a run stops at once and
                         // releases itself again.
                         for claimed in runs {
-                            tracing::warn!(
-                                product = %claimed.claim.product_id,
-                                round = claimed.claim.restock_round,
-                                resume_cursor = ?claimed.cursor,
-                                "took over a run whose lease ran out"
-                            );
-                            engine.metrics.runs_taken_over.increment(1);
+                            let product = claimed.claim.product_id;
+                            let round = claimed.claim.restock_round;
+                            if claimed.run.wave.is_some_and(|w| w.next_wave_at.is_some()) {
+                                // A wave run whose wait is over: its lease ran out on
+                                // purpose, at the next wave's time.
+                                tracing::info!(%product, round, "starting the next wave of a run");
+                            } else {
+                                tracing::warn!(
+                                    %product,
+                                    round,
+                                    resume_cursor = ?claimed.cursor,
+                                    "took over a run whose lease ran out"
+                                );
+                                engine.metrics.runs_taken_over.increment(1);
+                            }
                             engine.spawn_run(claimed, claimed_at);
                         }
                     }
