@@ -71,6 +71,11 @@ pub enum Invalid {
     NotAPageToken(String),
     /// `page_token` was made for a listing with another filter.
     PageTokenOfAnotherFilter,
+    /// `wave.per_unit` is 0.
+    WavePerUnitZero,
+    /// `wave.interval` is missing, negative or out of its range; in milliseconds when
+    /// given (saturated).
+    WaveInterval(Option<i64>),
 }
 
 impl Invalid {
@@ -100,6 +105,8 @@ impl fmt::Display for Invalid {
             Invalid::NegativePageSize(got) => write!(f, "page_size {got}"),
             Invalid::NotAPageToken(s) => write!(f, "page_token {s:?}"),
             Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
+            Invalid::WavePerUnitZero => write!(f, "wave.per_unit 0"),
+            Invalid::WaveInterval(ms) => write!(f, "wave.interval {ms:?} ms"),
         }
     }
 }

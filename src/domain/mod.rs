@@ -170,11 +170,42 @@ impl Wave {
     pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
     pub const MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+    /// Validates a caller's wave: `per_unit` at least 1, `interval` (seconds and
+    /// nanoseconds, as `google.protobuf.Duration`) from 1 s to 24 h.
+    pub fn parse(per_unit: u32, interval: Option<(i64, i32)>) -> Result<Self, Error> {
+        if per_unit == 0 {
+            return Err(Error::InvalidArgument(Invalid::WavePerUnitZero));
+        }
+        let (seconds, nanos) =
+            interval.ok_or(Error::InvalidArgument(Invalid::WaveInterval(None)))?;
+        let ms = seconds
+            .saturating_mul(1_000)
+            .saturating_add(i64::from(nanos) / 1_000_000);
+        let out_of_range = || Error::InvalidArgument(Invalid::WaveInterval(Some(ms)));
+        if seconds < 0 || nanos < 0 || !(0..1_000_000_000).contains(&nanos) {
+            return Err(out_of_range());
+        }
+        let interval = std::time::Duration::new(seconds as u64, nanos as u32);
+        if !(Self::MIN_INTERVAL..=Self::MAX_INTERVAL).contains(&interval) {
+            return Err(out_of_range());
+        }
+        Ok(Self { per_unit, interval })
+    }
+
     /// How many a wave that starts with `stock` in stock may notify: `per_unit` per
     /// unit; none when the product is sold out.
     pub fn quota(&self, stock: i64) -> i64 {
         stock.max(0).saturating_mul(i64::from(self.per_unit))
     }
+}
+
+/// What `TriggerRestock` asks for besides the product.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerRequest {
+    /// Written first, as `SetStock` would, then checked.
+    pub stock: Option<i64>,
+    /// Notify in waves that follow the stock.
+    pub wave: Option<Wave>,
 }
 
 /// A wave run's settings and where its current wave stands.
@@ -284,6 +315,49 @@ impl NotificationFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wave_quota_follows_the_stock_and_the_current_wave_is_counted_from_its_start() {
+        let wave = Wave {
+            per_unit: 2,
+            interval: std::time::Duration::from_secs(5),
+        };
+        assert_eq!(wave.quota(3), 6);
+        assert_eq!(wave.quota(0), 0);
+        assert_eq!(wave.quota(-4), 0);
+        assert_eq!(wave.quota(i64::MAX), i64::MAX);
+        let mut state = WaveState {
+            wave,
+            next_wave_at: None,
+            quota: None,
+            started_count: None,
+        };
+        // No wave yet: the first must start.
+        assert_eq!(state.left_in_wave(0), None);
+        state.quota = Some(6);
+        state.started_count = Some(10);
+        assert_eq!(state.left_in_wave(10), Some(6));
+        assert_eq!(state.left_in_wave(14), Some(2));
+        // Done: the next must start.
+        assert_eq!(state.left_in_wave(16), None);
+    }
+
+    #[test]
+    fn waves_need_a_unit_and_an_interval_from_1s_to_24h() {
+        assert!(Wave::parse(1, Some((1, 0))).is_ok());
+        assert!(Wave::parse(3, Some((86_400, 0))).is_ok());
+        assert!(Wave::parse(0, Some((5, 0))).is_err());
+        assert!(Wave::parse(1, None).is_err());
+        for (s, n) in [
+            (0, 999_999_999),
+            (86_400, 1),
+            (-1, 0),
+            (5, -1),
+            (i64::MAX, 0),
+        ] {
+            assert!(Wave::parse(1, Some((s, n))).is_err(), "{s}s {n}ns");
+        }
+    }
 
     #[test]
     fn ids_must_be_positive() {

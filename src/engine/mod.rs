@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, UserId};
+use crate::domain::{
+    Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, TriggerRequest, UserId,
+};
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store};
 use bus::NotificationBus;
@@ -170,22 +172,22 @@ impl Engine {
     pub async fn trigger_restock(
         self: &Arc<Self>,
         product: ProductId,
-        stock: Option<i64>,
+        request: TriggerRequest,
     ) -> Result<Run, Error> {
         self.refuse_if_shutting_down()?;
         let engine = self.clone();
         run_to_completion(async move {
             let lease = engine.settings.lease.lease;
             let claimed_at = Instant::now();
-            let claimed = match stock {
+            let claimed = match request.stock {
                 Some(stock) => {
                     let _exclusive = engine.stock_fence.lock_for_write(product).await;
                     engine.uncache_stock(product).await?;
-                    let claimed = engine.store.start_run(product, Some(stock), lease).await?;
+                    let claimed = engine.store.start_run(product, &request, lease).await?;
                     engine.cache_stock(product, stock).await?;
                     claimed
                 }
-                None => engine.store.start_run(product, None, lease).await?,
+                None => engine.store.start_run(product, &request, lease).await?,
             };
             Ok(engine.spawn_run(claimed, claimed_at))
         })

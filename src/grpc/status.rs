@@ -193,6 +193,15 @@ fn invalid_message(invalid: &Invalid) -> String {
              next_page_token of the previous page as it was, or start again without \
              page_token"
         ),
+        Invalid::WavePerUnitZero => "wave.per_unit must be at least 1: how many users each \
+                                     unit in stock lets a wave notify"
+            .to_string(),
+        Invalid::WaveInterval(None) => {
+            "wave.interval is required: the time between waves, from 1s to 24h".to_string()
+        }
+        Invalid::WaveInterval(Some(ms)) => {
+            format!("wave.interval must be from 1s to 24h, got {ms} ms")
+        }
         Invalid::PageTokenOfAnotherFilter => "page_token belongs to a listing with another \
              status or product_id; send the same filter as for the previous page, or start \
              again without page_token"

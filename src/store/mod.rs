@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     Alert, Error, NotResumable, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunFilter, RunStatus, UserId,
+    ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
 /// Which run a task drives, and the claim that proves it still drives it: every write of
@@ -115,7 +115,7 @@ pub trait Store: Send + Sync + 'static {
     async fn start_run(
         &self,
         product: ProductId,
-        stock: Option<i64>,
+        request: &TriggerRequest,
         lease: Duration,
     ) -> Result<ClaimedRun, Error>;
 

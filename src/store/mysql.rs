@@ -15,7 +15,8 @@ use super::{
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId, Wave, WaveState,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId, Wave,
+    WaveState,
 };
 
 const STORE: &str = "database";
@@ -193,11 +194,11 @@ impl MySqlStore {
     async fn try_start_run(
         &self,
         product: ProductId,
-        stock: Option<i64>,
+        request: &TriggerRequest,
         lease: Duration,
     ) -> Result<ClaimedRun, Error> {
         let mut tx = self.begin().await?;
-        if let Some(stock) = stock {
+        if let Some(stock) = request.stock {
             sqlx::query(
                 "INSERT INTO product (id, stock) VALUES (?, ?) \
                  ON DUPLICATE KEY UPDATE stock = ?, updated_at = CURRENT_TIMESTAMP(6)",
@@ -252,13 +253,16 @@ impl MySqlStore {
         let token = claim_token();
         let inserted = sqlx::query(
             "INSERT INTO product_notification_history \
-             (product_id, restock_round, status, claim_token, lease_until) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND)",
+             (product_id, restock_round, status, claim_token, lease_until, wave_per_unit, \
+              wave_interval_ms) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, ?, ?)",
         )
         .bind(product.get())
         .bind(round)
         .bind(token)
         .bind(lease_micros(lease))
+        .bind(request.wave.map(|w| i64::from(w.per_unit)))
+        .bind(request.wave.map(|w| w.interval.as_millis() as i64))
         .execute(&mut *tx)
         .await;
         let run_id = match inserted {
@@ -483,10 +487,10 @@ impl Store for MySqlStore {
     async fn start_run(
         &self,
         product: ProductId,
-        stock: Option<i64>,
+        request: &TriggerRequest,
         lease: Duration,
     ) -> Result<ClaimedRun, Error> {
-        retry_deadlocks!(self.try_start_run(product, stock, lease))
+        retry_deadlocks!(self.try_start_run(product, request, lease))
     }
 
     async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error> {

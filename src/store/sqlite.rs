@@ -26,7 +26,8 @@ use super::{
 };
 use crate::domain::{
     Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, UserId, Wave, WaveState,
+    Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId, Wave,
+    WaveState,
 };
 
 const STORE: &str = "database";
@@ -272,11 +273,11 @@ impl Store for SqliteStore {
     async fn start_run(
         &self,
         product: ProductId,
-        stock: Option<i64>,
+        request: &TriggerRequest,
         lease: Duration,
     ) -> Result<ClaimedRun, Error> {
         let mut tx = self.begin().await?;
-        if let Some(stock) = stock {
+        if let Some(stock) = request.stock {
             upsert_stock(&mut tx, product, stock).await?;
         }
         let current = select_product(&mut tx, product)
@@ -316,8 +317,9 @@ impl Store for SqliteStore {
         let token = claim_token();
         let inserted = sqlx::query(
             "INSERT INTO product_notification_history \
-             (product_id, restock_round, status, claim_token, lease_until, started_at, updated_at) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?)",
+             (product_id, restock_round, status, claim_token, lease_until, started_at, updated_at, \
+              wave_per_unit, wave_interval_ms) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?, ?, ?)",
         )
         .bind(product.get())
         .bind(round)
@@ -325,6 +327,8 @@ impl Store for SqliteStore {
         .bind(lease_deadline(lease))
         .bind(now)
         .bind(now)
+        .bind(request.wave.map(|w| i64::from(w.per_unit)))
+        .bind(request.wave.map(|w| w.interval.as_millis() as i64))
         .execute(&mut *tx)
         .await;
         let run_id = match inserted {

@@ -308,6 +308,7 @@ impl TestApp {
             .trigger_restock(proto::TriggerRestockRequest {
                 product_id: product,
                 stock,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())

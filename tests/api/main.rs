@@ -19,3 +19,4 @@ mod startup;
 mod subscribe;
 mod tls;
 mod watch_list;
+mod waves;

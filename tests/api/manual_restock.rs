@@ -8,7 +8,7 @@ use tonic::Code;
 use crate::helpers::*;
 
 /// Makes MySQL itself refuse to record `user`: a trigger that raises on insert.
-async fn fail_recording_of(app: &TestApp, user: i64) {
+pub(crate) async fn fail_recording_of(app: &TestApp, user: i64) {
     let trigger = match app.backend {
         Backend::MySql => format!(
             "CREATE TRIGGER fail_on_user BEFORE INSERT ON product_user_notification_history \
@@ -28,7 +28,7 @@ async fn fail_recording_of(app: &TestApp, user: i64) {
     sqlx::raw_sql(&trigger).execute(&app.db).await.unwrap();
 }
 
-async fn heal(app: &TestApp) {
+pub(crate) async fn heal(app: &TestApp) {
     sqlx::raw_sql("DROP TRIGGER fail_on_user")
         .execute(&app.db)
         .await
