@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
 //! cargo run --release --example bench -- ceiling [--users 200000]
-//! cargo run --release --example bench -- memory  [--users 1000000]
+//! cargo run --release --example bench -- memory  [--users 1000000] [--waves]
 //! cargo build --release && \
 //!   cargo run --release --example bench -- fanout [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo build --release && \
@@ -380,6 +380,69 @@ async fn memory(users: u32) -> anyhow::Result<()> {
         began.elapsed(),
         before as f64 / 1024.0,
         peak as f64 / 1024.0
+    );
+    bench.drop_database().await
+}
+
+/// `memory --waves`: the same users notified in waves of 100 per unit of a stock of
+/// 1,000 (ten waves of 100,000, a second apart), with the RSS sampled during the waits.
+async fn memory_waves(users: u32) -> anyhow::Result<()> {
+    let bench = start(u32::MAX).await?;
+    bench.seed(users).await?;
+    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS")?;
+    let before = proc_status_kb("VmRSS:")?;
+    let began = Instant::now();
+    bench
+        .client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: 1,
+            wave: Some(proto::Wave {
+                per_unit: 100,
+                interval: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let (mut waits, mut waiting_max, mut waiting_min) = (0, 0u64, u64::MAX);
+    let mut was_waiting = false;
+    let run = loop {
+        let run = bench
+            .client
+            .clone()
+            .get_restock_run(proto::GetRestockRunRequest {
+                product_id: 1,
+                restock_round: None,
+            })
+            .await?
+            .into_inner();
+        if run.status() != RunStatus::InProgress {
+            break run;
+        }
+        let waiting = run.next_wave_at.is_some();
+        if waiting {
+            let rss = proc_status_kb("VmRSS:")?;
+            waiting_max = waiting_max.max(rss);
+            waiting_min = waiting_min.min(rss);
+            waits += usize::from(!was_waiting);
+        }
+        was_waiting = waiting;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
+    let peak = proc_status_kb("VmHWM:")?;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    println!(
+        "memory, waves: {users} users in {:.2?}, {waits} waits seen; RSS before the run \
+         {:.1} MB, peak {:.1} MB, while waiting {:.1} to {:.1} MB",
+        began.elapsed(),
+        mb(before),
+        mb(peak),
+        mb(waiting_min.min(waiting_max)),
+        mb(waiting_max)
     );
     bench.drop_database().await
 }
@@ -1024,6 +1087,9 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("pacing") => pacing(arg(&args, "--users", 10_000)?, arg(&args, "--rate", 500)?).await,
         Some("ceiling") => ceiling(arg(&args, "--users", 200_000)?).await,
+        Some("memory") if args.iter().any(|a| a == "--waves") => {
+            memory_waves(arg(&args, "--users", 1_000_000)?).await
+        }
         Some("memory") => memory(arg(&args, "--users", 1_000_000)?).await,
         Some("fanout") => {
             fanout(
@@ -1044,7 +1110,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] | fanout [--streams S] [--users N] [--rate R] [--across] | \
+             memory [--users N] [--waves] | fanout [--streams S] [--users N] [--rate R] [--across] | \
              cluster [--users N] [--rate R] [--instances I]"
         ),
     }
