@@ -139,17 +139,22 @@ impl Bench {
         Ok(())
     }
 
+    /// Product 1's latest run, as it is now.
+    async fn run_now(&self) -> anyhow::Result<proto::RestockRun> {
+        Ok(self
+            .client
+            .clone()
+            .get_restock_run(proto::GetRestockRunRequest {
+                product_id: 1,
+                restock_round: None,
+            })
+            .await?
+            .into_inner())
+    }
+
     async fn wait_final(&self) -> anyhow::Result<proto::RestockRun> {
         loop {
-            let run = self
-                .client
-                .clone()
-                .get_restock_run(proto::GetRestockRunRequest {
-                    product_id: 1,
-                    restock_round: None,
-                })
-                .await?
-                .into_inner();
+            let run = self.run_now().await?;
             if run.status() != RunStatus::InProgress {
                 return Ok(run);
             }
@@ -410,15 +415,7 @@ async fn memory_waves(users: u32) -> anyhow::Result<()> {
     let (mut waits, mut waiting_max, mut waiting_min) = (0, 0u64, u64::MAX);
     let mut was_waiting = false;
     let run = loop {
-        let run = bench
-            .client
-            .clone()
-            .get_restock_run(proto::GetRestockRunRequest {
-                product_id: 1,
-                restock_round: None,
-            })
-            .await?
-            .into_inner();
+        let run = bench.run_now().await?;
         if run.status() != RunStatus::InProgress {
             break run;
         }
