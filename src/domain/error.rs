@@ -71,6 +71,11 @@ pub enum Invalid {
     NotAPageToken(String),
     /// `page_token` was made for a listing with another filter.
     PageTokenOfAnotherFilter,
+    /// `idempotency_key` was given but empty.
+    EmptyIdempotencyKey,
+    /// `idempotency_key` is longer than `IdempotencyKey::MAX_LEN` bytes. Holds at most
+    /// [`Invalid::QUOTE_MAX`] bytes of it.
+    IdempotencyKeyTooLong { len: usize, quoted: String },
 }
 
 impl Invalid {
@@ -100,6 +105,10 @@ impl fmt::Display for Invalid {
             Invalid::NegativePageSize(got) => write!(f, "page_size {got}"),
             Invalid::NotAPageToken(s) => write!(f, "page_token {s:?}"),
             Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
+            Invalid::EmptyIdempotencyKey => write!(f, "idempotency_key (empty)"),
+            Invalid::IdempotencyKeyTooLong { len, .. } => {
+                write!(f, "idempotency_key of {len} bytes")
+            }
         }
     }
 }

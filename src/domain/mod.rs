@@ -3,6 +3,7 @@
 
 mod error;
 mod listing;
+mod trigger;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,7 @@ pub use error::{BackendError, Error, Invalid, NotResumable};
 pub use listing::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, RunFilter, RunPage, parse_page_size,
 };
+pub use trigger::{IdempotencyKey, TriggerRequest};
 
 /// A product id: always positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
