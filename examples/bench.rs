@@ -133,6 +133,7 @@ impl Bench {
             .trigger_restock(proto::TriggerRestockRequest {
                 product_id: 1,
                 stock: None,
+                idempotency_key: None,
             })
             .await?;
         Ok(())
@@ -448,6 +449,7 @@ async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> 
         .trigger_restock(proto::TriggerRestockRequest {
             product_id: 1,
             stock: None,
+            idempotency_key: None,
         })
         .await?;
     let mut all = Vec::with_capacity(streams as usize * users as usize);
@@ -859,6 +861,7 @@ async fn cluster_run(cluster: &mut Cluster, per: u32, limit: u32) -> anyhow::Res
                         .trigger_restock(proto::TriggerRestockRequest {
                             product_id: product,
                             stock: None,
+                            idempotency_key: None,
                         })
                         .await
                         .with_context(|| format!("TriggerRestock of product {product}"))

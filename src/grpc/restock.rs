@@ -9,8 +9,8 @@ use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::domain::{
-    NotificationFilter, NotificationId, PageToken, ProductId, RunFilter, UserId, parse_page_size,
-    parse_round, parse_stock,
+    IdempotencyKey, NotificationFilter, NotificationId, PageToken, ProductId, RunFilter,
+    TriggerRequest, UserId, parse_page_size, parse_round, parse_stock,
 };
 use crate::engine::Engine;
 
@@ -38,8 +38,11 @@ impl RestockService for RestockApi {
     ) -> Result<Response<proto::RestockRun>, Status> {
         let req = request.into_inner();
         let product = ProductId::parse(req.product_id)?;
-        let stock = req.stock.map(parse_stock).transpose()?;
-        let run = self.engine.trigger_restock(product, stock).await?;
+        let request = TriggerRequest {
+            stock: req.stock.map(parse_stock).transpose()?,
+            idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
+        };
+        let run = self.engine.trigger_restock(product, request).await?;
         Ok(Response::new(run.into()))
     }
 

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     Alert, Error, NotResumable, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunFilter, RunStatus, UserId,
+    ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
 /// Which run a task drives, and the claim that proves it still drives it: every write of
@@ -33,6 +33,16 @@ pub struct ClaimedRun {
     /// Queue position of the last recorded user; `None` starts at the front.
     pub cursor: Option<i64>,
     pub run: Run,
+}
+
+/// What `start_run` did.
+#[derive(Debug, Clone)]
+pub enum Triggered {
+    /// Started the product's next round: the caller drives the run.
+    Started(ClaimedRun),
+    /// The request's idempotency key already started this run within its retention:
+    /// the run as it is now. Nothing was written.
+    Replayed(Run),
 }
 
 /// A notification that was sent and awaits recording.
@@ -108,12 +118,22 @@ pub trait Store: Send + Sync + 'static {
     /// Starts the product's next round (G7): sets `stock` first if given, then refuses
     /// with `FailedPrecondition` when the stock is <= 0 or a run is in progress, in
     /// which case nothing at all is changed.
+    ///
+    /// With an idempotency key already stored for the product within
+    /// `IdempotencyKey::RETENTION`, changes nothing and returns the run that key
+    /// started (`Replayed`), before any refusal. Otherwise the key is stored with the
+    /// new run, in the same transaction, under the same serialization as G7; a refused
+    /// call stores no key.
     async fn start_run(
         &self,
         product: ProductId,
-        stock: Option<i64>,
+        request: &TriggerRequest,
         lease: Duration,
-    ) -> Result<ClaimedRun, Error>;
+    ) -> Result<Triggered, Error>;
+
+    /// Deletes up to `limit` idempotency keys older than `IdempotencyKey::RETENTION`,
+    /// oldest first; returns how many it deleted.
+    async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error>;
 
     /// Puts the latest run back to `IN_PROGRESS` if it ended `CANCELED_BY_ERROR` (G6).
     async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error>;

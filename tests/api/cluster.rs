@@ -367,6 +367,7 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instan
         .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
             product_id: 1,
             stock: None,
+            idempotency_key: None,
         })
         .await
         .unwrap();

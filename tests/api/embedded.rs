@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use restock_notifier::domain::ProductId;
+use restock_notifier::domain::{ProductId, TriggerRequest};
 use restock_notifier::grpc::proto::SubscribeRequest;
 use restock_notifier::store::Store;
 use restock_notifier::store::sqlite::SqliteStore;
@@ -37,7 +37,11 @@ async fn two_processes_on_one_sqlite_file_cannot_both_start_a_run() {
     let lease = Duration::from_secs(10);
     let attempts = (0..20).map(|i| {
         let store = if i % 2 == 0 { &a } else { &b };
-        async move { store.start_run(product, None, lease).await }
+        async move {
+            store
+                .start_run(product, &TriggerRequest::default(), lease)
+                .await
+        }
     });
     let results = futures::future::join_all(attempts).await;
     let wins = results.iter().filter(|r| r.is_ok()).count();

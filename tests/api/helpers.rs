@@ -308,6 +308,7 @@ impl TestApp {
             .trigger_restock(proto::TriggerRestockRequest {
                 product_id: product,
                 stock,
+                idempotency_key: None,
             })
             .await
             .map(|r| r.into_inner())

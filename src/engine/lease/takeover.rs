@@ -4,6 +4,11 @@
 //! cursor. The claim is a conditional write, so of several instances racing for a run
 //! exactly one gets it. It looks at once on start, so a run left by an instance that
 //! stopped while no other was alive is continued by the next one to start.
+//!
+//! On the same beat it deletes a bounded batch of `TriggerRestock` idempotency keys
+//! that have expired (older than 24 hours), so their table does not grow without
+//! bound: one range read of an index when there is nothing to delete, and no extra
+//! work in the trigger's transaction, which holds the product's lock.
 
 use std::sync::Arc;
 
@@ -13,6 +18,10 @@ use crate::engine::Engine;
 
 /// Runs claimed per look, at most: a burst of released runs is spread over instances.
 const CLAIMS_PER_LOOK: u32 = 16;
+
+/// Expired idempotency keys deleted per look, at most: far more than keys are made (one
+/// per run started), so the sweep keeps up, while one statement stays short.
+const EXPIRED_KEYS_PER_LOOK: u32 = 1_000;
 
 impl Engine {
     /// Takes over abandoned runs until shutdown, in the background.
@@ -47,6 +56,17 @@ impl Engine {
                         }
                     }
                     Err(err) => tracing::warn!(error = ?err, "cannot look for runs to take over"),
+                }
+                match engine
+                    .store
+                    .forget_expired_trigger_keys(EXPIRED_KEYS_PER_LOOK)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::debug!(deleted, "deleted expired idempotency keys"),
+                    Err(err) => {
+                        tracing::warn!(error = ?err, "cannot delete expired idempotency keys")
+                    }
                 }
             }
         });
