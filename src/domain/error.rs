@@ -76,6 +76,11 @@ pub enum Invalid {
     /// `wave.interval` is missing, negative or out of its range; in milliseconds when
     /// given (saturated).
     WaveInterval(Option<i64>),
+    /// `idempotency_key` was given but empty.
+    EmptyIdempotencyKey,
+    /// `idempotency_key` is longer than `IdempotencyKey::MAX_LEN` bytes. Holds at most
+    /// [`Invalid::QUOTE_MAX`] bytes of it.
+    IdempotencyKeyTooLong { len: usize, quoted: String },
 }
 
 impl Invalid {
@@ -107,6 +112,10 @@ impl fmt::Display for Invalid {
             Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
             Invalid::WavePerUnitZero => write!(f, "wave.per_unit 0"),
             Invalid::WaveInterval(ms) => write!(f, "wave.interval {ms:?} ms"),
+            Invalid::EmptyIdempotencyKey => write!(f, "idempotency_key (empty)"),
+            Invalid::IdempotencyKeyTooLong { len, .. } => {
+                write!(f, "idempotency_key of {len} bytes")
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod error;
 mod listing;
+mod trigger;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,7 @@ pub use error::{BackendError, Error, Invalid, NotResumable};
 pub use listing::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, RunFilter, RunPage, parse_page_size,
 };
+pub use trigger::{IdempotencyKey, TriggerRequest};
 
 /// A product id: always positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -197,15 +199,6 @@ impl Wave {
     pub fn quota(&self, stock: i64) -> i64 {
         stock.max(0).saturating_mul(i64::from(self.per_unit))
     }
-}
-
-/// What `TriggerRestock` asks for besides the product.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TriggerRequest {
-    /// Written first, as `SetStock` would, then checked.
-    pub stock: Option<i64>,
-    /// Notify in waves that follow the stock.
-    pub wave: Option<Wave>,
 }
 
 /// A wave run's settings and where its current wave stands.

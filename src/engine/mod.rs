@@ -22,7 +22,7 @@ use crate::domain::{
     Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, TriggerRequest, UserId,
 };
 use crate::monitoring::Metrics;
-use crate::store::{ClaimedRun, Store};
+use crate::store::{ClaimedRun, Store, Triggered};
 use bus::NotificationBus;
 use lease::LeaseSettings;
 use limiter::SendLimiter;
@@ -168,7 +168,8 @@ impl Engine {
     }
 
     /// Starts the product's next round and returns at once; the run goes on in the
-    /// background.
+    /// background. A retry with the idempotency key of an earlier call returns that
+    /// call's run as it is now, and changes nothing.
     pub async fn trigger_restock(
         self: &Arc<Self>,
         product: ProductId,
@@ -179,19 +180,44 @@ impl Engine {
         run_to_completion(async move {
             let lease = engine.settings.lease.lease;
             let claimed_at = Instant::now();
-            let claimed = match request.stock {
+            let triggered = match request.stock {
                 Some(stock) => {
                     let _exclusive = engine.stock_fence.lock_for_write(product).await;
                     engine.uncache_stock(product).await?;
-                    let claimed = engine.store.start_run(product, &request, lease).await?;
-                    engine.cache_stock(product, stock).await?;
-                    claimed
+                    let triggered = engine.store.start_run(product, &request, lease).await?;
+                    match triggered {
+                        Triggered::Started(_) => engine.cache_stock(product, stock).await?,
+                        Triggered::Replayed(_) => engine.recache_unchanged_stock(product).await,
+                    }
+                    triggered
                 }
                 None => engine.store.start_run(product, &request, lease).await?,
             };
-            Ok(engine.spawn_run(claimed, claimed_at))
+            Ok(match triggered {
+                Triggered::Started(claimed) => engine.spawn_run(claimed, claimed_at),
+                Triggered::Replayed(run) => {
+                    tracing::debug!(
+                        %product,
+                        round = run.restock_round,
+                        "idempotency key seen before; returning its run"
+                    );
+                    run
+                }
+            })
         })
         .await
+    }
+
+    /// After a replayed trigger that carried a stock: the figure was dropped from the
+    /// cache before the database was asked, and the database kept its own (the retry
+    /// wrote nothing). The database's figure goes back, never the request's, still
+    /// under the fence (G3), so the run in progress does not meet a miss for a call
+    /// that changed nothing. If that fails the cache stays empty, which is safe: the
+    /// next delivery loads the figure itself.
+    async fn recache_unchanged_stock(&self, product: ProductId) {
+        if let Err(err) = self.load_stock(product).await {
+            tracing::warn!(%product, error = ?err, "cannot cache the stock again after a replayed trigger");
+        }
     }
 
     /// Resumes a `CANCELED_BY_ERROR` run from the user after its last recorded one (G6).

@@ -9,8 +9,8 @@ use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::domain::{
-    NotificationFilter, NotificationId, PageToken, ProductId, RunFilter, TriggerRequest, UserId,
-    Wave, parse_page_size, parse_round, parse_stock,
+    IdempotencyKey, NotificationFilter, NotificationId, PageToken, ProductId, RunFilter,
+    TriggerRequest, UserId, Wave, parse_page_size, parse_round, parse_stock,
 };
 use crate::engine::Engine;
 
@@ -44,6 +44,7 @@ impl RestockService for RestockApi {
                 .wave
                 .map(|w| Wave::parse(w.per_unit, w.interval.map(|d| (d.seconds, d.nanos))))
                 .transpose()?,
+            idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
         };
         let run = self.engine.trigger_restock(product, request).await?;
         Ok(Response::new(run.into()))

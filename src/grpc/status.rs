@@ -7,7 +7,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::domain::{
-    BackendError, DEFAULT_PAGE_SIZE, Error, Invalid, MAX_PAGE_SIZE, NotResumable, NotificationId,
+    BackendError, DEFAULT_PAGE_SIZE, Error, IdempotencyKey, Invalid, MAX_PAGE_SIZE, NotResumable,
+    NotificationId,
 };
 use crate::engine::subscription::StreamEnd;
 use crate::engine::watch::WatchEnd;
@@ -206,6 +207,15 @@ fn invalid_message(invalid: &Invalid) -> String {
              status or product_id; send the same filter as for the previous page, or start \
              again without page_token"
             .to_string(),
+        Invalid::EmptyIdempotencyKey => "idempotency_key is empty; leave it unset, or pass \
+             a key that names this restock (a UUID, say) and send the same key with every \
+             retry"
+            .to_string(),
+        Invalid::IdempotencyKeyTooLong { len, quoted } => format!(
+            "idempotency_key {quoted:?} is {len} bytes, more than {max}; pass a shorter key \
+             that names this restock (a UUID, say) and send the same key with every retry",
+            max = IdempotencyKey::MAX_LEN
+        ),
     }
 }
 

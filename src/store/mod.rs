@@ -35,6 +35,16 @@ pub struct ClaimedRun {
     pub run: Run,
 }
 
+/// What `start_run` did.
+#[derive(Debug, Clone)]
+pub enum Triggered {
+    /// Started the product's next round: the caller drives the run.
+    Started(ClaimedRun),
+    /// The request's idempotency key already started this run within its retention:
+    /// the run as it is now. Nothing was written.
+    Replayed(Run),
+}
+
 /// A notification that was sent and awaits recording.
 #[derive(Debug, Clone, Copy)]
 pub struct SentNotification {
@@ -112,12 +122,22 @@ pub trait Store: Send + Sync + 'static {
     /// Starts the product's next round (G7): sets `stock` first if given, then refuses
     /// with `FailedPrecondition` when the stock is <= 0 or a run is in progress, in
     /// which case nothing at all is changed.
+    ///
+    /// With an idempotency key already stored for the product within
+    /// `IdempotencyKey::RETENTION`, changes nothing and returns the run that key
+    /// started (`Replayed`), before any refusal. Otherwise the key is stored with the
+    /// new run, in the same transaction, under the same serialization as G7; a refused
+    /// call stores no key.
     async fn start_run(
         &self,
         product: ProductId,
         request: &TriggerRequest,
         lease: Duration,
-    ) -> Result<ClaimedRun, Error>;
+    ) -> Result<Triggered, Error>;
+
+    /// Deletes up to `limit` idempotency keys older than `IdempotencyKey::RETENTION`,
+    /// oldest first; returns how many it deleted.
+    async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error>;
 
     /// Starts a wave of a wave run: it may notify `quota` more, counted from
     /// `started_count` (its `sent_count` now). Conditional on the claim, like `record`;

@@ -11,12 +11,12 @@ use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 
 use super::{
     After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
-    Store, check_resumable, claim_token,
+    Store, Triggered, check_resumable, claim_token,
 };
 use crate::domain::{
-    Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId, Wave,
-    WaveState,
+    Alert, BackendError, Error, IdempotencyKey, NotResumable, Notification, NotificationFilter,
+    NotificationId, Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest,
+    UserId, Wave, WaveState,
 };
 
 const STORE: &str = "database";
@@ -190,13 +190,69 @@ async fn grant_claim(
     Ok(token)
 }
 
+/// How far back an idempotency key counts, in microseconds.
+fn key_retention_micros() -> i64 {
+    i64::try_from(IdempotencyKey::RETENTION.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The run `key` started for the product, if the key was stored within its retention.
+/// Called with the product row locked: keys of a product are only stored under that
+/// lock, and this plain read is the transaction's first consistent read (the ones
+/// before it write or lock), so its snapshot is taken after the lock was granted and
+/// holds every key committed before. Served by uq_tik_product_key.
+async fn run_started_by(
+    tx: &mut Transaction<'static, MySql>,
+    product: ProductId,
+    key: &IdempotencyKey,
+) -> Result<Option<Run>, Error> {
+    let round: Option<i64> = sqlx::query_scalar(
+        "SELECT restock_round FROM trigger_idempotency_key \
+         WHERE product_id = ? AND idempotency_key = ? \
+           AND created_at > CURRENT_TIMESTAMP(6) - INTERVAL ? MICROSECOND",
+    )
+    .bind(product.get())
+    .bind(key.as_str().as_bytes())
+    .bind(key_retention_micros())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    match round {
+        Some(round) => select_run_by_round(tx, product, round).await,
+        None => Ok(None),
+    }
+}
+
+/// Stores the key with the round it started. A row already there for the key is an
+/// expired one (a live one makes the call a replay), so it is replaced: an expired key
+/// is a new key.
+async fn store_key(
+    tx: &mut Transaction<'static, MySql>,
+    product: ProductId,
+    key: &IdempotencyKey,
+    round: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO trigger_idempotency_key (product_id, idempotency_key, restock_round) \
+         VALUES (?, ?, ?) \
+         ON DUPLICATE KEY UPDATE restock_round = ?, created_at = CURRENT_TIMESTAMP(6)",
+    )
+    .bind(product.get())
+    .bind(key.as_str().as_bytes())
+    .bind(round)
+    .bind(round)
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
 impl MySqlStore {
     async fn try_start_run(
         &self,
         product: ProductId,
         request: &TriggerRequest,
         lease: Duration,
-    ) -> Result<ClaimedRun, Error> {
+    ) -> Result<Triggered, Error> {
         let mut tx = self.begin().await?;
         if let Some(stock) = request.stock {
             sqlx::query(
@@ -213,6 +269,14 @@ impl MySqlStore {
         let current = lock_product(&mut tx, product)
             .await?
             .ok_or_else(|| Error::UnknownProduct(product))?;
+        // A retry is answered before any refusal, with its run as it is now; the
+        // rollback undoes the stock written above, so it changes nothing.
+        if let Some(key) = &request.idempotency_key
+            && let Some(run) = run_started_by(&mut tx, product, key).await?
+        {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Triggered::Replayed(run));
+        }
         // A run in progress is the first thing to tell: with `stock: 0` during a run,
         // the caller learns the run goes on, not merely that the stock is out.
         if current.restock_round > 0 {
@@ -273,9 +337,12 @@ impl MySqlStore {
             }
             Err(e) => return Err(backend(e)),
         };
+        if let Some(key) = &request.idempotency_key {
+            store_key(&mut tx, product, key, round).await?;
+        }
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
-        Ok(ClaimedRun {
+        Ok(Triggered::Started(ClaimedRun {
             claim: RunClaim {
                 run_id,
                 product_id: product,
@@ -284,7 +351,7 @@ impl MySqlStore {
             },
             cursor: None,
             run,
-        })
+        }))
     }
 
     async fn try_resume_run(
@@ -489,8 +556,23 @@ impl Store for MySqlStore {
         product: ProductId,
         request: &TriggerRequest,
         lease: Duration,
-    ) -> Result<ClaimedRun, Error> {
+    ) -> Result<Triggered, Error> {
         retry_deadlocks!(self.try_start_run(product, request, lease))
+    }
+
+    async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error> {
+        // ix_tik_created serves the range, in order, and the LIMIT stops the scan.
+        let done = sqlx::query(
+            "DELETE FROM trigger_idempotency_key \
+             WHERE created_at <= CURRENT_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
+             ORDER BY created_at LIMIT ?",
+        )
+        .bind(key_retention_micros())
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected())
     }
 
     async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error> {

@@ -72,6 +72,24 @@ macro_rules! portable_queries {
             run_from_row(&row)
         }
 
+        /// Served by uq_pnh_product_round.
+        async fn select_run_by_round(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            product: ProductId,
+            round: i64,
+        ) -> Result<Option<Run>, Error> {
+            let row = sqlx::query(&format!(
+                "SELECT {RUN_COLUMNS} FROM product_notification_history \
+                 WHERE product_id = ? AND restock_round = ?"
+            ))
+            .bind(product.get())
+            .bind(round)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(backend)?;
+            row.as_ref().map(run_from_row).transpose()
+        }
+
         async fn select_alert(
             tx: &mut sqlx::Transaction<'static, $db>,
             product: ProductId,

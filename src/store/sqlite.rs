@@ -22,12 +22,12 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
-    Store, check_resumable, claim_token,
+    Store, Triggered, check_resumable, claim_token,
 };
 use crate::domain::{
-    Alert, BackendError, Error, NotResumable, Notification, NotificationFilter, NotificationId,
-    Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId, Wave,
-    WaveState,
+    Alert, BackendError, Error, IdempotencyKey, NotResumable, Notification, NotificationFilter,
+    NotificationId, Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest,
+    UserId, Wave, WaveState,
 };
 
 const STORE: &str = "database";
@@ -188,6 +188,59 @@ async fn upsert_stock(
     Ok(())
 }
 
+/// Idempotency keys stored at or before this moment (Unix microseconds) have expired.
+fn keys_expired_at_or_before() -> i64 {
+    micros(Utc::now() - chrono::Duration::from_std(IdempotencyKey::RETENTION).unwrap_or_default())
+}
+
+/// The run `key` started for the product, if the key was stored within its retention.
+/// The write transaction orders this read against every key stored. Served by
+/// uq_tik_product_key.
+async fn run_started_by(
+    tx: &mut Transaction<'static, Sqlite>,
+    product: ProductId,
+    key: &IdempotencyKey,
+) -> Result<Option<Run>, Error> {
+    let round: Option<i64> = sqlx::query_scalar(
+        "SELECT restock_round FROM trigger_idempotency_key \
+         WHERE product_id = ? AND idempotency_key = ? AND created_at > ?",
+    )
+    .bind(product.get())
+    .bind(key.as_str())
+    .bind(keys_expired_at_or_before())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
+    match round {
+        Some(round) => select_run_by_round(tx, product, round).await,
+        None => Ok(None),
+    }
+}
+
+/// Stores the key with the round it started, replacing an expired row of the same key
+/// (a live one makes the call a replay): an expired key is a new key.
+async fn store_key(
+    tx: &mut Transaction<'static, Sqlite>,
+    product: ProductId,
+    key: &IdempotencyKey,
+    round: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO trigger_idempotency_key \
+         (product_id, idempotency_key, restock_round, created_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (product_id, idempotency_key) DO UPDATE SET \
+         restock_round = excluded.restock_round, created_at = excluded.created_at",
+    )
+    .bind(product.get())
+    .bind(key.as_str())
+    .bind(round)
+    .bind(micros(Utc::now()))
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
@@ -275,7 +328,7 @@ impl Store for SqliteStore {
         product: ProductId,
         request: &TriggerRequest,
         lease: Duration,
-    ) -> Result<ClaimedRun, Error> {
+    ) -> Result<Triggered, Error> {
         let mut tx = self.begin().await?;
         if let Some(stock) = request.stock {
             upsert_stock(&mut tx, product, stock).await?;
@@ -283,6 +336,14 @@ impl Store for SqliteStore {
         let current = select_product(&mut tx, product)
             .await?
             .ok_or_else(|| Error::UnknownProduct(product))?;
+        // A retry is answered before any refusal, with its run as it is now; the
+        // rollback undoes the stock written above, so it changes nothing.
+        if let Some(key) = &request.idempotency_key
+            && let Some(run) = run_started_by(&mut tx, product, key).await?
+        {
+            tx.rollback().await.map_err(backend)?;
+            return Ok(Triggered::Replayed(run));
+        }
         // A run in progress is the first thing to tell: with `stock: 0` during a run,
         // the caller learns the run goes on, not merely that the stock is out.
         let in_progress: Option<i64> = sqlx::query_scalar(
@@ -338,9 +399,12 @@ impl Store for SqliteStore {
             }
             Err(e) => return Err(backend(e)),
         };
+        if let Some(key) = &request.idempotency_key {
+            store_key(&mut tx, product, key, round).await?;
+        }
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
-        Ok(ClaimedRun {
+        Ok(Triggered::Started(ClaimedRun {
             claim: RunClaim {
                 run_id,
                 product_id: product,
@@ -349,7 +413,25 @@ impl Store for SqliteStore {
             },
             cursor: None,
             run,
-        })
+        }))
+    }
+
+    async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error> {
+        // SQLite has no DELETE ... LIMIT (unless built for it): the oldest keys are
+        // picked through ix_tik_created and deleted by primary key.
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM trigger_idempotency_key WHERE id IN \
+             (SELECT id FROM trigger_idempotency_key INDEXED BY ix_tik_created \
+              WHERE created_at <= ? ORDER BY created_at LIMIT ?)",
+        )
+        .bind(keys_expired_at_or_before())
+        .bind(limit)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(done.rows_affected())
     }
 
     async fn resume_run(&self, product: ProductId, lease: Duration) -> Result<ClaimedRun, Error> {

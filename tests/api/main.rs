@@ -8,6 +8,7 @@ mod capabilities;
 mod cluster;
 mod embedded;
 mod errors;
+mod idempotency;
 mod manual_restock;
 mod metrics;
 mod rate_limit;

@@ -8,6 +8,10 @@
 //! The same loop starts the waves of wave runs: a run waiting for its next wave has no
 //! owner and a lease that runs out when the wave is due, so the next wave starts within
 //! one look of its time, on whichever instance is alive then.
+//! On the same beat it deletes a bounded batch of `TriggerRestock` idempotency keys
+//! that have expired (older than 24 hours), so their table does not grow without
+//! bound: one range read of an index when there is nothing to delete, and no extra
+//! work in the trigger's transaction, which holds the product's lock.
 
 use std::sync::Arc;
 
@@ -17,6 +21,10 @@ use crate::engine::Engine;
 
 /// Runs claimed per look, at most: a burst of released runs is spread over instances.
 const CLAIMS_PER_LOOK: u32 = 16;
+
+/// Expired idempotency keys deleted per look, at most: far more than keys are made (one
+/// per run started), so the sweep keeps up, while one statement stays short.
+const EXPIRED_KEYS_PER_LOOK: u32 = 1_000;
 
 impl Engine {
     /// Takes over abandoned runs until shutdown, in the background.
@@ -59,6 +67,17 @@ impl Engine {
                         }
                     }
                     Err(err) => tracing::warn!(error = ?err, "cannot look for runs to take over"),
+                }
+                match engine
+                    .store
+                    .forget_expired_trigger_keys(EXPIRED_KEYS_PER_LOOK)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::debug!(deleted, "deleted expired idempotency keys"),
+                    Err(err) => {
+                        tracing::warn!(error = ?err, "cannot delete expired idempotency keys")
+                    }
                 }
             }
         });
