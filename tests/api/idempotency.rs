@@ -287,3 +287,34 @@ on_each_backend!(
     a_key_that_is_empty_or_longer_than_255_bytes_is_refused,
     an_expired_key_is_new_and_expired_keys_are_deleted,
 );
+
+/// Retries of one call land on different instances (a load balancer): one run, and
+/// every instance answers with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_with_one_key_on_two_instances_start_one_run() {
+    let apps = crate::cluster::spawn_cluster(
+        2,
+        Options {
+            send_rate: 20,
+            ..Options::new(Backend::MySql)
+        },
+    )
+    .await;
+    apps[0].set_stock(5, 5).await;
+    apps[0]
+        .register_bulk(5, &(1..=100).collect::<Vec<_>>())
+        .await;
+    let calls = (0..10).map(|i| trigger_with_key(&apps[i % 2], 5, None, "across"));
+    for result in futures::future::join_all(calls).await {
+        let run = result.expect("every call answers OK");
+        assert_eq!((run.product_id, run.restock_round), (5, 1));
+    }
+    assert_eq!(apps[1].product_round(5).await, 1);
+    assert_eq!(apps[1].run_count(5).await, 1);
+    // A retry after the run ended, on the other instance, still gets round 1.
+    apps[1].set_stock(5, 0).await;
+    apps[0].wait_until_final(5).await;
+    let retried = trigger_with_key(&apps[1], 5, None, "across").await.unwrap();
+    assert_eq!(retried.restock_round, 1);
+    assert_eq!(retried.status(), RunStatus::CanceledBySoldOut);
+}
