@@ -598,3 +598,18 @@ pub async fn start_and_stop_binary(env: &[(&str, &str)]) -> std::process::Output
         }
     }
 }
+
+/// Waits (at most 10 s) until something accepts connections on 127.0.0.1:`port`.
+pub async fn wait_until_listening(port: u16, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not start listening on port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,7 +1,6 @@
 //! Redis failing for real mid-run: a redis-server of the test's own, killed.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use restock_notifier::grpc::proto::{self, RunStatus, SubscribeRequest};
 use tonic::Code;
@@ -30,18 +29,7 @@ impl OwnRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
-        // Ready when it accepts connections.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_listening(port, "redis-server").await;
         Self { child, port }
     }
 

@@ -307,17 +307,7 @@ impl TlsRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (with TLS support) is installed");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::helpers::wait_until_listening(port, "the TLS redis-server").await;
         Self { process, port }
     }
 }
