@@ -75,12 +75,17 @@ async fn waves_follow_the_stock_until_it_runs_out(backend: Backend) {
     waiting_after(&app, 1, 8).await;
     assert_eq!(app.history(1, 1).await, users[..8]);
 
+    // It rises to 4: the next wave notifies 8.
+    app.set_stock(1, 4).await;
+    waiting_after(&app, 1, 16).await;
+    assert_eq!(app.history(1, 1).await, users[..16]);
+
     // Sold out before the next wave: the run ends with the exact prefix.
     app.set_stock(1, 0).await;
     let run = app.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::CanceledBySoldOut);
     assert_eq!(run.next_wave_at, None);
-    assert_eq!(app.history(1, 1).await, users[..8]);
+    assert_eq!(app.history(1, 1).await, users[..16]);
 }
 
 async fn a_wave_that_reaches_everyone_completes_the_run(backend: Backend) {
