@@ -79,6 +79,7 @@ async fn start_with(rate: u32, metrics: bool) -> anyhow::Result<Bench> {
             MetricsListen::Off
         },
         run_lease: std::time::Duration::from_secs(10),
+        shutdown_drain: std::time::Duration::ZERO,
         tls_cert: None,
         tls_key: None,
     };

@@ -86,6 +86,17 @@ pub struct Config {
     )]
     pub run_lease: Duration,
 
+    /// On SIGTERM, how long health says NOT_SERVING while calls are still served,
+    /// before the listener closes and streams end: time for load balancers that poll
+    /// health to stop sending calls here (`0s` to `60s`; adds to the hand-over time).
+    #[arg(
+        long = "shutdown-drain",
+        env = "RESTOCK_SHUTDOWN_DRAIN",
+        default_value = "0s",
+        value_parser = parse_drain
+    )]
+    pub shutdown_drain: Duration,
+
     /// Address of the Prometheus endpoint, `GET /metrics` over plain HTTP; `off`
     /// turns it off.
     #[arg(
@@ -128,6 +139,7 @@ impl fmt::Debug for Config {
             .field("api_rate", &self.api_rate)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("run_lease", &self.run_lease)
+            .field("shutdown_drain", &self.shutdown_drain)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("metrics_listen", &self.metrics_listen)
@@ -186,6 +198,26 @@ fn parse_rate(setting: &str, raw: &str, max: u32) -> Result<NonZeroU32, String> 
 
 /// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
 fn parse_lease(raw: &str) -> Result<Duration, String> {
+    parse_duration(
+        raw,
+        Duration::from_millis(500),
+        Duration::from_secs(600),
+        "500ms to 10m",
+    )
+}
+
+/// Parses `RESTOCK_SHUTDOWN_DRAIN`: `0s` to `60s`.
+fn parse_drain(raw: &str) -> Result<Duration, String> {
+    parse_duration(raw, Duration::ZERO, Duration::from_secs(60), "0s to 60s")
+}
+
+/// A whole number and a unit (`ms`, `s`, `m`) within `min..=max`.
+fn parse_duration(
+    raw: &str,
+    min: Duration,
+    max: Duration,
+    range: &str,
+) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw
         .find(|c: char| !c.is_ascii_digit())
@@ -194,16 +226,16 @@ fn parse_lease(raw: &str) -> Result<Duration, String> {
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{raw:?} does not start with a whole number"))?;
-    let lease = match unit {
+    let duration = match unit {
         "ms" => Duration::from_millis(number),
         "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number.saturating_mul(60)),
         _ => return Err(format!("unknown unit {unit:?}; use ms, s or m")),
     };
-    if !(Duration::from_millis(500)..=Duration::from_secs(600)).contains(&lease) {
-        return Err(format!("{raw} is out of range: 500ms to 10m"));
+    if !(min..=max).contains(&duration) {
+        return Err(format!("{raw} is out of range: {range}"));
     }
-    Ok(lease)
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -235,6 +267,15 @@ mod tests {
         for bad in ["0", "1000001", "2000000000", "99999999999"] {
             let err = parse_api_rate(bad).unwrap_err();
             assert!(err.contains("RESTOCK_API_RATE"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn drains_parse_from_0s_to_60s() {
+        assert_eq!(parse_drain("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_drain("1500ms"), Ok(Duration::from_millis(1_500)));
+        for bad in ["61s", "2m", "5", "-1s"] {
+            assert!(parse_drain(bad).is_err(), "{bad}");
         }
     }
 

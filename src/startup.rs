@@ -32,6 +32,11 @@ use crate::store::sqlite::SqliteStore;
 /// How long shutdown waits for runs to record what they sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long calls may stay open once shutdown has begun. The service's own streams end
+/// at once; what remains is a caller's stream that never ends by itself (a load
+/// balancer's health `Watch`, say), which must not keep the process from stopping.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -40,6 +45,7 @@ pub struct Application {
     metrics_server: Option<MetricsServer>,
     admin_token: String,
     api_rate: std::num::NonZeroU32,
+    shutdown_drain: Duration,
     /// The gRPC server builder, with TLS when it is configured.
     server: tonic::transport::Server,
 }
@@ -117,6 +123,7 @@ impl Application {
             metrics_server,
             admin_token,
             api_rate: config.api_rate,
+            shutdown_drain: config.shutdown_drain,
             server,
         })
     }
@@ -177,6 +184,8 @@ impl Application {
             ));
 
         let stopping = engine.clone();
+        let drain = self.shutdown_drain;
+        let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, ending streams, stopping runs");
@@ -191,9 +200,17 @@ impl Application {
             health
                 .set_not_serving::<RestockAdminServiceServer<AdminApi>>()
                 .await;
+            if !drain.is_zero() {
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "health says NOT_SERVING; still serving while load balancers drain"
+                );
+                tokio::time::sleep(drain).await;
+            }
             // Ends every Subscribe stream and stops the runs, so the server's drain
             // below does not wait on streams that would never end by themselves.
             stopping.begin_shutdown();
+            let _ = began.send(());
         };
 
         // No Nagle: a notification is one small frame, and holding it back for the
@@ -210,7 +227,7 @@ impl Application {
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ]),
         );
-        let served = self
+        let server = self
             .server
             .layer(observe)
             .add_service(health_service)
@@ -218,9 +235,25 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(restock)
             .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await
-            .context("the gRPC server failed");
+            .serve_with_incoming_shutdown(incoming, signal);
+        let calls_overstay = async {
+            match shutdown_began.await {
+                Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
+                // The server ended before shutdown began: the other branch has it.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let served = tokio::select! {
+            served = server => served.context("the gRPC server failed"),
+            () = calls_overstay => {
+                tracing::warn!(
+                    grace_ms = CLOSE_GRACE.as_millis() as u64,
+                    "calls still open after shutdown began (a health Watch, say); closing \
+                     their connections"
+                );
+                Ok(())
+            }
+        };
         engine.shutdown(SHUTDOWN_GRACE).await;
         stop_metrics.cancel();
         tracing::info!("stopped");

@@ -66,6 +66,8 @@ pub struct Options {
     /// Use this Redis instead of the shared one (MySQL backend only).
     pub redis_url: Option<String>,
     pub run_lease: Duration,
+    /// RESTOCK_SHUTDOWN_DRAIN.
+    pub shutdown_drain: Duration,
 }
 
 impl Options {
@@ -79,6 +81,7 @@ impl Options {
             redis_prefix: None,
             redis_url: None,
             run_lease: Duration::from_secs(10),
+            shutdown_drain: Duration::ZERO,
         }
     }
 }
@@ -155,6 +158,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         log_format: LogFormat::Text,
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: options.run_lease,
+        shutdown_drain: options.shutdown_drain,
         tls_cert: None,
         tls_key: None,
     };

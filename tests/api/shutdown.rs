@@ -138,7 +138,69 @@ async fn health_is_serving_while_running_and_not_serving_on_shutdown(backend: Ba
         .unwrap();
 }
 
+/// With RESTOCK_SHUTDOWN_DRAIN, health says NOT_SERVING first and calls are still
+/// answered, on new connections too, until the drain is over.
+async fn during_the_drain_health_is_not_serving_and_calls_are_still_served(backend: Backend) {
+    let app = spawn_app_with(Options {
+        shutdown_drain: Duration::from_secs(2),
+        ..Options::new(backend)
+    })
+    .await;
+    let addr = app.addr;
+    let mut watch = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health Watch")
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let stopping = tokio::spawn(app.shut_down());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a new status within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+
+    // A load balancer's next check, on a connection of its own: answered, NOT_SERVING.
+    let fresh = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the listener is still open during the drain");
+    let checked = HealthClient::new(fresh.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("Check answered during the drain");
+    assert_eq!(checked.into_inner().status(), ServingStatus::NotServing);
+    // And calls are served meanwhile.
+    let product =
+        restock_notifier::grpc::proto::restock_service_client::RestockServiceClient::new(fresh)
+            .set_stock(restock_notifier::grpc::proto::SetStockRequest {
+                product_id: 3,
+                stock: 1,
+            })
+            .await
+            .expect("SetStock served during the drain");
+    assert_eq!(product.into_inner().stock, 1);
+    assert!(!stopping.is_finished(), "still draining");
+
+    // The health Watch is still open, as a load balancer would keep it: the server
+    // stops all the same, a few seconds after the drain.
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("the server stops after the drain, health Watch open or not")
+        .unwrap();
+    drop(watch);
+}
+
 on_each_backend!(
     shutdown_mid_run_releases_the_run_and_the_next_start_continues_it,
     health_is_serving_while_running_and_not_serving_on_shutdown,
+    during_the_drain_health_is_not_serving_and_calls_are_still_served,
 );

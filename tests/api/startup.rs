@@ -18,6 +18,7 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         log_format: LogFormat::Text,
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: std::time::Duration::from_secs(10),
+        shutdown_drain: std::time::Duration::ZERO,
         tls_cert: None,
         tls_key: None,
     }

@@ -114,6 +114,7 @@ impl TlsApp {
             log: "info".into(),
             log_format: LogFormat::Text,
             run_lease: Duration::from_secs(10),
+            shutdown_drain: std::time::Duration::ZERO,
             metrics_listen: restock_notifier::config::MetricsListen::Off,
             tls_cert: Some(pki.cert.clone()),
             tls_key: Some(pki.key.clone()),
