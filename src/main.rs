@@ -10,7 +10,8 @@ use restock_notifier::telemetry;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init(&config)?;
+    let stop = shutdown_signal()?;
     let app = Application::build(config).await?;
     tracing::info!(addr = %app.local_addr(), "listening");
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(stop).await
 }
