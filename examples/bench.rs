@@ -129,15 +129,7 @@ impl Bench {
     }
 
     async fn trigger(&self) -> anyhow::Result<()> {
-        self.client
-            .clone()
-            .trigger_restock(proto::TriggerRestockRequest {
-                product_id: 1,
-                stock: None,
-                ..Default::default()
-            })
-            .await?;
-        Ok(())
+        trigger(&self.client, 1).await
     }
 
     /// Product 1's latest run, as it is now.
@@ -167,6 +159,19 @@ impl Bench {
         self.db.close().await;
         drop_database(&self.server, &self.database).await
     }
+}
+
+/// TriggerRestock of `product`, no stock given.
+async fn trigger(client: &RestockServiceClient<Channel>, product: i64) -> anyhow::Result<()> {
+    client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: product,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("TriggerRestock of product {product}"))?;
+    Ok(())
 }
 
 /// Creates `product` with `stock` (SetStock), then registers `users` in that order
@@ -504,15 +509,7 @@ async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> 
         .collect::<anyhow::Result<_>>()?;
     let own_before = cpu_time(std::process::id())?;
     let began = Instant::now();
-    runner
-        .client
-        .clone()
-        .trigger_restock(proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-            ..Default::default()
-        })
-        .await?;
+    trigger(&runner.client, 1).await?;
     let mut all = Vec::with_capacity(streams as usize * users as usize);
     let mut complete = 0u32;
     let mut failures = Vec::new();
@@ -915,19 +912,7 @@ async fn cluster_run(cluster: &mut Cluster, per: u32, limit: u32) -> anyhow::Res
             .instances
             .iter()
             .zip(1..)
-            .map(|(instance, product)| {
-                let mut client = instance.client.clone();
-                async move {
-                    client
-                        .trigger_restock(proto::TriggerRestockRequest {
-                            product_id: product,
-                            stock: None,
-                            ..Default::default()
-                        })
-                        .await
-                        .with_context(|| format!("TriggerRestock of product {product}"))
-                }
-            }),
+            .map(|(instance, product)| trigger(&instance.client, product)),
     )
     .await?;
     let expected = Duration::from_secs_f64(total as f64 / f64::from(limit));

@@ -67,13 +67,6 @@ impl Outgoing {
             },
         }
     }
-
-    pub fn notification(&self) -> Notification {
-        match self {
-            Outgoing::Recorded(n) => n.clone(),
-            Outgoing::Live { batch, index } => batch.notification(*index),
-        }
-    }
 }
 
 pub type NotificationStream = Pin<Box<dyn Stream<Item = Result<Outgoing, StreamEnd>> + Send>>;

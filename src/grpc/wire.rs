@@ -103,7 +103,7 @@ mod tests {
                 index,
             };
             let expected = proto::Notification::from(&batch.notification(index));
-            for outgoing in [live.clone(), Outgoing::Recorded(live.notification())] {
+            for outgoing in [live, Outgoing::Recorded(batch.notification(index))] {
                 let bytes = EncodedNotification::of(outgoing).encode_to_vec();
                 assert_eq!(proto::Notification::decode(&bytes[..]).unwrap(), expected);
             }

@@ -96,6 +96,17 @@ pub enum Claimed {
     Lost,
 }
 
+impl Claimed {
+    /// The outcome of a conditional `UPDATE` on the claim, by the rows it changed.
+    pub fn by_rows_affected(rows: u64) -> Self {
+        if rows == 0 {
+            Claimed::Lost
+        } else {
+            Claimed::Yes
+        }
+    }
+}
+
 /// Where a run's record stands, for a subscriber waiting for it to catch up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunProgress {

@@ -581,11 +581,7 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await
         .map_err(backend)?;
-        Ok(if updated.rows_affected() == 0 {
-            Claimed::Lost
-        } else {
-            Claimed::Yes
-        })
+        Ok(Claimed::by_rows_affected(updated.rows_affected()))
     }
 
     async fn take_over_expired(
