@@ -11,6 +11,8 @@ mod errors;
 mod idempotency;
 mod manual_restock;
 mod metrics;
+#[path = "../support/proxy.rs"]
+mod proxy;
 mod rate_limit;
 mod redis_failure;
 mod runs;
