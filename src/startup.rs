@@ -82,7 +82,7 @@ impl Application {
                 "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
             ),
         }
-        let store = connect_store(&config.database_url).await?;
+        let store = connect_store(&config.database_url, config.run_lease).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
         let capabilities = deployment
@@ -262,9 +262,9 @@ impl Application {
 }
 
 /// Picks the store by the scheme of DATABASE_URL.
-async fn connect_store(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+async fn connect_store(url: &str, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        Ok(Arc::new(MySqlStore::connect(url).await?))
+        Ok(Arc::new(MySqlStore::connect(url, lease).await?))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
     } else {

@@ -133,6 +133,9 @@ pub struct Product {
     pub id: ProductId,
     pub restock_round: i64,
     pub stock: i64,
+    /// Bumped by every write of the stock, so figures read at different moments can be
+    /// ordered (G3). Internal: not part of the API.
+    pub stock_version: i64,
 }
 
 /// A user's alert for a product.

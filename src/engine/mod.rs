@@ -14,7 +14,6 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,7 +26,11 @@ use bus::NotificationBus;
 use lease::LeaseSettings;
 use limiter::SendLimiter;
 use recorder::RecorderSettings;
-use stock::{StockCache, StockFence};
+use stock::{Offered, StockCache, StockFence, StockFigure};
+
+/// How often caching a stock figure is tried before giving up: each try fails only
+/// because a stock write came in between, so a few are plenty.
+const CACHE_STOCK_ATTEMPTS: usize = 5;
 
 /// Runs a state change to its end even if the caller goes away.
 ///
@@ -126,7 +129,7 @@ impl Engine {
             let _exclusive = engine.stock_fence.lock_for_write(product).await;
             engine.uncache_stock(product).await?;
             let saved = engine.store.set_stock(product, stock).await?;
-            engine.cache_stock(product, stock).await?;
+            engine.cache_stock(product).await?;
             Ok(saved)
         })
         .await
@@ -142,21 +145,49 @@ impl Engine {
             .map_err(Error::from)
     }
 
-    /// Caches the figure just written. If that fails the caller hears so (the figure is
-    /// saved, and a retry is harmless): the fence of G3 is only as good as the cached
-    /// figure.
-    async fn cache_stock(&self, product: ProductId, stock: i64) -> Result<(), Error> {
-        self.stock_cache
-            .set(product, stock)
-            .await
-            .map_err(Error::from)
+    /// Caches the database's figure: after a stock write (if that fails the caller
+    /// hears so; the figure is saved and a retry is harmless), and after a miss. The
+    /// figure is offered with its version and confirmed only if the database, read
+    /// again, still holds that version; otherwise a stock write came in between and
+    /// its figure is cached instead. So whatever reaches the cache late, and whatever
+    /// the cache loses meanwhile, a figure older than a returned write is never trusted
+    /// again (G3).
+    async fn cache_stock(&self, product: ProductId) -> Result<(), Error> {
+        for _ in 0..CACHE_STOCK_ATTEMPTS {
+            let figure = self.stock_figure(product).await?;
+            let nonce = match self.stock_cache.offer(product, figure).await? {
+                Offered::Newer => return Ok(()),
+                Offered::Stale => continue,
+                Offered::Pending { nonce } => nonce,
+            };
+            if self.stock_figure(product).await?.version != figure.version {
+                continue;
+            }
+            if self.stock_cache.confirm(product, figure, nonce).await? {
+                return Ok(());
+            }
+        }
+        Err(Error::Backend(crate::domain::BackendError::new(
+            "stock cache",
+            true,
+            anyhow::anyhow!(
+                "the stock figure changed on every one of {CACHE_STOCK_ATTEMPTS} attempts to cache it"
+            ),
+        )))
     }
 
-    /// Loads a product's stock from the database into the cache (after a miss).
-    async fn load_stock(&self, product: ProductId) -> Result<(), Error> {
-        let stock = self.store.product(product).await?.map_or(0, |p| p.stock);
-        self.stock_cache.fill(product, stock).await?;
-        Ok(())
+    /// The database's figure; an unknown product has none in stock.
+    async fn stock_figure(&self, product: ProductId) -> Result<StockFigure, Error> {
+        Ok(self.store.product(product).await?.map_or(
+            StockFigure {
+                stock: 0,
+                version: 0,
+            },
+            |p| StockFigure {
+                stock: p.stock,
+                version: p.stock_version,
+            },
+        ))
     }
 
     pub async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -179,14 +210,13 @@ impl Engine {
         let engine = self.clone();
         run_to_completion(async move {
             let lease = engine.settings.lease.lease;
-            let claimed_at = Instant::now();
             let triggered = match request.stock {
-                Some(stock) => {
+                Some(_) => {
                     let _exclusive = engine.stock_fence.lock_for_write(product).await;
                     engine.uncache_stock(product).await?;
                     let triggered = engine.store.start_run(product, &request, lease).await?;
                     match triggered {
-                        Triggered::Started(_) => engine.cache_stock(product, stock).await?,
+                        Triggered::Started(_) => engine.cache_stock(product).await?,
                         Triggered::Replayed(_) => engine.recache_unchanged_stock(product).await,
                     }
                     triggered
@@ -194,7 +224,7 @@ impl Engine {
                 None => engine.store.start_run(product, &request, lease).await?,
             };
             Ok(match triggered {
-                Triggered::Started(claimed) => engine.spawn_run(claimed, claimed_at),
+                Triggered::Started(claimed) => engine.spawn_run(claimed),
                 Triggered::Replayed(run) => {
                     tracing::debug!(
                         %product,
@@ -215,7 +245,7 @@ impl Engine {
     /// that changed nothing. If that fails the cache stays empty, which is safe: the
     /// next delivery loads the figure itself.
     async fn recache_unchanged_stock(&self, product: ProductId) {
-        if let Err(err) = self.load_stock(product).await {
+        if let Err(err) = self.cache_stock(product).await {
             tracing::warn!(%product, error = ?err, "cannot cache the stock again after a replayed trigger");
         }
     }
@@ -225,12 +255,11 @@ impl Engine {
         self.refuse_if_shutting_down()?;
         let engine = self.clone();
         run_to_completion(async move {
-            let claimed_at = Instant::now();
             let claimed = engine
                 .store
                 .resume_run(product, engine.settings.lease.lease)
                 .await?;
-            Ok(engine.spawn_run(claimed, claimed_at))
+            Ok(engine.spawn_run(claimed))
         })
         .await
     }
@@ -282,10 +311,9 @@ impl Engine {
     }
 
     /// Drives a run this instance has just claimed, on a task of its own.
-    fn spawn_run(self: &Arc<Self>, claimed: ClaimedRun, claimed_at: Instant) -> Run {
+    fn spawn_run(self: &Arc<Self>, claimed: ClaimedRun) -> Run {
         let run = claimed.run.clone();
-        self.runs
-            .spawn(run::drive(self.clone(), claimed, claimed_at));
+        self.runs.spawn(run::drive(self.clone(), claimed));
         run
     }
 

@@ -36,8 +36,7 @@ impl From<Error> for Stop {
 }
 
 /// Drives a claimed run until it reaches a final state, is handed over, or is lost.
-/// `claimed_at` is when the claim's transaction started (the lease counts from then).
-pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: Instant) {
+pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
     let span = tracing::info_span!(
         "run",
         product = %claimed.claim.product_id,
@@ -58,7 +57,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
                 engine.store.clone(),
                 claim,
                 engine.settings.recorder.clone(),
-                LeaseKeeper::new(engine.settings.lease.clone(), claimed_at),
+                LeaseKeeper::new(engine.settings.lease.clone(), claimed.claimed_at),
                 engine.metrics.clone(),
             ),
             claim,
@@ -68,6 +67,16 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun, claimed_at: 
         };
         let started = Instant::now();
         let notified = async {
+            // G8: from here on, a delivery of an older claim of this run that is still
+            // on its way does nothing.
+            if !engine
+                .stock_fence
+                .claim(run.run, claim.token)
+                .await
+                .map_err(Error::from)?
+            {
+                return Err(Stop::Lost);
+            }
             if let Some(wave) = wave {
                 run.begin_wave(wave, claimed.run.sent_count).await?;
             }
@@ -286,7 +295,8 @@ impl RunState<'_> {
                 })
                 .collect(),
             sent_at,
-        );
+        )
+        .under_claim(self.claim.token);
         // A figure missing from the cache is loaded from the database and the delivery
         // tried again; twice is plenty (the figure only goes missing when it expires or
         // a stock write is under way).
@@ -311,7 +321,8 @@ impl RunState<'_> {
                     return Ok(());
                 }
                 Delivery::SoldOut => return Err(Stop::SoldOut),
-                Delivery::NotCached => self.engine.load_stock(self.product()).await?,
+                Delivery::Superseded => return Err(Stop::Lost),
+                Delivery::NotCached => self.engine.cache_stock(self.product()).await?,
             }
         }
         Err(Stop::Failed(Error::Backend(

@@ -28,9 +28,15 @@ impl Keys {
         &self.prefix
     }
 
-    /// A product's cached stock (a string holding the figure).
+    /// A product's cached stock (a hash: stock, version, nonce, confirmed). Not the
+    /// `stock:` string of earlier versions, so an upgrade never reads one as the other.
     pub fn stock(&self, product: ProductId) -> String {
-        format!("{}stock:{}", self.prefix, product)
+        format!("{}stock-figure:{}", self.prefix, product)
+    }
+
+    /// The newest claim token a run's deliveries have shown (G8).
+    pub fn run_claim(&self, product: ProductId, round: i64) -> String {
+        format!("{}claim:{}:{}", self.prefix, product, round)
     }
 
     /// The send limiter's schedule: when the next send may go out, shared by every

@@ -23,6 +23,9 @@ pub struct RunClaim {
     pub run_id: i64,
     pub product_id: ProductId,
     pub restock_round: i64,
+    /// The claim's fencing token: one more than the run's previous claim's, so a newer
+    /// claim always has the greater token. Deliveries carry it, and the shared side
+    /// refuses one older than the newest it has seen (G8).
     pub token: i64,
 }
 
@@ -30,6 +33,10 @@ pub struct RunClaim {
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
     pub claim: RunClaim,
+    /// Taken just before the statement that granted the lease was sent: the database
+    /// counts the lease from a later moment, so the owner's idea of its deadline is
+    /// never later than the database's, however long the claim waited before (G8).
+    pub claimed_at: tokio::time::Instant,
     /// Queue position of the last recorded user; `None` starts at the front.
     pub cursor: Option<i64>,
     pub run: Run,
@@ -256,10 +263,9 @@ pub struct Recorded {
     pub notification: Notification,
 }
 
-/// A fresh claim token: positive, so it never looks like an unclaimed run.
-pub(crate) fn claim_token() -> i64 {
-    rand::random::<i64>().wrapping_abs().max(1)
-}
+/// The token of a run's first claim; every later claim of the run takes the previous
+/// claim's token plus one (`claim_epoch`), so tokens of one run only grow (G8).
+pub(crate) const FIRST_CLAIM: i64 = 1;
 
 /// G6: only a `CANCELED_BY_ERROR` run of a product in stock is resumed.
 pub(crate) fn check_resumable(

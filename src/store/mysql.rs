@@ -8,10 +8,11 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
+use tokio::time::Instant;
 
 use super::{
-    After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
-    Store, Triggered, check_resumable, claim_token,
+    After, Claimed, ClaimedRun, FIRST_CLAIM, ListedRun, Recorded, RunClaim, RunProgress,
+    SentNotification, Store, Triggered, check_resumable,
 };
 use crate::domain::{
     Alert, BackendError, Error, IdempotencyKey, NotResumable, Notification, NotificationFilter,
@@ -34,9 +35,55 @@ pub struct MySqlStore {
     pool: MySqlPool,
 }
 
+/// Server-side limits on every session of the service, set when a pooled connection
+/// opens. Without them the server keeps a cut-off client's transaction open (and its
+/// row locks held) until the connection times out at the TCP level, many seconds
+/// later, and any session waits on a lock for 50 s by default: a dead owner could hold
+/// a takeover far past lease + 5 s (G8). Each limit is a quarter of the lease (at
+/// least a second, the servers' unit), so a session that went silent has been rolled
+/// back well before its lease runs out; statements get half the lease.
+#[derive(Debug, Clone, Copy)]
+struct SessionLimits {
+    /// `innodb_lock_wait_timeout`, `net_read_timeout`, `net_write_timeout` and, on
+    /// MariaDB, `idle_transaction_timeout` (MySQL has none: there a session idle in a
+    /// transaction is only ended by `wait_timeout`, which also ends idle pooled ones).
+    seconds: u64,
+    /// `max_statement_time` (MariaDB, seconds) or `max_execution_time` (MySQL, reads
+    /// only, milliseconds).
+    statement: Duration,
+}
+
+impl SessionLimits {
+    fn for_lease(lease: Duration) -> Self {
+        Self {
+            seconds: (lease / 4).as_secs().max(1),
+            statement: (lease / 2).max(Duration::from_secs(1)),
+        }
+    }
+
+    fn sql(&self, mariadb: bool) -> String {
+        let s = self.seconds;
+        if mariadb {
+            format!(
+                "SET SESSION innodb_lock_wait_timeout = {s}, net_read_timeout = {s}, \
+                 net_write_timeout = {s}, idle_transaction_timeout = {s}, \
+                 max_statement_time = {:.3}",
+                self.statement.as_secs_f64()
+            )
+        } else {
+            format!(
+                "SET SESSION innodb_lock_wait_timeout = {s}, net_read_timeout = {s}, \
+                 net_write_timeout = {s}, max_execution_time = {}",
+                self.statement.as_millis()
+            )
+        }
+    }
+}
+
 impl MySqlStore {
     /// Connects, creating the database if it does not exist, and applies migrations.
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+    /// `lease` is the run lease (G8): the sessions' server-side limits derive from it.
+    pub async fn connect(url: &str, lease: Duration) -> anyhow::Result<Self> {
         let options = MySqlConnectOptions::from_str(url)
             .context("DATABASE_URL is not a valid mysql:// URL")?;
         if let Some(database) = options.get_database() {
@@ -58,16 +105,36 @@ impl MySqlStore {
                 .with_context(|| format!("cannot create database {database:?} of DATABASE_URL"))?;
             conn.close().await.ok();
         }
-        let pool = MySqlPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+        // Migrations run on a connection of their own, without the sessions' limits: a
+        // migration of a large table may take longer than any statement of the engine.
+        let mut conn = MySqlConnectOptions::connect(&options)
             .await
             .context("cannot connect to DATABASE_URL")?;
         sqlx::migrate!("./migrations/mysql")
-            .run(&pool)
+            .run(&mut conn)
             .await
             .context("cannot apply the database migrations")?;
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&mut conn)
+            .await
+            .context("cannot read the server version of DATABASE_URL")?;
+        conn.close().await.ok();
+        // 'static, as the pool's connect hook needs; one short string per store.
+        let limits: &'static str = SessionLimits::for_lease(lease)
+            .sql(version.contains("MariaDB"))
+            .leak();
+        let pool = MySqlPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, limits).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .context("cannot connect to DATABASE_URL")?;
         Ok(Self { pool })
     }
 
@@ -160,34 +227,45 @@ async fn lock_product(
     tx: &mut Transaction<'static, MySql>,
     product: ProductId,
 ) -> Result<Option<Product>, Error> {
-    let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ? FOR UPDATE")
-        .bind(product.get())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(backend)?;
+    let row = sqlx::query(
+        "SELECT id, restock_round, stock, stock_version FROM product WHERE id = ? FOR UPDATE",
+    )
+    .bind(product.get())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(backend)?;
     row.as_ref().map(product_from_row).transpose()
 }
 
-/// Gives a run a fresh claim and lease, in progress: resumed by an operator (G6) or
-/// taken over from an instance whose lease ran out (G8). Returns the new token.
+/// Gives a run (its row locked by the caller) a fresh claim and lease, in progress:
+/// resumed by an operator (G6) or taken over from an instance whose lease ran out (G8).
+/// Returns the new token, one more than the last claim's, and when the lease started.
 async fn grant_claim(
     tx: &mut Transaction<'static, MySql>,
     run_id: i64,
     lease: Duration,
-) -> Result<i64, Error> {
-    let token = claim_token();
+) -> Result<(i64, Instant), Error> {
+    let epoch: i64 =
+        sqlx::query_scalar("SELECT claim_epoch FROM product_notification_history WHERE id = ?")
+            .bind(run_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(backend)?;
+    let token = epoch + 1;
+    let granted = Instant::now();
     sqlx::query(
         "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
-         lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+         claim_epoch = ?, lease_until = CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
          updated_at = CURRENT_TIMESTAMP(6) WHERE id = ?",
     )
+    .bind(token)
     .bind(token)
     .bind(lease_micros(lease))
     .bind(run_id)
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
-    Ok(token)
+    Ok((token, granted))
 }
 
 /// How far back an idempotency key counts, in microseconds.
@@ -256,8 +334,9 @@ impl MySqlStore {
         let mut tx = self.begin().await?;
         if let Some(stock) = request.stock {
             sqlx::query(
-                "INSERT INTO product (id, stock) VALUES (?, ?) \
-                 ON DUPLICATE KEY UPDATE stock = ?, updated_at = CURRENT_TIMESTAMP(6)",
+                "INSERT INTO product (id, stock, stock_version) VALUES (?, ?, 1) \
+                 ON DUPLICATE KEY UPDATE stock = ?, stock_version = stock_version + 1, \
+                 updated_at = CURRENT_TIMESTAMP(6)",
             )
             .bind(product.get())
             .bind(stock)
@@ -314,15 +393,18 @@ impl MySqlStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        let token = claim_token();
+        let token = FIRST_CLAIM;
+        let claimed_at = Instant::now();
         let inserted = sqlx::query(
             "INSERT INTO product_notification_history \
-             (product_id, restock_round, status, claim_token, lease_until, wave_per_unit, \
-              wave_interval_ms) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, ?, ?)",
+             (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
+              wave_per_unit, wave_interval_ms) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, \
+              ?, ?)",
         )
         .bind(product.get())
         .bind(round)
+        .bind(token)
         .bind(token)
         .bind(lease_micros(lease))
         .bind(request.wave.map(|w| i64::from(w.per_unit)))
@@ -349,6 +431,7 @@ impl MySqlStore {
                 restock_round: round,
                 token,
             },
+            claimed_at,
             cursor: None,
             run,
         }))
@@ -386,7 +469,7 @@ impl MySqlStore {
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
         check_resumable(product, current.restock_round, status, current.stock)?;
         let round = current.restock_round;
-        let token = grant_claim(&mut tx, run_id, lease).await?;
+        let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ClaimedRun {
@@ -396,13 +479,17 @@ impl MySqlStore {
                 restock_round: round,
                 token,
             },
+            claimed_at,
             cursor,
             run,
         })
     }
 
     /// Claims one run if its lease has still run out once its row is locked: of several
-    /// instances racing for it, exactly one gets it.
+    /// instances racing for it, exactly one gets it. A row locked by another session (a
+    /// cut-off owner's transaction the server has not rolled back yet, or another
+    /// instance claiming it now) is skipped, not waited for, so one such run never
+    /// holds up the takeover of the others; the next look tries it again (G8).
     async fn try_take_over(
         &self,
         run_id: i64,
@@ -413,7 +500,7 @@ impl MySqlStore {
             "SELECT product_id, restock_round, last_sent_position \
              FROM product_notification_history \
              WHERE id = ? AND status = 'IN_PROGRESS' AND lease_until < CURRENT_TIMESTAMP(6) \
-             FOR UPDATE",
+             FOR UPDATE SKIP LOCKED",
         )
         .bind(run_id)
         .fetch_optional(&mut *tx)
@@ -422,10 +509,11 @@ impl MySqlStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let token = grant_claim(&mut tx, run_id, lease).await?;
+        let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Some(ClaimedRun {
+            claimed_at,
             claim: RunClaim {
                 run_id,
                 product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
@@ -507,8 +595,9 @@ impl Store for MySqlStore {
         retry_deadlocks!(async {
             let mut tx = self.begin().await?;
             sqlx::query(
-                "INSERT INTO product (id, stock) VALUES (?, ?) \
-                 ON DUPLICATE KEY UPDATE stock = ?, updated_at = CURRENT_TIMESTAMP(6)",
+                "INSERT INTO product (id, stock, stock_version) VALUES (?, ?, 1) \
+                 ON DUPLICATE KEY UPDATE stock = ?, stock_version = stock_version + 1, \
+                 updated_at = CURRENT_TIMESTAMP(6)",
             )
             .bind(product.get())
             .bind(stock)
@@ -516,11 +605,13 @@ impl Store for MySqlStore {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-            let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
-                .bind(product.get())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend)?;
+            let row = sqlx::query(
+                "SELECT id, restock_round, stock, stock_version FROM product WHERE id = ?",
+            )
+            .bind(product.get())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
             tx.commit().await.map_err(backend)?;
             product_from_row(&row)
         })

@@ -55,6 +55,7 @@ macro_rules! portable_queries {
                 id: ProductId::from_stored(row.try_get("id").map_err(backend)?),
                 restock_round: row.try_get("restock_round").map_err(backend)?,
                 stock: row.try_get("stock").map_err(backend)?,
+                stock_version: row.try_get("stock_version").map_err(backend)?,
             })
         }
 
@@ -120,7 +121,7 @@ macro_rules! portable_queries {
             pool: &sqlx::Pool<$db>,
             product: ProductId,
         ) -> Result<Option<Product>, Error> {
-            let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
+            let row = sqlx::query("SELECT id, restock_round, stock, stock_version FROM product WHERE id = ?")
                 .bind(product.get())
                 .fetch_optional(pool)
                 .await

@@ -19,10 +19,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use tokio::time::Instant;
 
 use super::{
-    After, Claimed, ClaimedRun, ListedRun, Recorded, RunClaim, RunProgress, SentNotification,
-    Store, Triggered, check_resumable, claim_token,
+    After, Claimed, ClaimedRun, FIRST_CLAIM, ListedRun, Recorded, RunClaim, RunProgress,
+    SentNotification, Store, Triggered, check_resumable,
 };
 use crate::domain::{
     Alert, BackendError, Error, IdempotencyKey, NotResumable, Notification, NotificationFilter,
@@ -138,26 +139,36 @@ async fn select_product(
     tx: &mut Transaction<'static, Sqlite>,
     product: ProductId,
 ) -> Result<Option<Product>, Error> {
-    let row = sqlx::query("SELECT id, restock_round, stock FROM product WHERE id = ?")
-        .bind(product.get())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(backend)?;
+    let row =
+        sqlx::query("SELECT id, restock_round, stock, stock_version FROM product WHERE id = ?")
+            .bind(product.get())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(backend)?;
     row.as_ref().map(product_from_row).transpose()
 }
 
 /// Gives a run a fresh claim and lease, in progress: resumed by an operator (G6) or
-/// taken over after its lease ran out (G8). Returns the new token.
+/// taken over after its lease ran out (G8). Returns the new token, one more than the
+/// last claim's, and when the lease started.
 async fn grant_claim(
     tx: &mut Transaction<'static, Sqlite>,
     run_id: i64,
     lease: Duration,
-) -> Result<i64, Error> {
-    let token = claim_token();
+) -> Result<(i64, Instant), Error> {
+    let epoch: i64 =
+        sqlx::query_scalar("SELECT claim_epoch FROM product_notification_history WHERE id = ?")
+            .bind(run_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(backend)?;
+    let token = epoch + 1;
+    let granted = Instant::now();
     sqlx::query(
         "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
-         lease_until = ?, updated_at = ? WHERE id = ?",
+         claim_epoch = ?, lease_until = ?, updated_at = ? WHERE id = ?",
     )
+    .bind(token)
     .bind(token)
     .bind(lease_deadline(lease))
     .bind(Utc::now())
@@ -165,7 +176,7 @@ async fn grant_claim(
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
-    Ok(token)
+    Ok((token, granted))
 }
 
 async fn upsert_stock(
@@ -175,8 +186,10 @@ async fn upsert_stock(
 ) -> Result<(), Error> {
     let now = Utc::now();
     sqlx::query(
-        "INSERT INTO product (id, stock, created_at, updated_at) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, updated_at = excluded.updated_at",
+        "INSERT INTO product (id, stock, stock_version, created_at, updated_at) \
+         VALUES (?, ?, 1, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET stock = excluded.stock, \
+         stock_version = product.stock_version + 1, updated_at = excluded.updated_at",
     )
     .bind(product.get())
     .bind(stock)
@@ -375,15 +388,17 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
-        let token = claim_token();
+        let token = FIRST_CLAIM;
+        let claimed_at = Instant::now();
         let inserted = sqlx::query(
             "INSERT INTO product_notification_history \
-             (product_id, restock_round, status, claim_token, lease_until, started_at, updated_at, \
-              wave_per_unit, wave_interval_ms) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?, ?, ?)",
+             (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
+              started_at, updated_at, wave_per_unit, wave_interval_ms) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(product.get())
         .bind(round)
+        .bind(token)
         .bind(token)
         .bind(lease_deadline(lease))
         .bind(now)
@@ -411,6 +426,7 @@ impl Store for SqliteStore {
                 restock_round: round,
                 token,
             },
+            claimed_at,
             cursor: None,
             run,
         }))
@@ -461,10 +477,11 @@ impl Store for SqliteStore {
         let status = RunStatus::from_str(&status)
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
         check_resumable(product, current.restock_round, status, current.stock)?;
-        let token = grant_claim(&mut tx, run_id, lease).await?;
+        let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ClaimedRun {
+            claimed_at,
             claim: RunClaim {
                 run_id,
                 product_id: product,
@@ -606,9 +623,10 @@ impl Store for SqliteStore {
         let mut taken = Vec::with_capacity(rows.len());
         for row in rows {
             let run_id: i64 = row.try_get("id").map_err(backend)?;
-            let token = grant_claim(&mut tx, run_id, lease).await?;
+            let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
             let run = select_run_by_id(&mut tx, run_id).await?;
             taken.push(ClaimedRun {
+                claimed_at,
                 claim: RunClaim {
                     run_id,
                     product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),

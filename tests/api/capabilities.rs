@@ -16,7 +16,7 @@ use restock_notifier::engine::limiter::local::LocalLimiter;
 use restock_notifier::engine::limiter::redis::RedisLimiter;
 use restock_notifier::engine::stock::local::{LocalStockCache, LocalStockFence};
 use restock_notifier::engine::stock::redis::{RedisStockCache, RedisStockFence};
-use restock_notifier::engine::stock::{Delivery, StockCache, StockFence};
+use restock_notifier::engine::stock::{Delivery, Offered, StockCache, StockFence, StockFigure};
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
@@ -139,23 +139,83 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
         }],
         // The engine stamps sends to the microsecond, as the history keeps them.
         Utc::now().trunc_subsecs(6),
-    );
+    )
+    .under_claim(1);
+    let claim = batch.claim;
+    assert!(fence.claim(batch.run, claim).await.unwrap());
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
-    assert_eq!(cache.fill(product, 3).await.unwrap(), 3);
+    let offered = |stock, version| cache.offer(product, StockFigure { stock, version });
+    let confirmed = |figure: StockFigure, offered: Offered| {
+        let cache = cache.clone();
+        async move {
+            match offered {
+                Offered::Pending { nonce } => cache.confirm(product, figure, nonce).await.unwrap(),
+                Offered::Newer => true,
+                Offered::Stale => false,
+            }
+        }
+    };
+    let three = StockFigure {
+        stock: 3,
+        version: 1,
+    };
+    let offer = offered(3, 1).await.unwrap();
+    if redis {
+        // Offered but not confirmed: not trusted yet.
+        assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
+    }
+    assert!(confirmed(three, offer).await);
+    assert_eq!(cache.get(product).await.unwrap(), Some(3));
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Delivered);
     let got = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(*got, BusEvent::Sent(Arc::new(batch.clone())));
+    let zero = StockFigure {
+        stock: 0,
+        version: 2,
+    };
     {
         let _write = fence.lock_for_write(product).await;
         cache.invalidate(product).await.unwrap();
-        cache.set(product, 0).await.unwrap();
+        let offer = offered(0, 2).await.unwrap();
+        assert!(confirmed(zero, offer).await);
     }
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::SoldOut);
-    // A filled figure never overwrites a newer one.
-    assert_eq!(cache.fill(product, 7).await.unwrap(), 0);
+    // An older figure never replaces a newer one, confirmed or not.
+    assert_eq!(offered(7, 1).await.unwrap(), Offered::Newer);
+    assert_eq!(cache.get(product).await.unwrap(), Some(0));
+    if redis {
+        // After the cache lost the figure, an older one arriving late is written but
+        // never confirmed: its offer is replaced by the newer one read again.
+        cache.invalidate(product).await.unwrap();
+        let late = offered(7, 1).await.unwrap();
+        assert!(matches!(late, Offered::Pending { .. }));
+        assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
+        let again = offered(0, 2).await.unwrap();
+        assert!(confirmed(zero, again).await);
+        let seven = StockFigure {
+            stock: 7,
+            version: 1,
+        };
+        assert!(
+            confirmed(seven, late).await,
+            "a stale confirm finds a newer confirmed figure and changes nothing"
+        );
+        assert_eq!(cache.get(product).await.unwrap(), Some(0));
+        // A delivery of an older claim does nothing once a newer one was seen.
+        cache.invalidate(product).await.unwrap();
+        let four = StockFigure {
+            stock: 4,
+            version: 3,
+        };
+        let offer = offered(4, 3).await.unwrap();
+        assert!(confirmed(four, offer).await);
+        assert!(fence.claim(batch.run, claim + 1).await.unwrap());
+        assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Superseded);
+        assert!(!fence.claim(batch.run, claim).await.unwrap());
+    }
     let nothing = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
     assert!(nothing.is_err(), "nothing more on the bus: {nothing:?}");
 }

@@ -65,6 +65,9 @@ pub struct Options {
     pub redis_prefix: Option<String>,
     /// Use this Redis instead of the shared one (MySQL backend only).
     pub redis_url: Option<String>,
+    /// Reach the MySQL server at this URL (no database) instead of directly: through a
+    /// fault proxy, say. The test's own pool still connects directly.
+    pub mysql_url: Option<String>,
     pub run_lease: Duration,
     /// RESTOCK_SHUTDOWN_DRAIN.
     pub shutdown_drain: Duration,
@@ -80,6 +83,7 @@ impl Options {
             database: None,
             redis_prefix: None,
             redis_url: None,
+            mysql_url: None,
             run_lease: Duration::from_secs(10),
             shutdown_drain: Duration::ZERO,
         }
@@ -145,7 +149,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .unwrap_or_else(|| unique("restock-test:") + ":");
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: backend.database_url(&database),
+        database_url: match &options.mysql_url {
+            Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
+            _ => backend.database_url(&database),
+        },
         redis_url: match backend {
             Backend::MySql => Some(options.redis_url.clone().unwrap_or_else(redis_url)),
             Backend::Embedded => None,

@@ -11,6 +11,7 @@ mod errors;
 mod idempotency;
 mod manual_restock;
 mod metrics;
+mod network;
 #[path = "../support/proxy.rs"]
 mod proxy;
 mod rate_limit;

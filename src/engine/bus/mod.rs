@@ -37,6 +37,9 @@ pub struct SentBatch {
     pub prev_position: Option<i64>,
     pub items: Vec<SentItem>,
     pub sent_at: DateTime<Utc>,
+    /// The token of the claim the run was sent under (0 when unknown): it travels with
+    /// the batch, so the shared side can refuse a batch of a superseded claim (G8).
+    pub claim: i64,
     /// The notifications as the API sends them, encoded once for every stream.
     pub encoded: Encoded,
 }
@@ -53,8 +56,15 @@ impl SentBatch {
             prev_position,
             items,
             sent_at,
+            claim: 0,
             encoded: Encoded::default(),
         }
+    }
+
+    /// The batch, sent under the claim with this token.
+    pub fn under_claim(mut self, token: i64) -> Self {
+        self.claim = token;
+        self
     }
 
     /// The notification of item `index`.

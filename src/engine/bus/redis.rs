@@ -47,6 +47,8 @@ struct WireEvent {
     sent_at_micros: i64,
     #[prost(string, tag = "8")]
     status: String,
+    #[prost(int64, tag = "9")]
+    claim: i64,
 }
 
 const SENT: i32 = 1;
@@ -63,6 +65,7 @@ pub fn encode_sent(batch: &SentBatch) -> Bytes {
         positions: batch.items.iter().map(|i| i.position).collect(),
         sent_at_micros: batch.sent_at.timestamp_micros(),
         status: String::new(),
+        claim: batch.claim,
     }
     .encode_to_vec()
     .into()
@@ -98,19 +101,22 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
         restock_round: wire.restock_round,
     };
     match wire.kind {
-        SENT => Some(BusEvent::Sent(Arc::new(SentBatch::new(
-            run,
-            wire.position,
-            wire.user_ids
-                .iter()
-                .zip(&wire.positions)
-                .map(|(&user, &position)| SentItem {
-                    user_id: UserId::from_stored(user),
-                    position,
-                })
-                .collect(),
-            DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
-        )))),
+        SENT => Some(BusEvent::Sent(Arc::new(
+            SentBatch::new(
+                run,
+                wire.position,
+                wire.user_ids
+                    .iter()
+                    .zip(&wire.positions)
+                    .map(|(&user, &position)| SentItem {
+                        user_id: UserId::from_stored(user),
+                        position,
+                    })
+                    .collect(),
+                DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
+            )
+            .under_claim(wire.claim),
+        ))),
         RUN_ENDED => Some(BusEvent::RunEnded {
             run,
             status: wire.status.parse().ok()?,
@@ -220,21 +226,24 @@ mod tests {
             product_id: ProductId::parse(7).unwrap(),
             restock_round: 3,
         };
-        let sent = BusEvent::Sent(Arc::new(SentBatch::new(
-            run,
-            Some(41),
-            vec![
-                SentItem {
-                    user_id: UserId::from_stored(9),
-                    position: 42,
-                },
-                SentItem {
-                    user_id: UserId::from_stored(2),
-                    position: 45,
-                },
-            ],
-            DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
-        )));
+        let sent = BusEvent::Sent(Arc::new(
+            SentBatch::new(
+                run,
+                Some(41),
+                vec![
+                    SentItem {
+                        user_id: UserId::from_stored(9),
+                        position: 42,
+                    },
+                    SentItem {
+                        user_id: UserId::from_stored(2),
+                        position: 45,
+                    },
+                ],
+                DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            )
+            .under_claim(4),
+        ));
         let ended = BusEvent::RunEnded {
             run,
             status: RunStatus::CanceledBySoldOut,

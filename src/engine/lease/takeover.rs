@@ -15,8 +15,6 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use crate::engine::Engine;
 
 /// Runs claimed per look, at most: a burst of released runs is spread over instances.
@@ -38,7 +36,6 @@ impl Engine {
                     _ = engine.shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let claimed_at = Instant::now();
                 let taken = engine
                     .store
                     .take_over_expired(engine.settings.lease.lease, CLAIMS_PER_LOOK)
@@ -63,7 +60,7 @@ impl Engine {
                                 );
                                 engine.metrics.runs_taken_over.increment(1);
                             }
-                            engine.spawn_run(claimed, claimed_at);
+                            engine.spawn_run(claimed);
                         }
                     }
                     Err(err) => tracing::warn!(error = ?err, "cannot look for runs to take over"),

@@ -2,29 +2,64 @@
 //! "once `SetStock(0)` has returned, nothing more is sent" exact (G3).
 //!
 //! Two capabilities: the [`StockCache`] holds the figure (the database is the source of
-//! truth), and the [`StockFence`] delivers a batch only if the cached figure is above
-//! zero, as one step that no stock write can split. In process the fence is a lock
-//! per product; in Redis it is one script that checks the figure and publishes.
+//! truth, and orders its figures by version), and the [`StockFence`] delivers a batch
+//! only if the cached figure is above zero and the batch's claim is the newest of its
+//! run, as one step that no stock write can split (G3, G8). In process the fence is a
+//! lock per product; in Redis it is one script that checks both and publishes.
 
 pub mod local;
 pub mod redis;
 
 use async_trait::async_trait;
 
-use super::bus::SentBatch;
+use super::bus::{RunKey, SentBatch};
 use crate::domain::{BackendError, ProductId};
 
+/// A stock figure as the database held it when it was read: `version` orders the
+/// figures of a product (every stock write bumps it), so the cache can refuse an older
+/// one whatever order the writes reach it in (G3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StockFigure {
+    pub stock: i64,
+    pub version: i64,
+}
+
+/// What the cache did with an offered figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Written, not yet trusted: read the database again and, if it still holds this
+    /// version, confirm it with this nonce.
+    Pending { nonce: u64 },
+    /// The cache already holds a confirmed figure at least as new: nothing to do.
+    Newer,
+    /// The cache holds a newer figure, not yet confirmed: read the database again.
+    Stale,
+}
+
 /// Where the current stock of a product is cached.
+///
+/// A figure only reaches the cache through [`offer`](StockCache::offer) and
+/// [`confirm`](StockCache::confirm): offered with the version read from the database,
+/// confirmed only once the database, read again, still holds that version. A write that
+/// arrives late (held on the wire, after the cache lost a newer figure) is either
+/// older than what the cache holds, and refused, or never confirmed, because the
+/// database moved on meanwhile: a lost or restarted cache never brings an older figure
+/// back (G3). Deliveries trust confirmed figures only.
 #[async_trait]
 pub trait StockCache: Send + Sync + 'static {
-    /// The cached stock, or `None` on a miss.
+    /// The confirmed cached stock, or `None` on a miss.
     async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError>;
-    /// Caches the stock.
-    async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError>;
-    /// Caches a figure just read from the database, unless the cache already holds one
-    /// (written meanwhile by a stock change, which is newer); returns the figure the
-    /// cache holds afterwards.
-    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError>;
+    /// Offers a figure just read from the database.
+    async fn offer(&self, product: ProductId, figure: StockFigure)
+    -> Result<Offered, BackendError>;
+    /// Confirms an offer after the database still held its version. `false`: the offer
+    /// is gone (replaced, or lost with the cache); offer again.
+    async fn confirm(
+        &self,
+        product: ProductId,
+        figure: StockFigure,
+        nonce: u64,
+    ) -> Result<bool, BackendError>;
     /// Drops the cached figure so the next read goes to the database.
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError>;
 }
@@ -36,8 +71,12 @@ pub enum Delivery {
     Delivered,
     /// The stock is zero or less: nothing was delivered.
     SoldOut,
-    /// The cache holds no figure: nothing was delivered; fill it and try again.
+    /// The cache holds no confirmed figure: nothing was delivered; fill it and try
+    /// again.
     NotCached,
+    /// A newer claim of the run was seen: nothing was delivered, and the sender no
+    /// longer owns the run (G8).
+    Superseded,
 }
 
 /// Held by a stock write from before the cached figure is dropped until the new one
@@ -51,6 +90,12 @@ pub trait StockFence: Send + Sync + 'static {
     /// that saw the old figure is on the bus, and every later one sees the new figure.
     async fn lock_for_write(&self, product: ProductId) -> WriteGuard;
 
-    /// Delivers `batch` to the bus if the cached stock of its product is above zero.
+    /// Makes `claim` (a run's fencing token) the newest its run has seen, before the
+    /// claim's first delivery: from then on a delivery of an older claim does nothing.
+    /// `false`: a newer claim was seen already; the caller no longer owns the run.
+    async fn claim(&self, run: RunKey, claim: i64) -> Result<bool, BackendError>;
+
+    /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
+    /// seen and the cached stock of its product is above zero.
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
 }

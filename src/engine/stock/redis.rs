@@ -1,23 +1,41 @@
-//! The stock cache and fence in Redis, shared by every instance (G3, G11).
+//! The stock cache and fence in Redis, shared by every instance (G3, G8, G11).
+//!
+//! A product's figure is a hash (`stock`, `version`, `nonce`, `confirmed`) written only
+//! by the scripts beside this file: `offer.lua` never replaces a newer version,
+//! `confirm.lua` makes an offer trusted once the database still held it. The fence is
+//! `deliver.lua`: the claim check, the stock check and the publish in one step.
+
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::prelude::{Client, Expiration, KeysInterface, LuaInterface, SetOptions};
+use fred::prelude::{Client, HashesInterface, KeysInterface};
+use fred::types::Value;
+use fred::types::scripts::Script;
 
-use super::{Delivery, StockCache, StockFence, WriteGuard};
+use super::{Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard};
 use crate::domain::{BackendError, ProductId};
-use crate::engine::bus::SentBatch;
 use crate::engine::bus::redis::encode_sent;
+use crate::engine::bus::{RunKey, SentBatch};
 use crate::redis::{Keys, backend};
 
 const STORE: &str = "stock cache (Redis)";
 
 /// A cached stock figure lives this long without a write. The database is the source of
-/// truth; the expiry bounds how long a figure could stay stale if a write to Redis was
-/// lost while Redis was failing.
+/// truth; the expiry bounds how long an unused figure takes memory.
 const STOCK_TTL_SECS: i64 = 300;
 
-/// The stock cache in Redis: one string key per product.
+/// A run's newest claim is remembered this long after it was last raised: longer than
+/// any run is driven by one claim (a run waiting between waves has no claim, and a
+/// later one raises it again).
+const CLAIM_TTL_SECS: i64 = 7 * 24 * 3600;
+
+static OFFER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("offer.lua")));
+static CONFIRM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("confirm.lua")));
+static DELIVER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("deliver.lua")));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("claim.lua")));
+
+/// The stock cache in Redis: one hash per product.
 pub struct RedisStockCache {
     client: Client,
     keys: Keys,
@@ -32,44 +50,55 @@ impl RedisStockCache {
 #[async_trait]
 impl StockCache for RedisStockCache {
     async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError> {
-        self.client
-            .get::<Option<i64>, _>(self.keys.stock(product))
-            .await
-            .map_err(|e| backend(STORE, e))
-    }
-
-    async fn set(&self, product: ProductId, stock: i64) -> Result<(), BackendError> {
-        self.client
-            .set::<(), _, _>(
-                self.keys.stock(product),
-                stock,
-                Some(Expiration::EX(STOCK_TTL_SECS)),
-                None,
-                false,
-            )
-            .await
-            .map_err(|e| backend(STORE, e))
-    }
-
-    async fn fill(&self, product: ProductId, stock: i64) -> Result<i64, BackendError> {
-        let key = self.keys.stock(product);
-        let written: Option<String> = self
+        let (stock, confirmed): (Option<i64>, Option<String>) = self
             .client
-            .set(
-                &key,
-                stock,
-                Some(Expiration::EX(STOCK_TTL_SECS)),
-                Some(SetOptions::NX),
-                false,
+            .hmget(self.keys.stock(product), vec!["stock", "confirmed"])
+            .await
+            .map_err(|e| backend(STORE, e))?;
+        Ok(stock.filter(|_| confirmed.as_deref() == Some("1")))
+    }
+
+    async fn offer(
+        &self,
+        product: ProductId,
+        figure: StockFigure,
+    ) -> Result<Offered, BackendError> {
+        let nonce = rand::random::<u64>() >> 1;
+        let outcome: i64 = OFFER
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.stock(product)],
+                vec![
+                    figure.stock.to_string(),
+                    figure.version.to_string(),
+                    nonce.to_string(),
+                    STOCK_TTL_SECS.to_string(),
+                ],
             )
             .await
             .map_err(|e| backend(STORE, e))?;
-        if written.is_some() {
-            return Ok(stock);
-        }
-        // Someone cached a figure first: theirs is at least as new as ours.
-        let cached: Option<i64> = self.client.get(&key).await.map_err(|e| backend(STORE, e))?;
-        Ok(cached.unwrap_or(stock))
+        Ok(match outcome {
+            1 => Offered::Pending { nonce },
+            0 => Offered::Newer,
+            _ => Offered::Stale,
+        })
+    }
+
+    async fn confirm(
+        &self,
+        product: ProductId,
+        figure: StockFigure,
+        nonce: u64,
+    ) -> Result<bool, BackendError> {
+        let outcome: i64 = CONFIRM
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.stock(product)],
+                vec![figure.version.to_string(), nonce.to_string()],
+            )
+            .await
+            .map_err(|e| backend(STORE, e))?;
+        Ok(outcome == 1)
     }
 
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError> {
@@ -81,21 +110,13 @@ impl StockCache for RedisStockCache {
     }
 }
 
-/// Checks the cached figure and publishes the batch on the bus channel in one script.
-/// Redis runs a script as one step, so a stock write from any instance comes either
-/// before it (the script sees the new figure and publishes nothing) or after it (the
-/// batch is already on the bus): once `SetStock(0)` has returned anywhere, no instance
-/// publishes another notification of that product (G3). Returns 1 delivered, 0 sold
-/// out, -1 not cached.
-const DELIVER_IF_IN_STOCK: &str = r#"
-local stock = redis.call('GET', KEYS[1])
-if not stock then return -1 end
-if tonumber(stock) <= 0 then return 0 end
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return 1
-"#;
-
-/// The fence of every instance: the check and the delivery are one Redis script.
+/// The fence of every instance: the claim check, the stock check and the publish are one
+/// Redis script. Redis runs a script as one step, so a stock write from any instance
+/// comes either before it (the script sees the new figure and publishes nothing) or
+/// after it (the batch is already on the bus): once `SetStock(0)` has returned
+/// anywhere, no instance publishes another notification of that product (G3). And a
+/// delivery that reaches Redis after a newer claim of its run did (held on the wire
+/// while the run was taken over) publishes nothing (G8).
 pub struct RedisStockFence {
     client: Client,
     keys: Keys,
@@ -107,31 +128,51 @@ impl RedisStockFence {
     }
 }
 
+const BUS: &str = "notification bus (Redis)";
+
 #[async_trait]
 impl StockFence for RedisStockFence {
-    /// Nothing to hold: the script is atomic against the writer's `SET`, which is the
-    /// last step of a stock write, on whichever instance.
+    /// Nothing to hold: the script is atomic against the writer's offer and confirm,
+    /// which are the last steps of a stock write, on whichever instance.
     async fn lock_for_write(&self, _product: ProductId) -> WriteGuard {
         Box::new(())
     }
 
+    async fn claim(&self, run: RunKey, claim: i64) -> Result<bool, BackendError> {
+        let outcome: i64 = CLAIM
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.run_claim(run.product_id, run.restock_round)],
+                vec![claim.to_string(), CLAIM_TTL_SECS.to_string()],
+            )
+            .await
+            .map_err(|e| backend(BUS, e))?;
+        Ok(outcome == 1)
+    }
+
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
         let payload: Bytes = encode_sent(batch);
-        let outcome: i64 = self
-            .client
-            .eval(
-                DELIVER_IF_IN_STOCK,
-                vec![self.keys.stock(batch.run.product_id)],
+        let outcome: i64 = DELIVER
+            .evalsha_with_reload(
+                &self.client,
                 vec![
-                    fred::types::Value::from(self.keys.bus_channel()),
-                    fred::types::Value::Bytes(payload),
+                    self.keys.stock(batch.run.product_id),
+                    self.keys
+                        .run_claim(batch.run.product_id, batch.run.restock_round),
+                ],
+                vec![
+                    Value::from(self.keys.bus_channel()),
+                    Value::Bytes(payload),
+                    Value::from(batch.claim),
+                    Value::from(CLAIM_TTL_SECS),
                 ],
             )
             .await
-            .map_err(|e| backend("notification bus (Redis)", e))?;
+            .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
             1 => Delivery::Delivered,
             0 => Delivery::SoldOut,
+            -2 => Delivery::Superseded,
             _ => Delivery::NotCached,
         })
     }

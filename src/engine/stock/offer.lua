@@ -1,0 +1,19 @@
+-- Offers a stock figure read from the database to the cache (G3). The entry is a hash:
+-- stock, version (the database's stock_version), nonce (this offer's) and confirmed.
+-- A newer figure is never replaced by an older one; an offer is written unconfirmed,
+-- and deliveries do not trust it until the database has been read again (confirm.lua).
+-- KEYS[1] the product's stock key; ARGV: stock, version, nonce, ttl in seconds.
+-- Returns 1 written (confirm it), 0 the cache already holds a confirmed figure at least
+-- as new (nothing to do), -1 it holds a newer unconfirmed one (read the database again).
+local held = redis.call('HMGET', KEYS[1], 'version', 'confirmed')
+local version = tonumber(ARGV[2])
+if held[1] then
+  local current = tonumber(held[1])
+  if current > version or (current == version and held[2] == '1') then
+    if held[2] == '1' then return 0 end
+    return -1
+  end
+end
+redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'version', ARGV[2], 'nonce', ARGV[3], 'confirmed', '0')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return 1

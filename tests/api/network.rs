@@ -1,0 +1,298 @@
+//! The cluster on a real network: two instances on one database and Redis prefix, one
+//! of them reaching MySQL or Redis through a fault proxy of the test's own that holds
+//! a request on the wire or cuts the instance off mid-transaction (G3, G8).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::{ClientLike as _, KeysInterface as _};
+use fred::types::scripts::Script;
+use futures::StreamExt as _;
+use restock_notifier::engine::bus::local::LocalBus;
+use restock_notifier::engine::bus::redis::RedisBus;
+use restock_notifier::engine::bus::{BusEvent, NotificationBus as _};
+use restock_notifier::grpc::proto::{self, RunStatus};
+use restock_notifier::redis::Keys;
+use tokio::time::Instant;
+
+use crate::helpers::*;
+use crate::proxy::{FaultProxy, Way};
+
+/// Two instances on one MySQL database and Redis prefix: the first reaches MySQL
+/// (`mysql`) or Redis (`redis`) through its proxy.
+async fn owner_and_survivor(
+    lease: Duration,
+    send_rate: u32,
+    mysql: Option<&FaultProxy>,
+    redis: Option<&FaultProxy>,
+) -> (TestApp, TestApp) {
+    let options = Options {
+        run_lease: lease,
+        send_rate,
+        ..Options::new(Backend::MySql)
+    };
+    let owner = spawn_app_with(Options {
+        mysql_url: mysql.map(|p| p.url(&mysql_server_url())),
+        redis_url: redis.map(|p| p.url(&redis_url())),
+        ..options.clone()
+    })
+    .await;
+    let survivor = spawn_app_with(Options {
+        database: Some(owner.database.clone()),
+        redis_prefix: Some(owner.redis_prefix.clone()),
+        ..options
+    })
+    .await;
+    (owner, survivor)
+}
+
+async fn claim_token(app: &TestApp, product: i64) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT claim_token FROM product_notification_history WHERE product_id = ? \
+         AND restock_round = 1",
+    )
+    .bind(product)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+async fn wait_for_history(app: &TestApp, product: i64, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.history(product, 1).await.len() < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "the run never recorded {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_until_held(proxy: &FaultProxy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.held() == 0 {
+        assert!(Instant::now() < deadline, "nothing matched the hold");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The notification bus of a Redis prefix, as an instance joins it.
+async fn raw_bus(prefix: &str) -> RedisBus {
+    let client = restock_notifier::redis::connect(&redis_url())
+        .await
+        .unwrap();
+    let subscriber = restock_notifier::redis::connect_subscriber(&redis_url())
+        .await
+        .unwrap();
+    RedisBus::start(
+        client,
+        subscriber,
+        Keys::new(prefix),
+        Arc::new(LocalBus::new(100_000)),
+    )
+    .await
+    .unwrap()
+}
+
+/// When each notification reached the stream, until `stop` fires and the stream has
+/// then been quiet for half a second.
+async fn arrival_times(
+    mut stream: tonic::Streaming<proto::Notification>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Instant> {
+    let mut times = vec![];
+    loop {
+        tokio::select! {
+            next = stream.next() => match next {
+                Some(Ok(_)) => times.push(Instant::now()),
+                _ => return times,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    {
+        times.push(Instant::now());
+    }
+    times
+}
+
+/// Every user once, in registration order (G5, G8).
+fn assert_exact(history: &[i64], users: &[i64]) {
+    assert_eq!(history, users, "history is every user once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_mysql_mid_commit_does_not_hold_up_the_takeover() {
+    let mysql = FaultProxy::for_url(&mysql_server_url()).await;
+    let lease = Duration::from_secs(3);
+    let (owner, survivor) = owner_and_survivor(lease, 200, Some(&mysql), None).await;
+    let users: Vec<i64> = (1..=1_200).collect();
+    survivor.set_stock(1, 10).await;
+    survivor.register_bulk(1, &users).await;
+    owner.trigger(1, None).await.unwrap();
+    wait_for_history(&survivor, 1, 200).await;
+    let first = claim_token(&survivor, 1).await;
+
+    // The owner sends a record's COMMIT and is cut off right then: the COMMIT never
+    // arrives, its transaction stays open on the server with the run's row locked, and
+    // nothing the owner sends afterwards arrives either.
+    mysql.hold_next(Way::Up, b"COMMIT", Duration::from_secs(3_600));
+    wait_until_held(&mysql).await;
+    mysql.freeze();
+    let cut = Instant::now();
+
+    let deadline = cut + lease + Duration::from_secs(5);
+    while claim_token(&survivor, 1).await == first {
+        assert!(
+            Instant::now() < deadline,
+            "the run was not taken over within lease + 5 s of the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken_over_after = cut.elapsed();
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed, "{run:?}");
+    assert_exact(&survivor.history(1, 1).await, &users);
+    // The claim was granted with a lease of its own that counted from the grant: one
+    // takeover, not a second one after a claim that was already out of time.
+    let taken = survivor.scrape().await["restock_runs_taken_over_total"];
+    assert_eq!(taken, 1.0, "taken over after {taken_over_after:?}");
+    mysql.cut_all();
+}
+
+/// The SHA of a script of the stock fence, as EVALSHA sends it.
+fn script_sha(lua: &str) -> Vec<u8> {
+    Script::from_lua(lua.to_owned()).sha1().as_bytes().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
+    let redis = FaultProxy::for_url(&redis_url()).await;
+    // A lease shorter than the hold, and the hold shorter than the Redis command timeout
+    // (2 s): the owner still waits for its delivery while the run is taken over.
+    let lease = Duration::from_secs(1);
+    let (owner, survivor) = owner_and_survivor(lease, 100, None, Some(&redis)).await;
+    let users: Vec<i64> = (1..=400).collect();
+    survivor.set_stock(1, 10).await;
+    survivor.register_bulk(1, &users).await;
+    // What the shared bus carries, as every instance's streams are fed from it (the
+    // streams themselves drop what they have seen; the bus does not).
+    let mut bus = raw_bus(&survivor.redis_prefix).await.subscribe();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let published = tokio::spawn(async move {
+        let mut users = vec![];
+        loop {
+            tokio::select! {
+                event = bus.recv() => match event.as_deref() {
+                    Ok(BusEvent::Sent(batch)) => {
+                        users.extend(batch.items.iter().map(|i| (batch.claim, i.user_id.get())))
+                    }
+                    Ok(_) => {}
+                    Err(err) => panic!("the test's bus feed broke: {err}"),
+                },
+                _ = &mut stopped => return users,
+            }
+        }
+    });
+    owner.trigger(1, None).await.unwrap();
+    wait_for_history(&survivor, 1, 50).await;
+    let first = claim_token(&survivor, 1).await;
+
+    redis.hold_next(
+        Way::Up,
+        &script_sha(include_str!("../../src/engine/stock/deliver.lua")),
+        Duration::from_millis(1_800),
+    );
+    wait_until_held(&redis).await;
+    // The owner stops looking for runs to take over, so its own run goes to the other
+    // instance, whose claim reaches Redis on another connection than the held one.
+    let stopping = tokio::spawn(owner.shut_down());
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed, "{run:?}");
+    assert_ne!(claim_token(&survivor, 1).await, first, "taken over");
+    stopping.await.unwrap();
+    assert_exact(&survivor.history(1, 1).await, &users);
+
+    // What the bus carried: once a batch of the new claim was delivered, none of the
+    // old one follows (the held delivery arrives after the takeover and does nothing).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).ok();
+    let seen = published.await.unwrap();
+    assert!(seen.len() >= users.len(), "every user reached the bus");
+    let mut newest = 0;
+    for &(claim, user) in &seen {
+        assert!(
+            claim >= newest,
+            "user {user} delivered under claim {claim} after claim {newest}: {seen:?}"
+        );
+        newest = claim;
+    }
+    assert!(newest > first.unwrap(), "the new owner delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_cache_never_brings_an_older_stock_back_after_set_stock_zero() {
+    let redis = FaultProxy::for_url(&redis_url()).await;
+    let (owner, survivor) =
+        owner_and_survivor(Duration::from_secs(10), 100, None, Some(&redis)).await;
+    let users: Vec<i64> = (1..=3_000).collect();
+    survivor.set_stock(1, 10).await;
+    survivor.register_bulk(1, &users).await;
+    let stream = survivor
+        .subscribe(proto::SubscribeRequest {
+            product_id: Some(1),
+            ..Default::default()
+        })
+        .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let arrivals = tokio::spawn(arrival_times(stream, stopped));
+    owner.trigger(1, None).await.unwrap();
+    wait_for_history(&survivor, 1, 100).await;
+
+    let direct = restock_notifier::redis::connect(&redis_url())
+        .await
+        .unwrap();
+    let key = format!("{}stock-figure:1", survivor.redis_prefix);
+    // The cache loses the figure; the owner reads 10 from the database and offers it
+    // back, and that offer is held on the wire.
+    redis.hold_next(
+        Way::Up,
+        &script_sha(include_str!("../../src/engine/stock/offer.lua")),
+        Duration::from_millis(1_500),
+    );
+    direct.del::<i64, _>(&key).await.unwrap();
+    wait_until_held(&redis).await;
+    // Meanwhile the product sells out, and the cache loses that figure too.
+    survivor.set_stock(1, 0).await;
+    let sold_out = Instant::now();
+    direct.del::<i64, _>(&key).await.unwrap();
+
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::CanceledBySoldOut, "{run:?}");
+    // Nothing reaches a subscriber once SetStock(0) has returned (what was published
+    // before it arrives within a few milliseconds).
+    stop.send(()).ok();
+    let late = arrivals
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|&at| at > sold_out + Duration::from_millis(100))
+        .count();
+    assert_eq!(
+        late, 0,
+        "notifications delivered after SetStock(0) returned"
+    );
+    let history = survivor.history(1, 1).await;
+    assert_exact(&history, &users[..history.len()]);
+    // The cache holds the database's figure, or none.
+    let cached: Option<i64> = fred::prelude::HashesInterface::hget(&direct, &key, "stock")
+        .await
+        .unwrap();
+    assert!(
+        matches!(cached, None | Some(0)),
+        "cache says {cached:?}, database 0"
+    );
+    direct.quit().await.ok();
+}
