@@ -32,10 +32,14 @@ const REPLAY_PAGE: u32 = 500;
 /// Why a stream ended on the service's side.
 #[derive(Debug)]
 pub enum StreamEnd {
-    /// The subscriber read too slowly and its buffer overflowed (or this instance's
-    /// feed from the shared bus did).
+    /// The subscriber read too slowly and its buffer overflowed.
     Lagged {
         missed: u64,
+        last_delivered: Option<NotificationId>,
+    },
+    /// This instance's feed from the shared bus may have lost notifications (its
+    /// connection to Redis was lost, or it fell behind): nothing the subscriber did.
+    FeedInterrupted {
         last_delivered: Option<NotificationId>,
     },
     /// The service is stopping.
@@ -296,7 +300,11 @@ impl Subscription {
                 }
             }
             BusEvent::RunEnded { .. } => {}
-            BusEvent::Gap => return Err(self.lagged(0)),
+            BusEvent::Gap => {
+                return Err(StreamEnd::FeedInterrupted {
+                    last_delivered: self.last_delivered,
+                });
+            }
             BusEvent::Closing => return Err(self.shutting_down()),
         }
         Ok(())

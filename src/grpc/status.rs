@@ -128,6 +128,17 @@ impl From<StreamEnd> for Status {
                 "STREAM_LAGGED",
                 &metadata(last_delivered),
             ),
+            StreamEnd::FeedInterrupted { last_delivered } => with_error_info(
+                Code::Unavailable,
+                format!(
+                    "this instance's feed of notifications was interrupted (its connection \
+                     to the shared bus was lost, or it fell behind) and may have missed some; \
+                     {} to continue without a gap",
+                    resume(last_delivered)
+                ),
+                "FEED_INTERRUPTED",
+                &metadata(last_delivered),
+            ),
             StreamEnd::ShuttingDown { last_delivered } => with_error_info(
                 Code::Unavailable,
                 format!(

@@ -62,8 +62,11 @@ pub fn backend(store: &'static str, err: RedisError) -> BackendError {
 }
 
 /// Pub/sub messages a subscriber connection may hold before the forwarding task reads
-/// them; the forwarder reads continuously, so this only absorbs scheduling hiccups.
-const SUBSCRIBER_BUFFER: usize = 1 << 16;
+/// them; the forwarder reads continuously, so this only absorbs scheduling hiccups: 4,096
+/// is eight seconds of batches at 500 sends per second, one send a batch. tokio's
+/// broadcast channel allocates every slot up front, so this figure is resident memory
+/// whether it is used or not (65,536 slots cost tens of megabytes idle).
+const SUBSCRIBER_BUFFER: usize = 1 << 12;
 
 /// A connected fred client with the service's timeouts.
 pub async fn connect(url: &str) -> anyhow::Result<fred::prelude::Client> {

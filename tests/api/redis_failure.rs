@@ -1,6 +1,10 @@
 //! Redis failing for real mid-run: a redis-server of the test's own, killed.
 
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tonic_types::StatusExt as _;
 
 use restock_notifier::grpc::proto::{self, RunStatus, SubscribeRequest};
 use tonic::Code;
@@ -73,7 +77,7 @@ async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_i
     app.register_bulk(1, &users).await;
     let mut stream = app.subscribe(SubscribeRequest::default()).await;
     app.trigger(1, None).await.unwrap();
-    take(&mut stream, 50).await;
+    let mut delivered = take(&mut stream, 50).await;
 
     redis.kill();
     let run = app.wait_until_final(1).await;
@@ -97,6 +101,25 @@ async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_i
 
     // Redis comes back (empty: the stock is reloaded from MySQL on the first check).
     let _redis = OwnRedis::start(port).await;
+    // The stream opened before Redis died may have missed notifications while the bus
+    // was away: it ends saying so, with where to resume, not as a slow reader.
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(n))) => delivered.push(n),
+            Ok(Some(Err(status))) => break status,
+            other => panic!("the stream did not end with a status: {other:?}"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo in the details");
+    assert_eq!(info.reason, "FEED_INTERRUPTED");
+    assert_eq!(
+        info.metadata.get("resume_after"),
+        delivered.last().map(|n| &n.notification_id),
+        "resume after the last one the stream delivered"
+    );
     app.set_stock(1, 6).await;
     app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
     let run = app.wait_until_final(1).await;
