@@ -29,6 +29,11 @@ use crate::store::Recorded;
 /// Recorded notifications read per query.
 const REPLAY_PAGE: u32 = 500;
 
+/// Runs a stream keeps a position for, at most (G9): far more than run at once, so
+/// only runs that failed or were handed over and never finished are ever forgotten
+/// this way.
+const MAX_COVERED_RUNS: usize = 1_024;
+
 /// Why a stream ended on the service's side.
 #[derive(Debug)]
 pub enum StreamEnd {
@@ -292,14 +297,16 @@ impl Subscription {
             }
             BusEvent::RunEnded {
                 run,
-                last_position: Some(last),
-                ..
+                status,
+                last_position,
             } => {
-                if self.filter.product_id.is_none_or(|p| p == run.product_id) {
+                if let Some(last) = last_position
+                    && self.filter.product_id.is_none_or(|p| p == run.product_id)
+                {
                     self.fill_gap(*run, *last).await?;
                 }
+                self.forget_if_over(*run, *status);
             }
-            BusEvent::RunEnded { .. } => {}
             BusEvent::Gap => {
                 return Err(StreamEnd::FeedInterrupted {
                     last_delivered: self.last_delivered,
@@ -308,6 +315,17 @@ impl Subscription {
             BusEvent::Closing => return Err(self.shutting_down()),
         }
         Ok(())
+    }
+
+    /// Forgets a run that can send nothing more (G9): a stream that lives for months
+    /// sees runs without end, and keeps a position only for those that may still send.
+    /// A run ended `CANCELED_BY_ERROR` may be resumed (its new sends repeat none of what
+    /// the stream has covered), and one handed over goes on elsewhere: both are kept,
+    /// up to [`MAX_COVERED_RUNS`].
+    fn forget_if_over(&mut self, run: RunKey, status: RunStatus) {
+        if matches!(status, RunStatus::Completed | RunStatus::CanceledBySoldOut) {
+            self.covered.remove(&run);
+        }
     }
 
     /// Delivers the items of a live batch this stream has not covered yet.
@@ -327,6 +345,12 @@ impl Subscription {
             }
         }
         if let Some(last) = last {
+            if self.covered.len() >= MAX_COVERED_RUNS && !self.covered.contains_key(&batch.run) {
+                // The oldest is not known; any will do: forgetting a run only means its
+                // re-sends after a hand-over or resume reach this stream again (same ids).
+                let some = *self.covered.keys().next().expect("the map is full");
+                self.covered.remove(&some);
+            }
             self.covered.insert(batch.run, last);
         }
     }
@@ -421,5 +445,117 @@ fn run_of(id: &NotificationId) -> RunKey {
     RunKey {
         product_id: id.product_id,
         restock_round: id.restock_round,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::deployment::Deployment;
+    use crate::domain::{ProductId, UserId};
+    use crate::engine::EngineSettings;
+    use crate::engine::bus::SentItem;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A stream as `Engine::subscribe` opens it, on an embedded engine of its own.
+    async fn subscription() -> Subscription {
+        let file =
+            std::env::temp_dir().join(format!("restock-unit-{:016x}.db", rand::random::<u64>()));
+        let store = SqliteStore::connect(&format!("sqlite://{}", file.display()))
+            .await
+            .unwrap();
+        let capabilities = Deployment::Embedded
+            .capabilities(std::num::NonZeroU32::new(500).unwrap(), 16)
+            .await
+            .unwrap();
+        let metrics = Metrics::new(500);
+        let engine = Engine::new(
+            Arc::new(store),
+            capabilities,
+            EngineSettings::default(),
+            metrics.clone(),
+        );
+        Subscription {
+            open: OpenStream::new(metrics),
+            live: engine.bus.subscribe(),
+            shutdown: engine.shutdown.clone(),
+            engine,
+            filter: NotificationFilter::default(),
+            resume_after: None,
+            resume: None,
+            replay_from: None,
+            covered: HashMap::new(),
+            ready: VecDeque::new(),
+            last_delivered: None,
+            ended: false,
+        }
+    }
+
+    fn sent(run: RunKey, position: i64) -> BusEvent {
+        BusEvent::Sent(Arc::new(SentBatch::new(
+            run,
+            (position > 1).then_some(position - 1),
+            vec![SentItem {
+                user_id: UserId::parse(position).unwrap(),
+                position,
+            }],
+            Utc::now(),
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_stream_forgets_runs_that_ended_and_stays_bounded() {
+        let mut stream = subscription().await;
+        let product = ProductId::parse(1).unwrap();
+        for round in 1..=10_000 {
+            let run = RunKey {
+                product_id: product,
+                restock_round: round,
+            };
+            for position in 1..=2 {
+                stream.on_event(&sent(run, position)).await.unwrap();
+            }
+            let status = if round % 2 == 0 {
+                RunStatus::Completed
+            } else {
+                RunStatus::CanceledBySoldOut
+            };
+            let ended = BusEvent::RunEnded {
+                run,
+                status,
+                last_position: Some(2),
+            };
+            stream.on_event(&ended).await.unwrap();
+            stream.ready.clear();
+            assert!(stream.covered.is_empty(), "round {round} is remembered");
+        }
+        // Runs that may go on (failed, or handed over) are kept, up to a bound.
+        for round in 10_001..=12_000 {
+            let run = RunKey {
+                product_id: product,
+                restock_round: round,
+            };
+            stream.on_event(&sent(run, 1)).await.unwrap();
+            let ended = BusEvent::RunEnded {
+                run,
+                status: RunStatus::CanceledByError,
+                last_position: Some(1),
+            };
+            stream.on_event(&ended).await.unwrap();
+            stream.ready.clear();
+        }
+        assert_eq!(stream.covered.len(), MAX_COVERED_RUNS);
+        // A run handed over is still covered: its new owner's re-sends are dropped.
+        let last = RunKey {
+            product_id: product,
+            restock_round: 12_000,
+        };
+        stream.on_event(&sent(last, 1)).await.unwrap();
+        assert!(
+            stream.ready.is_empty(),
+            "a re-send reached the stream again"
+        );
     }
 }
