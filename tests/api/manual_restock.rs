@@ -214,3 +214,28 @@ on_each_backend!(
     a_failed_run_out_of_stock_is_not_resumed_until_restocked,
     a_run_abandoned_by_a_dead_process_is_taken_over_and_finished,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_the_admin_token_is_shut_out_after_ten_failures() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.set_stock(1, 5).await;
+    for attempt in 1..=10 {
+        let guess = format!("guess-{attempt}");
+        assert_code(
+            app.manual_restock(1, Some(&guess)).await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_code(
+        app.manual_restock(1, Some("guess-11")).await,
+        Code::ResourceExhausted,
+    );
+    // Shut out, the right token is refused too: the answer tells a guesser nothing.
+    assert_code(
+        app.manual_restock(1, Some(ADMIN_TOKEN)).await,
+        Code::ResourceExhausted,
+    );
+    // The rest of the API is not affected.
+    app.get_run(1, None).await.unwrap_err();
+    app.set_stock(1, 6).await;
+}
