@@ -145,6 +145,10 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
+        engine
+            .start_clock()
+            .await
+            .context("cannot read the database's clock")?;
         engine.spawn_takeover();
         let stop_metrics = tokio_util::sync::CancellationToken::new();
         if let Some(server) = self.metrics_server {

@@ -3,6 +3,7 @@
 //! The gRPC layer calls into it; it knows nothing of tonic.
 
 pub mod bus;
+pub mod clock;
 pub mod lease;
 pub mod limiter;
 pub mod recorder;
@@ -95,6 +96,8 @@ pub struct Engine {
     shutdown: CancellationToken,
     /// Every run task, so shutdown can wait until each has released its run.
     runs: TaskTracker,
+    /// What notifications are stamped with: the database's clock (G11).
+    clock: Arc<clock::SharedClock>,
 }
 
 impl Engine {
@@ -114,7 +117,17 @@ impl Engine {
             metrics,
             shutdown: CancellationToken::new(),
             runs: TaskTracker::new(),
+            clock: Arc::default(),
         })
+    }
+
+    /// Measures this host's clock against the database's before the first run, then
+    /// keeps measuring in the background until shutdown (G11).
+    pub async fn start_clock(&self) -> Result<(), Error> {
+        self.clock.sync(self.store.as_ref()).await?;
+        self.clock
+            .spawn_sync(self.store.clone(), self.shutdown.clone());
+        Ok(())
     }
 
     /// Sets a product's stock. Once this returns, every later delivery of any instance

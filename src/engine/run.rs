@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use chrono::{SubsecRound as _, Utc};
+use chrono::SubsecRound as _;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -283,7 +283,7 @@ impl RunState<'_> {
     async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
         // Microseconds: what the history and the bus keep, so a notification reads the
         // same live, replayed, or from another instance.
-        let sent_at = Utc::now().trunc_subsecs(6);
+        let sent_at = self.engine.clock.now().trunc_subsecs(6);
         let batch = SentBatch::new(
             self.run,
             self.cursor,

@@ -196,6 +196,10 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<Claimed, Error>;
 
+    /// The database's clock now, in UTC: the one clock every instance stamps its
+    /// notifications with (G11).
+    async fn clock(&self) -> Result<DateTime<Utc>, Error>;
+
     /// Claims up to `limit` runs in progress whose lease has run out (their instance
     /// died, or released them), each with a fresh claim and lease (G8).
     async fn take_over_expired(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 use tokio::time::Instant;
@@ -779,6 +780,14 @@ impl Store for MySqlStore {
         .await
         .map_err(backend)?;
         Ok(Claimed::by_rows_affected(updated.rows_affected()))
+    }
+
+    async fn clock(&self) -> Result<DateTime<Utc>, Error> {
+        let now: chrono::NaiveDateTime = sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(now.and_utc())
     }
 
     async fn take_over_expired(

@@ -601,6 +601,11 @@ impl Store for SqliteStore {
         Ok(Claimed::by_rows_affected(updated.rows_affected()))
     }
 
+    /// One instance on one host: its own clock is the clock.
+    async fn clock(&self) -> Result<DateTime<Utc>, Error> {
+        Ok(Utc::now())
+    }
+
     async fn take_over_expired(
         &self,
         lease: Duration,

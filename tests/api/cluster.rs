@@ -283,13 +283,34 @@ struct Instance {
 
 impl Instance {
     async fn start(database: &str, prefix: &str, send_rate: u32, lease: &str) -> Self {
+        Self::start_with_clock(database, prefix, send_rate, lease, None).await
+    }
+
+    /// As `start`, with the process's wall clock moved by `skew` (libfaketime's
+    /// `faketime -f`, e.g. `+30s`) when given.
+    async fn start_with_clock(
+        database: &str,
+        prefix: &str,
+        send_rate: u32,
+        lease: &str,
+        skew: Option<&str>,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let quiet = std::env::var_os("TEST_LOG").is_none();
-        let process = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
+        let binary = env!("CARGO_BIN_EXE_restock-notifier");
+        let mut command = match skew {
+            Some(skew) => {
+                let mut faketime = std::process::Command::new("faketime");
+                faketime.args(["-f", skew, binary]);
+                faketime
+            }
+            None => std::process::Command::new(binary),
+        };
+        let process = command
             .env_clear()
             // Several processes at once: never the default metrics port.
             .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
@@ -451,4 +472,50 @@ async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
     let run = survivor.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::Completed);
     assert_eq!(survivor.history(1, 1).await, users);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_carry_the_database_s_clock_even_from_a_host_whose_clock_is_off() {
+    let other = spawn_app(Backend::MySql).await;
+    let users: Vec<i64> = (1..=300).collect();
+    other.set_stock(1, 10).await;
+    other.register_bulk(1, &users).await;
+    // The faketime command (Debian's package of it; .ci/run installs it) runs the
+    // binary with its wall clock 30 s ahead.
+    let skewed = Instance::start_with_clock(
+        &other.database,
+        &other.redis_prefix,
+        1_000,
+        "10s",
+        Some("+30s"),
+    )
+    .await;
+    skewed
+        .client
+        .clone()
+        .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
+            product_id: 1,
+            stock: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let run = other.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    // How far each stamp is behind the database's clock now: the run took about a
+    // third of a second, so every stamp is a little in the past; 30 s ahead, with the
+    // skewed host's own clock, they would be in the future.
+    let (newest, oldest): (i64, i64) = sqlx::query_as(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, MAX(sent_at), UTC_TIMESTAMP(6)), \
+                TIMESTAMPDIFF(MICROSECOND, MIN(sent_at), UTC_TIMESTAMP(6)) \
+         FROM product_user_notification_history WHERE product_id = 1",
+    )
+    .fetch_one(&other.db)
+    .await
+    .unwrap();
+    assert!(
+        newest >= 0 && oldest < 20_000_000,
+        "sent_at is {newest} to {oldest} us behind the database's clock"
+    );
+    assert_eq!(other.history(1, 1).await, users);
 }
