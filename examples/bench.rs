@@ -3,7 +3,9 @@
 //! ```text
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
 //! cargo run --release --example bench -- ceiling [--users 200000]
-//! cargo run --release --example bench -- memory  [--users 1000000] [--waves]
+//! cargo build --release && \
+//!   cargo run --release --example bench -- memory [--users 1000000] [--waves]
+//! cargo build --release && cargo run --release --example bench -- memory --runs 10000
 //! cargo build --release && \
 //!   cargo run --release --example bench -- fanout [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo build --release && \
@@ -14,8 +16,11 @@
 //! from the recorded `sent_at` and from the arrival times at a live subscriber, plus
 //! the send-to-receive latency. `ceiling` runs the engine with no send limit and
 //! compares it with a plain batched INSERT of the same rows into the same MySQL.
-//! `memory` reports the peak RSS of the process during one unlimited run (the peak is
-//! reset after seeding). `fanout` runs the real binary as its own process (two with
+//! `memory` runs the release binary as its own process (clustered on MySQL + Redis) and
+//! reports that process's RSS idle and its peak during one run at the highest send rate
+//! (the peak is reset after seeding); `--waves` samples it while a run waits between
+//! waves; `--runs N` holds one `Subscribe` stream open while N runs go by and reports
+//! how much the process grew. `fanout` runs the real binary as its own process (two with
 //! `--across`: the run on one, the streams on the other), opens the streams from this
 //! process, checks that every stream gets every notification in order, and reports
 //! the send-to-receive p50/p99 over all of them and each server's CPU time per
@@ -362,12 +367,13 @@ async fn ceiling(users: u32) -> anyhow::Result<()> {
 }
 
 /// A field of /proc/self/status, in kB.
-fn proc_status_kb(field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+/// A field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in kB.
+fn proc_status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
         .find(|l| l.starts_with(field))
-        .with_context(|| format!("no {field} in /proc/self/status"))?;
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(line
         .split_whitespace()
         .nth(1)
@@ -375,35 +381,148 @@ fn proc_status_kb(field: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
+/// Resets the peak RSS (`VmHWM`) of a process, so it measures what follows.
+fn reset_peak(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("cannot reset the peak RSS")
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// The highest send rate the service accepts: as good as unlimited for these runs.
+const MAX_RATE: u32 = 100_000;
+
+/// The latest run of `product`, as it is now.
+async fn run_now(
+    client: &RestockServiceClient<Channel>,
+    product: i64,
+) -> anyhow::Result<proto::RestockRun> {
+    Ok(client
+        .clone()
+        .get_restock_run(proto::GetRestockRunRequest {
+            product_id: product,
+            restock_round: None,
+        })
+        .await?
+        .into_inner())
+}
+
+/// `memory`: the release binary as its own process, clustered on MySQL + Redis; its RSS
+/// idle (started, migrated, `users` registrations seeded, nothing running) and its peak
+/// during one run over all of them at the highest send rate.
 async fn memory(users: u32) -> anyhow::Result<()> {
-    let bench = start(u32::MAX).await?;
-    bench.seed(users).await?;
-    // Reset the peak, so it measures the run and not the seeding.
-    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS")?;
-    let before = proc_status_kb("VmRSS:")?;
+    let cluster = Cluster::start(1, MAX_RATE).await?;
+    let outcome = memory_run(&cluster, users).await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
+async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    let pid = server.process.id();
+    let ids: Vec<i64> = (1..=i64::from(users)).collect();
+    seed_product(&server.client, &cluster.db, 1, 1_000, &ids).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = proc_status_kb(pid, "VmRSS:")?;
+    reset_peak(pid)?;
     let began = Instant::now();
-    bench.trigger().await?;
-    let run = bench.wait_final().await?;
+    trigger(&server.client, 1).await?;
+    let run = loop {
+        let run = run_now(&server.client, 1).await?;
+        if run.status() != RunStatus::InProgress {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
-    let peak = proc_status_kb("VmHWM:")?;
+    let peak = proc_status_kb(pid, "VmHWM:")?;
     println!(
-        "memory: {users} users in {:.2?}; RSS before the run {:.1} MB, peak during it {:.1} MB",
+        "memory of the service process (clustered): idle {:.1} MB; {users} users in {:.2?}, \
+         peak during the run {:.1} MB",
+        mb(idle),
         began.elapsed(),
-        before as f64 / 1024.0,
-        peak as f64 / 1024.0
+        mb(peak)
     );
-    bench.drop_database().await
+    Ok(())
+}
+
+/// `memory --runs N`: one `Subscribe` stream held open on the service process while `N`
+/// runs of one user each go by; the process's RSS before and after.
+async fn memory_runs(runs: u32) -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, MAX_RATE).await?;
+    let outcome = memory_runs_on(&cluster, runs).await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
+async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    let pid = server.process.id();
+    seed_product(&server.client, &cluster.db, 1, 1_000, &[1]).await?;
+    let mut stream = server
+        .client
+        .clone()
+        .subscribe(proto::SubscribeRequest::default())
+        .await?
+        .into_inner();
+    // A few runs first, so what is allocated once (pools, buffers) is in the baseline.
+    let mut round = 0;
+    let mut run_one = async |round: &mut u32| -> anyhow::Result<()> {
+        trigger(&server.client, 1).await?;
+        *round += 1;
+        let got = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .context("no notification within 10 s")?
+            .context("the stream ended")??;
+        anyhow::ensure!(got.restock_round == i64::from(*round), "got {got:?}");
+        while run_now(&server.client, 1).await?.status() == RunStatus::InProgress {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    };
+    for _ in 0..100 {
+        run_one(&mut round).await?;
+    }
+    let before = proc_status_kb(pid, "VmRSS:")?;
+    let began = Instant::now();
+    for _ in 0..runs {
+        run_one(&mut round).await?;
+    }
+    let after = proc_status_kb(pid, "VmRSS:")?;
+    println!(
+        "memory, one stream over {runs} runs (in {:.1?}): RSS of the service process \
+         {:.2} MB before, {:.2} MB after: {:+.2} MB",
+        began.elapsed(),
+        mb(before),
+        mb(after),
+        mb(after) - mb(before)
+    );
+    Ok(())
 }
 
 /// `memory --waves`: the same users notified in waves of 100 per unit of a stock of
-/// 1,000 (ten waves of 100,000, a second apart), with the RSS sampled during the waits.
+/// 1,000 (ten waves of 100,000, a second apart), with the service process's RSS sampled
+/// during the waits.
 async fn memory_waves(users: u32) -> anyhow::Result<()> {
-    let bench = start(u32::MAX).await?;
-    bench.seed(users).await?;
-    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS")?;
-    let before = proc_status_kb("VmRSS:")?;
+    let cluster = Cluster::start(1, MAX_RATE).await?;
+    let outcome = memory_waves_on(&cluster, users).await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
+async fn memory_waves_on(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    let pid = server.process.id();
+    let ids: Vec<i64> = (1..=i64::from(users)).collect();
+    seed_product(&server.client, &cluster.db, 1, 1_000, &ids).await?;
+    reset_peak(pid)?;
+    let before = proc_status_kb(pid, "VmRSS:")?;
     let began = Instant::now();
-    bench
+    server
         .client
         .clone()
         .trigger_restock(proto::TriggerRestockRequest {
@@ -421,13 +540,13 @@ async fn memory_waves(users: u32) -> anyhow::Result<()> {
     let (mut waits, mut waiting_max, mut waiting_min) = (0, 0u64, u64::MAX);
     let mut was_waiting = false;
     let run = loop {
-        let run = bench.run_now().await?;
+        let run = run_now(&server.client, 1).await?;
         if run.status() != RunStatus::InProgress {
             break run;
         }
         let waiting = run.next_wave_at.is_some();
         if waiting {
-            let rss = proc_status_kb("VmRSS:")?;
+            let rss = proc_status_kb(pid, "VmRSS:")?;
             waiting_max = waiting_max.max(rss);
             waiting_min = waiting_min.min(rss);
             waits += usize::from(!was_waiting);
@@ -436,18 +555,17 @@ async fn memory_waves(users: u32) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
-    let peak = proc_status_kb("VmHWM:")?;
-    let mb = |kb: u64| kb as f64 / 1024.0;
+    let peak = proc_status_kb(pid, "VmHWM:")?;
     println!(
-        "memory, waves: {users} users in {:.2?}, {waits} waits seen; RSS before the run \
-         {:.1} MB, peak {:.1} MB, while waiting {:.1} to {:.1} MB",
+        "memory of the service process, waves: {users} users in {:.2?}, {waits} waits seen; \
+         RSS before the run {:.1} MB, peak {:.1} MB, while waiting {:.1} to {:.1} MB",
         began.elapsed(),
         mb(before),
         mb(peak),
         mb(waiting_min.min(waiting_max)),
         mb(waiting_max)
     );
-    bench.drop_database().await
+    Ok(())
 }
 
 /// Streams per HTTP/2 connection of the `fanout` subscribers: below the server's
@@ -1073,6 +1191,9 @@ async fn main() -> anyhow::Result<()> {
         Some("memory") if args.iter().any(|a| a == "--waves") => {
             memory_waves(arg(&args, "--users", 1_000_000)?).await
         }
+        Some("memory") if args.iter().any(|a| a == "--runs") => {
+            memory_runs(arg(&args, "--runs", 10_000)?).await
+        }
         Some("memory") => memory(arg(&args, "--users", 1_000_000)?).await,
         Some("fanout") => {
             fanout(
@@ -1093,7 +1214,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] [--waves] | fanout [--streams S] [--users N] [--rate R] [--across] | \
+             memory [--users N] [--waves] | memory --runs N | fanout [--streams S] [--users N] [--rate R] [--across] | \
              cluster [--users N] [--rate R] [--instances I]"
         ),
     }

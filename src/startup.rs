@@ -70,7 +70,8 @@ impl Application {
             .recorder
             .unrecorded_bound
             .min(config.send_rate.get() as usize);
-        let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?
+            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
         match &config.tls_cert {
             Some(cert) => tracing::info!(
                 tls = true,
@@ -264,6 +265,13 @@ impl Application {
         served
     }
 }
+
+/// The largest header block a call may send. HTTP/2 (h2) refuses a larger one for that
+/// call alone only while it fits in one frame; a larger block that goes on in
+/// CONTINUATION frames closes the whole connection (`COMPRESSION_ERROR`), every call on
+/// it with it. The library default, 16 KiB, is about one frame: a single 16 kB header
+/// dropped the connection. 64 KiB takes any header a client has reason to send.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// Picks the store by the scheme of DATABASE_URL.
 async fn connect_store(url: &str, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {

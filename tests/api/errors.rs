@@ -185,3 +185,31 @@ on_each_backend!(
     the_restock_round_refuses_to_wrap,
     an_oversized_input_gets_a_short_message,
 );
+
+/// A call with a 16 kB header is answered on its own; the other calls on the same
+/// HTTP/2 connection go on (the library default closed the connection for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_header_does_not_drop_the_connection_it_came_on() {
+    let app = spawn_app(Backend::Embedded).await;
+    app.set_stock(1, 5).await;
+    app.register(1, 7).await;
+    // A stream held open on the connection the large call will use.
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(1),
+            ..Default::default()
+        })
+        .await;
+    let mut large = tonic::Request::new(proto::GetRestockRunRequest {
+        product_id: 1,
+        restock_round: None,
+    });
+    large
+        .metadata_mut()
+        .insert("x-large", "a".repeat(16_384).parse().unwrap());
+    let answer = app.client.clone().get_restock_run(large).await;
+    assert_code(answer, Code::NotFound);
+    app.trigger(1, None).await.unwrap();
+    let got = take(&mut stream, 1).await;
+    assert_eq!(got[0].user_id, 7, "the stream on that connection goes on");
+}
