@@ -127,7 +127,11 @@ impl FaultProxy {
             None => (rest, ""),
         };
         let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
-        format!("{scheme}://{}{}{path}", userinfo.unwrap_or_default(), self.addr)
+        format!(
+            "{scheme}://{}{}{path}",
+            userinfo.unwrap_or_default(),
+            self.addr
+        )
     }
 
     /// Adds `delay` to every chunk, each way (a round trip gains twice that).
