@@ -122,7 +122,8 @@ async fn redis_limiters_far_from_redis(each_way: Duration, floor: f64) {
     proxy.set_delay(each_way);
     let limiters = redis_limiters(&proxy.url(&redis_url()), &prefix(), rate).await;
     let span = Duration::from_secs(3);
-    let all = grants(&limiters, 10, span).await;
+    // A run asks for as many as it has room to record (up to the rate).
+    let all = grants(&limiters, 100, span).await;
     let busiest = busiest_second(&all);
     assert!(busiest <= rate as usize, "{busiest} grants in one second");
     let used = all.len() as f64 / (span.as_secs_f64() * f64::from(rate));
@@ -140,8 +141,13 @@ async fn redis_limiters_two_ms_from_redis_never_exceed_the_rate_and_use_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiters_twenty_five_ms_from_redis_never_exceed_the_rate_and_use_it() {
+    redis_limiters_far_from_redis(Duration::from_millis(25), 0.60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_limiters_fifty_ms_from_redis_never_exceed_the_rate_and_use_it() {
-    redis_limiters_far_from_redis(Duration::from_millis(50), 0.60).await;
+    redis_limiters_far_from_redis(Duration::from_millis(50), 0.45).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

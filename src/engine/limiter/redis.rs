@@ -70,6 +70,13 @@ const HORIZON_MARGIN: Duration = Duration::from_millis(5);
 const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 
+/// A block that follows a gap (a change of holder) is at least this many times the gap
+/// long (at most `MAX_HORIZON`), the holder yielding to the instance that waits for it:
+/// instances taking turns lose at most 1/17 of the rate to gaps (or, with a gap
+/// near the cap, a gap per `MAX_HORIZON` of slots), and each waits at most one such
+/// block for its turn.
+const QUANTUM: u32 = 16;
+
 /// Where a lost schedule restarts, after now: past the furthest slot any instance may
 /// hold (the longest lead and horizon) and how late it may send it.
 const COLD: Duration = Duration::from_millis(
@@ -139,8 +146,6 @@ struct Pending {
     reply: JoinHandle<Result<Reply, BackendError>>,
     /// The mapping its slots are to be read with (`None`: a probe of the clocks only).
     estimate: Option<Estimate>,
-    horizon: f64,
-    lead: f64,
 }
 
 struct Reply {
@@ -151,6 +156,8 @@ struct Reply {
     first: f64,
     count: u32,
     lost: bool,
+    /// When to ask again, if the count is 0.
+    again: f64,
 }
 
 /// Why nothing can be granted, for the warning.
@@ -253,13 +260,15 @@ impl RedisSlots {
             format!("{lateness:.0}"),
             format!("{delta:.0}"),
             format!("{:.0}", micros(COLD)),
+            format!("{:.0}", micros(MAX_HORIZON)),
+            QUANTUM.to_string(),
         ];
         let (client, key) = (self.client.clone(), self.key.clone());
         // A task of its own, so the slots already reserved are dealt out while the
         // request is on the wire.
         let reply = tokio::spawn(async move {
             let asked = Instant::now();
-            let (now, first, count, lost): (String, String, String, String) = client
+            let (now, first, count, lost, again): (String, String, String, String, String) = client
                 .eval(RESERVE, vec![key], args)
                 .await
                 .map_err(|e| backend(STORE, e))?;
@@ -276,14 +285,10 @@ impl RedisSlots {
                 first: parse(&first)?,
                 count: count.parse().unwrap_or(0),
                 lost: lost == "1",
+                again: parse(&again)?,
             })
         });
-        self.pending = Some(Pending {
-            reply,
-            estimate,
-            horizon,
-            lead,
-        });
+        self.pending = Some(Pending { reply, estimate });
     }
 
     /// Takes in a reply: its slots, mapped with the estimate it was asked with, then
@@ -315,14 +320,13 @@ impl RedisSlots {
                 self.why = Why::Waiting;
             }
             Some(e) => {
-                // Nothing within reach: ask again when the first free slot comes into
-                // it.
+                // Nothing within reach, or the turn of another instance.
                 if !reply.lost {
                     self.why = Why::Taken;
                 }
-                let again = self
-                    .clock
-                    .instant(reply.first + e.offset - pending.lead - pending.horizon);
+                // Sent a round trip early, so that the script runs about then (were
+                // it earlier still, the reply would say how much longer to wait).
+                let again = self.clock.instant(reply.again + e.offset - e.round_trip);
                 self.not_before = Some(again.max(reply.replied + Duration::from_micros(500)));
             }
             None => {}
