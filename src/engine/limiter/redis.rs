@@ -9,14 +9,16 @@
 //! an instance sends slot `s` at `v + j`, where `v = s + λ` is the slot mapped with the
 //! instance's offset (late by `λ`, between 0 and the bound `u` its samples prove) and
 //! `j` in `[0, SLACK]` is how late the send itself is (a slot that could only be handed
-//! out later is given up). If the `v` of all sends, over all instances, are at least
+//! out later is given up). If each slot of the schedule has its `v` at least `I` after
+//! the previous slot's, whichever instances hold them, then all `v` are in order and
 //! `I` apart, the sends of a one-second window have their `v` within `1 s + SLACK`,
 //! and at most `floor((1 s + SLACK) / I) + 1` points that far apart fit there: `rate`,
-//! as `SLACK` < 5 ms. Within a block one mapping is used, so its `v` are as far apart
-//! as its slots. Between blocks the script leaves room: after another instance's last
-//! slot, that instance's `u` (ours is late by at least 0); after our own, by how much
-//! our mapping moved earlier since (`delta`). A slow network makes `u` larger and the
-//! gaps longer: it costs throughput, never a burst.
+//! as `(1 s + SLACK) / I` is below `rate` (`SLACK` < 5 ms; the rest of the 5 ms is for
+//! the run to stamp and send). Within a block one mapping is used, so its `v` are as
+//! far apart as its slots. Between blocks the script leaves room: after another
+//! instance's last slot, that instance's `u` (ours is late by at least 0); after our
+//! own, by how much our mapping moved earlier since (`delta`). A slow network makes
+//! `u` larger and the gaps longer: it costs throughput, never a burst.
 //!
 //! A lost schedule (a flush, a restart, a failover) starts `COLD` after now, past any
 //! slot an instance may still hold (lead + horizon + `u`, each capped), so losing the
@@ -25,6 +27,9 @@
 //! Throughput: the next block is asked for while the reserved slots last (one request
 //! in flight), and how early (`lead`) and how far ahead (`horizon`) it reserves grow
 //! with the round trip, so one instance keeps the rate up to round trips near the cap.
+//! Instances that both have work take turns: a change of holder costs a gap, so the
+//! block after one is at least `QUANTUM` times the gap long, and the holder yields to
+//! the instance that waits for such a block (its claim in the schedule).
 //! Slots given up are counted (`restock_send_limiter_dropped_total`) and a warning
 //! says why, at most every few seconds; so does a limiter that has nothing to grant.
 
@@ -64,8 +69,8 @@ const MAX_ROUND_TRIP: Duration = Duration::from_millis(250);
 const LEAD_MARGIN: Duration = Duration::from_millis(2);
 
 /// How far ahead of the lead a block reaches: the round trip plus 5 ms, at least
-/// 20 ms (ten slots at 500/s, about fifty requests a second) and at most the cap. The
-/// longer it is the fewer requests, and the more slots a run that ends leaves unused.
+/// 20 ms and at most the cap. The longer it is the fewer requests (near Redis about a
+/// hundred a second), and the more slots a run that ends leaves unused.
 const HORIZON_MARGIN: Duration = Duration::from_millis(5);
 const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
@@ -78,7 +83,8 @@ const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 const QUANTUM: u32 = 16;
 
 /// Where a lost schedule restarts, after now: past the furthest slot any instance may
-/// hold (the longest lead and horizon) and how late it may send it.
+/// hold (the longest lead, then `MAX_HORIZON`: the script never reserves further) and
+/// how late it may send it (at most `MAX_ROUND_TRIP`).
 const COLD: Duration = Duration::from_millis(
     (MAX_ROUND_TRIP.as_millis() + LEAD_MARGIN.as_millis() + MAX_HORIZON.as_millis()) as u64
         + MAX_ROUND_TRIP.as_millis() as u64,
@@ -106,10 +112,12 @@ impl RedisLimiter {
             client,
             key: keys.limiter(),
             holder: format!("{:016x}", rand::random::<u64>()),
-            interval: ENFORCED_WINDOW.as_secs_f64() * 1e6 / f64::from(rate.get()),
+            // Rounded up to what the script is told (a thousandth of a µs), so both space
+            // slots alike.
+            interval: (ENFORCED_WINDOW.as_secs_f64() * 1e9 / f64::from(rate.get())).ceil() / 1e3,
             clock: ClockMap::new(SAMPLES_KEPT, MOST_SAMPLES, MAX_ROUND_TRIP),
             blocks: VecDeque::new(),
-            last_offset: None,
+            last_block: None,
             pending: None,
             not_before: None,
             why: Why::Waiting,
@@ -190,8 +198,8 @@ struct RedisSlots {
     clock: ClockMap,
     /// Reserved and not yet used, in order.
     blocks: VecDeque<Block>,
-    /// The offset the last block received was mapped with.
-    last_offset: Option<f64>,
+    /// The offset the last block received was mapped with, and how late that may be.
+    last_block: Option<(f64, f64)>,
     pending: Option<Pending>,
     /// No reservation before this (the schedule is full that far).
     not_before: Option<Instant>,
@@ -237,20 +245,30 @@ impl RedisSlots {
             .blocks
             .back()
             .map(|b| b.due + f64::from(b.left - 1) * self.interval);
-        if reserved_until.is_none_or(|end| end - self.clock.local(now) <= lead + horizon / 2.0) {
+        // The script starts a block no earlier than `lead` after it runs, which is up
+        // to a round trip after now on this clock (half of it on the way there, the
+        // mapping late by up to the other half): asked any later, the slots in between
+        // would be lost. Then half a horizon, so that near Redis a block is not asked
+        // for per slot; far from it, replies arrive with less than that left, and one
+        // request follows the other, each reserving a round trip's worth.
+        let ahead = estimate.round_trip + lead + horizon / 2.0;
+        if reserved_until.is_none_or(|end| end - self.clock.local(now) <= ahead) {
             self.send(Some(estimate), want, lead, horizon);
         }
     }
 
     fn send(&mut self, estimate: Option<Estimate>, want: u32, lead: f64, horizon: f64) {
-        let (lateness, delta) = match estimate {
-            Some(e) => (
-                e.lateness,
-                self.last_offset
-                    .map_or(0.0, |last| (last - e.offset).max(0.0)),
-            ),
-            None => (0.0, 0.0),
+        // How late this instance may send its last slot once this block is taken: this
+        // mapping's bound, or the last block's if this reply never comes back (the
+        // script may still have run). Rounded up, never down.
+        let (lateness, delta) = match (estimate, self.last_block) {
+            (Some(e), Some((offset, lateness))) => {
+                (e.lateness.max(lateness), (offset - e.offset).max(0.0))
+            }
+            (Some(e), None) => (e.lateness, 0.0),
+            (None, _) => (0.0, 0.0),
         };
+        let (lateness, delta) = (lateness.ceil(), delta.ceil());
         let args = vec![
             format!("{:.3}", self.interval),
             want.to_string(),
@@ -316,7 +334,7 @@ impl RedisSlots {
                     due: reply.first + e.offset,
                     left: reply.count,
                 });
-                self.last_offset = Some(e.offset);
+                self.last_block = Some((e.offset, e.lateness));
                 self.why = Why::Waiting;
             }
             Some(e) => {
