@@ -76,11 +76,16 @@ const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 
 /// A block that follows a gap (a change of holder) is at least this many times the gap
-/// long (at most `MAX_HORIZON`), the holder yielding to the instance that waits for it:
-/// instances taking turns lose at most 1/17 of the rate to gaps (or, with a gap
-/// near the cap, a gap per `MAX_HORIZON` of slots), and each waits at most one such
-/// block for its turn.
-const QUANTUM: u32 = 16;
+/// long, and at least `TURN` (at most `MAX_HORIZON`), the holder yielding to the
+/// instance that waits for it: instances taking turns lose at most 1/65 of the rate to
+/// gaps (or, with a gap near the cap, a gap per `MAX_HORIZON` of slots), and each
+/// waits at most one such block for its turn.
+const QUANTUM: u32 = 64;
+
+/// The shortest turn of an instance when instances take turns: near Redis the gaps are
+/// a fraction of a millisecond, and a block of a few slots per gap would still lose a
+/// few percent to them.
+const TURN: Duration = Duration::from_millis(50);
 
 /// Where a lost schedule restarts, after now: past the furthest slot any instance may
 /// hold (the longest lead, then `MAX_HORIZON`: the script never reserves further) and
@@ -280,6 +285,7 @@ impl RedisSlots {
             format!("{:.0}", micros(COLD)),
             format!("{:.0}", micros(MAX_HORIZON)),
             QUANTUM.to_string(),
+            format!("{:.0}", micros(TURN)),
         ];
         let (client, key) = (self.client.clone(), self.key.clone());
         // A task of its own, so the slots already reserved are dealt out while the

@@ -5,8 +5,8 @@
 --   holder  the instance that reserved last
 --   u       how late that instance may send any of its slots, µs
 --   claim, claim_at  an instance waiting for its turn, and since when
--- ARGV: interval, want, horizon, lead, holder, u, delta, cold, furthest, quantum (µs
--- except want, holder and quantum).
+-- ARGV: interval, want, horizon, lead, holder, u, delta, cold, furthest, quantum, turn
+-- (µs except want, holder and quantum).
 --
 -- Slots are never reserved beyond `furthest` after the lead: that bounds every slot any
 -- instance holds, and so `cold`. A waiting instance's claim (`claim`, `claim_at`)
@@ -27,6 +27,7 @@ local delta = tonumber(ARGV[7])
 local cold = tonumber(ARGV[8])
 local furthest = tonumber(ARGV[9])
 local quantum = tonumber(ARGV[10])
+local turn = tonumber(ARGV[11])
 
 local state = redis.call('HMGET', KEYS[1], 'next', 'holder', 'u', 'claim', 'claim_at')
 local next, previous, previous_u, lost
@@ -63,10 +64,10 @@ if previous == holder and claimed then
   again = next
 elseif previous ~= holder and previous_u > 0 then
   -- A change of holder costs a gap: the block that pays for it is at least `quantum`
-  -- times the gap long (or as long as `furthest` allows), so instances taking turns
-  -- lose at most 1 / (quantum + 1) of the rate to gaps. Until that fits, the
-  -- holder yields to this claim.
-  local least = math.min(want, math.ceil(quantum * previous_u / interval),
+  -- times the gap long, and at least `turn` (or as long as `furthest` allows), so
+  -- instances taking turns lose at most 1 / (quantum + 1) of the rate to gaps. Until
+  -- that fits, the holder yields to this claim.
+  local least = math.min(want, math.ceil(math.max(quantum * previous_u, turn) / interval),
     math.floor(furthest / interval))
   if fit(now + lead + furthest) >= least then
     count = math.min(want, math.max(normal, least))
