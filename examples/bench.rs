@@ -10,6 +10,8 @@
 //!   cargo run --release --example bench -- fanout [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo build --release && \
 //!   cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
+//! cargo build --release && \
+//!   cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -31,6 +33,15 @@
 //! limit, the utilisation of the limit, the time to take the killed run over and to
 //! finish it, duplicates, and whether each history is in registration order
 //! (`BENCH_LOG=1` shows the instances' warnings).
+//! `limiter` measures the send limiter on a real network: for each added round trip to
+//! Redis (0, 1, 2, 6 and 100 ms, half each way, through the test suite's fault proxy)
+//! it starts the real binary (or `--instances` of them) on Redis through the proxy,
+//! triggers `--runs` runs together with `rate x seconds` users between them, and
+//! reports the utilisation of the limit while every run still had work, the busiest
+//! one-second window of `sent_at`, the slots the limiters gave up
+//! (`restock_send_limiter_dropped_total`), and how long the last run waited for its
+//! first send. Many runs, because each delivery is itself a round trip to Redis (the
+//! stock fence): a single run 100 ms from Redis sends one batch per 100 ms.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -49,6 +60,10 @@ use restock_notifier::grpc::proto::{self, RunStatus};
 use restock_notifier::startup::Application;
 use sqlx::{Connection, MySqlConnection, MySqlPool};
 use tonic::transport::Channel;
+
+#[path = "../tests/support/proxy.rs"]
+mod proxy;
+use proxy::FaultProxy;
 
 struct Bench {
     client: RestockServiceClient<Channel>,
@@ -729,6 +744,7 @@ fn server_binary() -> anyhow::Result<PathBuf> {
 struct Instance {
     process: Child,
     port: u16,
+    metrics_port: u16,
     client: RestockServiceClient<Channel>,
 }
 
@@ -742,14 +758,20 @@ impl Instance {
         prefix: &str,
         rate: u32,
     ) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let free_port = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (port, metrics_port) = (free_port()?, free_port()?);
         let log = std::env::var_os("BENCH_LOG").is_some();
         let mut process = Command::new(binary)
             .env_clear()
             // Several processes at once: never the default metrics port.
-            .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
+            .env(
+                "RESTOCK_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            )
             .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", database_url)
             .env("REDIS_URL", redis_url)
@@ -768,6 +790,7 @@ impl Instance {
             Ok(channel) => Ok(Self {
                 process,
                 port,
+                metrics_port,
                 client: RestockServiceClient::new(channel),
             }),
             Err(e) => {
@@ -789,6 +812,25 @@ impl Instance {
 
     fn cpu_time(&self) -> anyhow::Result<Duration> {
         cpu_time(self.process.id())
+    }
+
+    /// The value of a metric without labels on `/metrics` (plain HTTP/1.0).
+    async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        let value = body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or("0");
+        value
+            .trim()
+            .parse()
+            .with_context(|| format!("{name} is {value:?}"))
     }
 
     /// Still running (not exited, or exited but not yet reaped)?
@@ -968,12 +1010,16 @@ impl Cluster {
 impl Cluster {
     /// Starts `instances` processes of the binary on a fresh database and Redis prefix.
     async fn start(instances: u32, limit: u32) -> anyhow::Result<Self> {
+        Self::start_on(instances, limit, &redis_url()).await
+    }
+
+    /// As `start`, with the instances on Redis at `redis` (a proxy, say).
+    async fn start_on(instances: u32, limit: u32, redis: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(limit > 0, "--rate must be positive");
         let binary = server_binary()?;
         let server = std::env::var("BENCH_MYSQL_URL")
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-        let redis =
-            std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let redis = redis.to_owned();
         let database = format!("restock_bench_{:08x}", rand::random::<u32>());
         let database_url = format!("{server}/{database}");
         let prefix = format!("{database}:");
@@ -1000,6 +1046,126 @@ impl Cluster {
         }
         Ok(cluster)
     }
+}
+
+fn redis_url() -> String {
+    std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Added round trips to Redis the `limiter` mode measures, in milliseconds.
+const ADDED_ROUND_TRIPS: [u64; 5] = [0, 1, 2, 6, 100];
+
+async fn limiter(limit: u32, seconds: u32, runs: u32, instances: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        runs > 0 && instances > 0,
+        "--runs and --instances must be positive"
+    );
+    let per = (limit * seconds / runs).max(1);
+    println!(
+        "limiter: {instances} instance(s), {runs} runs of {per} users, limit {limit}/s, \
+         Redis through a proxy adding the round trip (half each way)"
+    );
+    for added in ADDED_ROUND_TRIPS {
+        let proxy = FaultProxy::for_url(&redis_url()).await;
+        proxy.set_delay(Duration::from_micros(added * 500));
+        let cluster = Cluster::start_on(instances, limit, &proxy.url(&redis_url())).await?;
+        let outcome = limiter_run(&cluster, runs, per, limit, added).await;
+        let torn_down = cluster.tear_down().await;
+        outcome?;
+        torn_down?;
+    }
+    Ok(())
+}
+
+async fn limiter_run(
+    cluster: &Cluster,
+    runs: u32,
+    per: u32,
+    limit: u32,
+    added: u64,
+) -> anyhow::Result<()> {
+    let db = &cluster.db;
+    let order: Vec<i64> = (1..=i64::from(per)).collect();
+    let products: Vec<i64> = (1..=i64::from(runs)).collect();
+    for &product in &products {
+        seed_product(&cluster.instances[0].client, db, product, 1_000_000, &order).await?;
+    }
+    // Every run at once, spread over the instances.
+    let triggered = Instant::now();
+    futures::future::try_join_all(products.iter().map(|&product| {
+        let instance = &cluster.instances[(product as usize - 1) % cluster.instances.len()];
+        trigger(&instance.client, product)
+    }))
+    .await?;
+    let expected = Duration::from_secs_f64(f64::from(runs * per) / f64::from(limit));
+    poll(
+        "every run completed",
+        expected * 4 + Duration::from_secs(60),
+        || async {
+            let runs_now = runs_status(db).await?;
+            if let Some((product, status)) = runs_now
+                .iter()
+                .find(|(_, s)| s != "IN_PROGRESS" && s != "COMPLETED")
+            {
+                anyhow::bail!("product {product}'s run ended {status}");
+            }
+            let done =
+                runs_now.len() == products.len() && runs_now.iter().all(|(_, s)| s == "COMPLETED");
+            Ok(done.then_some(()))
+        },
+    )
+    .await?;
+    let wall = triggered.elapsed();
+
+    let by_product = sent_times_by_product(db).await?;
+    let mut all: Vec<DateTime<Utc>> = by_product
+        .iter()
+        .flat_map(|(_, times)| times.iter().copied())
+        .collect();
+    all.sort();
+    anyhow::ensure!(!all.is_empty(), "nothing recorded");
+    // While every run still had work: from the first send to the first run's last.
+    let first = all[0];
+    let end = by_product
+        .iter()
+        .filter_map(|(_, times)| times.last().copied())
+        .min()
+        .context("no run sent")?;
+    let (rows, used) = utilisation(&all, first, end, limit);
+    let busiest = busiest_second(&all);
+    let firsts: Vec<DateTime<Utc>> = by_product
+        .iter()
+        .filter_map(|(_, times)| times.first().copied())
+        .collect();
+    let last_first = firsts.iter().max().copied().unwrap_or(first);
+    let mut dropped = 0.0;
+    for instance in &cluster.instances {
+        dropped += instance
+            .metric("restock_send_limiter_dropped_total")
+            .await?;
+    }
+    println!(
+        "  +{added:>3} ms round trip: utilisation {used:.2}% ({rows} sends in {:.2} s), \
+         busiest 1 s window {busiest} (limit {limit}): {}, slots dropped {dropped}, \
+         every run's first send within {:.2} s of the first send; wall {wall:.1?}",
+        (end - first).as_seconds_f64(),
+        if busiest <= limit as usize {
+            "PASS"
+        } else {
+            "FAIL"
+        },
+        (last_first - first).as_seconds_f64(),
+    );
+    Ok(())
+}
+
+/// `(product, status)` of every run.
+async fn runs_status(db: &MySqlPool) -> anyhow::Result<Vec<(i64, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT product_id, status FROM product_notification_history ORDER BY product_id",
+    )
+    .fetch_all(db)
+    .await?)
 }
 
 async fn cluster(users: u32, limit: u32, instances: u32) -> anyhow::Result<()> {
@@ -1204,6 +1370,15 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Some("limiter") => {
+            limiter(
+                arg(&args, "--rate", 500)?,
+                arg(&args, "--seconds", 10)?,
+                arg(&args, "--runs", 100)?,
+                arg(&args, "--instances", 1)?,
+            )
+            .await
+        }
         Some("cluster") => {
             cluster(
                 arg(&args, "--users", 30_000)?,
@@ -1214,8 +1389,10 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] [--waves] | memory --runs N | fanout [--streams S] [--users N] [--rate R] [--across] | \
-             cluster [--users N] [--rate R] [--instances I]"
+             memory [--users N] [--waves] | memory --runs N | \
+             fanout [--streams S] [--users N] [--rate R] [--across] | \
+             cluster [--users N] [--rate R] [--instances I] | \
+             limiter [--rate R] [--seconds S] [--runs N] [--instances I]"
         ),
     }
 }

@@ -17,6 +17,7 @@ use crate::engine::limiter::redis::RedisLimiter;
 use crate::engine::stock::StockCache;
 use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
 use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
+use crate::monitoring::Metrics;
 use crate::redis::Keys;
 
 /// How this instance is deployed.
@@ -50,6 +51,7 @@ impl Deployment {
         &self,
         send_rate: NonZeroU32,
         subscriber_buffer: usize,
+        metrics: &Metrics,
     ) -> anyhow::Result<Capabilities> {
         // This instance's streams are always fed by an in-process bus; clustered, it is
         // filled from Redis instead of by this instance's runs directly.
@@ -75,7 +77,12 @@ impl Deployment {
                 Capabilities {
                     stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
                     stock_fence: Arc::new(RedisStockFence::new(client.clone(), keys.clone())),
-                    limiter: Arc::new(RedisLimiter::new(client.clone(), keys, send_rate)),
+                    limiter: Arc::new(RedisLimiter::new(
+                        client.clone(),
+                        keys,
+                        send_rate,
+                        metrics.limiter(),
+                    )),
                     bus: Arc::new(bus),
                 }
             }

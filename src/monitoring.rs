@@ -31,6 +31,8 @@ const SUBSCRIBERS: &str = "restock_subscribers";
 const LAGGED: &str = "restock_subscribers_lagged_total";
 const RECORD_BATCH: &str = "restock_record_batch_seconds";
 const UNRECORDED: &str = "restock_unrecorded_sends";
+const LIMITER_DROPPED: &str = "restock_send_limiter_dropped_total";
+const LIMITER_ROUND_TRIP: &str = "restock_send_limiter_round_trip_seconds";
 const GRPC_HANDLED: &str = "grpc_server_handled_total";
 const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
 
@@ -38,6 +40,11 @@ const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
 /// millisecond) to a commit stalled for seconds.
 const RECORD_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// The round trip of a limiter reservation: from loopback (a tenth of a millisecond) to
+/// past the limiter's cap of 250 ms.
+const ROUND_TRIP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 /// As go-grpc-prometheus's defaults, plus longer ones: a stream is handled until it ends.
 const GRPC_BUCKETS: &[f64] = &[
@@ -60,6 +67,26 @@ pub struct Metrics {
     pub subscribers_lagged: Counter,
     pub record_batch_seconds: Histogram,
     pub unrecorded_sends: Gauge,
+    limiter: LimiterMetrics,
+}
+
+/// The send limiter's own figures (G2: a limiter that cannot grant says why).
+#[derive(Clone)]
+pub struct LimiterMetrics {
+    /// Slots given up because they could not be handed out in time.
+    pub dropped: Counter,
+    /// Round trips of the limiter's reservations in Redis.
+    pub round_trip_seconds: Histogram,
+}
+
+impl LimiterMetrics {
+    /// Handles that record nothing.
+    pub fn off() -> Self {
+        Self {
+            dropped: Counter::noop(),
+            round_trip_seconds: Histogram::noop(),
+        }
+    }
 }
 
 impl Metrics {
@@ -77,6 +104,7 @@ impl Metrics {
             subscribers_lagged: Counter::noop(),
             record_batch_seconds: Histogram::noop(),
             unrecorded_sends: Gauge::noop(),
+            limiter: LimiterMetrics::off(),
         })
     }
 
@@ -86,6 +114,12 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full(RECORD_BATCH.into()), RECORD_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(GRPC_SECONDS.into()), GRPC_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(LIMITER_ROUND_TRIP.into()),
+                    ROUND_TRIP_BUCKETS,
+                )
             })
             .expect("the bucket lists are not empty")
             .build_recorder();
@@ -110,6 +144,11 @@ impl Metrics {
         let record_batch_seconds =
             recorder.register_histogram(&Key::from_name(RECORD_BATCH), &META);
         let unrecorded_sends = gauge(UNRECORDED);
+        let limiter = LimiterMetrics {
+            dropped: counter(LIMITER_DROPPED),
+            round_trip_seconds: recorder
+                .register_histogram(&Key::from_name(LIMITER_ROUND_TRIP), &META),
+        };
         let metrics = Self {
             recorder: Some(recorder),
             notifications_sent,
@@ -122,8 +161,14 @@ impl Metrics {
             subscribers_lagged,
             record_batch_seconds,
             unrecorded_sends,
+            limiter,
         };
         Arc::new(metrics)
+    }
+
+    /// The send limiter's handles.
+    pub fn limiter(&self) -> LimiterMetrics {
+        self.limiter.clone()
     }
 
     /// Counts a run this instance brought to a final state.
@@ -202,6 +247,14 @@ fn describe(recorder: &PrometheusRecorder) {
     gauge(
         UNRECORDED,
         "Notifications delivered by this instance's runs but not yet committed (G10).",
+    );
+    counter(
+        LIMITER_DROPPED,
+        "Send slots this instance's limiter gave up: it could not hand them out in time.",
+    );
+    histogram(
+        LIMITER_ROUND_TRIP,
+        "Round trip of one send limiter reservation in Redis.",
     );
     counter(
         GRPC_HANDLED,

@@ -86,13 +86,13 @@ impl Application {
         let store = connect_store(&config.database_url, config.run_lease).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
-        let capabilities = deployment
-            .capabilities(config.send_rate, settings.subscriber_buffer)
-            .await?;
         let metrics = match config.metrics_listen {
             MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
             MetricsListen::Off => Metrics::off(),
         };
+        let capabilities = deployment
+            .capabilities(config.send_rate, settings.subscriber_buffer, &metrics)
+            .await?;
         let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {

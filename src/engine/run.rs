@@ -247,10 +247,12 @@ impl RunState<'_> {
     /// which delivers it only if the product is in stock, as one step no stock write can
     /// split (G3). A long wait for the limiter (a low rate, many runs sharing it) is cut
     /// into slices of one flush interval, between which what was sent is recorded and
-    /// the lease renewed, so a waiting run is not taken for a dead one.
+    /// the lease renewed, so a waiting run is not taken for a dead one. The call to the
+    /// limiter stays in place across the slices: the limiter serves waiting runs in
+    /// turn (G2), and a run that asked again would go to the back of the queue.
     async fn send(&mut self, queue: &[Registration]) -> Result<usize, Stop> {
         let engine = self.engine;
-        loop {
+        'ask: loop {
             if engine.shutdown.is_cancelled() {
                 return Err(Stop::ShuttingDown);
             }
@@ -261,18 +263,30 @@ impl RunState<'_> {
             if let Some(left) = self.wave_left {
                 want = want.min(usize::try_from(left).unwrap_or(usize::MAX));
             }
-            let slice_end = Instant::now() + engine.settings.recorder.flush_interval;
-            let granted = tokio::select! {
-                biased;
-                _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-                granted = engine.limiter.acquire(u32::try_from(want).unwrap_or(u32::MAX)) => {
-                    granted.map_err(Error::from)?
-                }
-                _ = tokio::time::sleep_until(slice_end) => {
-                    self.recorder.keep_up().await?;
-                    continue;
+            let acquire = engine
+                .limiter
+                .acquire(u32::try_from(want).unwrap_or(u32::MAX));
+            tokio::pin!(acquire);
+            let granted = loop {
+                let slice_end = Instant::now() + engine.settings.recorder.flush_interval;
+                tokio::select! {
+                    biased;
+                    _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                    granted = &mut acquire => break granted.map_err(Error::from)?,
+                    _ = tokio::time::sleep_until(slice_end) => {
+                        // Commits run in the background: this takes microseconds.
+                        self.recorder.keep_up().await?;
+                        if !self.recorder.lease.may_send() {
+                            continue 'ask;
+                        }
+                    }
                 }
             };
+            if !self.recorder.lease.may_send() {
+                // The lease could have run out while the run waited: the slots go
+                // unused (a send less, never one on a lost lease).
+                continue 'ask;
+            }
             let chunk = &queue[..(granted as usize).min(want)];
             self.deliver(chunk).await?;
             return Ok(chunk.len());

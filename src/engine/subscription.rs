@@ -466,11 +466,11 @@ mod tests {
         let store = SqliteStore::connect(&format!("sqlite://{}", file.display()))
             .await
             .unwrap();
+        let metrics = Metrics::new(500);
         let capabilities = Deployment::Embedded
-            .capabilities(std::num::NonZeroU32::new(500).unwrap(), 16)
+            .capabilities(std::num::NonZeroU32::new(500).unwrap(), 16, &metrics)
             .await
             .unwrap();
-        let metrics = Metrics::new(500);
         let engine = Engine::new(
             Arc::new(store),
             capabilities,

@@ -39,10 +39,11 @@ impl Keys {
         format!("{}claim:{}:{}", self.prefix, product, round)
     }
 
-    /// The send limiter's schedule: when the next send may go out, shared by every
-    /// instance (G2).
+    /// The send limiter's schedule, shared by every instance (G2): a hash of the next
+    /// free slot and who reserved last, with no TTL, so that its absence means it was
+    /// lost.
     pub fn limiter(&self) -> String {
-        format!("{}limiter:next", self.prefix)
+        format!("{}limiter:schedule", self.prefix)
     }
 
     /// The pub/sub channel of the notification bus (G11).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SubsecRound as _, Utc};
+use fred::prelude::KeysInterface as _;
 use restock_notifier::domain::{ProductId, UserId};
 use restock_notifier::engine::bus::local::LocalBus;
 use restock_notifier::engine::bus::redis::RedisBus;
@@ -17,53 +18,70 @@ use restock_notifier::engine::limiter::redis::RedisLimiter;
 use restock_notifier::engine::stock::local::{LocalStockCache, LocalStockFence};
 use restock_notifier::engine::stock::redis::{RedisStockCache, RedisStockFence};
 use restock_notifier::engine::stock::{Delivery, Offered, StockCache, StockFence, StockFigure};
+use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
 use crate::helpers::redis_url;
+use crate::proxy::FaultProxy;
 
 fn prefix() -> Keys {
     Keys::new(format!("restock-test:{:016x}:", rand::random::<u64>()))
 }
 
 /// Two limiters that stand for two instances: in process, one limiter shared; in
-/// Redis, two on one prefix.
+/// Redis, two on one prefix. Each has granted once already: a fresh schedule in Redis
+/// starts after any slots a lost one could have left (G2), most of a second.
 async fn limiters(redis: bool, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
-    let rate = NonZeroU32::new(rate).unwrap();
     if !redis {
+        let rate = NonZeroU32::new(rate).unwrap();
         let shared: Arc<dyn SendLimiter> = Arc::new(LocalLimiter::new(rate));
         return [shared.clone(), shared];
     }
-    let keys = prefix();
+    redis_limiters(&redis_url(), &prefix(), rate).await
+}
+
+/// Two Redis limiters on `keys`, each with its own connection to `url`, warmed up.
+async fn redis_limiters(url: &str, keys: &Keys, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
+    let rate = NonZeroU32::new(rate).unwrap();
     let mut out = vec![];
     for _ in 0..2 {
-        let client = restock_notifier::redis::connect(&redis_url())
-            .await
-            .unwrap();
-        out.push(Arc::new(RedisLimiter::new(client, &keys, rate)) as Arc<dyn SendLimiter>);
+        let client = restock_notifier::redis::connect(url).await.unwrap();
+        let limiter = RedisLimiter::new(client, keys, rate, LimiterMetrics::off());
+        limiter.acquire(1).await.unwrap();
+        out.push(Arc::new(limiter) as Arc<dyn SendLimiter>);
     }
     [out[0].clone(), out[1].clone()]
 }
 
-async fn limiter_never_exceeds_the_rate_and_uses_it(redis: bool) {
-    let rate = 100;
-    let span = Duration::from_millis(2_500);
-    let tasks = limiters(redis, rate).await.map(|limiter| {
-        tokio::spawn(async move {
-            let end = Instant::now() + span;
-            let mut grants = vec![];
-            while Instant::now() < end {
-                let n = limiter.acquire(7).await.unwrap();
-                grants.extend(std::iter::repeat_n(Instant::now(), n as usize));
-            }
-            grants
+/// The instants at which `acquire(want)` returned, each repeated by its grant, over
+/// `span`, on every limiter, sorted.
+async fn grants(limiters: &[Arc<dyn SendLimiter>], want: u32, span: Duration) -> Vec<Instant> {
+    let end = Instant::now() + span;
+    let tasks: Vec<_> = limiters
+        .iter()
+        .cloned()
+        .map(|limiter| {
+            tokio::spawn(async move {
+                let mut grants = vec![];
+                while Instant::now() < end {
+                    let n = limiter.acquire(want).await.unwrap();
+                    grants.extend(std::iter::repeat_n(Instant::now(), n as usize));
+                }
+                grants
+            })
         })
-    });
+        .collect();
     let mut all = vec![];
     for task in tasks {
         all.extend(task.await.unwrap());
     }
     all.sort();
+    all
+}
+
+/// The most grants in any one-second window.
+fn busiest_second(all: &[Instant]) -> usize {
     let mut busiest = 0;
     let mut start = 0;
     for end in 0..all.len() {
@@ -72,6 +90,14 @@ async fn limiter_never_exceeds_the_rate_and_uses_it(redis: bool) {
         }
         busiest = busiest.max(end - start + 1);
     }
+    busiest
+}
+
+async fn limiter_never_exceeds_the_rate_and_uses_it(redis: bool) {
+    let rate = 100;
+    let span = Duration::from_millis(2_500);
+    let all = grants(&limiters(redis, rate).await, 7, span).await;
+    let busiest = busiest_second(&all);
     assert!(busiest <= rate as usize, "{busiest} grants in one second");
     // 2.5 s at 100/s: 250, less the log's 0.5% and a slot or two at the edges.
     assert!(all.len() >= 235, "only {} grants in {span:?}", all.len());
@@ -85,6 +111,114 @@ async fn local_limiter_never_exceeds_the_rate_and_uses_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_limiter_shared_by_two_instances_never_exceeds_the_rate_and_uses_it() {
     limiter_never_exceeds_the_rate_and_uses_it(true).await;
+}
+
+/// Two instances, each `each_way` from Redis: never above the rate, and above `floor`
+/// of it (a floor well under the benchmark's figures: this is a timed test on a busy
+/// machine).
+async fn redis_limiters_far_from_redis(each_way: Duration, floor: f64) {
+    let rate = 200;
+    let proxy = FaultProxy::for_url(&redis_url()).await;
+    proxy.set_delay(each_way);
+    let limiters = redis_limiters(&proxy.url(&redis_url()), &prefix(), rate).await;
+    let span = Duration::from_secs(3);
+    // A run asks for as many as it has room to record (up to the rate).
+    let all = grants(&limiters, 100, span).await;
+    let busiest = busiest_second(&all);
+    assert!(busiest <= rate as usize, "{busiest} grants in one second");
+    let used = all.len() as f64 / (span.as_secs_f64() * f64::from(rate));
+    assert!(
+        used > floor,
+        "{} grants in {span:?} at {rate}/s: {:.1}% of the rate",
+        all.len(),
+        used * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiters_two_ms_from_redis_never_exceed_the_rate_and_use_it() {
+    redis_limiters_far_from_redis(Duration::from_millis(2), 0.80).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiters_twenty_five_ms_from_redis_never_exceed_the_rate_and_use_it() {
+    redis_limiters_far_from_redis(Duration::from_millis(25), 0.60).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiters_fifty_ms_from_redis_never_exceed_the_rate_and_use_it() {
+    redis_limiters_far_from_redis(Duration::from_millis(50), 0.45).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiter_schedule_lost_mid_run_causes_no_burst() {
+    let rate = 100;
+    let keys = prefix();
+    let limiters = redis_limiters(&redis_url(), &keys, rate).await;
+    let deleting = tokio::spawn(async move {
+        let client = restock_notifier::redis::connect(&redis_url())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            let deleted: i64 = client.del(keys.limiter()).await.unwrap();
+            assert_eq!(deleted, 1, "the schedule was there to lose");
+        }
+        Instant::now()
+    });
+    let all = grants(&limiters, 7, Duration::from_secs(4)).await;
+    let last_loss = deleting.await.unwrap();
+    let busiest = busiest_second(&all);
+    assert!(busiest <= rate as usize, "{busiest} grants in one second");
+    let after = all.iter().filter(|&&t| t > last_loss).count();
+    assert!(
+        after > 0,
+        "the limiter grants again after the schedule was lost"
+    );
+}
+
+/// 200 runs waiting on one instance at 500/s: each gets its first slot within 2 s
+/// (in turn, they would within 0.4 s), however their timers fire.
+async fn limiter_serves_waiting_runs_in_turn(redis: bool) {
+    let [limiter, _] = limiters(redis, 500).await;
+    let began = Instant::now();
+    let end = began + Duration::from_millis(2_500);
+    let runs: Vec<_> = (0..200)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut first = None;
+                while Instant::now() < end {
+                    limiter.acquire(50).await.unwrap();
+                    first.get_or_insert_with(|| began.elapsed());
+                }
+                first
+            })
+        })
+        .collect();
+    let mut firsts = vec![];
+    for run in runs {
+        firsts.push(run.await.unwrap());
+    }
+    let waited = firsts
+        .iter()
+        .map(|f| f.unwrap_or(Duration::MAX))
+        .max()
+        .unwrap();
+    assert!(
+        waited <= Duration::from_secs(2),
+        "a run waited {waited:?} for its first slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_limiter_serves_waiting_runs_in_turn() {
+    limiter_serves_waiting_runs_in_turn(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiter_serves_waiting_runs_in_turn() {
+    limiter_serves_waiting_runs_in_turn(true).await;
 }
 
 /// A stock cache, a fence and a bus that belong together.

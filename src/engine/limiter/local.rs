@@ -1,4 +1,5 @@
-//! The in-process limiter, for one instance.
+//! The in-process limiter, for one instance: a local schedule of slots behind the fair
+//! front.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -7,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, WINDOW};
+use super::fair::FairLimiter;
+use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, SlotSource, Take, WINDOW};
 use crate::domain::BackendError;
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
@@ -20,7 +22,28 @@ use crate::domain::BackendError;
 /// sees to that).
 const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 
-/// An in-process limiter for one instance.
+/// An in-process limiter for one instance: [`LocalSlots`] dealt out fairly.
+pub struct LocalLimiter {
+    front: FairLimiter,
+}
+
+impl LocalLimiter {
+    /// Must be called within a tokio runtime (it starts the front's task).
+    pub fn new(rate: NonZeroU32) -> Self {
+        Self {
+            front: FairLimiter::start(LocalSlots::new(rate)),
+        }
+    }
+}
+
+#[async_trait]
+impl SendLimiter for LocalLimiter {
+    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+        self.front.acquire(want).await
+    }
+}
+
+/// The slots of an in-process limiter.
 ///
 /// Two rules together: sends are scheduled one `1s / rate` apart (smooth pacing, and a
 /// sustained rate of exactly `rate`), and a log of the grant instants of the last
@@ -28,11 +51,11 @@ const MAX_CATCH_UP: Duration = Duration::from_millis(50);
 /// alone is not enough: a timer that fires late followed by one that fires on time
 /// would squeeze `rate + 1` sends into a second. The log makes the bound hold whatever
 /// the timers do; it costs at most `rate` instants of memory.
-pub struct LocalLimiter {
+pub struct LocalSlots {
     rate: u32,
     interval: Duration,
     max_catch_up: Duration,
-    state: std::sync::Mutex<State>,
+    state: State,
 }
 
 struct State {
@@ -42,28 +65,24 @@ struct State {
     log: VecDeque<Instant>,
 }
 
-impl LocalLimiter {
+impl LocalSlots {
     pub fn new(rate: NonZeroU32) -> Self {
         let interval = WINDOW / rate.get();
         Self {
             rate: rate.get(),
             interval,
             max_catch_up: MAX_CATCH_UP,
-            state: std::sync::Mutex::new(State {
+            state: State {
                 next: Instant::now(),
                 log: VecDeque::with_capacity(rate.get().min(100_000) as usize),
-            }),
+            },
         }
     }
 
-    /// Grants what is allowed at `now` (or, without it, at the instant the lock is
-    /// taken), or says when to ask again.
-    fn try_grant(&self, want: u32, now: Option<Instant>) -> Result<u32, Instant> {
-        // A std mutex: it is never held across an await, and the critical section is a
-        // few arithmetic operations. The time is read under it, so the log is in grant
-        // order even when callers on several threads race.
-        let mut state = self.state.lock().expect("limiter lock poisoned");
-        let now = now.unwrap_or_else(Instant::now);
+    /// Grants what is allowed at `now`, or says when to ask again. One task (the fair
+    /// front) owns the slots, so the log is in grant order without a lock.
+    fn try_grant(&mut self, want: u32, now: Instant) -> Result<u32, Instant> {
+        let state = &mut self.state;
         while state
             .log
             .front()
@@ -100,15 +119,12 @@ impl LocalLimiter {
 }
 
 #[async_trait]
-impl SendLimiter for LocalLimiter {
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
-        let want = want.max(1);
-        loop {
-            match self.try_grant(want, None) {
-                Ok(granted) => return Ok(granted),
-                Err(at) => tokio::time::sleep_until(at).await,
-            }
-        }
+impl SlotSource for LocalSlots {
+    async fn take(&mut self, want: u32) -> Result<Take, BackendError> {
+        Ok(match self.try_grant(want.max(1), Instant::now()) {
+            Ok(granted) => Take::Now(granted),
+            Err(at) => Take::Later(at),
+        })
     }
 }
 
@@ -178,19 +194,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_log_holds_the_bound_when_the_schedule_would_not() {
-        let limiter = LocalLimiter::new(NonZeroU32::new(10).unwrap());
+        let mut limiter = LocalSlots::new(NonZeroU32::new(10).unwrap());
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // The first timer fires 8 ms late (within the catch-up allowance, so the
         // schedule keeps its slots), the next nine on time.
-        assert_eq!(limiter.try_grant(1, Some(ms(8))), Ok(1));
+        assert_eq!(limiter.try_grant(1, ms(8)), Ok(1));
         for slot in 1..10 {
-            assert_eq!(limiter.try_grant(1, Some(ms(slot * 100))), Ok(1));
+            assert_eq!(limiter.try_grant(1, ms(slot * 100)), Ok(1));
         }
         // The schedule says slot 10 is due at 1,000 ms, but that would put 11 sends in
         // [8 ms, 1,008 ms): the log holds it back until the late send has left the
         // window, with the log's safety margin.
-        assert_eq!(limiter.try_grant(1, Some(ms(1_000))), Err(ms(1_013)));
-        assert_eq!(limiter.try_grant(1, Some(ms(1_013))), Ok(1));
+        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(1_013)));
+        assert_eq!(limiter.try_grant(1, ms(1_013)), Ok(1));
     }
 }

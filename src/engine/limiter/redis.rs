@@ -1,173 +1,469 @@
 //! The send limiter in Redis, shared by every instance (G2).
 //!
-//! One schedule for all instances: a key holds the instant (Redis's clock) at which the
-//! next send may go out. An instance reserves a block of send slots with one script,
-//! spaced `ENFORCED_WINDOW / rate` apart and no further ahead than `HORIZON`, and the
-//! key moves past them; the next reservation, from any instance, starts after them.
-//! So slots are never closer than that spacing, whoever holds them, and an instance
-//! pays one round trip per block, not per send.
+//! One schedule for all instances, in one hash: the next free slot (on Redis's clock),
+//! the instance that reserved last, and how late that instance may send a slot. An
+//! instance reserves a block of slots spaced `I = ENFORCED_WINDOW / rate` apart with one
+//! script, and sends each at its time mapped to its own clock (`clock`).
 //!
-//! An instance sends each slot at its time, measured on its own clock from the moment
-//! the reservation came back (so a slot is never sent early), and gives up a slot it
-//! could only send more than `ENFORCED_WINDOW - WINDOW` late. Then every send happens
-//! in [slot, slot + 5 ms), and a one-second window of sends holds the sends of at most
-//! 1.005 s of slots: `rate` of them. Nothing is saved up: a slot not used in time is
-//! lost, never sent in a burst later.
+//! Why no one-second window ever holds more than `rate` sends, whatever the round trip:
+//! an instance sends slot `s` at `v + j`, where `v = s + λ` is the slot mapped with the
+//! instance's offset (late by `λ`, between 0 and the bound `u` its samples prove) and
+//! `j` in `[0, SLACK]` is how late the send itself is (a slot that could only be handed
+//! out later is given up). If each slot of the schedule has its `v` at least `I` after
+//! the previous slot's, whichever instances hold them, then all `v` are in order and
+//! `I` apart, the sends of a one-second window have their `v` within `1 s + SLACK`,
+//! and at most `floor((1 s + SLACK) / I) + 1` points that far apart fit there: `rate`,
+//! as `(1 s + SLACK) / I` is below `rate` (`SLACK` < 5 ms; the rest of the 5 ms is for
+//! the run to stamp and send). Within a block one mapping is used, so its `v` are as
+//! far apart as its slots. Between blocks the script leaves room: after another
+//! instance's last slot, that instance's `u` (ours is late by at least 0); after our
+//! own, by how much our mapping moved earlier since (`delta`). A slow network makes
+//! `u` larger and the gaps longer: it costs throughput, never a burst.
+//!
+//! A lost schedule (a flush, a restart, a failover) starts `COLD` after now, past any
+//! slot an instance may still hold (lead + horizon + `u`, each capped), so losing the
+//! key causes no burst either.
+//!
+//! Throughput: the next block is asked for while the reserved slots last (one request
+//! in flight), and how early (`lead`) and how far ahead (`horizon`) it reserves grow
+//! with the round trip, so one instance keeps the rate up to round trips near the cap.
+//! Instances that both have work take turns: a change of holder costs a gap, so the
+//! block after one is at least `QUANTUM` times the gap long, and the holder yields to
+//! the instance that waits for such a block (its claim in the schedule).
+//! Slots given up are counted (`restock_send_limiter_dropped_total`) and a warning
+//! says why, at most every few seconds; so does a limiter that has nothing to grant.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{Client, LuaInterface};
-use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{ENFORCED_WINDOW, SendLimiter, WINDOW};
+use super::clock::{ClockMap, Estimate};
+use super::fair::FairLimiter;
+use super::{ENFORCED_WINDOW, SendLimiter, SlotSource, Take};
 use crate::domain::BackendError;
+use crate::monitoring::LimiterMetrics;
 use crate::redis::{Keys, backend};
 
 const STORE: &str = "send limiter (Redis)";
 
-/// How far ahead a reservation reaches. 20 ms: ten slots at 500/s, so an instance goes
-/// to Redis about fifty times a second while it sends, and a run that ends leaves at
-/// most 20 ms of slots unused.
-const HORIZON: Duration = Duration::from_millis(20);
+const RESERVE: &str = include_str!("reserve.lua");
 
-/// Reserves up to ARGV[2] slots spaced ARGV[1] microseconds apart, from the later of
-/// the schedule and now, no further than ARGV[3] microseconds ahead of now. Returns
-/// now, the first slot and the count, as strings (Lua numbers would be truncated).
-const RESERVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local want = tonumber(ARGV[2])
-local horizon = tonumber(ARGV[3])
-local first = tonumber(redis.call('GET', KEYS[1]) or '0')
-if first < now then first = now end
-local count = 0
-if first <= now + horizon then
-  count = math.min(want, math.floor((now + horizon - first) / interval) + 1)
-  redis.call('SET', KEYS[1], string.format('%.3f', first + count * interval), 'PX', 60000)
-end
-return {string.format('%.3f', now), string.format('%.3f', first), tostring(count)}
-"#;
+/// How late a slot may still be handed out. 3 ms: the timer's millisecond and some
+/// scheduling, within the 5 ms the enforced window allows, leaving 2 ms for the run to
+/// stamp and send what it was granted.
+const SLACK: Duration = Duration::from_millis(3);
 
-/// Slots reserved and not yet used.
-struct Reservation {
-    /// This instance's clock when the reservation came back; Redis's clock read `now`
-    /// a little before that, so slot times mapped from here are never early.
-    base: Instant,
-    /// Slot `i` is due at `base + first + i * interval`, in microseconds from `base`.
-    first: f64,
-    interval: f64,
-    count: u32,
-    used: u32,
-    /// How late a slot may still be sent: the margin, less the round trip of the
-    /// reservation (how far the mapping may be off).
-    max_late: Duration,
-}
+/// The longest round trip a mapping may come from. A sample with a longer one is not
+/// used (its instance could send that late, and every other instance would have to
+/// leave that gap after it); with no usable sample the instance sends nothing and
+/// says so. It also caps `lead` and `horizon`, and so `COLD`.
+const MAX_ROUND_TRIP: Duration = Duration::from_millis(250);
 
-impl Reservation {
-    fn due_at(&self, i: u32) -> Instant {
-        self.base + Duration::from_secs_f64((self.first + f64::from(i) * self.interval) / 1e6)
-    }
-}
+/// Added to the round trip for how early a block starts, so that the reply is back
+/// before its first slot is due.
+const LEAD_MARGIN: Duration = Duration::from_millis(2);
 
+/// How far ahead of the lead a block reaches: the round trip plus 5 ms, at least
+/// 20 ms and at most the cap. The longer it is the fewer requests (near Redis about a
+/// hundred a second), and the more slots a run that ends leaves unused.
+const HORIZON_MARGIN: Duration = Duration::from_millis(5);
+const MIN_HORIZON: Duration = Duration::from_millis(20);
+const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
+
+/// A block that follows a gap (a change of holder) is at least this many times the gap
+/// long, and at least `TURN` (at most `MAX_HORIZON`), the holder yielding to the
+/// instance that waits for it: instances taking turns lose at most 1/65 of the rate to
+/// gaps (or, with a gap near the cap, a gap per `MAX_HORIZON` of slots), and each
+/// waits at most one such block for its turn.
+const QUANTUM: u32 = 64;
+
+/// The shortest turn of an instance when instances take turns: near Redis the gaps are
+/// a fraction of a millisecond, and a block of a few slots per gap would still lose a
+/// few percent to them.
+const TURN: Duration = Duration::from_millis(50);
+
+/// Where a lost schedule restarts, after now: past the furthest slot any instance may
+/// hold (the longest lead, then `MAX_HORIZON`: the script never reserves further) and
+/// how late it may send it (at most `MAX_ROUND_TRIP`).
+const COLD: Duration = Duration::from_millis(
+    (MAX_ROUND_TRIP.as_millis() + LEAD_MARGIN.as_millis() + MAX_HORIZON.as_millis()) as u64
+        + MAX_ROUND_TRIP.as_millis() as u64,
+);
+
+/// How long the clock samples are kept, and how many at most.
+const SAMPLES_KEPT: Duration = Duration::from_secs(2);
+const MOST_SAMPLES: usize = 32;
+
+/// Warnings of one kind are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// A limiter that has granted nothing for this long while runs wait says why.
+const STARVED: Duration = Duration::from_secs(2);
+
+/// The Redis limiter of one instance: blocks reserved in Redis, dealt out fairly.
 pub struct RedisLimiter {
-    client: Client,
-    key: String,
-    /// Slot spacing in microseconds.
-    interval: f64,
-    /// A tokio mutex: the runs of this instance share one reservation, and the one
-    /// that refills it holds the lock across the round trip.
-    reservation: Mutex<Option<Reservation>>,
+    front: FairLimiter,
 }
 
 impl RedisLimiter {
-    pub fn new(client: Client, keys: &Keys, rate: NonZeroU32) -> Self {
-        Self {
+    /// Must be called within a tokio runtime (it starts the front's task).
+    pub fn new(client: Client, keys: &Keys, rate: NonZeroU32, metrics: LimiterMetrics) -> Self {
+        let slots = RedisSlots {
             client,
             key: keys.limiter(),
-            interval: ENFORCED_WINDOW.as_secs_f64() * 1e6 / f64::from(rate.get()),
-            reservation: Mutex::new(None),
-        }
-    }
-
-    async fn reserve(&self, want: u32) -> Result<Reservation, BackendError> {
-        let asked = Instant::now();
-        let (now, first, count): (String, String, String) = self
-            .client
-            .eval(
-                RESERVE,
-                vec![self.key.clone()],
-                vec![
-                    format!("{:.3}", self.interval),
-                    want.to_string(),
-                    HORIZON.as_micros().to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| backend(STORE, e))?;
-        let base = Instant::now();
-        let parse = |s: &str| {
-            s.parse::<f64>().map_err(|e| {
-                BackendError::new(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
-            })
+            holder: format!("{:016x}", rand::random::<u64>()),
+            // Rounded up to what the script is told (a thousandth of a µs), so both space
+            // slots alike.
+            interval: (ENFORCED_WINDOW.as_secs_f64() * 1e9 / f64::from(rate.get())).ceil() / 1e3,
+            clock: ClockMap::new(SAMPLES_KEPT, MOST_SAMPLES, MAX_ROUND_TRIP),
+            blocks: VecDeque::new(),
+            last_block: None,
+            pending: None,
+            not_before: None,
+            why: Why::Waiting,
+            waiting_since: None,
+            last_take: Instant::now(),
+            dropped_unreported: 0,
+            warned_dropped: None,
+            warned_starved: None,
+            warned_lost: None,
+            metrics,
         };
-        let (now, first) = (parse(&now)?, parse(&first)?);
-        let margin = ENFORCED_WINDOW - WINDOW;
-        Ok(Reservation {
-            base,
-            first: first - now,
-            interval: self.interval,
-            count: count.parse().unwrap_or(0),
-            used: 0,
-            max_late: margin.saturating_sub(base - asked),
-        })
+        Self {
+            front: FairLimiter::start(slots),
+        }
     }
 }
 
 #[async_trait]
 impl SendLimiter for RedisLimiter {
     async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
-        let want = want.max(1);
-        loop {
-            let mut held = self.reservation.lock().await;
-            let now = Instant::now();
-            if let Some(r) = held.as_mut() {
-                // Slots that can no longer be sent in time are given up, never bunched.
-                while r.used < r.count && r.due_at(r.used) + r.max_late < now {
-                    r.used += 1;
-                }
-                let mut due = 0;
-                while r.used + due < r.count && due < want && r.due_at(r.used + due) <= now {
-                    due += 1;
-                }
-                if due > 0 {
-                    r.used += due;
-                    return Ok(due);
-                }
-                if r.used < r.count {
-                    let at = r.due_at(r.used);
-                    drop(held);
-                    tokio::time::sleep_until(at).await;
-                    continue;
-                }
+        self.front.acquire(want).await
+    }
+}
+
+/// Reserved slots, in local µs.
+struct Block {
+    /// When the next slot of the block is due.
+    due: f64,
+    left: u32,
+}
+
+/// A reservation on its way.
+struct Pending {
+    reply: JoinHandle<Result<Reply, BackendError>>,
+    /// The mapping its slots are to be read with (`None`: a probe of the clocks only).
+    estimate: Option<Estimate>,
+}
+
+struct Reply {
+    asked: Instant,
+    replied: Instant,
+    /// Redis's clock in the script, the first slot (µs), the count, a lost schedule.
+    now: f64,
+    first: f64,
+    count: u32,
+    lost: bool,
+    /// When to ask again, if the count is 0.
+    again: f64,
+}
+
+/// Why nothing can be granted, for the warning.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    Waiting,
+    RoundTrip,
+    Taken,
+    Lost,
+}
+
+impl Why {
+    fn text(self) -> &'static str {
+        match self {
+            Why::Waiting => "waiting for a reservation",
+            Why::RoundTrip => "the round trip to Redis is above the limiter's cap",
+            Why::Taken => "other instances hold the schedule",
+            Why::Lost => "the schedule in Redis was lost and restarts after the slots still held",
+        }
+    }
+}
+
+struct RedisSlots {
+    client: Client,
+    key: String,
+    /// This limiter's name in the schedule, random per process.
+    holder: String,
+    /// Slot spacing, µs.
+    interval: f64,
+    clock: ClockMap,
+    /// Reserved and not yet used, in order.
+    blocks: VecDeque<Block>,
+    /// The offset the last block received was mapped with, and how late that may be.
+    last_block: Option<(f64, f64)>,
+    pending: Option<Pending>,
+    /// No reservation before this (the schedule is full that far).
+    not_before: Option<Instant>,
+    why: Why,
+    waiting_since: Option<Instant>,
+    last_take: Instant,
+    dropped_unreported: u64,
+    warned_dropped: Option<Instant>,
+    warned_starved: Option<Instant>,
+    warned_lost: Option<Instant>,
+    metrics: LimiterMetrics,
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// True (and `last` moved to `now`) if a warning of this kind is due.
+fn warn_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    let due = last.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY);
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
+impl RedisSlots {
+    /// Asks for the next block if none is on its way and the reserved slots run out
+    /// soon, so the reply is back before they do.
+    fn maybe_reserve(&mut self, now: Instant, want: u32) {
+        if self.pending.is_some() || self.not_before.is_some_and(|at| now < at) {
+            return;
+        }
+        let Some(estimate) = self.clock.estimate(now) else {
+            // No mapping yet (or none recent): a probe of the clocks, no slots.
+            self.send(None, 0, 0.0, 0.0);
+            return;
+        };
+        let lead = estimate.round_trip + micros(LEAD_MARGIN);
+        let horizon = (estimate.round_trip + micros(HORIZON_MARGIN))
+            .clamp(micros(MIN_HORIZON), micros(MAX_HORIZON));
+        let reserved_until = self
+            .blocks
+            .back()
+            .map(|b| b.due + f64::from(b.left - 1) * self.interval);
+        // The script starts a block no earlier than `lead` after it runs, which is up
+        // to a round trip after now on this clock (half of it on the way there, the
+        // mapping late by up to the other half): asked any later, the slots in between
+        // would be lost. Then half a horizon, so that near Redis a block is not asked
+        // for per slot; far from it, replies arrive with less than that left, and one
+        // request follows the other, each reserving a round trip's worth.
+        let ahead = estimate.round_trip + lead + horizon / 2.0;
+        if reserved_until.is_none_or(|end| end - self.clock.local(now) <= ahead) {
+            self.send(Some(estimate), want, lead, horizon);
+        }
+    }
+
+    fn send(&mut self, estimate: Option<Estimate>, want: u32, lead: f64, horizon: f64) {
+        // How late this instance may send its last slot once this block is taken: this
+        // mapping's bound, or the last block's if this reply never comes back (the
+        // script may still have run). Rounded up, never down.
+        let (lateness, delta) = match (estimate, self.last_block) {
+            (Some(e), Some((offset, lateness))) => {
+                (e.lateness.max(lateness), (offset - e.offset).max(0.0))
             }
-            let fresh = self.reserve(want).await?;
-            let wait_until = (fresh.count == 0).then(|| {
-                // All slots within the horizon are taken: ask again when the first
-                // free one comes within reach.
-                fresh.base
-                    + Duration::from_secs_f64(
-                        ((fresh.first - HORIZON.as_micros() as f64).max(0.0)) / 1e6,
-                    )
-            });
-            *held = Some(fresh);
-            if let Some(at) = wait_until {
-                drop(held);
-                tokio::time::sleep_until(at.max(now + Duration::from_micros(500))).await;
+            (Some(e), None) => (e.lateness, 0.0),
+            (None, _) => (0.0, 0.0),
+        };
+        let (lateness, delta) = (lateness.ceil(), delta.ceil());
+        let args = vec![
+            format!("{:.3}", self.interval),
+            want.to_string(),
+            format!("{horizon:.0}"),
+            format!("{lead:.0}"),
+            self.holder.clone(),
+            format!("{lateness:.0}"),
+            format!("{delta:.0}"),
+            format!("{:.0}", micros(COLD)),
+            format!("{:.0}", micros(MAX_HORIZON)),
+            QUANTUM.to_string(),
+            format!("{:.0}", micros(TURN)),
+        ];
+        let (client, key) = (self.client.clone(), self.key.clone());
+        // A task of its own, so the slots already reserved are dealt out while the
+        // request is on the wire.
+        let reply = tokio::spawn(async move {
+            let asked = Instant::now();
+            let (now, first, count, lost, again): (String, String, String, String, String) = client
+                .eval(RESERVE, vec![key], args)
+                .await
+                .map_err(|e| backend(STORE, e))?;
+            let replied = Instant::now();
+            let parse = |s: &str| {
+                s.parse::<f64>().map_err(|e| {
+                    BackendError::new(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
+                })
+            };
+            Ok(Reply {
+                asked,
+                replied,
+                now: parse(&now)?,
+                first: parse(&first)?,
+                count: count.parse().unwrap_or(0),
+                lost: lost == "1",
+                again: parse(&again)?,
+            })
+        });
+        self.pending = Some(Pending { reply, estimate });
+    }
+
+    /// Takes in a reply: its slots, mapped with the estimate it was asked with, then
+    /// its sample of the clocks.
+    fn fold(&mut self, pending: Pending, reply: Reply) {
+        let sample = self.clock.sample(reply.asked, reply.replied, reply.now);
+        self.metrics
+            .round_trip_seconds
+            .record(sample.round_trip / 1e6);
+        if reply.lost {
+            self.why = Why::Lost;
+            if warn_due(&mut self.warned_lost, reply.replied) {
+                tracing::warn!(
+                    key = %self.key,
+                    restart_after_ms = COLD.as_millis() as u64,
+                    "send limiter: the schedule was missing in Redis (a flush, a restart or \
+                     a failover); it restarts after the slots instances may still hold, \
+                     so there is no burst (G2)"
+                );
             }
         }
+        match pending.estimate {
+            Some(e) if reply.count > 0 => {
+                self.blocks.push_back(Block {
+                    due: reply.first + e.offset,
+                    left: reply.count,
+                });
+                self.last_block = Some((e.offset, e.lateness));
+                self.why = Why::Waiting;
+            }
+            Some(e) => {
+                // Nothing within reach, or the turn of another instance.
+                if !reply.lost {
+                    self.why = Why::Taken;
+                }
+                // Sent a round trip early, so that the script runs about then (were
+                // it earlier still, the reply would say how much longer to wait).
+                let again = self.clock.instant(reply.again + e.offset - e.round_trip);
+                self.not_before = Some(again.max(reply.replied + Duration::from_micros(500)));
+            }
+            None => {}
+        }
+        self.clock.add(sample);
+        if self.clock.estimate(reply.replied).is_none() {
+            self.why = Why::RoundTrip;
+            self.not_before = Some(reply.replied + Duration::from_millis(100));
+        }
+    }
+
+    fn report_dropped(&mut self, now: Instant, dropped: u32) {
+        self.metrics.dropped.increment(u64::from(dropped));
+        self.dropped_unreported += u64::from(dropped);
+        if warn_due(&mut self.warned_dropped, now) {
+            let round_trip_ms = self
+                .clock
+                .estimate(now)
+                .map(|e| e.round_trip / 1e3)
+                .unwrap_or(f64::NAN);
+            tracing::warn!(
+                dropped = self.dropped_unreported,
+                round_trip_ms,
+                "send limiter: gave up slots it could not hand out in time (a late timer, \
+                 a busy instance, a reservation that came back late); slots are never sent \
+                 late or saved up (G2), so this costs throughput"
+            );
+            self.dropped_unreported = 0;
+        }
+    }
+
+    fn report_waiting(&mut self, now: Instant) {
+        let since = *self.waiting_since.get_or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        if waited >= STARVED && warn_due(&mut self.warned_starved, now) {
+            tracing::warn!(
+                waited_ms = waited.as_millis() as u64,
+                round_trip_ms = self.clock.estimate(now).map(|e| e.round_trip / 1e3),
+                why = self.why.text(),
+                "send limiter: no slot to grant"
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl SlotSource for RedisSlots {
+    async fn take(&mut self, want: u32) -> Result<Take, BackendError> {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.last_take) > STARVED {
+            // Idle since: nobody was waiting.
+            self.waiting_since = None;
+        }
+        self.last_take = now;
+        loop {
+            if self.pending.as_ref().is_some_and(|p| p.reply.is_finished()) {
+                self.settle().await?;
+            }
+            let now = Instant::now();
+            let local = self.clock.local(now);
+            let slack = micros(SLACK);
+            let mut dropped = 0;
+            let mut granted = 0;
+            while let Some(block) = self.blocks.front_mut() {
+                if block.due + slack < local {
+                    dropped += 1;
+                } else if block.due <= local && granted < want {
+                    granted += 1;
+                } else {
+                    break;
+                }
+                block.due += self.interval;
+                block.left -= 1;
+                if block.left == 0 {
+                    self.blocks.pop_front();
+                }
+            }
+            if dropped > 0 {
+                self.report_dropped(now, dropped);
+            }
+            self.maybe_reserve(now, want);
+            if granted > 0 {
+                self.waiting_since = None;
+                return Ok(Take::Now(granted));
+            }
+            if let Some(block) = self.blocks.front() {
+                return Ok(Take::Later(self.clock.instant(block.due)));
+            }
+            if self.pending.is_some() {
+                self.settle().await?;
+                continue;
+            }
+            self.report_waiting(now);
+            let again = self.not_before.unwrap_or(now + Duration::from_millis(1));
+            return Ok(Take::Later(again.max(now + Duration::from_micros(100))));
+        }
+    }
+}
+
+impl RedisSlots {
+    /// Waits for the reservation on its way and takes it in.
+    async fn settle(&mut self) -> Result<(), BackendError> {
+        let Some(mut pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let reply = (&mut pending.reply).await.map_err(|e| {
+            BackendError::new(
+                STORE,
+                false,
+                anyhow::anyhow!("reservation task failed: {e}"),
+            )
+        })??;
+        self.fold(pending, reply);
+        Ok(())
     }
 }

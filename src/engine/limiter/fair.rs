@@ -1,0 +1,176 @@
+//! The fair front of a send limiter (G2: runs that wait together are served fairly).
+//!
+//! One task per limiter owns its [`SlotSource`] and a queue of the calls to `acquire`
+//! waiting on this instance, in arrival order. When slots are due it deals them out
+//! round robin from the front: one each, in queue order, until the slots run out or
+//! every waiter has what it asked for. A waiter that got slots leaves the queue; when
+//! its run comes back for more it queues again at the back. So with `n` runs waiting,
+//! each gets a slot within `n` slots, however their timers fire; without the queue
+//! every waiter would wake at the same instant and the first to take a lock would win,
+//! again and again.
+//!
+//! A waiter that goes away (its run stopped, its `select!` took another branch) is
+//! skipped: the slots meant for it go to the next in the queue, at the same instant,
+//! so nothing is lost and no one stalls.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{SendLimiter, SlotSource, Take};
+use crate::domain::BackendError;
+
+/// One call to `acquire`, waiting for its slots.
+struct Waiter {
+    want: u32,
+    reply: oneshot::Sender<Result<u32, BackendError>>,
+}
+
+/// A [`SendLimiter`] that serves the waiting calls of this instance in turn from one
+/// slot source.
+pub struct FairLimiter {
+    /// Unbounded: at most one entry per waiting run, and a run waits for one call at a
+    /// time.
+    waiters: mpsc::UnboundedSender<Waiter>,
+}
+
+impl FairLimiter {
+    /// Starts the task that deals out `source`'s slots. It ends when the limiter is
+    /// dropped. Must be called within a tokio runtime.
+    pub fn start(source: impl SlotSource) -> Self {
+        let (waiters, arrivals) = mpsc::unbounded_channel();
+        tokio::spawn(deal(source, arrivals));
+        Self { waiters }
+    }
+}
+
+#[async_trait]
+impl SendLimiter for FairLimiter {
+    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+        let (reply, granted) = oneshot::channel();
+        let stopped = || BackendError::new("send limiter", true, anyhow::anyhow!("stopped"));
+        self.waiters
+            .send(Waiter {
+                want: want.max(1),
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        granted.await.map_err(|_| stopped())?
+    }
+}
+
+async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver<Waiter>) {
+    let mut queue: VecDeque<Waiter> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match arrivals.recv().await {
+                Some(waiter) => queue.push_back(waiter),
+                None => return,
+            }
+        }
+        while let Ok(waiter) = arrivals.try_recv() {
+            queue.push_back(waiter);
+        }
+        queue.retain(|w| !w.reply.is_closed());
+        if queue.is_empty() {
+            continue;
+        }
+        let want = queue.iter().fold(0u32, |sum, w| sum.saturating_add(w.want));
+        match source.take(want).await {
+            Ok(Take::Now(slots)) => hand_out(&mut queue, slots),
+            Ok(Take::Later(at)) => tokio::time::sleep_until(at).await,
+            Err(error) => {
+                // Every waiter was waiting on the same source: they all hear of it (G4:
+                // their runs end with the error rather than wait on a broken store).
+                let text = format!("{:#}", error.source);
+                let (store, unavailable) = (error.store, error.unavailable);
+                let mut first = Some(error);
+                for waiter in queue.drain(..) {
+                    let error = first.take().unwrap_or_else(|| {
+                        BackendError::new(store, unavailable, anyhow::anyhow!(text.clone()))
+                    });
+                    let _ = waiter.reply.send(Err(error));
+                }
+            }
+        }
+    }
+}
+
+/// Deals `slots` round robin from the front of `queue`; waiters served leave it, the
+/// others keep their place. Slots of a waiter that went away go to the next ones (a
+/// slot left with no one to take it is spent: a send the run did not make).
+fn hand_out(queue: &mut VecDeque<Waiter>, mut slots: u32) {
+    loop {
+        queue.retain(|w| !w.reply.is_closed());
+        if slots == 0 || queue.is_empty() {
+            return;
+        }
+        let shares = shares(queue.iter().map(|w| w.want), slots);
+        slots -= shares.iter().sum::<u32>();
+        for (waiter, share) in queue.drain(..shares.len()).zip(shares) {
+            if let Err(Ok(share)) = waiter.reply.send(Ok(share)) {
+                slots += share;
+            }
+        }
+    }
+}
+
+/// How many of `slots` each waiter gets, dealt one at a time in queue order. Only a
+/// prefix of the queue gets any: dealing stops where the slots run out.
+fn shares(wants: impl Iterator<Item = u32> + Clone, slots: u32) -> Vec<u32> {
+    let count = wants.clone().count();
+    let mut shares = vec![0u32; count];
+    let mut left = slots;
+    while left > 0 {
+        let mut dealt = false;
+        for (share, want) in shares.iter_mut().zip(wants.clone()) {
+            if left == 0 {
+                break;
+            }
+            if *share < want {
+                *share += 1;
+                left -= 1;
+                dealt = true;
+            }
+        }
+        if !dealt {
+            break;
+        }
+    }
+    let served = shares.iter().take_while(|&&n| n > 0).count();
+    shares.truncate(served);
+    shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_dealt_one_each_in_queue_order() {
+        assert_eq!(shares([5, 5, 5].into_iter(), 2), vec![1, 1]);
+        assert_eq!(shares([5, 1, 5].into_iter(), 7), vec![3, 1, 3]);
+        assert_eq!(shares([2, 2].into_iter(), 9), vec![2, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_went_away_passes_its_slots_on() {
+        let (gone, dropped) = oneshot::channel();
+        drop(dropped);
+        let (next, granted) = oneshot::channel();
+        let mut queue = VecDeque::from([
+            Waiter {
+                want: 3,
+                reply: gone,
+            },
+            Waiter {
+                want: 3,
+                reply: next,
+            },
+        ]);
+        hand_out(&mut queue, 2);
+        assert_eq!(granted.await.unwrap().unwrap(), 2);
+        assert!(queue.is_empty());
+    }
+}
