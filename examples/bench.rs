@@ -423,15 +423,23 @@ async fn run_now(
         .into_inner())
 }
 
+/// Runs `work` against one process of the release binary at the highest send rate, on
+/// a fresh database and Redis prefix that are torn down afterwards, whatever happened.
+async fn on_one_instance(
+    work: impl AsyncFnOnce(&Cluster) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, MAX_RATE).await?;
+    let outcome = work(&cluster).await;
+    let torn_down = cluster.tear_down().await;
+    outcome?;
+    torn_down
+}
+
 /// `memory`: the release binary as its own process, clustered on MySQL + Redis; its RSS
 /// idle (started, migrated, `users` registrations seeded, nothing running) and its peak
 /// during one run over all of them at the highest send rate.
 async fn memory(users: u32) -> anyhow::Result<()> {
-    let cluster = Cluster::start(1, MAX_RATE).await?;
-    let outcome = memory_run(&cluster, users).await;
-    let torn_down = cluster.tear_down().await;
-    outcome?;
-    torn_down
+    on_one_instance(async |cluster| memory_run(cluster, users).await).await
 }
 
 async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
@@ -466,11 +474,7 @@ async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
 /// `memory --runs N`: one `Subscribe` stream held open on the service process while `N`
 /// runs of one user each go by; the process's RSS before and after.
 async fn memory_runs(runs: u32) -> anyhow::Result<()> {
-    let cluster = Cluster::start(1, MAX_RATE).await?;
-    let outcome = memory_runs_on(&cluster, runs).await;
-    let torn_down = cluster.tear_down().await;
-    outcome?;
-    torn_down
+    on_one_instance(async |cluster| memory_runs_on(cluster, runs).await).await
 }
 
 async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
@@ -522,11 +526,7 @@ async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
 /// 1,000 (ten waves of 100,000, a second apart), with the service process's RSS sampled
 /// during the waits.
 async fn memory_waves(users: u32) -> anyhow::Result<()> {
-    let cluster = Cluster::start(1, MAX_RATE).await?;
-    let outcome = memory_waves_on(&cluster, users).await;
-    let torn_down = cluster.tear_down().await;
-    outcome?;
-    torn_down
+    on_one_instance(async |cluster| memory_waves_on(cluster, users).await).await
 }
 
 async fn memory_waves_on(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
