@@ -124,6 +124,7 @@ impl RedisLimiter {
             blocks: VecDeque::new(),
             last_block: None,
             pending: None,
+            forgave_stale: false,
             not_before: None,
             why: Why::Waiting,
             waiting_since: None,
@@ -156,6 +157,8 @@ struct Block {
 
 /// A reservation on its way.
 struct Pending {
+    /// When it was sent.
+    sent: Instant,
     reply: JoinHandle<Result<Reply, BackendError>>,
     /// The mapping its slots are to be read with (`None`: a probe of the clocks only).
     estimate: Option<Estimate>,
@@ -206,6 +209,9 @@ struct RedisSlots {
     /// The offset the last block received was mapped with, and how late that may be.
     last_block: Option<(f64, f64)>,
     pending: Option<Pending>,
+    /// A reservation that failed after [`STALE_FAILURE`] was let go without failing the
+    /// runs waiting now; the next failure in a row is theirs.
+    forgave_stale: bool,
     /// No reservation before this (the schedule is full that far).
     not_before: Option<Instant>,
     why: Why,
@@ -217,6 +223,10 @@ struct RedisSlots {
     warned_lost: Option<Instant>,
     metrics: LimiterMetrics,
 }
+
+/// A reservation that fails this long after it was sent (a command timeout, a
+/// connection lost meanwhile) is not held against the runs waiting when it fails.
+const STALE_FAILURE: Duration = Duration::from_secs(1);
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
@@ -312,7 +322,11 @@ impl RedisSlots {
                 again: parse(&again)?,
             })
         });
-        self.pending = Some(Pending { reply, estimate });
+        self.pending = Some(Pending {
+            sent: Instant::now(),
+            reply,
+            estimate,
+        });
     }
 
     /// Takes in a reply: its slots, mapped with the estimate it was asked with, then
@@ -462,8 +476,23 @@ impl RedisSlots {
                 false,
                 anyhow::anyhow!("reservation task failed: {e}"),
             )
-        })??;
-        self.fold(pending, reply);
-        Ok(())
+        })?;
+        match reply {
+            Ok(reply) => {
+                self.forgave_stale = false;
+                self.fold(pending, reply);
+                Ok(())
+            }
+            // A request sent long ago, while Redis was away (it timed out, say), tells
+            // nothing of Redis now: the runs waiting now may have come since it came
+            // back. One such failure is let go and the next request decides (G4: a
+            // Redis that stays away still fails them, one command timeout later).
+            Err(error) if pending.sent.elapsed() > STALE_FAILURE && !self.forgave_stale => {
+                tracing::debug!(error = ?error, "a reservation sent long ago failed; asking again");
+                self.forgave_stale = true;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 }
