@@ -7,7 +7,8 @@ pub mod config;
 pub mod deployment;
 /// Ids, run states, notifications and the errors a caller can act on.
 pub mod domain;
-/// Runs: pacing, the stock check, recording, resuming; and `Subscribe` streams.
+/// Runs: pacing, the stock check, recording, resuming, ownership and the shared clock;
+/// and `Subscribe` streams.
 pub mod engine;
 /// The gRPC services, conversions, status codes and the API rate limit.
 pub mod grpc;
@@ -15,11 +16,12 @@ pub mod grpc;
 pub mod monitoring;
 /// Secrets kept out of messages and logs.
 pub mod redact;
-/// Redis through fred: the stock cache, with every key under one prefix.
+/// Redis through fred: the client with the service's timeouts, and every key under one
+/// prefix (the capabilities that use it live in `engine`).
 pub mod redis;
 /// Wiring of the stores, the engine and the server.
 pub mod startup;
-/// Durable state behind the `Store` trait (MySQL).
+/// Durable state behind the `Store` trait (MySQL, and SQLite for the embedded default).
 pub mod store;
 /// Structured logging.
 pub mod telemetry;
