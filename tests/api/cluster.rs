@@ -287,7 +287,7 @@ impl Instance {
     }
 
     /// As `start`, with the process's wall clock moved by `skew` (libfaketime's
-    /// `faketime -f`, e.g. `+30s`) when given.
+    /// `FAKETIME`, e.g. `+30s`) when given.
     async fn start_with_clock(
         database: &str,
         prefix: &str,
@@ -301,17 +301,17 @@ impl Instance {
             .unwrap()
             .port();
         let quiet = std::env::var_os("TEST_LOG").is_none();
-        let binary = env!("CARGO_BIN_EXE_restock-notifier");
-        let mut command = match skew {
-            Some(skew) => {
-                let mut faketime = std::process::Command::new("faketime");
-                faketime.args(["-f", skew, binary]);
-                faketime
-            }
-            None => std::process::Command::new(binary),
-        };
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"));
+        command.env_clear();
+        if let Some(skew) = skew {
+            // libfaketime preloaded into the service process itself (the `faketime`
+            // command would fork it, and killing the command would leave it running).
+            command
+                .env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", skew)
+                .env("DONT_FAKE_MONOTONIC", "1");
+        }
         let process = command
-            .env_clear()
             // Several processes at once: never the default metrics port.
             .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
             .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
@@ -368,6 +368,23 @@ impl Drop for Instance {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+/// Where Debian's `faketime` package put its library (.ci/run installs it).
+fn libfaketime() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .chain([std::path::PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )])
+        .find(|path| path.is_file());
+    found
+        .expect("libfaketime is installed (Debian's faketime package; .ci/run installs it)")
+        .to_string_lossy()
+        .into_owned()
 }
 
 async fn claim_token(app: &TestApp) -> Option<i64> {
@@ -480,8 +497,8 @@ async fn notifications_carry_the_database_s_clock_even_from_a_host_whose_clock_i
     let users: Vec<i64> = (1..=300).collect();
     other.set_stock(1, 10).await;
     other.register_bulk(1, &users).await;
-    // The faketime command (Debian's package of it; .ci/run installs it) runs the
-    // binary with its wall clock 30 s ahead.
+    // libfaketime (Debian's faketime package; .ci/run installs it) runs the binary
+    // with its wall clock 30 s ahead.
     let skewed = Instance::start_with_clock(
         &other.database,
         &other.redis_prefix,
