@@ -79,7 +79,7 @@ async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver
         let want = queue.iter().fold(0u32, |sum, w| sum.saturating_add(w.want));
         match source.take(want).await {
             Ok(Take::Now(slots)) => hand_out(&mut queue, slots),
-            Ok(Take::Later(at)) => tokio::time::sleep_until(at).await,
+            Ok(Take::Later(at)) => wait_until(at).await,
             Err(error) => {
                 // Every waiter was waiting on the same source: they all hear of it (G4:
                 // their runs end with the error rather than wait on a broken store).
@@ -96,6 +96,22 @@ async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver
         }
     }
 }
+
+/// Waits until `at`. The timer fires on whole milliseconds, never early: a slot due in
+/// a few microseconds (at high rates, one is due every few) would wait out the rest of
+/// a millisecond for nothing, so so short a wait yields to other tasks until it is over.
+async fn wait_until(at: tokio::time::Instant) {
+    if at.saturating_duration_since(tokio::time::Instant::now()) > SPIN_AT_MOST {
+        tokio::time::sleep_until(at).await;
+        return;
+    }
+    while tokio::time::Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The longest wait [`wait_until`] spends yielding rather than on the timer.
+const SPIN_AT_MOST: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Deals `slots` round robin from the front of `queue`; waiters served leave it, the
 /// others keep their place. Slots of a waiter that went away go to the next ones (a

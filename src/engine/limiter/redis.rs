@@ -64,8 +64,8 @@ const SLACK: Duration = Duration::from_millis(3);
 /// says so. It also caps `lead` and `horizon`, and so `COLD`.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(250);
 
-/// Added to the round trip for how early a block starts, so that the reply is back
-/// before its first slot is due.
+/// Added to the round trip, less `SLACK`, for how early a block starts, so that the
+/// reply is back before its first slot is more than a millisecond late.
 const LEAD_MARGIN: Duration = Duration::from_millis(2);
 
 /// How far ahead of the lead a block reaches: the round trip plus 5 ms, at least
@@ -253,7 +253,10 @@ impl RedisSlots {
             self.send(None, 0, 0.0, 0.0);
             return;
         };
-        let lead = estimate.round_trip + micros(LEAD_MARGIN);
+        // A slot handed out within `SLACK` of its time still counts, so the block may
+        // start that much before the reply is back: near Redis, at once (waiting out a
+        // lead there would cost every block a few milliseconds at high rates).
+        let lead = (estimate.round_trip + micros(LEAD_MARGIN) - micros(SLACK)).max(0.0);
         let horizon = (estimate.round_trip + micros(HORIZON_MARGIN))
             .clamp(micros(MIN_HORIZON), micros(MAX_HORIZON));
         let reserved_until = self
