@@ -1,28 +1,27 @@
 //! Benchmarks of the targets in the README, against a real MySQL and Redis (a fresh database per run).
+//! Every mode measures the release binary as its own process, as users run it: build
+//! it first (`cargo build --release`; running an example does not build it).
 //!
 //! ```text
+//! cargo build --release
 //! cargo run --release --example bench -- pacing  [--users 10000] [--rate 500]
 //! cargo run --release --example bench -- ceiling [--users 200000]
-//! cargo build --release && \
-//!   cargo run --release --example bench -- memory [--users 1000000] [--waves]
-//! cargo build --release && cargo run --release --example bench -- memory --runs 10000
-//! cargo build --release && \
-//!   cargo run --release --example bench -- fanout [--streams 1000] [--users 5000] [--rate 500] [--across]
-//! cargo build --release && \
-//!   cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
-//! cargo build --release && \
-//!   cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
+//! cargo run --release --example bench -- memory  [--users 1000000] [--waves]
+//! cargo run --release --example bench -- memory  --runs 10000
+//! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across]
+//! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
+//! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
 //! from the recorded `sent_at` and from the arrival times at a live subscriber, plus
-//! the send-to-receive latency. `ceiling` runs the engine with no send limit and
-//! compares it with a plain batched INSERT of the same rows into the same MySQL.
-//! `memory` runs the release binary as its own process (clustered on MySQL + Redis) and
-//! reports that process's RSS idle and its peak during one run at the highest send rate
-//! (the peak is reset after seeding); `--waves` samples it while a run waits between
-//! waves; `--runs N` holds one `Subscribe` stream open while N runs go by and reports
-//! how much the process grew. `fanout` runs the real binary as its own process (two with
+//! the send-to-receive latency. `ceiling` runs the service at the highest send rate it
+//! accepts and compares it with a plain batched INSERT of the same rows into the same
+//! MySQL, in turns over three rounds, and a second process with metrics off.
+//! `memory` reports the process's RSS idle and its peak during one run at the highest
+//! send rate (the peak is reset after seeding); `--waves` samples it while a run waits
+//! between waves; `--runs N` holds one `Subscribe` stream open while N runs go by and
+//! reports how much the process grew. `fanout` runs the real binary as its own process (two with
 //! `--across`: the run on one, the streams on the other), opens the streams from this
 //! process, checks that every stream gets every notification in order, and reports
 //! the send-to-receive p50/p99 over all of them and each server's CPU time per
@@ -45,7 +44,6 @@
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -53,133 +51,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
-use restock_notifier::config::{Config, LogFormat, MetricsListen};
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{self, RunStatus};
-use restock_notifier::startup::Application;
 use sqlx::{Connection, MySqlConnection, MySqlPool};
 use tonic::transport::Channel;
 
 #[path = "../tests/support/proxy.rs"]
 mod proxy;
 use proxy::FaultProxy;
-
-struct Bench {
-    client: RestockServiceClient<Channel>,
-    db: MySqlPool,
-    server: String,
-    database: String,
-}
-
-async fn start(rate: u32) -> anyhow::Result<Bench> {
-    start_with(rate, true).await
-}
-
-/// As `start`, with metrics recorded or not (`RESTOCK_METRICS_LISTEN=off`).
-async fn start_with(rate: u32, metrics: bool) -> anyhow::Result<Bench> {
-    let server =
-        std::env::var("BENCH_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let redis =
-        std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let database = format!("restock_bench_{:08x}", rand::random::<u32>());
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        database_url: format!("{server}/{database}"),
-        redis_url: Some(redis),
-        redis_prefix: format!("{database}:"),
-        send_rate: NonZeroU32::new(rate).context("rate must be positive")?,
-        api_rate: NonZeroU32::new(100_000).unwrap(),
-        admin_token: Some("bench".into()),
-        log: "warn".into(),
-        log_format: LogFormat::Text,
-        metrics_listen: if metrics {
-            MetricsListen::On("127.0.0.1:0".parse().unwrap())
-        } else {
-            MetricsListen::Off
-        },
-        run_lease: std::time::Duration::from_secs(10),
-        shutdown_drain: std::time::Duration::ZERO,
-        tls_cert: None,
-        tls_key: None,
-    };
-    let settings = EngineSettings {
-        subscriber_buffer: 1 << 16,
-        ..EngineSettings::default()
-    };
-    let app = Application::build_with(config, settings).await?;
-    let addr = app.local_addr();
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
-    let channel = Channel::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    let db = MySqlPool::connect(&format!("{server}/{database}")).await?;
-    Ok(Bench {
-        client: RestockServiceClient::new(channel),
-        db,
-        server,
-        database,
-    })
-}
-
-impl Bench {
-    /// The client and pool, to use from another task.
-    fn clone_handles(&self) -> Bench {
-        Bench {
-            client: self.client.clone(),
-            db: self.db.clone(),
-            server: self.server.clone(),
-            database: self.database.clone(),
-        }
-    }
-
-    /// Product 1 with `users` registrations, written straight into the table.
-    async fn seed(&self, users: u32) -> anyhow::Result<()> {
-        let ids: Vec<i64> = (1..=i64::from(users)).collect();
-        seed_product(&self.client, &self.db, 1, 1_000, &ids).await
-    }
-
-    async fn subscribe_all(&self) -> anyhow::Result<tonic::Streaming<proto::Notification>> {
-        Ok(self
-            .client
-            .clone()
-            .subscribe(proto::SubscribeRequest::default())
-            .await?
-            .into_inner())
-    }
-
-    async fn trigger(&self) -> anyhow::Result<()> {
-        trigger(&self.client, 1).await
-    }
-
-    /// Product 1's latest run, as it is now.
-    async fn run_now(&self) -> anyhow::Result<proto::RestockRun> {
-        Ok(self
-            .client
-            .clone()
-            .get_restock_run(proto::GetRestockRunRequest {
-                product_id: 1,
-                restock_round: None,
-            })
-            .await?
-            .into_inner())
-    }
-
-    async fn wait_final(&self) -> anyhow::Result<proto::RestockRun> {
-        loop {
-            let run = self.run_now().await?;
-            if run.status() != RunStatus::InProgress {
-                return Ok(run);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn drop_database(self) -> anyhow::Result<()> {
-        self.db.close().await;
-        drop_database(&self.server, &self.database).await
-    }
-}
 
 /// TriggerRestock of `product`, no stock given.
 async fn trigger(client: &RestockServiceClient<Channel>, product: i64) -> anyhow::Result<()> {
@@ -264,9 +144,23 @@ fn rate(times: &[DateTime<Utc>]) -> f64 {
 }
 
 async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
-    let bench = start(limit).await?;
-    bench.seed(users).await?;
-    let mut stream = bench.subscribe_all().await?;
+    on_one_instance(limit, async |cluster| {
+        pacing_on(cluster, users, limit).await
+    })
+    .await
+}
+
+/// `pacing` on the release binary as its own process (clustered): what its users see.
+async fn pacing_on(cluster: &Cluster, users: u32, limit: u32) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    let ids: Vec<i64> = (1..=i64::from(users)).collect();
+    seed_product(&server.client, &cluster.db, 1, 1_000, &ids).await?;
+    let mut stream = server
+        .client
+        .clone()
+        .subscribe(proto::SubscribeRequest::default())
+        .await?
+        .into_inner();
     let receiving = tokio::spawn(async move {
         let mut arrivals = Vec::with_capacity(users as usize);
         while arrivals.len() < users as usize {
@@ -276,15 +170,21 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
         anyhow::Ok(arrivals)
     });
     let began = Instant::now();
-    bench.trigger().await?;
+    trigger(&server.client, 1).await?;
     let arrivals = receiving.await??;
-    let run = bench.wait_final().await?;
+    let run = loop {
+        let run = run_now(&server.client, 1).await?;
+        if run.status() != RunStatus::InProgress {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let elapsed = began.elapsed();
 
     let mut sent: Vec<DateTime<Utc>> = sqlx::query_scalar(
         "SELECT sent_at FROM product_user_notification_history ORDER BY sent_at",
     )
-    .fetch_all(&bench.db)
+    .fetch_all(&cluster.db)
     .await?;
     sent.sort();
     let received: Vec<DateTime<Utc>> = arrivals.iter().map(|(at, _)| *at).collect();
@@ -293,7 +193,8 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
     let p99 = percentile(&latencies, 99);
 
     println!(
-        "pacing: {users} users, limit {limit}/s, run {:?}, wall {elapsed:.2?}",
+        "pacing (the service as its own process): {users} users, limit {limit}/s, run {:?}, \
+         wall {elapsed:.2?}",
         run.status()
     );
     let longest_gap = sent
@@ -317,71 +218,103 @@ async fn pacing(users: u32, limit: u32) -> anyhow::Result<()> {
         100.0 * rate(&received) / f64::from(limit),
         busiest_second(&received)
     );
-    bench.drop_database().await
+    Ok(())
 }
 
+/// Rounds of `ceiling`: the engine and the plain INSERT take turns, so that a noisy
+/// spell of the machine weighs on both alike.
+const CEILING_ROUNDS: i64 = 3;
+
+/// `ceiling`: the release binary as its own process at the highest send rate, against a
+/// plain batched INSERT of the same rows into the same MySQL, in turns; and a second
+/// process with metrics off, for what recording them costs.
 async fn ceiling(users: u32) -> anyhow::Result<()> {
-    let bench = start(u32::MAX).await?;
-    bench.seed(users).await?;
-    // The same run on a second service with metrics off: what recording them costs.
-    let unmetered = start_with(u32::MAX, false).await?;
-    unmetered.seed(users).await?;
-
-    // Baseline: the same rows, batched the same way, into a copy of the history table.
-    sqlx::query("CREATE TABLE baseline LIKE product_user_notification_history")
-        .execute(&bench.db)
-        .await?;
-    let ids: Vec<i64> = (1..=i64::from(users)).collect();
-    let now = Utc::now();
-    let began = Instant::now();
-    for chunk in ids.chunks(EngineSettings::default().recorder.batch_size) {
-        let mut q = sqlx::QueryBuilder::new(
-            "INSERT INTO baseline (product_id, user_id, restock_round, sent_at) ",
-        );
-        q.push_values(chunk, |mut row, id| {
-            row.push_bind(1).push_bind(*id).push_bind(1).push_bind(now);
-        });
-        q.build().execute(&bench.db).await?;
-    }
-    let baseline = began.elapsed();
-
-    let timed_run = |bench: &Bench| {
-        let bench = bench.clone_handles();
-        async move {
-            let began = Instant::now();
-            bench.trigger().await?;
-            let run = bench.wait_final().await?;
-            anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
-            anyhow::Ok((began.elapsed(), run))
+    let metered = Cluster::start(1, MAX_RATE).await?;
+    let unmetered = match Cluster::start_unmetered(1, MAX_RATE).await {
+        Ok(cluster) => cluster,
+        Err(e) => {
+            metered.tear_down().await?;
+            return Err(e);
         }
     };
-    let (engine, run) = timed_run(&bench).await?;
-    let (engine_unmetered, _) = timed_run(&unmetered).await?;
-
-    let per_s = |d: Duration| f64::from(users) / d.as_secs_f64();
-    println!("ceiling: {users} users, run {:?}", run.status());
-    println!(
-        "  plain batched INSERT:            {baseline:.2?} ({:.0} rows/s)",
-        per_s(baseline)
-    );
-    println!(
-        "  engine, unlimited:               {engine:.2?} ({:.0} notifications/s)",
-        per_s(engine)
-    );
-    println!(
-        "  engine, unlimited, metrics off:  {engine_unmetered:.2?} ({:.0} notifications/s)",
-        per_s(engine_unmetered)
-    );
-    println!(
-        "  engine / INSERT = {:.1}%; with metrics / without = {:.1}%",
-        100.0 * per_s(engine) / per_s(baseline),
-        100.0 * per_s(engine) / per_s(engine_unmetered)
-    );
-    unmetered.drop_database().await?;
-    bench.drop_database().await
+    let outcome = ceiling_on(&metered, &unmetered, users).await;
+    let torn_down = (metered.tear_down().await, unmetered.tear_down().await);
+    outcome?;
+    torn_down.0?;
+    torn_down.1
 }
 
-/// A field of /proc/self/status, in kB.
+async fn ceiling_on(metered: &Cluster, unmetered: &Cluster, users: u32) -> anyhow::Result<()> {
+    let ids: Vec<i64> = (1..=i64::from(users)).collect();
+    for cluster in [metered, unmetered] {
+        seed_product(&cluster.instances[0].client, &cluster.db, 1, 1_000, &ids).await?;
+    }
+    sqlx::query("CREATE TABLE baseline LIKE product_user_notification_history")
+        .execute(&metered.db)
+        .await?;
+    let per_s = |d: Duration| f64::from(users) / d.as_secs_f64();
+    println!("ceiling: {users} users, the service as its own process, {CEILING_ROUNDS} rounds");
+    let (mut ratios, mut costs) = (vec![], vec![]);
+    for round in 1..=CEILING_ROUNDS {
+        // Baseline: the same rows, batched the same way, into a copy of the history table.
+        let now = Utc::now();
+        let began = Instant::now();
+        for chunk in ids.chunks(EngineSettings::default().recorder.batch_size) {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO baseline (product_id, user_id, restock_round, sent_at) ",
+            );
+            q.push_values(chunk, |mut row, id| {
+                row.push_bind(1)
+                    .push_bind(*id)
+                    .push_bind(round)
+                    .push_bind(now);
+            });
+            q.build().execute(&metered.db).await?;
+        }
+        let baseline = began.elapsed();
+        let engine = timed_run(metered, users).await?;
+        let engine_unmetered = timed_run(unmetered, users).await?;
+        let ratio = 100.0 * per_s(engine) / per_s(baseline);
+        let cost = 100.0 * per_s(engine) / per_s(engine_unmetered);
+        println!(
+            "  round {round}: plain INSERT {:.0} rows/s, engine {:.0}/s, metrics off {:.0}/s: \
+             engine / INSERT = {ratio:.1}%, with metrics / without = {cost:.1}%",
+            per_s(baseline),
+            per_s(engine),
+            per_s(engine_unmetered)
+        );
+        ratios.push(ratio);
+        costs.push(cost);
+    }
+    ratios.sort_by(f64::total_cmp);
+    costs.sort_by(f64::total_cmp);
+    println!(
+        "  median: engine / INSERT = {:.1}%; with metrics / without = {:.1}%",
+        ratios[ratios.len() / 2],
+        costs[costs.len() / 2]
+    );
+    Ok(())
+}
+
+/// Triggers the next round of product 1 and waits for it: how long it took.
+async fn timed_run(cluster: &Cluster, users: u32) -> anyhow::Result<Duration> {
+    let client = &cluster.instances[0].client;
+    let began = Instant::now();
+    trigger(client, 1).await?;
+    let run = loop {
+        let run = run_now(client, 1).await?;
+        if run.status() != RunStatus::InProgress {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    anyhow::ensure!(
+        run.status() == RunStatus::Completed && run.sent_count == i64::from(users),
+        "run: {run:?}"
+    );
+    Ok(began.elapsed())
+}
+
 /// A field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in kB.
 fn proc_status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -423,12 +356,13 @@ async fn run_now(
         .into_inner())
 }
 
-/// Runs `work` against one process of the release binary at the highest send rate, on
-/// a fresh database and Redis prefix that are torn down afterwards, whatever happened.
+/// Runs `work` against one process of the release binary at send rate `rate`, on a
+/// fresh database and Redis prefix that are torn down afterwards, whatever happened.
 async fn on_one_instance(
+    rate: u32,
     work: impl AsyncFnOnce(&Cluster) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let cluster = Cluster::start(1, MAX_RATE).await?;
+    let cluster = Cluster::start(1, rate).await?;
     let outcome = work(&cluster).await;
     let torn_down = cluster.tear_down().await;
     outcome?;
@@ -439,7 +373,7 @@ async fn on_one_instance(
 /// idle (started, migrated, `users` registrations seeded, nothing running) and its peak
 /// during one run over all of them at the highest send rate.
 async fn memory(users: u32) -> anyhow::Result<()> {
-    on_one_instance(async |cluster| memory_run(cluster, users).await).await
+    on_one_instance(MAX_RATE, async |cluster| memory_run(cluster, users).await).await
 }
 
 async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
@@ -474,7 +408,10 @@ async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
 /// `memory --runs N`: one `Subscribe` stream held open on the service process while `N`
 /// runs of one user each go by; the process's RSS before and after.
 async fn memory_runs(runs: u32) -> anyhow::Result<()> {
-    on_one_instance(async |cluster| memory_runs_on(cluster, runs).await).await
+    on_one_instance(MAX_RATE, async |cluster| {
+        memory_runs_on(cluster, runs).await
+    })
+    .await
 }
 
 async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
@@ -526,7 +463,10 @@ async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
 /// 1,000 (ten waves of 100,000, a second apart), with the service process's RSS sampled
 /// during the waits.
 async fn memory_waves(users: u32) -> anyhow::Result<()> {
-    on_one_instance(async |cluster| memory_waves_on(cluster, users).await).await
+    on_one_instance(MAX_RATE, async |cluster| {
+        memory_waves_on(cluster, users).await
+    })
+    .await
 }
 
 async fn memory_waves_on(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
@@ -757,6 +697,7 @@ impl Instance {
         redis_url: &str,
         prefix: &str,
         rate: u32,
+        metrics: bool,
     ) -> anyhow::Result<Self> {
         let free_port = || -> anyhow::Result<u16> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -770,7 +711,11 @@ impl Instance {
             // Several processes at once: never the default metrics port.
             .env(
                 "RESTOCK_METRICS_LISTEN",
-                format!("127.0.0.1:{metrics_port}"),
+                if metrics {
+                    format!("127.0.0.1:{metrics_port}")
+                } else {
+                    "off".to_owned()
+                },
             )
             .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", database_url)
@@ -1015,6 +960,20 @@ impl Cluster {
 
     /// As `start`, with the instances on Redis at `redis` (a proxy, say).
     async fn start_on(instances: u32, limit: u32, redis: &str) -> anyhow::Result<Self> {
+        Self::launch(instances, limit, redis, true).await
+    }
+
+    /// As `start`, with metrics off (`RESTOCK_METRICS_LISTEN=off`).
+    async fn start_unmetered(instances: u32, limit: u32) -> anyhow::Result<Self> {
+        Self::launch(instances, limit, &redis_url(), false).await
+    }
+
+    async fn launch(
+        instances: u32,
+        limit: u32,
+        redis: &str,
+        metrics: bool,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(limit > 0, "--rate must be positive");
         let binary = server_binary()?;
         let server = std::env::var("BENCH_MYSQL_URL")
@@ -1025,7 +984,7 @@ impl Cluster {
         let prefix = format!("{database}:");
 
         // The first creates and migrates the database; the others start on it after.
-        let first = Instance::start(&binary, &database_url, &redis, &prefix, limit)
+        let first = Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics)
             .await
             .context("first instance")?;
         let db = MySqlPool::connect(&database_url).await?;
@@ -1036,7 +995,7 @@ impl Cluster {
             database,
         };
         for i in 1..instances {
-            match Instance::start(&binary, &database_url, &redis, &prefix, limit).await {
+            match Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics).await {
                 Ok(instance) => cluster.instances.push(instance),
                 Err(e) => {
                     cluster.tear_down().await?;
