@@ -1,4 +1,4 @@
-//! Prometheus metrics: the names of SPEC §5, recorded through the `metrics` facade into a
+//! Prometheus metrics: the names the README's Operations section lists, recorded through the `metrics` facade into a
 //! Prometheus recorder of this service's own (not the process-global one, so that
 //! several services in one process, as in the tests, count apart), and served as text
 //! on `GET /metrics` over plain HTTP at `RESTOCK_METRICS_LISTEN`.

@@ -1,4 +1,5 @@
-//! `/metrics`: the names of SPEC §5, and that they count what happens.
+//! `/metrics`: the names the README's Operations section lists, and that they count
+//! what happens.
 
 use std::collections::HashMap;
 use std::time::Duration;
