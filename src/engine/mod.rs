@@ -33,6 +33,14 @@ use stock::{Offered, StockCache, StockFence, StockFigure};
 /// because a stock write came in between, so a few are plenty.
 const CACHE_STOCK_ATTEMPTS: usize = 5;
 
+/// A product's stock as the cache holds it.
+fn figure_of(product: &Product) -> StockFigure {
+    StockFigure {
+        stock: product.stock,
+        version: product.stock_version,
+    }
+}
+
 /// Runs a state change to its end even if the caller goes away.
 ///
 /// A gRPC handler's future is dropped when the client cancels or its deadline passes.
@@ -142,7 +150,7 @@ impl Engine {
             let _exclusive = engine.stock_fence.lock_for_write(product).await;
             engine.uncache_stock(product).await?;
             let saved = engine.store.set_stock(product, stock).await?;
-            engine.cache_stock(product).await?;
+            engine.cache_stock(product, Some(figure_of(&saved))).await?;
             Ok(saved)
         })
         .await
@@ -165,9 +173,19 @@ impl Engine {
     /// its figure is cached instead. So whatever reaches the cache late, and whatever
     /// the cache loses meanwhile, a figure older than a returned write is never trusted
     /// again (G3).
-    async fn cache_stock(&self, product: ProductId) -> Result<(), Error> {
+    /// `known` is a figure just read from the database (by the write itself), offered
+    /// first instead of reading it again.
+    async fn cache_stock(
+        &self,
+        product: ProductId,
+        known: Option<StockFigure>,
+    ) -> Result<(), Error> {
+        let mut known = known;
         for _ in 0..CACHE_STOCK_ATTEMPTS {
-            let figure = self.stock_figure(product).await?;
+            let figure = match known.take() {
+                Some(figure) => figure,
+                None => self.stock_figure(product).await?,
+            };
             let nonce = match self.stock_cache.offer(product, figure).await? {
                 Offered::Newer => return Ok(()),
                 Offered::Stale => continue,
@@ -196,10 +214,7 @@ impl Engine {
                 stock: 0,
                 version: 0,
             },
-            |p| StockFigure {
-                stock: p.stock,
-                version: p.stock_version,
-            },
+            |p| figure_of(&p),
         ))
     }
 
@@ -229,7 +244,7 @@ impl Engine {
                     engine.uncache_stock(product).await?;
                     let triggered = engine.store.start_run(product, &request, lease).await?;
                     match triggered {
-                        Triggered::Started(_) => engine.cache_stock(product).await?,
+                        Triggered::Started(_) => engine.cache_stock(product, None).await?,
                         Triggered::Replayed(_) => engine.recache_unchanged_stock(product).await,
                     }
                     triggered
@@ -258,7 +273,7 @@ impl Engine {
     /// that changed nothing. If that fails the cache stays empty, which is safe: the
     /// next delivery loads the figure itself.
     async fn recache_unchanged_stock(&self, product: ProductId) {
-        if let Err(err) = self.cache_stock(product).await {
+        if let Err(err) = self.cache_stock(product, None).await {
             tracing::warn!(%product, error = ?err, "cannot cache the stock again after a replayed trigger");
         }
     }

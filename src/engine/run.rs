@@ -336,7 +336,7 @@ impl RunState<'_> {
                 }
                 Delivery::SoldOut => return Err(Stop::SoldOut),
                 Delivery::Superseded => return Err(Stop::Lost),
-                Delivery::NotCached => self.engine.cache_stock(self.product()).await?,
+                Delivery::NotCached => self.engine.cache_stock(self.product(), None).await?,
             }
         }
         Err(Stop::Failed(Error::Backend(

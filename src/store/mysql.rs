@@ -246,13 +246,7 @@ async fn grant_claim(
     run_id: i64,
     lease: Duration,
 ) -> Result<(i64, Instant), Error> {
-    let epoch: i64 =
-        sqlx::query_scalar("SELECT claim_epoch FROM product_notification_history WHERE id = ?")
-            .bind(run_id)
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(backend)?;
-    let token = epoch + 1;
+    let token = next_claim_token(tx, run_id).await?;
     let granted = Instant::now();
     sqlx::query(
         "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \

@@ -59,6 +59,22 @@ macro_rules! portable_queries {
             })
         }
 
+        /// The token of a run's next claim: one more than its last claim's (G8). The
+        /// caller holds the run's row (its lock, or the database's single writer).
+        async fn next_claim_token(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            run_id: i64,
+        ) -> Result<i64, Error> {
+            let epoch: i64 = sqlx::query_scalar(
+                "SELECT claim_epoch FROM product_notification_history WHERE id = ?",
+            )
+            .bind(run_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(backend)?;
+            Ok(epoch + 1)
+        }
+
         async fn select_run_by_id(
             tx: &mut sqlx::Transaction<'static, $db>,
             run_id: i64,
