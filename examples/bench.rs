@@ -172,13 +172,7 @@ async fn pacing_on(cluster: &Cluster, users: u32, limit: u32) -> anyhow::Result<
     let began = Instant::now();
     trigger(&server.client, 1).await?;
     let arrivals = receiving.await??;
-    let run = loop {
-        let run = run_now(&server.client, 1).await?;
-        if run.status() != RunStatus::InProgress {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let run = wait_final(&server.client, 1, Duration::from_millis(50)).await?;
     let elapsed = began.elapsed();
 
     let mut sent: Vec<DateTime<Utc>> = sqlx::query_scalar(
@@ -301,13 +295,7 @@ async fn timed_run(cluster: &Cluster, users: u32) -> anyhow::Result<Duration> {
     let client = &cluster.instances[0].client;
     let began = Instant::now();
     trigger(client, 1).await?;
-    let run = loop {
-        let run = run_now(client, 1).await?;
-        if run.status() != RunStatus::InProgress {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let run = wait_final(client, 1, Duration::from_millis(10)).await?;
     anyhow::ensure!(
         run.status() == RunStatus::Completed && run.sent_count == i64::from(users),
         "run: {run:?}"
@@ -340,6 +328,21 @@ fn mb(kb: u64) -> f64 {
 
 /// The highest send rate the service accepts: as good as unlimited for these runs.
 const MAX_RATE: u32 = 100_000;
+
+/// Waits until the latest run of `product` has left `IN_PROGRESS`, looking every `poll`.
+async fn wait_final(
+    client: &RestockServiceClient<Channel>,
+    product: i64,
+    poll: Duration,
+) -> anyhow::Result<proto::RestockRun> {
+    loop {
+        let run = run_now(client, product).await?;
+        if run.status() != RunStatus::InProgress {
+            return Ok(run);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
 
 /// The latest run of `product`, as it is now.
 async fn run_now(
@@ -386,13 +389,7 @@ async fn memory_run(cluster: &Cluster, users: u32) -> anyhow::Result<()> {
     reset_peak(pid)?;
     let began = Instant::now();
     trigger(&server.client, 1).await?;
-    let run = loop {
-        let run = run_now(&server.client, 1).await?;
-        if run.status() != RunStatus::InProgress {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let run = wait_final(&server.client, 1, Duration::from_millis(100)).await?;
     anyhow::ensure!(run.sent_count == i64::from(users), "run: {run:?}");
     let peak = proc_status_kb(pid, "VmHWM:")?;
     println!(
@@ -434,9 +431,7 @@ async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
             .context("no notification within 10 s")?
             .context("the stream ended")??;
         anyhow::ensure!(got.restock_round == i64::from(*round), "got {got:?}");
-        while run_now(&server.client, 1).await?.status() == RunStatus::InProgress {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_final(&server.client, 1, Duration::from_millis(1)).await?;
         Ok(())
     };
     for _ in 0..100 {

@@ -10,7 +10,6 @@ use chrono::{SubsecRound as _, Utc};
 use fred::prelude::KeysInterface as _;
 use restock_notifier::domain::{ProductId, UserId};
 use restock_notifier::engine::bus::local::LocalBus;
-use restock_notifier::engine::bus::redis::RedisBus;
 use restock_notifier::engine::bus::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
 use restock_notifier::engine::limiter::SendLimiter;
 use restock_notifier::engine::limiter::local::LocalLimiter;
@@ -22,7 +21,7 @@ use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
-use crate::helpers::redis_url;
+use crate::helpers::{join_redis_bus, redis_url};
 use crate::proxy::FaultProxy;
 
 fn prefix() -> Keys {
@@ -236,20 +235,7 @@ async fn fence(
         return (cache, fence, bus);
     }
     let keys = prefix();
-    let client = restock_notifier::redis::connect(&redis_url())
-        .await
-        .unwrap();
-    let subscriber = restock_notifier::redis::connect_subscriber(&redis_url())
-        .await
-        .unwrap();
-    let bus = RedisBus::start(
-        client.clone(),
-        subscriber,
-        keys.clone(),
-        Arc::new(LocalBus::new(64)),
-    )
-    .await
-    .unwrap();
+    let (client, bus) = join_redis_bus(&keys, 64).await;
     (
         Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
         Arc::new(RedisStockFence::new(client, keys)),

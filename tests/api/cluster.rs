@@ -353,6 +353,19 @@ impl Instance {
         }
     }
 
+    /// `TriggerRestock` of `product` on this instance, no stock given.
+    async fn trigger(&self, product: i64) {
+        self.client
+            .clone()
+            .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
+                product_id: product,
+                stock: None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))
@@ -399,16 +412,8 @@ async fn claim_token(app: &TestApp) -> Option<i64> {
 async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instance {
     survivor.set_stock(1, 10).await;
     survivor.register_bulk(1, users).await;
-    let mut owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
-    owner
-        .client
-        .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
+    owner.trigger(1).await;
     while survivor.history(1, 1).await.len() < 300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -507,16 +512,7 @@ async fn notifications_carry_the_database_s_clock_even_from_a_host_whose_clock_i
         Some("+30s"),
     )
     .await;
-    skewed
-        .client
-        .clone()
-        .trigger_restock(restock_notifier::grpc::proto::TriggerRestockRequest {
-            product_id: 1,
-            stock: None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    skewed.trigger(1).await;
     let run = other.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::Completed);
     // How far each stamp is behind the database's clock now: the run took about a

@@ -624,3 +624,29 @@ pub async fn wait_until_listening(port: u16, what: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client of the shared Redis and the notification bus of `keys`' prefix on it, as an
+/// instance joins it (its streams fed through a local bus of `buffer` events).
+pub async fn join_redis_bus(
+    keys: &restock_notifier::redis::Keys,
+    buffer: usize,
+) -> (
+    fred::prelude::Client,
+    restock_notifier::engine::bus::redis::RedisBus,
+) {
+    let client = restock_notifier::redis::connect(&redis_url())
+        .await
+        .unwrap();
+    let subscriber = restock_notifier::redis::connect_subscriber(&redis_url())
+        .await
+        .unwrap();
+    let bus = restock_notifier::engine::bus::redis::RedisBus::start(
+        client.clone(),
+        subscriber,
+        keys.clone(),
+        std::sync::Arc::new(restock_notifier::engine::bus::local::LocalBus::new(buffer)),
+    )
+    .await
+    .unwrap();
+    (client, bus)
+}

@@ -2,13 +2,11 @@
 //! of them reaching MySQL or Redis through a fault proxy of the test's own that holds
 //! a request on the wire or cuts the instance off mid-transaction (G3, G8).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::{ClientLike as _, KeysInterface as _};
 use fred::types::scripts::Script;
 use futures::StreamExt as _;
-use restock_notifier::engine::bus::local::LocalBus;
 use restock_notifier::engine::bus::redis::RedisBus;
 use restock_notifier::engine::bus::{BusEvent, NotificationBus as _};
 use restock_notifier::grpc::proto::{self, RunStatus};
@@ -78,20 +76,7 @@ async fn wait_until_held(proxy: &FaultProxy) {
 
 /// The notification bus of a Redis prefix, as an instance joins it.
 async fn raw_bus(prefix: &str) -> RedisBus {
-    let client = restock_notifier::redis::connect(&redis_url())
-        .await
-        .unwrap();
-    let subscriber = restock_notifier::redis::connect_subscriber(&redis_url())
-        .await
-        .unwrap();
-    RedisBus::start(
-        client,
-        subscriber,
-        Keys::new(prefix),
-        Arc::new(LocalBus::new(100_000)),
-    )
-    .await
-    .unwrap()
+    join_redis_bus(&Keys::new(prefix), 100_000).await.1
 }
 
 /// When each notification reached the stream, until `stop` fires and the stream has
