@@ -30,8 +30,13 @@ pub struct RecorderSettings {
     /// sends without a transaction per notification.
     pub flush_interval: Duration,
     /// G10: sends pause while this many notifications are delivered but not committed.
-    /// One second's worth at the send rate (`RESTOCK_SEND_RATE`): a stall or a crash
-    /// never re-delivers more than that.
+    /// Never more than one second's worth at the send rate (`startup` lowers it to
+    /// `RESTOCK_SEND_RATE`): a stall or a crash never re-delivers more than that. At
+    /// high rates, ten batches: sends go on while a batch commits, and what piles up
+    /// meanwhile goes in the next transaction, so the engine runs at the speed of its
+    /// commits (larger ones when it falls behind) rather than of its commits plus its
+    /// sends. A transaction of this many rows stays within both databases' limits on
+    /// bound parameters.
     pub unrecorded_bound: usize,
 }
 
@@ -40,7 +45,7 @@ impl Default for RecorderSettings {
         Self {
             batch_size: 500,
             flush_interval: Duration::from_millis(100),
-            unrecorded_bound: 500,
+            unrecorded_bound: 5_000,
         }
     }
 }
@@ -62,6 +67,9 @@ pub(super) struct Recorder {
     pending: Vec<SentNotification>,
     oldest_pending: Option<Instant>,
     in_flight: Option<InFlight>,
+    /// The users of `pending` and `in_flight`, kept as they change: every page read
+    /// is checked against it.
+    unrecorded_users: HashSet<UserId>,
     metrics: Arc<Metrics>,
     /// What this recorder last added to `restock_unrecorded_sends`.
     reported: usize,
@@ -83,6 +91,7 @@ impl Recorder {
             lease,
             oldest_pending: None,
             in_flight: None,
+            unrecorded_users: HashSet::new(),
             metrics,
             reported: 0,
         }
@@ -107,6 +116,8 @@ impl Recorder {
                 registration,
                 sent_at,
             }));
+        self.unrecorded_users
+            .extend(chunk.iter().map(|registration| registration.user_id));
         self.oldest_pending.get_or_insert_with(Instant::now);
         self.report();
     }
@@ -123,13 +134,15 @@ impl Recorder {
             .saturating_sub(self.unrecorded())
     }
 
-    /// Users delivered but not committed: a page read meanwhile may still list them.
-    pub(super) fn unrecorded_users(&self) -> HashSet<UserId> {
-        self.pending
-            .iter()
-            .map(|s| s.registration.user_id)
-            .chain(self.in_flight.iter().flat_map(|f| f.users.iter().copied()))
-            .collect()
+    /// Whether `user` was delivered and is not committed yet: a page read meanwhile
+    /// may still list them.
+    pub(super) fn is_unrecorded(&self, user: UserId) -> bool {
+        self.unrecorded_users.contains(&user)
+    }
+
+    /// Whether anything delivered is not committed yet.
+    pub(super) fn has_unrecorded(&self) -> bool {
+        !self.unrecorded_users.is_empty()
     }
 
     /// Between sends: notices a finished batch (a failure stops the run at once), and
@@ -239,6 +252,9 @@ impl Recorder {
         let outcome = match in_flight.done.await {
             Ok(Ok(Claimed::Yes)) => {
                 self.lease.renewed(in_flight.started);
+                for user in &in_flight.users {
+                    self.unrecorded_users.remove(user);
+                }
                 return Ok(());
             }
             Ok(Ok(Claimed::Lost)) => Stop::Lost,
@@ -251,6 +267,7 @@ impl Recorder {
         };
         self.pending.clear();
         self.oldest_pending = None;
+        self.unrecorded_users.clear();
         Err(outcome)
     }
 
@@ -279,6 +296,7 @@ impl Recorder {
         match first {
             Ok(Claimed::Yes) => {
                 self.pending.clear();
+                self.unrecorded_users.clear();
                 self.report();
                 Ok(after)
             }
@@ -290,6 +308,7 @@ impl Recorder {
                     "cannot record the last sends; marking the run CANCELED_BY_ERROR without them"
                 );
                 self.pending.clear();
+                self.unrecorded_users.clear();
                 self.mark_failed().await
             }
         }

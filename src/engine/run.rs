@@ -217,9 +217,8 @@ impl RunState<'_> {
             if page.is_empty() {
                 return Ok(Done::Queue);
             }
-            let unrecorded = self.recorder.unrecorded_users();
-            if !unrecorded.is_empty() {
-                page.retain(|r| !unrecorded.contains(&r.user_id));
+            if self.recorder.has_unrecorded() {
+                page.retain(|r| !self.recorder.is_unrecorded(r.user_id));
                 if page.is_empty() {
                     // Only unrecorded users were left: record them, and the query skips
                     // them next time.

@@ -27,6 +27,11 @@ pub struct RunClaim {
     /// claim always has the greater token. Deliveries carry it, and the shared side
     /// refuses one older than the newest it has seen (G8).
     pub token: i64,
+    /// The last queue position handed out before the round started (`None` on runs
+    /// from before it was kept). Registrations up to it cannot belong to a user
+    /// notified in this round already: only those after it are checked against the
+    /// round's history when the queue is read.
+    pub queue_end: Option<i64>,
 }
 
 /// A started or resumed run: its claim, and where the engine picks up.

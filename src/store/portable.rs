@@ -75,6 +75,20 @@ macro_rules! portable_queries {
             Ok(epoch + 1)
         }
 
+        /// Where the run's queue ended when its round started (see [`RunClaim`]).
+        async fn select_queue_end(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            run_id: i64,
+        ) -> Result<Option<i64>, Error> {
+            sqlx::query_scalar(
+                "SELECT queue_end_position FROM product_notification_history WHERE id = ?",
+            )
+            .bind(run_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(backend)
+        }
+
         async fn select_run_by_id(
             tx: &mut sqlx::Transaction<'static, $db>,
             run_id: i64,
@@ -167,16 +181,39 @@ macro_rules! portable_queries {
             row.as_ref().map(run_from_row).transpose()
         }
 
-        /// A keyset page read from ix_pun_queue alone, anti-joined with a probe of the
-        /// history's unique key per row, so users recorded in this round are left out.
-        /// (MariaDB runs the equivalent NOT EXISTS as a dependent subquery, several times
-        /// slower.)
+        /// A keyset page read from ix_pun_queue. Up to where the queue ended when the
+        /// round started, that alone: no user there was notified in this round unless
+        /// behind the cursor. After it (users who registered again during the round),
+        /// anti-joined with a probe of the history's unique key per row, so users
+        /// recorded in this round are left out. (MariaDB runs the equivalent NOT EXISTS
+        /// as a dependent subquery, several times slower.) The probe costs about as
+        /// much as writing the row, so most of the queue is read without it.
         async fn read_next_registrations(
             pool: &sqlx::Pool<$db>,
             claim: &RunClaim,
             cursor: Option<i64>,
             limit: u32,
         ) -> Result<Vec<Registration>, Error> {
+            let mut from = cursor.unwrap_or(0);
+            if let Some(end) = claim.queue_end.filter(|&end| from < end) {
+                let rows = sqlx::query(
+                    "SELECT user_id, position FROM product_user_notification \
+                     WHERE product_id = ? AND is_active = TRUE AND position > ? \
+                       AND position <= ? \
+                     ORDER BY position LIMIT ?",
+                )
+                .bind(claim.product_id.get())
+                .bind(from)
+                .bind(end)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(backend)?;
+                if !rows.is_empty() {
+                    return registrations_from_rows(&rows);
+                }
+                from = end;
+            }
             let rows = sqlx::query(
                 "SELECT q.user_id, q.position FROM product_user_notification q \
                  LEFT JOIN product_user_notification_history h \
@@ -188,11 +225,15 @@ macro_rules! portable_queries {
             )
             .bind(claim.restock_round)
             .bind(claim.product_id.get())
-            .bind(cursor.unwrap_or(0))
+            .bind(from)
             .bind(limit)
             .fetch_all(pool)
             .await
             .map_err(backend)?;
+            registrations_from_rows(&rows)
+        }
+
+        fn registrations_from_rows(rows: &[$row]) -> Result<Vec<Registration>, Error> {
             rows.iter()
                 .map(|row| {
                     Ok(Registration {

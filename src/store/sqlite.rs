@@ -387,8 +387,9 @@ impl Store for SqliteStore {
         let inserted = sqlx::query(
             "INSERT INTO product_notification_history \
              (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
-              started_at, updated_at, wave_per_unit, wave_interval_ms) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?, ?, ?, ?)",
+              started_at, updated_at, wave_per_unit, wave_interval_ms, queue_end_position) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, ?, ?, ?, ?, ?, \
+              (SELECT alert_seq FROM product WHERE id = ?))",
         )
         .bind(product.get())
         .bind(round)
@@ -399,6 +400,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(request.wave.map(|w| i64::from(w.per_unit)))
         .bind(request.wave.map(|w| w.interval.as_millis() as i64))
+        .bind(product.get())
         .execute(&mut *tx)
         .await;
         let run_id = match inserted {
@@ -411,6 +413,7 @@ impl Store for SqliteStore {
         if let Some(key) = &request.idempotency_key {
             store_key(&mut tx, product, key, round).await?;
         }
+        let queue_end = select_queue_end(&mut tx, run_id).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(Triggered::Started(ClaimedRun {
@@ -419,6 +422,7 @@ impl Store for SqliteStore {
                 product_id: product,
                 restock_round: round,
                 token,
+                queue_end,
             },
             claimed_at,
             cursor: None,
@@ -472,6 +476,7 @@ impl Store for SqliteStore {
             .map_err(|e| Error::Backend(BackendError::new(STORE, false, anyhow::anyhow!(e))))?;
         check_resumable(product, current.restock_round, status, current.stock)?;
         let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
+        let queue_end = select_queue_end(&mut tx, run_id).await?;
         let run = select_run_by_id(&mut tx, run_id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ClaimedRun {
@@ -481,6 +486,7 @@ impl Store for SqliteStore {
                 product_id: product,
                 restock_round: current.restock_round,
                 token,
+                queue_end,
             },
             cursor,
             run,
@@ -623,6 +629,7 @@ impl Store for SqliteStore {
         for row in rows {
             let run_id: i64 = row.try_get("id").map_err(backend)?;
             let (token, claimed_at) = grant_claim(&mut tx, run_id, lease).await?;
+            let queue_end = select_queue_end(&mut tx, run_id).await?;
             let run = select_run_by_id(&mut tx, run_id).await?;
             taken.push(ClaimedRun {
                 claimed_at,
@@ -631,6 +638,7 @@ impl Store for SqliteStore {
                     product_id: ProductId::from_stored(row.try_get("product_id").map_err(backend)?),
                     restock_round: row.try_get("restock_round").map_err(backend)?,
                     token,
+                    queue_end,
                 },
                 cursor: row.try_get("last_sent_position").map_err(backend)?,
                 run,
