@@ -174,6 +174,7 @@ async fn pacing_on(cluster: &Cluster, users: u32, limit: u32) -> anyhow::Result<
     let arrivals = receiving.await??;
     let run = wait_final(&server.client, 1, Duration::from_millis(50)).await?;
     let elapsed = began.elapsed();
+    let dropped = server.metric("restock_send_limiter_dropped_total").await?;
 
     let mut sent: Vec<DateTime<Utc>> = sqlx::query_scalar(
         "SELECT sent_at FROM product_user_notification_history ORDER BY sent_at",
@@ -188,7 +189,7 @@ async fn pacing_on(cluster: &Cluster, users: u32, limit: u32) -> anyhow::Result<
 
     println!(
         "pacing (the service as its own process): {users} users, limit {limit}/s, run {:?}, \
-         wall {elapsed:.2?}",
+         wall {elapsed:.2?}, limiter slots given up (handed out too late) {dropped}",
         run.status()
     );
     let longest_gap = sent
