@@ -8,6 +8,7 @@
 //! cargo run --release --example bench -- ceiling [--users 200000]
 //! cargo run --release --example bench -- memory  [--users 1000000] [--waves]
 //! cargo run --release --example bench -- memory  --runs 10000
+//! cargo run --release --example bench -- memory  --streams 5000
 //! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
@@ -21,7 +22,8 @@
 //! `memory` reports the process's RSS idle and its peak during one run at the highest
 //! send rate (the peak is reset after seeding); `--waves` samples it while a run waits
 //! between waves; `--runs N` holds one `Subscribe` stream open while N runs go by and
-//! reports how much the process grew. `fanout` runs the real binary as its own process (two with
+//! reports how much the process grew; `--streams N` opens N idle `Subscribe` streams and
+//! reports what each costs the process. `fanout` runs the real binary as its own process (two with
 //! `--across`: the run on one, the streams on the other), opens the streams from this
 //! process, checks that every stream gets every notification in order, and reports
 //! the send-to-receive p50/p99 over all of them and each server's CPU time per
@@ -452,6 +454,66 @@ async fn memory_runs_on(cluster: &Cluster, runs: u32) -> anyhow::Result<()> {
         mb(after),
         mb(after) - mb(before)
     );
+    Ok(())
+}
+
+/// `memory --streams N`: `N` idle `Subscribe` streams (on a product that never runs),
+/// opened from this process over HTTP/2 connections of 100 streams each; the service
+/// process's RSS before and after, per stream. The connections are opened first, so
+/// what a stream costs is told apart from what a connection costs.
+async fn memory_streams(streams: u32) -> anyhow::Result<()> {
+    on_one_instance(MAX_RATE, async |cluster| {
+        memory_streams_on(cluster, streams).await
+    })
+    .await
+}
+
+async fn memory_streams_on(cluster: &Cluster, streams: u32) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    let pid = server.process.id();
+    seed_product(&server.client, &cluster.db, 1, 1_000, &[1]).await?;
+    let connections = streams.div_ceil(STREAMS_PER_CONNECTION);
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(server.connect().await?);
+    }
+    // One stream per connection first: what a connection costs is in the baseline.
+    let mut open = Vec::with_capacity(streams as usize);
+    let subscribe = async |channel: &Channel| -> anyhow::Result<_> {
+        let request = proto::SubscribeRequest {
+            product_id: Some(2),
+            ..Default::default()
+        };
+        Ok(RestockServiceClient::new(channel.clone())
+            .subscribe(request)
+            .await?
+            .into_inner())
+    };
+    for channel in &channels {
+        open.push(subscribe(channel).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = proc_status_kb(pid, "VmRSS:")?;
+    for i in connections..streams {
+        open.push(subscribe(&channels[(i % connections) as usize]).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = proc_status_kb(pid, "VmRSS:")?;
+    let subscribers = server.metric("restock_subscribers").await?;
+    anyhow::ensure!(
+        subscribers == f64::from(streams),
+        "the service counts {subscribers} subscribers, not {streams}"
+    );
+    let added = streams - connections;
+    println!(
+        "memory, {streams} idle streams over {connections} connections: RSS of the service \
+         process {:.2} MB with one stream per connection, {:.2} MB with all: {:.2} KiB per \
+         stream",
+        mb(before),
+        mb(after),
+        (after as f64 - before as f64) / f64::from(added)
+    );
+    drop(open);
     Ok(())
 }
 
@@ -1312,6 +1374,9 @@ async fn main() -> anyhow::Result<()> {
         Some("memory") if args.iter().any(|a| a == "--waves") => {
             memory_waves(arg(&args, "--users", 1_000_000)?).await
         }
+        Some("memory") if args.iter().any(|a| a == "--streams") => {
+            memory_streams(arg(&args, "--streams", 5_000)?).await
+        }
         Some("memory") if args.iter().any(|a| a == "--runs") => {
             memory_runs(arg(&args, "--runs", 10_000)?).await
         }
@@ -1344,7 +1409,7 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] [--waves] | memory --runs N | \
+             memory [--users N] [--waves] | memory --runs N | memory --streams N | \
              fanout [--streams S] [--users N] [--rate R] [--across] | \
              cluster [--users N] [--rate R] [--instances I] | \
              limiter [--rate R] [--seconds S] [--runs N] [--instances I]"
