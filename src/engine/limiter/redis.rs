@@ -76,22 +76,29 @@ const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 
 /// A block that follows a gap (a change of holder) is at least this many times the gap
-/// long, and at least `TURN` (at most `MAX_HORIZON`), the holder yielding to the
-/// instance that waits for it: instances taking turns lose at most 1/65 of the rate to
-/// gaps (or, with a gap near the cap, a gap per `MAX_HORIZON` of slots), and each
+/// long, and at least `TURN` (at most `LONGEST_TURN`), the holder yielding to the
+/// instance that waits for it: instances taking turns lose at most 1/129 of the rate to
+/// gaps (or, with a gap near the cap, a gap per `LONGEST_TURN` of slots), and each
 /// waits at most one such block for its turn.
-const QUANTUM: u32 = 64;
+const QUANTUM: u32 = 128;
 
 /// The shortest turn of an instance when instances take turns: near Redis the gaps are
 /// a fraction of a millisecond, and a block of a few slots per gap would still lose a
 /// few percent to them.
-const TURN: Duration = Duration::from_millis(50);
+const TURN: Duration = Duration::from_millis(100);
+
+/// The longest turn, and how far ahead of its lead any block may reach. Far from Redis
+/// a gap is about half the round trip (how late the last holder may send its last
+/// slot): a turn of a second loses one such gap per second (about 5% at 100 ms), where
+/// a turn as short as the horizon lost a gap per quarter second. A run on the other
+/// instance waits at most one turn for its first send.
+const LONGEST_TURN: Duration = Duration::from_secs(1);
 
 /// Where a lost schedule restarts, after now: past the furthest slot any instance may
-/// hold (the longest lead, then `MAX_HORIZON`: the script never reserves further) and
+/// hold (the longest lead, then `LONGEST_TURN`: the script never reserves further) and
 /// how late it may send it (at most `MAX_ROUND_TRIP`).
 const COLD: Duration = Duration::from_millis(
-    (MAX_ROUND_TRIP.as_millis() + LEAD_MARGIN.as_millis() + MAX_HORIZON.as_millis()) as u64
+    (MAX_ROUND_TRIP.as_millis() + LEAD_MARGIN.as_millis() + LONGEST_TURN.as_millis()) as u64
         + MAX_ROUND_TRIP.as_millis() as u64,
 );
 
@@ -296,7 +303,7 @@ impl RedisSlots {
             format!("{lateness:.0}"),
             format!("{delta:.0}"),
             format!("{:.0}", micros(COLD)),
-            format!("{:.0}", micros(MAX_HORIZON)),
+            format!("{:.0}", micros(LONGEST_TURN)),
             QUANTUM.to_string(),
             format!("{:.0}", micros(TURN)),
         ];
