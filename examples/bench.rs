@@ -245,6 +245,13 @@ async fn ceiling_on(metered: &Cluster, unmetered: &Cluster, users: u32) -> anyho
     let ids: Vec<i64> = (1..=i64::from(users)).collect();
     for cluster in [metered, unmetered] {
         seed_product(&cluster.instances[0].client, &cluster.db, 1, 1_000, &ids).await?;
+        // A run of one user first: the limiter's schedule on a fresh Redis prefix
+        // starts cold (as after a lost key, G2), which a service in use has long
+        // behind it, and the first round would count that wait.
+        seed_product(&cluster.instances[0].client, &cluster.db, 2, 1_000, &[1]).await?;
+        let client = &cluster.instances[0].client;
+        trigger(client, 2).await?;
+        wait_final(client, 2, Duration::from_millis(10)).await?;
     }
     sqlx::query("CREATE TABLE baseline LIKE product_user_notification_history")
         .execute(&metered.db)

@@ -21,9 +21,12 @@ use crate::store::{After, Claimed, FinalStatus, RunClaim, SentNotification, Stor
 /// Settings of the recorder.
 #[derive(Debug, Clone)]
 pub struct RecorderSettings {
-    /// Notifications handed to one transaction once this many wait. 500: one
-    /// multi-row INSERT of that size commits in a few milliseconds, and at the default
-    /// rate a batch rarely gets that big because of `flush_interval`.
+    /// Notifications handed to one transaction once this many wait: one statement of
+    /// the store's (a multi-row INSERT of 500 commits in a few milliseconds). At the
+    /// default rate a batch rarely gets that big because of `flush_interval`; when more
+    /// wait (at high rates, while the previous transaction commits), a transaction
+    /// takes a whole number of batches and the rest waits for the next, so every
+    /// statement has the one length the connection has prepared already.
     pub batch_size: usize,
     /// A delivered notification waits about this long, at most, before it is handed to
     /// a transaction. 100 ms keeps the record (and `GetRestockRun`) close behind the
@@ -43,7 +46,7 @@ pub struct RecorderSettings {
 impl Default for RecorderSettings {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: crate::store::HISTORY_ROWS_PER_INSERT,
             flush_interval: Duration::from_millis(100),
             unrecorded_bound: 5_000,
         }
@@ -197,7 +200,7 @@ impl Recorder {
     /// Commits everything delivered so far and waits for it.
     pub(super) async fn flush(&mut self) -> Result<(), Stop> {
         self.settle().await?;
-        if !self.pending.is_empty() {
+        while !self.pending.is_empty() {
             self.hand_over_pending();
             self.settle().await?;
         }
@@ -217,8 +220,17 @@ impl Recorder {
     /// renews the lease). The previous one must be settled.
     fn hand_over_pending(&mut self) {
         debug_assert!(self.in_flight.is_none());
-        let batch = std::mem::take(&mut self.pending);
-        self.oldest_pending = None;
+        let whole = self.pending.len() / self.settings.batch_size * self.settings.batch_size;
+        let batch = if whole == 0 || whole == self.pending.len() {
+            self.oldest_pending = None;
+            std::mem::take(&mut self.pending)
+        } else {
+            // The rest stays pending, as if delivered now: the next transaction, due
+            // once this one commits, takes it.
+            self.oldest_pending = Some(Instant::now());
+            let rest = self.pending.split_off(whole);
+            std::mem::replace(&mut self.pending, rest)
+        };
         let users = batch.iter().map(|s| s.registration.user_id).collect();
         let store = self.store.clone();
         let (claim, lease) = (self.claim, self.lease.lease());

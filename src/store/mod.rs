@@ -15,6 +15,12 @@ use crate::domain::{
     ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
+/// History rows per INSERT statement. A batch is written in statements of this many
+/// rows (and one for the rest), so each connection prepares the statement once and
+/// reuses it, where batches of every length would each be prepared anew; and 500 rows
+/// of five values stay far inside both databases' limits on bound parameters.
+pub const HISTORY_ROWS_PER_INSERT: usize = 500;
+
 /// Which run a task drives, and the claim that proves it still drives it: every write of
 /// the engine is conditional on the claim, so a run that was taken over (its lease
 /// expired, then `ManualRestock` resumed it) can never be written by two tasks.

@@ -8,12 +8,12 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{ConnectOptions, Connection, MySql, Row, Transaction};
+use sqlx::{ConnectOptions, Connection, MySql, QueryBuilder, Row, Transaction};
 use tokio::time::Instant;
 
 use super::{
-    After, Claimed, ClaimedRun, FIRST_CLAIM, ListedRun, Recorded, RunClaim, RunProgress,
-    SentNotification, Store, Triggered, check_resumable,
+    After, Claimed, ClaimedRun, FIRST_CLAIM, HISTORY_ROWS_PER_INSERT, ListedRun, Recorded,
+    RunClaim, RunProgress, SentNotification, Store, Triggered, check_resumable,
 };
 use crate::domain::{
     Alert, BackendError, Error, IdempotencyKey, NotResumable, Notification, NotificationFilter,
@@ -147,37 +147,6 @@ impl MySqlStore {
     async fn begin(&self) -> Result<Transaction<'static, MySql>, Error> {
         self.pool.begin().await.map_err(backend)
     }
-}
-
-/// The INSERT of a batch of history rows, its values written out as literals.
-///
-/// A prepared statement would be prepared again for every batch size (the batches the
-/// recorder hands over vary in length), each prepare a round trip and a parse of its
-/// own that the text protocol does not pay; and every value here is a number or a
-/// timestamp the service made, so writing them out needs no escaping.
-fn history_insert(claim: &RunClaim, sent: &[SentNotification]) -> String {
-    use std::fmt::Write as _;
-    let mut sql = String::with_capacity(96 + sent.len() * 72);
-    sql.push_str(
-        "INSERT INTO product_user_notification_history \
-         (product_id, user_id, restock_round, sent_at, position) VALUES ",
-    );
-    for (i, s) in sent.iter().enumerate() {
-        if i > 0 {
-            sql.push(',');
-        }
-        // The sessions' time zone is UTC (sqlx sets it on connect), as `sent_at` is.
-        let _ = write!(
-            sql,
-            "({},{},{},'{}',{})",
-            claim.product_id.get(),
-            s.registration.user_id.get(),
-            claim.restock_round,
-            s.sent_at.format("%Y-%m-%d %H:%M:%S%.6f"),
-            s.registration.position
-        );
-    }
-    sql
 }
 
 /// Maps a driver error to a backend error; connection-level failures are "unavailable".
@@ -727,12 +696,21 @@ impl Store for MySqlStore {
         // The history rows first, the conditional update last: if a stall holds the
         // insert up past the lease (G10), the update then finds the lease run out, or
         // the run taken over, and the whole transaction is rolled back (G8).
-        if !sent.is_empty() {
-            let insert = history_insert(claim, sent);
-            // A plain string: the text protocol, no prepared statement.
-            sqlx::Executor::execute(&mut *tx, insert.as_str())
-                .await
-                .map_err(backend)?;
+        // Statements of a fixed number of rows: each length is prepared once per
+        // connection and then reused, as a batch of any length would not be.
+        for rows in sent.chunks(HISTORY_ROWS_PER_INSERT) {
+            let mut insert = QueryBuilder::<MySql>::new(
+                "INSERT INTO product_user_notification_history \
+                 (product_id, user_id, restock_round, sent_at, position) ",
+            );
+            insert.push_values(rows, |mut row, s| {
+                row.push_bind(claim.product_id.get())
+                    .push_bind(s.registration.user_id.get())
+                    .push_bind(claim.restock_round)
+                    .push_bind(s.sent_at)
+                    .push_bind(s.registration.position);
+            });
+            insert.build().execute(&mut *tx).await.map_err(backend)?;
         }
         let last = sent.last().map(|s| s.registration);
         let (status, renew, release, wait) = match after {

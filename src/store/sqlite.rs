@@ -557,12 +557,12 @@ impl Store for SqliteStore {
             tx.rollback().await.ok();
             return Ok(Claimed::Lost);
         }
-        if !sent.is_empty() {
+        for rows in sent.chunks(super::HISTORY_ROWS_PER_INSERT) {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO product_user_notification_history \
                  (product_id, user_id, restock_round, sent_at, position) ",
             );
-            insert.push_values(sent, |mut row, s| {
+            insert.push_values(rows, |mut row, s| {
                 row.push_bind(claim.product_id.get())
                     .push_bind(s.registration.user_id.get())
                     .push_bind(claim.restock_round)
