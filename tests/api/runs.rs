@@ -249,7 +249,43 @@ async fn a_user_who_re_registers_during_a_run_is_not_notified_twice(backend: Bac
     assert_eq!(history.iter().collect::<HashSet<_>>().len(), 100);
 }
 
+/// At a high rate the sends run ahead of the commits (up to ten batches unrecorded),
+/// transactions take whole batches, and the queue up to where it ended at the start
+/// of the round is read without the history probe: still every user once, in order,
+/// including one who registered during the run, and not the one who registered again.
+async fn a_fast_run_records_every_user_once_in_registration_order(backend: Backend) {
+    let app = spawn_app_with(Options {
+        send_rate: 50_000,
+        ..Options::new(backend)
+    })
+    .await;
+    // Not a whole number of pages: the page that reaches the end of the queue as it
+    // was would reach past it too.
+    let users: Vec<i64> = (1..=50_500).collect();
+    app.set_stock(8, 5).await;
+    app.register_bulk(8, &users).await;
+    let mut stream = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(8),
+            ..Default::default()
+        })
+        .await;
+    app.trigger(8, None).await.unwrap();
+    take(&mut stream, 100).await;
+    app.cancel(8, 1).await;
+    app.register(8, 1).await;
+    app.register(8, 60_000).await;
+    let run = app.wait_until_final(8).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    let mut expected = users.clone();
+    expected.push(60_000);
+    assert_eq!(app.history(8, 1).await, expected);
+    assert_eq!(run.sent_count, 50_501);
+    assert_eq!(run.last_sent_user_id, Some(60_000));
+}
+
 on_each_backend!(
+    a_fast_run_records_every_user_once_in_registration_order,
     users_are_notified_in_registration_order_and_round_two_notifies_them_again,
     trigger_with_no_stock_is_refused_and_changes_nothing,
     trigger_with_stock_creates_an_unknown_product,
