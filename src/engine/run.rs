@@ -1,8 +1,11 @@
 //! Driving one run: keyset pages of registrations in queue order (G1), pacing by the
 //! limiter (G2), delivery through the stock fence (G3), and the recorder behind it
-//! (G5, G10), until the queue is done, the product sells out, or the run stops.
+//! (G5, G10), until the queue is done, the product sells out, or the run stops. With a
+//! webhook endpoint, delivery is a pipeline of acknowledged requests (G12, see
+//! `webhook`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
@@ -12,7 +15,9 @@ use super::Engine;
 use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
 use super::lease::LeaseKeeper;
 use super::recorder::Recorder;
-use super::stock::Delivery;
+use super::stock::{Admitted, Delivery};
+use super::webhook::Failure;
+use super::webhook::pipeline::{Event, Pipeline};
 use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
 use crate::store::{After, Claimed, ClaimedRun, FinalStatus, RunClaim};
 
@@ -27,6 +32,19 @@ pub(super) enum Stop {
     SoldOut,
     ShuttingDown,
     Failed(Error),
+    /// The webhook refused a notification, or it failed every attempt (G12).
+    Undelivered(Failure),
+}
+
+impl Stop {
+    /// What the run's `last_error` says when this ends it `CANCELED_BY_ERROR`.
+    pub(super) fn last_error(&self) -> Option<String> {
+        match self {
+            Stop::Failed(err) => Some(err.to_string()),
+            Stop::Undelivered(failure) => Some(failure.to_string()),
+            _ => None,
+        }
+    }
 }
 
 impl From<Error> for Stop {
@@ -63,6 +81,11 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             claim,
             cursor: claimed.cursor,
             wave_left: None,
+            pipeline: engine
+                .webhook
+                .clone()
+                .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
+            paused_until: None,
             engine: &engine,
         };
         let started = Instant::now();
@@ -82,21 +105,58 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             }
             run.notify_all().await
         };
-        let after = match notified.await {
+        let notified = notified.await;
+        // G12: what is on the wire is waited for, and what was acknowledged recorded.
+        let notified = match notified {
+            Err(
+                stop
+                @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_) | Stop::Undelivered(_)),
+            ) if run.pipeline.is_some() => {
+                let wait = match (&stop, &engine.webhook) {
+                    (Stop::ShuttingDown, Some(webhook)) => webhook.settings().shutdown_wait,
+                    (_, Some(webhook)) => webhook.settings().timeout,
+                    (_, None) => Duration::ZERO,
+                };
+                match run.wind_down(wait).await {
+                    Ok(()) => Err(stop),
+                    Err(lost @ (Stop::Lost | Stop::LeaseRunOut)) => Err(lost),
+                    Err(other) => {
+                        tracing::warn!(
+                            error = other.last_error().unwrap_or_default(),
+                            "cannot publish the last acknowledged notifications; a resume \
+                             sends them again under the same ids"
+                        );
+                        Err(stop)
+                    }
+                }
+            }
+            other => other,
+        };
+        let mut last_error = None;
+        let after = match notified {
             Ok(Done::Queue) => After::Finish(FinalStatus::Completed),
             Ok(Done::Wave) => After::WaitForWave(
                 wave.map_or(crate::domain::Wave::MIN_INTERVAL, |w| w.wave.interval),
             ),
             Err(Stop::SoldOut) => After::Finish(FinalStatus::SoldOut),
             Err(Stop::ShuttingDown) => After::Release,
-            Err(Stop::Failed(err)) => {
-                tracing::error!(error = ?err, "run failed; resume it with ManualRestock");
+            Err(stop @ (Stop::Failed(_) | Stop::Undelivered(_))) => {
+                last_error = stop.last_error();
+                match &stop {
+                    Stop::Failed(err) => {
+                        tracing::error!(error = ?err, "run failed; resume it with ManualRestock")
+                    }
+                    _ => tracing::error!(
+                        error = last_error.as_deref().unwrap_or_default(),
+                        "webhook delivery failed; resume the run with ManualRestock"
+                    ),
+                }
                 After::Finish(FinalStatus::Error)
             }
             Err(Stop::Lost) => return log_lost(),
             Err(Stop::LeaseRunOut) => return log_lease_run_out(),
         };
-        let written = match run.recorder.close(after).await {
+        let written = match run.recorder.close(after, last_error).await {
             Ok(written) => written,
             Err(Stop::Lost) => return log_lost(),
             Err(Stop::LeaseRunOut) => return log_lease_run_out(),
@@ -153,6 +213,11 @@ struct RunState<'a> {
     cursor: Option<i64>,
     /// A wave run: how many the current wave may still notify.
     wave_left: Option<i64>,
+    /// With a webhook endpoint: the requests started and not yet published (G12).
+    /// `cursor` is then the last *acknowledged and published* notification.
+    pipeline: Option<Pipeline>,
+    /// No request starts before this: the endpoint asked for a pause (`Retry-After`).
+    paused_until: Option<Instant>,
 }
 
 /// Why a run stopped sending, when it did not stop early.
@@ -212,28 +277,37 @@ impl RunState<'_> {
             // the cursor once more).
             let mut page = engine
                 .store
-                .next_registrations(&self.claim, self.cursor, engine.settings.page_size)
+                .next_registrations(&self.claim, self.read_cursor(), engine.settings.page_size)
                 .await?;
             if page.is_empty() {
+                self.settle_pipeline().await?;
                 return Ok(Done::Queue);
             }
-            let unrecorded = self.recorder.unrecorded_users();
+            let mut unrecorded = self.recorder.unrecorded_users();
+            if let Some(pipeline) = &self.pipeline {
+                unrecorded.extend(pipeline.users());
+            }
             if !unrecorded.is_empty() {
                 page.retain(|r| !unrecorded.contains(&r.user_id));
                 if page.is_empty() {
                     // Only unrecorded users were left: record them, and the query skips
                     // them next time.
+                    self.settle_pipeline().await?;
                     self.recorder.flush().await?;
                     continue;
                 }
             }
             if self.wave_left == Some(0) {
                 // Users remain (this page), for the next wave.
+                self.settle_pipeline().await?;
                 return Ok(Done::Wave);
             }
             let mut rest = &page[..];
             while !rest.is_empty() && self.wave_left != Some(0) {
-                let sent = self.send(rest).await?;
+                let sent = match self.pipeline {
+                    Some(_) => self.send_to_webhook(rest).await?,
+                    None => self.send(rest).await?,
+                };
                 rest = &rest[sent..];
                 self.recorder.poll().await?;
             }
@@ -347,6 +421,287 @@ impl RunState<'_> {
             ),
         )))
     }
+}
+
+/// Delivery to a webhook endpoint (G12): see `webhook` for how the guarantees hold.
+impl RunState<'_> {
+    /// Where the next page of registrations starts: after the last notification
+    /// started, acknowledged or not.
+    fn read_cursor(&self) -> Option<i64> {
+        self.pipeline
+            .as_ref()
+            .and_then(Pipeline::last_started)
+            .max(self.cursor)
+    }
+
+    /// Waits until every request started was acknowledged (retrying as needed) and
+    /// handed to the recorder. Nothing to do without a webhook.
+    async fn settle_pipeline(&mut self) -> Result<(), Stop> {
+        if self.pipeline.as_ref().is_some_and(|p| !p.is_empty()) {
+            self.send_to_webhook(&[]).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts requests for the next few of `queue` (as many as the limiter grants at
+    /// once, retries first) and returns how many of `queue` it started. Meanwhile it
+    /// takes in the answers: the acknowledged prefix goes to the bus and the recorder,
+    /// failed requests wait for their retry, and a failure for good stops the run. With
+    /// an empty `queue`, returns 0 once every request started was acknowledged.
+    async fn send_to_webhook(&mut self, queue: &[Registration]) -> Result<usize, Stop> {
+        let engine = self.engine;
+        let limiter = engine.limiter.clone();
+        let bound = engine.settings.recorder.unrecorded_bound;
+        let mut acquire = None;
+        loop {
+            if engine.shutdown.is_cancelled() {
+                return Err(Stop::ShuttingDown);
+            }
+            self.recorder.poll().await?;
+            let pipeline = self
+                .pipeline
+                .as_mut()
+                .expect("a webhook run has a pipeline");
+            if let Some(failure) = pipeline.failure() {
+                return Err(Stop::Undelivered(failure.clone()));
+            }
+            if queue.is_empty() && pipeline.is_empty() {
+                return Ok(0);
+            }
+            if pipeline.is_empty() && (self.recorder.room() == 0 || !self.recorder.lease.may_send())
+            {
+                // G10 and G8, as for sends without a webhook.
+                self.recorder.wait_for_room().await?;
+                continue;
+            }
+            let pipeline = self
+                .pipeline
+                .as_mut()
+                .expect("a webhook run has a pipeline");
+            let now = Instant::now();
+            let paused = self.paused_until.is_some_and(|until| until > now);
+            // G10: requests on the wire or waiting count with the unrecorded ones.
+            let room = bound.saturating_sub(self.recorder.unrecorded() + pipeline.len());
+            let mut fresh = queue.len().min(room);
+            if let Some(left) = self.wave_left {
+                fresh = fresh.min(usize::try_from(left).unwrap_or(usize::MAX));
+            }
+            let want = fresh + pipeline.due_retries(now);
+            if acquire.is_none() && want > 0 && !paused && self.recorder.lease.may_send() {
+                acquire = Some(limiter.acquire(u32::try_from(want).unwrap_or(u32::MAX)));
+            }
+            let mut wake = now + engine.settings.recorder.flush_interval;
+            if let Some(at) = pipeline.next_retry_at() {
+                wake = wake.min(at.max(now));
+            }
+            if let Some(until) = self.paused_until.filter(|_| paused) {
+                wake = wake.min(until);
+            }
+            let running = pipeline.running() > 0;
+            tokio::select! {
+                biased;
+                _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                answered = pipeline.next_answer(), if running => {
+                    match answered {
+                        Some(answered) => self.answered(answered).await?,
+                        None => return Err(Stop::Failed(webhook_task_failed())),
+                    }
+                }
+                granted = async { acquire.as_mut().expect("checked").await }, if acquire.is_some() => {
+                    acquire = None;
+                    let granted = granted.map_err(Error::from)?;
+                    let started = self.start_requests(queue, granted as usize).await?;
+                    if started > 0 {
+                        return Ok(started);
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => self.recorder.keep_up().await?,
+            }
+        }
+    }
+
+    /// Spends `slots` of the limiter: due retries first, then the next of `queue`, all
+    /// under one pass through the stock fence. Returns how many of `queue` it started.
+    async fn start_requests(
+        &mut self,
+        queue: &[Registration],
+        slots: usize,
+    ) -> Result<usize, Stop> {
+        if !self.recorder.lease.may_send() {
+            // The lease could have run out while the run waited: the slots go unused.
+            return Ok(0);
+        }
+        let engine = self.engine;
+        let webhook = engine.webhook.clone().expect("a webhook run has a client");
+        let settings = webhook.settings();
+        // Retry-After, from whichever instance heard it. The slots go unused.
+        let left = engine.endpoint_pause.left().await.map_err(Error::from)?;
+        if !left.is_zero() {
+            self.paused_until = Some(Instant::now() + left);
+            return Ok(0);
+        }
+        let asked = Instant::now();
+        let pass = Arc::new(self.admit(settings.admission_ttl).await?);
+        let send_by = asked + settings.send_deadline;
+        let pipeline = self
+            .pipeline
+            .as_mut()
+            .expect("a webhook run has a pipeline");
+        let retried = pipeline.start_retries(slots, &pass, send_by);
+        let room = engine
+            .settings
+            .recorder
+            .unrecorded_bound
+            .saturating_sub(self.recorder.unrecorded() + pipeline.len());
+        let mut fresh = (slots - retried).min(queue.len()).min(room);
+        if let Some(left) = self.wave_left {
+            fresh = fresh.min(usize::try_from(left).unwrap_or(usize::MAX));
+        }
+        if fresh > 0 {
+            // Microseconds, as without a webhook; one stamp per group, the same for
+            // every attempt of its notifications.
+            let sent_at = engine.clock.now().trunc_subsecs(6);
+            pipeline.start(&queue[..fresh], sent_at, &pass, send_by);
+            if let Some(left) = &mut self.wave_left {
+                *left -= fresh as i64;
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// A pass through the stock fence (G3, G8).
+    async fn admit(&mut self, ttl: Duration) -> Result<crate::engine::stock::Admission, Stop> {
+        for _ in 0..3 {
+            match self
+                .engine
+                .stock_fence
+                .admit(self.run, self.claim.token, ttl)
+                .await
+                .map_err(Error::from)?
+            {
+                Admitted::Yes(pass) => return Ok(pass),
+                Admitted::SoldOut => return Err(Stop::SoldOut),
+                Admitted::Superseded => return Err(Stop::Lost),
+                Admitted::NotCached => self.engine.cache_stock(self.product(), None).await?,
+            }
+        }
+        Err(Stop::Failed(stock_keeps_disappearing()))
+    }
+
+    /// Takes an attempt's answer in: a grown prefix is published and recorded, a
+    /// `Retry-After` pauses every instance.
+    async fn answered(
+        &mut self,
+        answered: crate::engine::webhook::pipeline::Answered,
+    ) -> Result<(), Stop> {
+        let pipeline = self
+            .pipeline
+            .as_mut()
+            .expect("a webhook run has a pipeline");
+        match pipeline.answered(answered) {
+            Event::Acknowledged => self.publish_acknowledged(false).await,
+            Event::Retrying { pause: Some(pause) } => {
+                let until = Instant::now() + pause;
+                self.paused_until = Some(self.paused_until.map_or(until, |held| held.max(until)));
+                self.engine
+                    .endpoint_pause
+                    .pause(pause)
+                    .await
+                    .map_err(|e| Stop::Failed(e.into()))
+            }
+            Event::Retrying { pause: None } | Event::Failed | Event::Ignored => Ok(()),
+        }
+    }
+
+    /// Publishes the acknowledged prefix to the bus, under the claim (G8), and hands it
+    /// to the recorder (G5). With `partial`, also the acknowledged beginning of a group
+    /// that will not complete.
+    async fn publish_acknowledged(&mut self, partial: bool) -> Result<(), Stop> {
+        let pipeline = self
+            .pipeline
+            .as_mut()
+            .expect("a webhook run has a pipeline");
+        for acknowledged in pipeline.take_acknowledged(partial) {
+            let chunk = acknowledged.registrations;
+            let batch = SentBatch::new(
+                self.run,
+                self.cursor,
+                chunk
+                    .iter()
+                    .map(|r| SentItem {
+                        user_id: r.user_id,
+                        position: r.position,
+                    })
+                    .collect(),
+                acknowledged.sent_at,
+            )
+            .under_claim(self.claim.token);
+            match self
+                .engine
+                .stock_fence
+                .publish(&batch)
+                .await
+                .map_err(Error::from)?
+            {
+                Delivery::Superseded => return Err(Stop::Lost),
+                _ => {
+                    self.engine
+                        .metrics
+                        .notifications_sent
+                        .increment(chunk.len() as u64);
+                    self.recorder.delivered(&chunk, acknowledged.sent_at);
+                    self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The run is stopping: no request or retry starts any more; the answers to those
+    /// on the wire are awaited (up to `wait`), and the acknowledged prefix is published
+    /// and handed to the recorder. The rest is given up: a resume or the next owner
+    /// sends it again, under the same ids.
+    async fn wind_down(&mut self, wait: Duration) -> Result<(), Stop> {
+        let deadline = Instant::now() + wait;
+        let pipeline = self
+            .pipeline
+            .as_mut()
+            .expect("a webhook run has a pipeline");
+        pipeline.stop_retries();
+        while pipeline.running() > 0 {
+            tokio::select! {
+                answered = pipeline.next_answer() => match answered {
+                    Some(answered) => {
+                        pipeline.answered(answered);
+                    }
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        pipeline.stop_retries();
+        let published = self.publish_acknowledged(true).await;
+        if let Some(pipeline) = &mut self.pipeline {
+            pipeline.abandon();
+        }
+        published
+    }
+}
+
+fn webhook_task_failed() -> Error {
+    Error::Backend(crate::domain::BackendError::new(
+        "webhook",
+        false,
+        anyhow::anyhow!("a webhook attempt's task failed"),
+    ))
+}
+
+fn stock_keeps_disappearing() -> Error {
+    Error::Backend(crate::domain::BackendError::new(
+        "stock cache",
+        true,
+        anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
+    ))
 }
 
 fn log_lost() {
