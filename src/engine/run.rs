@@ -468,9 +468,10 @@ impl RunState<'_> {
             if queue.is_empty() && pipeline.is_empty() {
                 return Ok(0);
             }
-            if pipeline.is_empty() && (self.recorder.room() == 0 || !self.recorder.lease.may_send())
+            if !self.recorder.lease.may_send() || (pipeline.is_empty() && self.recorder.room() == 0)
             {
-                // G10 and G8, as for sends without a webhook.
+                // G10 and G8, as for sends without a webhook: a lease that cannot be
+                // renewed in time stops the run even with requests waiting for a retry.
                 self.recorder.wait_for_room().await?;
                 continue;
             }
