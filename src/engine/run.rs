@@ -86,6 +86,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                 .clone()
                 .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
             paused_until: None,
+            grant: None,
             engine: &engine,
         };
         let started = Instant::now();
@@ -218,6 +219,20 @@ struct RunState<'a> {
     pipeline: Option<Pipeline>,
     /// No request starts before this: the endpoint asked for a pause (`Retry-After`).
     paused_until: Option<Instant>,
+    /// A webhook run's call to the limiter, kept waiting from one batch of requests to
+    /// the next so that no slot falls due while the run is not asking (G2).
+    grant: Option<Grant>,
+}
+
+/// A call to the limiter that outlives the borrow of the engine.
+type Grant = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<u32, crate::domain::BackendError>> + Send>,
+>;
+
+fn ask_limiter(limiter: &Arc<dyn super::limiter::SendLimiter>, want: usize) -> Grant {
+    let limiter = limiter.clone();
+    let want = u32::try_from(want).unwrap_or(u32::MAX);
+    Box::pin(async move { limiter.acquire(want).await })
 }
 
 /// Why a run stopped sending, when it did not stop early.
@@ -452,7 +467,6 @@ impl RunState<'_> {
         let engine = self.engine;
         let limiter = engine.limiter.clone();
         let bound = engine.settings.recorder.unrecorded_bound;
-        let mut acquire = None;
         loop {
             if engine.shutdown.is_cancelled() {
                 return Err(Stop::ShuttingDown);
@@ -488,8 +502,8 @@ impl RunState<'_> {
                 fresh = fresh.min(usize::try_from(left).unwrap_or(usize::MAX));
             }
             let want = fresh + pipeline.due_retries(now);
-            if acquire.is_none() && want > 0 && !paused && self.recorder.lease.may_send() {
-                acquire = Some(limiter.acquire(u32::try_from(want).unwrap_or(u32::MAX)));
+            if self.grant.is_none() && want > 0 && !paused && self.recorder.lease.may_send() {
+                self.grant = Some(ask_limiter(&limiter, want));
             }
             let mut wake = now + engine.settings.recorder.flush_interval;
             if let Some(at) = pipeline.next_retry_at() {
@@ -508,9 +522,15 @@ impl RunState<'_> {
                         None => return Err(Stop::Failed(webhook_task_failed())),
                     }
                 }
-                granted = async { acquire.as_mut().expect("checked").await }, if acquire.is_some() => {
-                    acquire = None;
+                granted = async { self.grant.as_mut().expect("checked").await }, if self.grant.is_some() => {
+                    self.grant = None;
                     let granted = granted.map_err(Error::from)?;
+                    // The next slots are asked for at once, before this grant's work:
+                    // slots that fall due while no call waits are lost to the run (the
+                    // limiter never saves them up, G2).
+                    if want > granted as usize && !paused {
+                        self.grant = Some(ask_limiter(&limiter, want - granted as usize));
+                    }
                     let started = self.start_requests(queue, granted as usize).await?;
                     if started > 0 {
                         return Ok(started);
@@ -535,14 +555,21 @@ impl RunState<'_> {
         let engine = self.engine;
         let webhook = engine.webhook.clone().expect("a webhook run has a client");
         let settings = webhook.settings();
-        // Retry-After, from whichever instance heard it. The slots go unused.
-        let left = engine.endpoint_pause.left().await.map_err(Error::from)?;
+        let asked = Instant::now();
+        // The pass, and whether the endpoint asked for a pause (Retry-After, from
+        // whichever instance heard it), in one round trip's time.
+        let (pass, left) = tokio::join!(
+            admit(engine, self.run, self.claim.token, settings.admission_ttl),
+            engine.endpoint_pause.left()
+        );
+        let pass = pass?;
+        let left = left.map_err(Error::from)?;
         if !left.is_zero() {
+            // The pass is dropped unused, and the slots go unused.
             self.paused_until = Some(Instant::now() + left);
             return Ok(0);
         }
-        let asked = Instant::now();
-        let pass = Arc::new(self.admit(settings.admission_ttl).await?);
+        let pass = Arc::new(pass);
         let send_by = asked + settings.send_deadline;
         let pipeline = self
             .pipeline
@@ -570,27 +597,9 @@ impl RunState<'_> {
         Ok(fresh)
     }
 
-    /// A pass through the stock fence (G3, G8).
-    async fn admit(&mut self, ttl: Duration) -> Result<crate::engine::stock::Admission, Stop> {
-        for _ in 0..3 {
-            match self
-                .engine
-                .stock_fence
-                .admit(self.run, self.claim.token, ttl)
-                .await
-                .map_err(Error::from)?
-            {
-                Admitted::Yes(pass) => return Ok(pass),
-                Admitted::SoldOut => return Err(Stop::SoldOut),
-                Admitted::Superseded => return Err(Stop::Lost),
-                Admitted::NotCached => self.engine.cache_stock(self.product(), None).await?,
-            }
-        }
-        Err(Stop::Failed(stock_keeps_disappearing()))
-    }
-
-    /// Takes an attempt's answer in: a grown prefix is published and recorded, a
-    /// `Retry-After` pauses every instance.
+    /// Takes an attempt's answer in, with every other already there: a `Retry-After`
+    /// pauses every instance, and a grown prefix is published and recorded (once for
+    /// all of them).
     async fn answered(
         &mut self,
         answered: crate::engine::webhook::pipeline::Answered,
@@ -599,19 +608,31 @@ impl RunState<'_> {
             .pipeline
             .as_mut()
             .expect("a webhook run has a pipeline");
-        match pipeline.answered(answered) {
-            Event::Acknowledged => self.publish_acknowledged(false).await,
-            Event::Retrying { pause: Some(pause) } => {
-                let until = Instant::now() + pause;
-                self.paused_until = Some(self.paused_until.map_or(until, |held| held.max(until)));
-                self.engine
-                    .endpoint_pause
-                    .pause(pause)
-                    .await
-                    .map_err(|e| Stop::Failed(e.into()))
+        let (mut acknowledged, mut pause) = (false, None::<Duration>);
+        let mut next = Some(answered);
+        while let Some(answered) = next {
+            match pipeline.answered(answered) {
+                Event::Acknowledged => acknowledged = true,
+                Event::Retrying { pause: Some(asked) } => {
+                    pause = Some(pause.map_or(asked, |held| held.max(asked)));
+                }
+                Event::Retrying { pause: None } | Event::Failed | Event::Ignored => {}
             }
-            Event::Retrying { pause: None } | Event::Failed | Event::Ignored => Ok(()),
+            next = pipeline.ready_answer();
         }
+        if let Some(pause) = pause {
+            let until = Instant::now() + pause;
+            self.paused_until = Some(self.paused_until.map_or(until, |held| held.max(until)));
+            self.engine
+                .endpoint_pause
+                .pause(pause)
+                .await
+                .map_err(|e| Stop::Failed(e.into()))?;
+        }
+        if acknowledged {
+            self.publish_acknowledged(false).await?;
+        }
+        Ok(())
     }
 
     /// Publishes the acknowledged prefix to the bus, under the claim (G8), and hands it
@@ -687,6 +708,29 @@ impl RunState<'_> {
         }
         published
     }
+}
+
+/// A pass through the stock fence for webhook requests of `run` (G3, G8).
+async fn admit(
+    engine: &Engine,
+    run: RunKey,
+    claim: i64,
+    ttl: Duration,
+) -> Result<crate::engine::stock::Admission, Stop> {
+    for _ in 0..3 {
+        match engine
+            .stock_fence
+            .admit(run, claim, ttl)
+            .await
+            .map_err(Error::from)?
+        {
+            Admitted::Yes(pass) => return Ok(pass),
+            Admitted::SoldOut => return Err(Stop::SoldOut),
+            Admitted::Superseded => return Err(Stop::Lost),
+            Admitted::NotCached => engine.cache_stock(run.product_id, None).await?,
+        }
+    }
+    Err(Stop::Failed(stock_keeps_disappearing()))
 }
 
 fn webhook_task_failed() -> Error {

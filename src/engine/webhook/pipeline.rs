@@ -236,6 +236,11 @@ impl Pipeline {
         self.tasks.join_next().await?.ok()
     }
 
+    /// An attempt that has ended already, if any, without waiting.
+    pub fn ready_answer(&mut self) -> Option<Answered> {
+        self.tasks.try_join_next()?.ok()
+    }
+
     /// Takes an attempt's end into account.
     pub fn answered(&mut self, answered: Answered) -> Event {
         let attempts_allowed = self.client.settings().attempts;
