@@ -513,15 +513,10 @@ impl RunState<'_> {
                 wake = wake.min(until);
             }
             let running = pipeline.running() > 0;
+            // A grant first: its slots are to be used now (G2), answers can wait.
             tokio::select! {
                 biased;
                 _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-                answered = pipeline.next_answer(), if running => {
-                    match answered {
-                        Some(answered) => self.answered(answered).await?,
-                        None => return Err(Stop::Failed(webhook_task_failed())),
-                    }
-                }
                 granted = async { self.grant.as_mut().expect("checked").await }, if self.grant.is_some() => {
                     self.grant = None;
                     let granted = granted.map_err(Error::from)?;
@@ -534,6 +529,12 @@ impl RunState<'_> {
                     let started = self.start_requests(queue, granted as usize).await?;
                     if started > 0 {
                         return Ok(started);
+                    }
+                }
+                answered = pipeline.next_answer(), if running => {
+                    match answered {
+                        Some(answered) => self.answered(answered).await?,
+                        None => return Err(Stop::Failed(webhook_task_failed())),
                     }
                 }
                 () = tokio::time::sleep_until(wake) => self.recorder.keep_up().await?,
