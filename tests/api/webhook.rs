@@ -395,7 +395,73 @@ async fn no_request_starts_once_a_sold_out_stock_write_has_returned_on_another_i
     );
 }
 
+async fn a_run_shut_down_mid_delivery_is_continued_by_the_next_instance_without_a_gap_or_a_duplicate(
+    backend: Backend,
+) {
+    let secrets = [secret(32)];
+    // Answers take a while: requests are on the wire when the instance stops.
+    let receiver = Receiver::start(&secrets, Duration::from_millis(30)).await;
+    let options = |o: &mut Options| o.send_rate = 300;
+    let app = app_delivering_to(backend, &receiver, &secrets, options).await;
+    let users: Vec<i64> = (1..=600).collect();
+    app.set_stock(1, 10).await;
+    app.register_bulk(1, &users).await;
+    app.trigger(1, None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.acknowledged().len() < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (database, prefix) = app.shut_down().await;
+
+    // G8: the next instance takes the run over at start and finishes it.
+    let app = app_delivering_to(backend, &receiver, &secrets, |o| {
+        options(o);
+        o.database = Some(database);
+        o.redis_prefix = Some(prefix);
+    })
+    .await;
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(run.last_error, None);
+    // G5, G12: every user recorded once, each acknowledged by the endpoint; what was
+    // sent again went under the same id.
+    assert_eq!(app.history(1, 1).await, users);
+    let acknowledged = receiver.acknowledged();
+    assert_eq!(acknowledged.len(), users.len());
+    let again: usize = acknowledged.values().map(|n| n - 1).sum();
+    assert!(
+        again <= 300,
+        "{again} sent again: more than a second's worth"
+    );
+    assert_all_signed(&receiver, 1, 1);
+}
+
+async fn a_wave_counts_the_notifications_the_endpoint_acknowledged(backend: Backend) {
+    let secrets = [secret(32)];
+    let receiver = Receiver::start(&secrets, Duration::from_millis(5)).await;
+    let app = app_delivering_to(backend, &receiver, &secrets, |_| {}).await;
+    let users: Vec<i64> = (1..=25).collect();
+    app.set_stock(1, 2).await;
+    app.register_bulk(1, &users).await;
+    // 5 per unit in stock: 10 in the first wave.
+    crate::waves::trigger_waves(&app, 1, 5, 1).await.unwrap();
+    crate::waves::waiting_after(&app, 1, 10).await;
+    assert_eq!(app.history(1, 1).await, users[..10]);
+    assert_eq!(receiver.acknowledged().len(), 10);
+    // The next wave reads the stock again: 1 unit, 5 more.
+    app.set_stock(1, 1).await;
+    crate::waves::waiting_after(&app, 1, 15).await;
+    assert_eq!(app.history(1, 1).await, users[..15]);
+    assert_eq!(receiver.received().len(), 15);
+}
+
 on_each_backend!(
+    a_wave_counts_the_notifications_the_endpoint_acknowledged,
+    a_run_shut_down_mid_delivery_is_continued_by_the_next_instance_without_a_gap_or_a_duplicate,
     a_retry_after_pauses_every_request_to_the_endpoint_from_every_instance,
     no_request_starts_once_a_sold_out_stock_write_has_returned_on_another_instance,
     every_notification_is_posted_once_signed_and_then_recorded_and_streamed,
