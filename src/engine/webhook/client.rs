@@ -80,9 +80,9 @@ impl WebhookClient {
     /// abandoned unsent, and the attempt counts as unreachable.
     pub async fn send(&self, attempt: &Attempt, pass: Arc<Admission>, send_by: Instant) -> Outcome {
         let started = Instant::now();
-        self.metrics.in_flight.increment(1.0);
+        // A guard: an attempt given up mid-way (its run stopped) leaves the gauge too.
+        let _in_flight = InFlight::new(&self.metrics.in_flight);
         let outcome = self.exchange(attempt, pass, send_by).await;
-        self.metrics.in_flight.decrement(1.0);
         self.metrics
             .request_seconds
             .record(started.elapsed().as_secs_f64());
@@ -219,5 +219,21 @@ impl Body for WrittenBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts an attempt in `restock_webhook_in_flight` for as long as it lives.
+struct InFlight(metrics::Gauge);
+
+impl InFlight {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
