@@ -1348,13 +1348,22 @@ async fn webhook_run(
     let mut times = arrivals.lock().unwrap().clone();
     times.sort();
     let delivered = recorded(&cluster.db).await?;
+    // As the service stamped them when it started the requests: what the limiter
+    // granted, before the HTTP stack and the endpoint's own scheduling.
+    let stamped: Vec<DateTime<Utc>> = sent_times_by_product(&cluster.db)
+        .await?
+        .into_iter()
+        .flat_map(|(_, times)| times)
+        .collect();
     println!(
         "  endpoint latency {latency:>3} ms: {status:?}, {} requests for {delivered} recorded; \
-         {:.1}/s = {:.2}% of the limit; busiest 1 s window {}; server CPU {:.1} µs per delivery",
+         {:.1}/s = {:.2}% of the limit; busiest 1 s window {} at the endpoint, {} by sent_at; \
+         server CPU {:.1} µs per delivery",
         times.len(),
         rate(&times),
         100.0 * rate(&times) / f64::from(limit),
         busiest_second(&times),
+        busiest_second(&stamped),
         cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
     );
     Ok(())

@@ -224,15 +224,43 @@ struct RunState<'a> {
     grant: Option<Grant>,
 }
 
-/// A call to the limiter that outlives the borrow of the engine.
-type Grant = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<u32, crate::domain::BackendError>> + Send>,
->;
+/// A call to the limiter that outlives the borrow of the engine, and says when its
+/// slots arrived (they may wait while the run takes answers in).
+type Grant = std::pin::Pin<Box<dyn std::future::Future<Output = Granted> + Send>>;
+type Granted = (Result<u32, crate::domain::BackendError>, Instant);
 
+/// Asks the limiter on a task of its own, so the moment the slots arrive is known
+/// however busy the run is then; dropping the grant cancels the call.
 fn ask_limiter(limiter: &Arc<dyn super::limiter::SendLimiter>, want: usize) -> Grant {
     let limiter = limiter.clone();
     let want = u32::try_from(want).unwrap_or(u32::MAX);
-    Box::pin(async move { limiter.acquire(want).await })
+    let call = tokio::spawn(async move {
+        let granted = limiter.acquire(want).await;
+        (granted, Instant::now())
+    });
+    Box::pin(async move {
+        let mut call = CancelOnDrop(call);
+        match (&mut call.0).await {
+            Ok(granted) => granted,
+            Err(join) => (
+                Err(crate::domain::BackendError::new(
+                    "send limiter",
+                    false,
+                    anyhow::anyhow!("the call to the limiter failed: {join}"),
+                )),
+                Instant::now(),
+            ),
+        }
+    })
+}
+
+/// Cancels a task when its handle is dropped.
+struct CancelOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for CancelOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Why a run stopped sending, when it did not stop early.
@@ -517,7 +545,7 @@ impl RunState<'_> {
             tokio::select! {
                 biased;
                 _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-                granted = async { self.grant.as_mut().expect("checked").await }, if self.grant.is_some() => {
+                (granted, granted_at) = async { self.grant.as_mut().expect("checked").await }, if self.grant.is_some() => {
                     self.grant = None;
                     let granted = granted.map_err(Error::from)?;
                     // The next slots are asked for at once, before this grant's work:
@@ -526,7 +554,9 @@ impl RunState<'_> {
                     if want > granted as usize && !paused {
                         self.grant = Some(ask_limiter(&limiter, want - granted as usize));
                     }
-                    let started = self.start_requests(queue, granted as usize).await?;
+                    let started = self
+                        .start_requests(queue, granted as usize, granted_at)
+                        .await?;
                     if started > 0 {
                         return Ok(started);
                     }
@@ -548,6 +578,7 @@ impl RunState<'_> {
         &mut self,
         queue: &[Registration],
         slots: usize,
+        granted_at: Instant,
     ) -> Result<usize, Stop> {
         if !self.recorder.lease.may_send() {
             // The lease could have run out while the run waited: the slots go unused.
@@ -556,6 +587,12 @@ impl RunState<'_> {
         let engine = self.engine;
         let webhook = engine.webhook.clone().expect("a webhook run has a client");
         let settings = webhook.settings();
+        if granted_at.elapsed() > settings.grant_tolerance {
+            // G2: slots that waited for the run could crowd a later second at the
+            // endpoint; they go unused. (The pass's round trip is not counted here: it
+            // delays every request alike, so it moves them without crowding them.)
+            return Ok(0);
+        }
         let asked = Instant::now();
         // The pass, and whether the endpoint asked for a pause (Retry-After, from
         // whichever instance heard it), in one round trip's time.
@@ -570,6 +607,7 @@ impl RunState<'_> {
             self.paused_until = Some(Instant::now() + left);
             return Ok(0);
         }
+
         let pass = Arc::new(pass);
         let send_by = asked + settings.send_deadline;
         let pipeline = self
