@@ -566,4 +566,18 @@ fn help_does_not_show_the_webhook_secret() {
     assert!(help.contains("RESTOCK_WEBHOOK_SECRET"), "{help}");
     assert!(!help.contains(&good_secret), "{help}");
     assert!(!help.contains("hunter2"), "{help}");
+
+    // Nor in Debug of the settings, which shows the URL without credentials or query.
+    let config = <restock_notifier::config::Config as clap::Parser>::try_parse_from([
+        "restock-notifier",
+        "--webhook-url",
+        "https://user:hunter2@hooks.example/in?token=hunter2",
+        "--webhook-secret",
+        &good_secret,
+    ])
+    .unwrap();
+    let debug = format!("{config:?}");
+    assert!(debug.contains("hooks.example/in"), "{debug}");
+    assert!(!debug.contains(&good_secret), "{debug}");
+    assert!(!debug.contains("hunter2"), "{debug}");
 }
