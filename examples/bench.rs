@@ -12,6 +12,7 @@
 //! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
+//! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -43,6 +44,10 @@
 //! (`restock_send_limiter_dropped_total`), and how long the last run waited for its
 //! first send. Many runs, because each delivery is itself a round trip to Redis (the
 //! stock fence): a single run 100 ms from Redis sends one batch per 100 ms.
+//! `webhook` delivers `rate x seconds` notifications to an endpoint in the bench that
+//! answers after 0, 50 and 200 ms, and reports the rate and the busiest one-second
+//! window at the endpoint (every request, retries included) and the server's CPU per
+//! delivery.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -763,6 +768,7 @@ impl Instance {
         prefix: &str,
         rate: u32,
         metrics: bool,
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let free_port = || -> anyhow::Result<u16> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -792,6 +798,7 @@ impl Instance {
             .env("RESTOCK_RUN_LEASE", CLUSTER_LEASE)
             .env("RESTOCK_ADMIN_TOKEN", "bench")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(if log { Stdio::inherit() } else { Stdio::null() })
             .spawn()
@@ -1025,12 +1032,12 @@ impl Cluster {
 
     /// As `start`, with the instances on Redis at `redis` (a proxy, say).
     async fn start_on(instances: u32, limit: u32, redis: &str) -> anyhow::Result<Self> {
-        Self::launch(instances, limit, redis, true).await
+        Self::launch(instances, limit, redis, true, &[]).await
     }
 
     /// As `start`, with metrics off (`RESTOCK_METRICS_LISTEN=off`).
     async fn start_unmetered(instances: u32, limit: u32) -> anyhow::Result<Self> {
-        Self::launch(instances, limit, &redis_url(), false).await
+        Self::launch(instances, limit, &redis_url(), false, &[]).await
     }
 
     async fn launch(
@@ -1038,6 +1045,7 @@ impl Cluster {
         limit: u32,
         redis: &str,
         metrics: bool,
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(limit > 0, "--rate must be positive");
         let binary = server_binary()?;
@@ -1049,7 +1057,7 @@ impl Cluster {
         let prefix = format!("{database}:");
 
         // The first creates and migrates the database; the others start on it after.
-        let first = Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics)
+        let first = Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics, env)
             .await
             .context("first instance")?;
         let db = MySqlPool::connect(&database_url).await?;
@@ -1060,7 +1068,9 @@ impl Cluster {
             database,
         };
         for i in 1..instances {
-            match Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics).await {
+            match Instance::start(&binary, &database_url, &redis, &prefix, limit, metrics, env)
+                .await
+            {
                 Ok(instance) => cluster.instances.push(instance),
                 Err(e) => {
                     cluster.tear_down().await?;
@@ -1361,6 +1371,112 @@ async fn cluster_run(cluster: &mut Cluster, per: u32, limit: u32) -> anyhow::Res
     Ok(())
 }
 
+/// Endpoint latencies `webhook` measures, in milliseconds.
+const WEBHOOK_LATENCIES: [u64; 3] = [0, 50, 200];
+
+/// `webhook`: for each endpoint latency, the release binary (clustered, as its own
+/// process) delivers `rate x seconds` notifications to an endpoint in this process that
+/// answers 204 after that latency; the rate, the busiest one-second window (retries
+/// included) and the request count are measured at the endpoint, the CPU on the server.
+async fn webhook(limit: u32, seconds: u32) -> anyhow::Result<()> {
+    let users: Vec<i64> = (1..=i64::from(limit * seconds)).collect();
+    println!(
+        "webhook: {} notifications at {limit}/s to an endpoint in this process",
+        users.len()
+    );
+    for latency in WEBHOOK_LATENCIES {
+        let (url, arrivals) = start_endpoint(Duration::from_millis(latency)).await?;
+        let secret = format!("whsec_{}", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let env = [
+            ("RESTOCK_WEBHOOK_URL".to_string(), url),
+            ("RESTOCK_WEBHOOK_SECRET".to_string(), secret),
+        ];
+        let cluster = Cluster::launch(1, limit, &redis_url(), true, &env).await?;
+        let outcome = webhook_run(&cluster, &users, limit, latency, &arrivals).await;
+        let torn_down = cluster.tear_down().await;
+        outcome?;
+        torn_down?;
+    }
+    Ok(())
+}
+
+async fn webhook_run(
+    cluster: &Cluster,
+    users: &[i64],
+    limit: u32,
+    latency: u64,
+    arrivals: &std::sync::Arc<std::sync::Mutex<Vec<DateTime<Utc>>>>,
+) -> anyhow::Result<()> {
+    let server = &cluster.instances[0];
+    seed_product(&server.client, &cluster.db, 1, 1_000, users).await?;
+    let cpu_before = server.cpu_time()?;
+    trigger(&server.client, 1).await?;
+    let status = wait_final(&server.client, 1, Duration::from_millis(100))
+        .await?
+        .status();
+    let cpu = server.cpu_time()? - cpu_before;
+    let mut times = arrivals.lock().unwrap().clone();
+    times.sort();
+    let delivered = recorded(&cluster.db).await?;
+    // As the service stamped them when it started the requests: what the limiter
+    // granted, before the HTTP stack and the endpoint's own scheduling.
+    let stamped: Vec<DateTime<Utc>> = sent_times_by_product(&cluster.db)
+        .await?
+        .into_iter()
+        .flat_map(|(_, times)| times)
+        .collect();
+    println!(
+        "  endpoint latency {latency:>3} ms: {status:?}, {} requests for {delivered} recorded; \
+         {:.1}/s = {:.2}% of the limit; busiest 1 s window {} at the endpoint, {} by sent_at; \
+         server CPU {:.1} µs per delivery",
+        times.len(),
+        rate(&times),
+        100.0 * rate(&times) / f64::from(limit),
+        busiest_second(&times),
+        busiest_second(&stamped),
+        cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+    );
+    Ok(())
+}
+
+/// An HTTP/1.1 endpoint on 127.0.0.1:0 that answers every request 204 after `latency`,
+/// noting when each arrived.
+async fn start_endpoint(
+    latency: Duration,
+) -> anyhow::Result<(String, std::sync::Arc<std::sync::Mutex<Vec<DateTime<Utc>>>>)> {
+    use http_body_util::{BodyExt as _, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = arrivals.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let noted = noted.clone();
+                        async move {
+                            noted.lock().unwrap().push(Utc::now());
+                            let _ = request.into_body().collect().await;
+                            if !latency.is_zero() {
+                                tokio::time::sleep(latency).await;
+                            }
+                            let mut answer = hyper::Response::new(Full::new(bytes::Bytes::new()));
+                            *answer.status_mut() = hyper::StatusCode::NO_CONTENT;
+                            Ok::<_, std::convert::Infallible>(answer)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((url, arrivals))
+}
+
 fn arg(args: &[String], name: &str, default: u32) -> anyhow::Result<u32> {
     match args.iter().position(|a| a == name) {
         Some(i) => args
@@ -1414,12 +1530,14 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Some("webhook") => webhook(arg(&args, "--rate", 500)?, arg(&args, "--seconds", 20)?).await,
         _ => anyhow::bail!(
             "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
              memory [--users N] [--waves] | memory --runs N | memory --streams N | \
              fanout [--streams S] [--users N] [--rate R] [--across] | \
              cluster [--users N] [--rate R] [--instances I] | \
-             limiter [--rate R] [--seconds S] [--runs N] [--instances I]"
+             limiter [--rate R] [--seconds S] [--runs N] [--instances I] | \
+             webhook [--rate R] [--seconds S]"
         ),
     }
 }

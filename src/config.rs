@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use secrecy::SecretString;
 
 use crate::redact;
 
@@ -115,6 +116,57 @@ pub struct Config {
     #[arg(long = "tls-key", env = "RESTOCK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Webhook endpoint (`http://` or `https://`) that receives every notification as a
+    /// signed Standard Webhooks POST; a notification counts as sent only once it
+    /// answered 2xx (G12). Without it, notifications go to `Subscribe` streams only.
+    /// Credentials and the query string are kept out of logs.
+    #[arg(
+        long = "webhook-url",
+        env = "RESTOCK_WEBHOOK_URL",
+        hide_env_values = true
+    )]
+    pub webhook_url: Option<String>,
+
+    /// Signing secrets of the webhook, required with RESTOCK_WEBHOOK_URL: one or more
+    /// `whsec_<base64 of 24 to 64 bytes>`, separated by spaces; every request is signed
+    /// with each (so a receiver can rotate its secret). Parsed at start, not here, so
+    /// that a malformed one is never echoed in a message.
+    #[arg(
+        long = "webhook-secret",
+        env = "RESTOCK_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<SecretString>,
+
+    /// How long one webhook request may take, connection included (100ms to 60s).
+    #[arg(
+        long = "webhook-timeout",
+        env = "RESTOCK_WEBHOOK_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_webhook_timeout
+    )]
+    pub webhook_timeout: Duration,
+
+    /// Attempts per notification, the first included, before the run ends
+    /// CANCELED_BY_ERROR (1 to 20).
+    #[arg(
+        long = "webhook-attempts",
+        env = "RESTOCK_WEBHOOK_ATTEMPTS",
+        default_value = "6",
+        value_parser = parse_webhook_attempts
+    )]
+    pub webhook_attempts: u32,
+
+    /// Delay before the first retry of a webhook request; it doubles with every retry,
+    /// up to 60 s, with jitter (10ms to 60s).
+    #[arg(
+        long = "webhook-backoff",
+        env = "RESTOCK_WEBHOOK_BACKOFF",
+        default_value = "1s",
+        value_parser = parse_webhook_backoff
+    )]
+    pub webhook_backoff: Duration,
+
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -142,6 +194,14 @@ impl fmt::Debug for Config {
             .field("shutdown_drain", &self.shutdown_drain)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_deref().map(redact::webhook_url),
+            )
+            .field("webhook_secret", &self.webhook_secret)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_attempts", &self.webhook_attempts)
+            .field("webhook_backoff", &self.webhook_backoff)
             .field("metrics_listen", &self.metrics_listen)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
@@ -211,6 +271,35 @@ fn parse_drain(raw: &str) -> Result<Duration, String> {
     parse_duration(raw, Duration::ZERO, Duration::from_secs(60), "0s to 60s")
 }
 
+/// Parses `RESTOCK_WEBHOOK_TIMEOUT`: below 100 ms a TLS handshake alone may not fit;
+/// above a minute, a stalled endpoint would hold a run longer than any lease.
+fn parse_webhook_timeout(raw: &str) -> Result<Duration, String> {
+    parse_duration(
+        raw,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        "100ms to 60s",
+    )
+    .map_err(|e| format!("RESTOCK_WEBHOOK_TIMEOUT: {e}"))
+}
+
+/// Parses `RESTOCK_WEBHOOK_BACKOFF`: the first retry's delay, 10ms to 60s.
+fn parse_webhook_backoff(raw: &str) -> Result<Duration, String> {
+    parse_duration(
+        raw,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+        "10ms to 60s",
+    )
+    .map_err(|e| format!("RESTOCK_WEBHOOK_BACKOFF: {e}"))
+}
+
+/// Parses `RESTOCK_WEBHOOK_ATTEMPTS`: 1 (no retry) to 20 (with the 60 s cap, about a
+/// quarter of an hour of retrying).
+fn parse_webhook_attempts(raw: &str) -> Result<u32, String> {
+    parse_rate("RESTOCK_WEBHOOK_ATTEMPTS", raw, 20).map(NonZeroU32::get)
+}
+
 /// A whole number and a unit (`ms`, `s`, `m`) within `min..=max`.
 fn parse_duration(
     raw: &str,
@@ -267,6 +356,28 @@ mod tests {
         for bad in ["0", "1000001", "2000000000", "99999999999"] {
             let err = parse_api_rate(bad).unwrap_err();
             assert!(err.contains("RESTOCK_API_RATE"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhook_numbers_parse_within_their_range_and_name_the_setting_otherwise() {
+        assert_eq!(
+            parse_webhook_timeout("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        assert_eq!(parse_webhook_backoff("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_webhook_attempts("20"), Ok(20));
+        for bad in ["99ms", "61s", "2m", "10"] {
+            let err = parse_webhook_timeout(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_WEBHOOK_TIMEOUT"), "{bad}: {err}");
+        }
+        for bad in ["9ms", "61s"] {
+            let err = parse_webhook_backoff(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_WEBHOOK_BACKOFF"), "{bad}: {err}");
+        }
+        for bad in ["0", "21", "-1", "six"] {
+            let err = parse_webhook_attempts(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_WEBHOOK_ATTEMPTS"), "{bad}: {err}");
         }
     }
 

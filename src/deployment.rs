@@ -17,6 +17,7 @@ use crate::engine::limiter::redis::RedisLimiter;
 use crate::engine::stock::StockCache;
 use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
 use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
+use crate::engine::webhook::pause::{LocalPause, RedisPause};
 use crate::monitoring::Metrics;
 use crate::redis::Keys;
 
@@ -46,7 +47,8 @@ impl Deployment {
         }
     }
 
-    /// The engine's capabilities for this deployment.
+    /// The engine's capabilities for this deployment (the webhook, which is the same in
+    /// both, is added by the caller).
     pub async fn capabilities(
         &self,
         send_rate: NonZeroU32,
@@ -67,6 +69,8 @@ impl Deployment {
                     stock_cache,
                     limiter: Arc::new(LocalLimiter::new(send_rate)),
                     bus: local_bus,
+                    endpoint_pause: Arc::new(LocalPause::default()),
+                    webhook: None,
                 }
             }
             Deployment::Clustered { client, keys, url } => {
@@ -84,6 +88,8 @@ impl Deployment {
                         metrics.limiter(),
                     )),
                     bus: Arc::new(bus),
+                    endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),
+                    webhook: None,
                 }
             }
         })

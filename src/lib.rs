@@ -8,13 +8,15 @@ pub mod deployment;
 /// Ids, run states, notifications and the errors a caller can act on.
 pub mod domain;
 /// Runs: pacing, the stock check, recording, resuming, ownership and the shared clock;
-/// and `Subscribe` streams.
+/// delivery to a webhook endpoint (`engine::webhook`: signed requests, acknowledged
+/// before recorded); and `Subscribe` streams.
 pub mod engine;
 /// The gRPC services, conversions, status codes and the API rate limit.
 pub mod grpc;
 /// Prometheus metrics and their `/metrics` endpoint.
 pub mod monitoring;
-/// Secrets kept out of messages and logs.
+/// Secrets kept out of messages and logs: passwords in URLs, and the credentials and
+/// query string of the webhook URL.
 pub mod redact;
 /// Redis through fred: the client with the service's timeouts, and every key under one
 /// prefix (the capabilities that use it live in `engine`).

@@ -33,6 +33,9 @@ const RECORD_BATCH: &str = "restock_record_batch_seconds";
 const UNRECORDED: &str = "restock_unrecorded_sends";
 const LIMITER_DROPPED: &str = "restock_send_limiter_dropped_total";
 const LIMITER_ROUND_TRIP: &str = "restock_send_limiter_round_trip_seconds";
+const WEBHOOK_REQUESTS: &str = "restock_webhook_requests_total";
+const WEBHOOK_SECONDS: &str = "restock_webhook_request_seconds";
+const WEBHOOK_IN_FLIGHT: &str = "restock_webhook_in_flight";
 const GRPC_HANDLED: &str = "grpc_server_handled_total";
 const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
 
@@ -45,6 +48,10 @@ const RECORD_BUCKETS: &[f64] = &[
 /// past the limiter's cap of 250 ms.
 const ROUND_TRIP_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+/// A webhook request: from a loopback answer (a millisecond) to the longest timeout.
+const WEBHOOK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// As go-grpc-prometheus's defaults, plus longer ones: a stream is handled until it ends.
 const GRPC_BUCKETS: &[f64] = &[
@@ -68,6 +75,38 @@ pub struct Metrics {
     pub record_batch_seconds: Histogram,
     pub unrecorded_sends: Gauge,
     limiter: LimiterMetrics,
+    webhook: WebhookMetrics,
+}
+
+/// The webhook's figures (G12): attempts by how they ended, their latency, and how
+/// many are under way.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    pub answered_2xx: Counter,
+    pub answered_3xx: Counter,
+    pub answered_4xx: Counter,
+    pub answered_5xx: Counter,
+    pub timeout: Counter,
+    /// Connection errors, and requests abandoned unsent.
+    pub error: Counter,
+    pub request_seconds: Histogram,
+    pub in_flight: Gauge,
+}
+
+impl WebhookMetrics {
+    /// Handles that record nothing.
+    pub fn off() -> Self {
+        Self {
+            answered_2xx: Counter::noop(),
+            answered_3xx: Counter::noop(),
+            answered_4xx: Counter::noop(),
+            answered_5xx: Counter::noop(),
+            timeout: Counter::noop(),
+            error: Counter::noop(),
+            request_seconds: Histogram::noop(),
+            in_flight: Gauge::noop(),
+        }
+    }
 }
 
 /// The send limiter's own figures (G2: a limiter that cannot grant says why).
@@ -105,6 +144,7 @@ impl Metrics {
             record_batch_seconds: Histogram::noop(),
             unrecorded_sends: Gauge::noop(),
             limiter: LimiterMetrics::off(),
+            webhook: WebhookMetrics::off(),
         })
     }
 
@@ -120,6 +160,9 @@ impl Metrics {
                     Matcher::Full(LIMITER_ROUND_TRIP.into()),
                     ROUND_TRIP_BUCKETS,
                 )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(WEBHOOK_SECONDS.into()), WEBHOOK_BUCKETS)
             })
             .expect("the bucket lists are not empty")
             .build_recorder();
@@ -149,6 +192,22 @@ impl Metrics {
             round_trip_seconds: recorder
                 .register_histogram(&Key::from_name(LIMITER_ROUND_TRIP), &META),
         };
+        let requests = |code: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(WEBHOOK_REQUESTS, vec![Label::new("code", code)]),
+                &META,
+            )
+        };
+        let webhook = WebhookMetrics {
+            answered_2xx: requests("2xx"),
+            answered_3xx: requests("3xx"),
+            answered_4xx: requests("4xx"),
+            answered_5xx: requests("5xx"),
+            timeout: requests("timeout"),
+            error: requests("error"),
+            request_seconds: recorder.register_histogram(&Key::from_name(WEBHOOK_SECONDS), &META),
+            in_flight: gauge(WEBHOOK_IN_FLIGHT),
+        };
         let metrics = Self {
             recorder: Some(recorder),
             notifications_sent,
@@ -162,6 +221,7 @@ impl Metrics {
             record_batch_seconds,
             unrecorded_sends,
             limiter,
+            webhook,
         };
         Arc::new(metrics)
     }
@@ -169,6 +229,11 @@ impl Metrics {
     /// The send limiter's handles.
     pub fn limiter(&self) -> LimiterMetrics {
         self.limiter.clone()
+    }
+
+    /// The webhook client's handles.
+    pub fn webhook(&self) -> WebhookMetrics {
+        self.webhook.clone()
     }
 
     /// Counts a run this instance brought to a final state.
@@ -251,6 +316,19 @@ fn describe(recorder: &PrometheusRecorder) {
     counter(
         LIMITER_DROPPED,
         "Send slots this instance's limiter gave up: it could not hand them out in time.",
+    );
+    counter(
+        WEBHOOK_REQUESTS,
+        "Webhook requests, retries included, by how they ended: 2xx, 3xx, 4xx, 5xx, \
+         timeout or error (connection).",
+    );
+    histogram(
+        WEBHOOK_SECONDS,
+        "Time from the start of one webhook request to its answer.",
+    );
+    gauge(
+        WEBHOOK_IN_FLIGHT,
+        "Webhook requests this instance has started and not yet seen answered.",
     );
     histogram(
         LIMITER_ROUND_TRIP,

@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{Config, MetricsListen};
 use crate::deployment::Deployment;
+use crate::engine::webhook::{WebhookClient, WebhookSettings};
 use crate::engine::{Engine, EngineSettings};
 use crate::grpc::admin::{AdminApi, AdminAuth};
 use crate::grpc::observe::{KnownMethods, ObserveLayer};
@@ -83,6 +84,7 @@ impl Application {
                 "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
             ),
         }
+        let webhook = WebhookSettings::from_config(&config)?;
         let store = connect_store(&config.database_url, config.run_lease).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
@@ -90,9 +92,22 @@ impl Application {
             MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
             MetricsListen::Off => Metrics::off(),
         };
-        let capabilities = deployment
+        let mut capabilities = deployment
             .capabilities(config.send_rate, settings.subscriber_buffer, &metrics)
             .await?;
+        capabilities.webhook = match webhook {
+            Some(webhook) => {
+                tracing::info!(
+                    url = %webhook.shown_url(),
+                    timeout_ms = webhook.timeout.as_millis() as u64,
+                    attempts = webhook.attempts,
+                    backoff_ms = webhook.backoff.as_millis() as u64,
+                    "delivering to a webhook: a notification counts as sent once it answered 2xx"
+                );
+                Some(Arc::new(WebhookClient::new(webhook, metrics.webhook())?))
+            }
+            None => None,
+        };
         let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.trim().is_empty() => {

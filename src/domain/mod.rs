@@ -160,6 +160,26 @@ pub struct Run {
     pub updated_at: DateTime<Utc>,
     /// Set for a run that notifies in waves.
     pub wave: Option<WaveState>,
+    /// Why a `CANCELED_BY_ERROR` run failed (G4, G12): at most [`Run::LAST_ERROR_MAX`]
+    /// bytes, made of fixed words and ids, never a secret.
+    pub last_error: Option<String>,
+}
+
+impl Run {
+    /// The longest `last_error` kept.
+    pub const LAST_ERROR_MAX: usize = 512;
+
+    /// `error` cut to [`Run::LAST_ERROR_MAX`] bytes, on a character boundary.
+    pub fn bound_last_error(error: &str) -> &str {
+        if error.len() <= Self::LAST_ERROR_MAX {
+            return error;
+        }
+        let mut end = Self::LAST_ERROR_MAX;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        &error[..end]
+    }
 }
 
 /// How a run notifies in waves (`TriggerRestock.wave`).

@@ -11,6 +11,7 @@ mod run;
 pub mod stock;
 pub mod subscription;
 pub mod watch;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ use lease::LeaseSettings;
 use limiter::SendLimiter;
 use recorder::RecorderSettings;
 use stock::{Offered, StockCache, StockFence, StockFigure};
+use webhook::WebhookClient;
+use webhook::pause::EndpointPause;
 
 /// How often caching a stock figure is tried before giving up: each try fails only
 /// because a stock write came in between, so a few are plenty.
@@ -90,6 +93,10 @@ pub struct Capabilities {
     pub stock_fence: Arc<dyn StockFence>,
     pub limiter: Arc<dyn SendLimiter>,
     pub bus: Arc<dyn NotificationBus>,
+    /// Where a `Retry-After` of the webhook is shared (G12).
+    pub endpoint_pause: Arc<dyn EndpointPause>,
+    /// The webhook endpoint, when one is configured: runs deliver there (G12).
+    pub webhook: Option<Arc<WebhookClient>>,
 }
 
 pub struct Engine {
@@ -98,6 +105,8 @@ pub struct Engine {
     stock_fence: Arc<dyn StockFence>,
     limiter: Arc<dyn SendLimiter>,
     bus: Arc<dyn NotificationBus>,
+    endpoint_pause: Arc<dyn EndpointPause>,
+    webhook: Option<Arc<WebhookClient>>,
     settings: EngineSettings,
     metrics: Arc<Metrics>,
     /// Cancelled when the service shuts down: runs stop and streams end.
@@ -121,6 +130,8 @@ impl Engine {
             stock_fence: capabilities.stock_fence,
             limiter: capabilities.limiter,
             bus: capabilities.bus,
+            endpoint_pause: capabilities.endpoint_pause,
+            webhook: capabilities.webhook,
             settings,
             metrics,
             shutdown: CancellationToken::new(),
@@ -151,6 +162,15 @@ impl Engine {
             engine.uncache_stock(product).await?;
             let saved = engine.store.set_stock(product, stock).await?;
             engine.cache_stock(product, Some(figure_of(&saved))).await?;
+            if saved.stock <= 0 {
+                // G3, G12: webhook requests admitted before the figure was cached are
+                // on the wire before this returns.
+                engine
+                    .stock_fence
+                    .wait_for_admissions(product)
+                    .await
+                    .map_err(Error::from)?;
+            }
             Ok(saved)
         })
         .await

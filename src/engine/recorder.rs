@@ -237,7 +237,9 @@ impl Recorder {
         let took = self.metrics.record_batch_seconds.clone();
         let done = tokio::spawn(async move {
             let started = Instant::now();
-            let recorded = store.record(&claim, &batch, After::Renew, lease).await;
+            let recorded = store
+                .record(&claim, &batch, After::Renew, lease, None)
+                .await;
             took.record(started.elapsed().as_secs_f64());
             recorded
         });
@@ -289,18 +291,33 @@ impl Recorder {
     /// If the pending notifications cannot be recorded they are given up (they were
     /// delivered; a resume delivers them again with the same ids) and a final state
     /// alone is written, with retries: a failing run must not stay `IN_PROGRESS` (G4).
-    pub(super) async fn close(&mut self, after: After) -> Result<After, Stop> {
-        let mut after = after;
+    /// `last_error` (why a run ends `CANCELED_BY_ERROR`) goes in the same write as the
+    /// final state (G12).
+    pub(super) async fn close(
+        &mut self,
+        after: After,
+        last_error: Option<String>,
+    ) -> Result<After, Stop> {
+        let (mut after, mut last_error) = (after, last_error);
         match self.settle().await {
             Ok(()) => {}
             Err(stop @ (Stop::Lost | Stop::LeaseRunOut)) => return Err(stop),
-            Err(_) => after = After::Finish(FinalStatus::Error),
+            Err(stop) => {
+                after = After::Finish(FinalStatus::Error);
+                last_error = last_error.or_else(|| stop.last_error());
+            }
         }
         let lease = self.lease.lease();
         let started = Instant::now();
         let first = self
             .store
-            .record(&self.claim, &self.pending, after, lease)
+            .record(
+                &self.claim,
+                &self.pending,
+                after,
+                lease,
+                last_error.as_deref(),
+            )
             .await;
         self.metrics
             .record_batch_seconds
@@ -321,20 +338,21 @@ impl Recorder {
                 );
                 self.pending.clear();
                 self.unrecorded_users.clear();
-                self.mark_failed().await
+                let last_error = last_error.or_else(|| Stop::Failed(err).last_error());
+                self.mark_failed(last_error.as_deref()).await
             }
         }
     }
 
     /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds.
-    async fn mark_failed(&mut self) -> Result<After, Stop> {
+    async fn mark_failed(&mut self, last_error: Option<&str>) -> Result<After, Stop> {
         let failed = After::Finish(FinalStatus::Error);
         let mut delay = Duration::from_millis(100);
-        let mut last_error = None;
+        let mut failed_with = None;
         for attempt in 1..=6 {
             match self
                 .store
-                .record(&self.claim, &[], failed, self.lease.lease())
+                .record(&self.claim, &[], failed, self.lease.lease(), last_error)
                 .await
             {
                 Ok(Claimed::Yes) => return Ok(failed),
@@ -342,14 +360,14 @@ impl Recorder {
                 Ok(Claimed::Lost) => return Err(Stop::Lost),
                 Err(err) => {
                     tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
-                    last_error = Some(err);
+                    failed_with = Some(err);
                 }
             }
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
         Err(Stop::Failed(
-            last_error.expect("at least one attempt failed"),
+            failed_with.expect("at least one attempt failed"),
         ))
     }
 }

@@ -80,6 +80,7 @@ impl From<domain::Run> for proto::RestockRun {
             updated_at: Some(timestamp(run.updated_at)),
             next_wave_at: run.wave.and_then(|w| w.next_wave_at).map(timestamp),
             wave: run.wave.map(|w| proto::Wave::from(w.wave)),
+            last_error: run.last_error,
         }
     }
 }

@@ -46,6 +46,18 @@ impl Keys {
         format!("{}limiter:schedule", self.prefix)
     }
 
+    /// Requests of a product admitted through the stock fence and not yet sent (a
+    /// sorted set scored by expiry, G3, G12).
+    pub fn admissions(&self, product: ProductId) -> String {
+        format!("{}admissions:{}", self.prefix, product)
+    }
+
+    /// The pause of the webhook endpoint after a `Retry-After`: present while it lasts
+    /// (G12).
+    pub fn webhook_pause(&self) -> String {
+        format!("{}webhook:pause", self.prefix)
+    }
+
     /// The pub/sub channel of the notification bus (G11).
     pub fn bus_channel(&self) -> String {
         format!("{}bus", self.prefix)

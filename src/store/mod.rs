@@ -198,13 +198,16 @@ pub trait Store: Send + Sync + 'static {
     /// Records sent notifications and moves the cursor to the last of them, in one
     /// transaction (G5), then renews, releases or ends the run as `after` says. Nothing
     /// is written, and `Lost` returned, unless the claim still holds and its lease has
-    /// not run out (G8).
+    /// not run out (G8). `last_error` is kept with a `CANCELED_BY_ERROR` final state
+    /// (G12: the run's error path writes it in the same statement as the status);
+    /// every other write clears it.
     async fn record(
         &self,
         claim: &RunClaim,
         sent: &[SentNotification],
         after: After,
         lease: Duration,
+        last_error: Option<&str>,
     ) -> Result<Claimed, Error>;
 
     /// The database's clock now, in UTC: the one clock every instance stamps its

@@ -691,7 +691,12 @@ impl Store for MySqlStore {
         sent: &[SentNotification],
         after: After,
         lease: Duration,
+        last_error: Option<&str>,
     ) -> Result<Claimed, Error> {
+        let last_error = match after {
+            After::Finish(super::FinalStatus::Error) => last_error.map(Run::bound_last_error),
+            _ => None,
+        };
         let mut tx = self.begin().await?;
         // The history rows first, the conditional update last: if a stall holds the
         // insert up past the lease (G10), the update then finds the lease run out, or
@@ -730,7 +735,7 @@ impl Store for MySqlStore {
                                 ELSE NULL END, \
              next_wave_at = IF(?, CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND, NULL), \
              claim_token = IF(?, claim_token, NULL), \
-             updated_at = CURRENT_TIMESTAMP(6) \
+             updated_at = CURRENT_TIMESTAMP(6), last_error = ? \
              WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
                AND lease_until > CURRENT_TIMESTAMP(6)",
         )
@@ -746,6 +751,7 @@ impl Store for MySqlStore {
         .bind(wait.is_some())
         .bind(wait.map_or(0, lease_micros))
         .bind(renew)
+        .bind(last_error)
         .bind(claim.run_id)
         .bind(claim.token)
         .execute(&mut *tx)

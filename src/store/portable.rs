@@ -12,7 +12,7 @@ macro_rules! portable_queries {
         const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, \
                                    sent_count, started_at, updated_at, wave_per_unit, \
                                    wave_interval_ms, wave_quota, wave_started_count, \
-                                   next_wave_at";
+                                   next_wave_at, last_error";
 
         fn run_from_row(row: &$row) -> Result<Run, Error> {
             let status: String = row.try_get("status").map_err(backend)?;
@@ -30,6 +30,7 @@ macro_rules! portable_queries {
                 started_at: row.try_get("started_at").map_err(backend)?,
                 updated_at: row.try_get("updated_at").map_err(backend)?,
                 wave: wave_from_row(row)?,
+                last_error: row.try_get("last_error").map_err(backend)?,
             })
         }
 

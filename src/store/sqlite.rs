@@ -160,7 +160,7 @@ async fn grant_claim(
     let granted = Instant::now();
     sqlx::query(
         "UPDATE product_notification_history SET status = 'IN_PROGRESS', claim_token = ?, \
-         claim_epoch = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+         claim_epoch = ?, lease_until = ?, updated_at = ?, last_error = NULL WHERE id = ?",
     )
     .bind(token)
     .bind(token)
@@ -512,7 +512,12 @@ impl Store for SqliteStore {
         sent: &[SentNotification],
         after: After,
         lease: Duration,
+        last_error: Option<&str>,
     ) -> Result<Claimed, Error> {
+        let last_error = match after {
+            After::Finish(super::FinalStatus::Error) => last_error.map(Run::bound_last_error),
+            _ => None,
+        };
         let mut tx = self.begin().await?;
         let now = Utc::now();
         let last = sent.last().map(|s| s.registration);
@@ -536,7 +541,8 @@ impl Store for SqliteStore {
              last_sent_user_id = COALESCE(?, last_sent_user_id), \
              last_sent_position = COALESCE(?, last_sent_position), \
              sent_count = sent_count + ?, status = ?, lease_until = ?, next_wave_at = ?, \
-             claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, updated_at = ? \
+             claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, updated_at = ?, \
+             last_error = ? \
              WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' AND lease_until > ?",
         )
         .bind(last.map(|r| r.user_id.get()))
@@ -547,6 +553,7 @@ impl Store for SqliteStore {
         .bind(next_wave_at)
         .bind(keep_claim)
         .bind(now)
+        .bind(last_error)
         .bind(claim.run_id)
         .bind(claim.token)
         .bind(micros(now))

@@ -71,6 +71,18 @@ pub struct Options {
     pub run_lease: Duration,
     /// RESTOCK_SHUTDOWN_DRAIN.
     pub shutdown_drain: Duration,
+    /// RESTOCK_WEBHOOK_*: deliver to this endpoint.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// The webhook settings of a test's server.
+#[derive(Clone)]
+pub struct WebhookOptions {
+    pub url: String,
+    pub secret: String,
+    pub timeout: Duration,
+    pub attempts: u32,
+    pub backoff: Duration,
 }
 
 impl Options {
@@ -86,6 +98,7 @@ impl Options {
             mysql_url: None,
             run_lease: Duration::from_secs(10),
             shutdown_drain: Duration::ZERO,
+            webhook: None,
         }
     }
 }
@@ -168,6 +181,17 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         shutdown_drain: options.shutdown_drain,
         tls_cert: None,
         tls_key: None,
+        webhook_url: options.webhook.as_ref().map(|w| w.url.clone()),
+        webhook_secret: options.webhook.as_ref().map(|w| w.secret.clone().into()),
+        webhook_timeout: options
+            .webhook
+            .as_ref()
+            .map_or(Duration::from_secs(10), |w| w.timeout),
+        webhook_attempts: options.webhook.as_ref().map_or(6, |w| w.attempts),
+        webhook_backoff: options
+            .webhook
+            .as_ref()
+            .map_or(Duration::from_secs(1), |w| w.backoff),
     };
     let app = Application::build_with(config, options.settings.clone())
         .await

@@ -15,6 +15,7 @@ mod network;
 #[path = "../support/proxy.rs"]
 mod proxy;
 mod rate_limit;
+mod receiver;
 mod redis_failure;
 mod runs;
 mod secrets;
@@ -24,3 +25,4 @@ mod subscribe;
 mod tls;
 mod watch_list;
 mod waves;
+mod webhook;

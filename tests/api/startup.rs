@@ -21,6 +21,11 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         shutdown_drain: std::time::Duration::ZERO,
         tls_cert: None,
         tls_key: None,
+        webhook_url: None,
+        webhook_secret: None,
+        webhook_timeout: std::time::Duration::from_secs(10),
+        webhook_attempts: 6,
+        webhook_backoff: std::time::Duration::from_secs(1),
     }
 }
 

@@ -118,6 +118,11 @@ impl TlsApp {
             metrics_listen: restock_notifier::config::MetricsListen::Off,
             tls_cert: Some(pki.cert.clone()),
             tls_key: Some(pki.key.clone()),
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_attempts: 6,
+            webhook_backoff: Duration::from_secs(1),
         };
         let app = Application::build(config)
             .await

@@ -110,7 +110,7 @@ async fn watch_of_a_finished_run_yields_its_final_state_and_ends(backend: Backen
         let (got, end) = watch_to_end(&mut stream).await;
         assert!(end.is_none(), "ends OK, got {end:?}");
         let got: Vec<RestockRun> = got.into_iter().map(|(_, run)| run).collect();
-        assert_eq!(got, vec![*expected], "round {round:?}");
+        assert_eq!(got, vec![expected.clone()], "round {round:?}");
     }
 }
 

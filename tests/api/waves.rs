@@ -11,7 +11,7 @@ use crate::cluster::spawn_cluster;
 use crate::helpers::*;
 use crate::manual_restock::{fail_recording_of, heal};
 
-async fn trigger_waves(
+pub(crate) async fn trigger_waves(
     app: &TestApp,
     product: i64,
     per_unit: u32,
@@ -35,7 +35,7 @@ async fn trigger_waves(
 }
 
 /// Polls the latest run until it waits for a wave with `sent` notified.
-async fn waiting_after(app: &TestApp, product: i64, sent: i64) -> proto::RestockRun {
+pub(crate) async fn waiting_after(app: &TestApp, product: i64, sent: i64) -> proto::RestockRun {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let run = app.get_run(product, None).await.expect("GetRestockRun");

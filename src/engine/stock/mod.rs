@@ -10,6 +10,8 @@
 pub mod local;
 pub mod redis;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::bus::{RunKey, SentBatch};
@@ -83,6 +85,24 @@ pub enum Delivery {
 /// is cached.
 pub type WriteGuard = Box<dyn Send + Sync>;
 
+/// A pass through the fence for webhook requests about to start (G3, G12): held until
+/// the requests are on the wire, and dropped then. A stock write that brings the stock
+/// to 0 or below does not return while a pass of its product is held (or, in Redis,
+/// has not expired), so no request starts after it returned.
+pub type Admission = Box<dyn Send + Sync>;
+
+/// What the fence did when asked to admit webhook requests.
+pub enum Admitted {
+    /// The stock was above zero and the claim the newest: send, then drop the pass.
+    Yes(Admission),
+    /// The stock is zero or less: send nothing.
+    SoldOut,
+    /// The cache holds no confirmed figure: fill it and ask again.
+    NotCached,
+    /// A newer claim of the run was seen (G8): send nothing, and stop.
+    Superseded,
+}
+
 /// Orders stock writes against deliveries of the same product (G3).
 #[async_trait]
 pub trait StockFence: Send + Sync + 'static {
@@ -98,4 +118,21 @@ pub trait StockFence: Send + Sync + 'static {
     /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
     /// seen and the cached stock of its product is above zero.
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
+
+    /// Admits webhook requests of `run` if no newer claim than `claim` was seen and the
+    /// cached stock of its product is above zero, as one step no stock write can split.
+    /// The pass expires after `ttl` even if never dropped (an instance that died holding
+    /// it), so the sender must not start a request later than that.
+    async fn admit(&self, run: RunKey, claim: i64, ttl: Duration)
+    -> Result<Admitted, BackendError>;
+
+    /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
+    /// seen, whatever the stock: for notifications the webhook already acknowledged,
+    /// which were sent, and so are streamed and recorded even if the product sold out
+    /// since (G12).
+    async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
+
+    /// Called by a stock write that brought the stock to 0 or below, after the figure
+    /// is cached: returns once no pass of `product` is held or unexpired (G3).
+    async fn wait_for_admissions(&self, product: ProductId) -> Result<(), BackendError>;
 }

@@ -6,14 +6,15 @@
 //! `deliver.lua`: the claim check, the stock check and the publish in one step.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::prelude::{Client, HashesInterface, KeysInterface};
+use fred::prelude::{Client, HashesInterface, KeysInterface, SortedSetsInterface};
 use fred::types::Value;
 use fred::types::scripts::Script;
 
-use super::{Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard};
+use super::{Admitted, Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard};
 use crate::domain::{BackendError, ProductId};
 use crate::engine::bus::redis::encode_sent;
 use crate::engine::bus::{RunKey, SentBatch};
@@ -34,6 +35,14 @@ static OFFER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!(
 static CONFIRM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("confirm.lua")));
 static DELIVER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("deliver.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("claim.lua")));
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("admit.lua")));
+static ADMISSIONS: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("admissions.lua")));
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("publish.lua")));
+
+/// How often a stock write of 0 looks again for passes still held (G3): a pass is held
+/// for about the time a request takes to be written, so a few milliseconds.
+const ADMISSIONS_POLL: Duration = Duration::from_millis(2);
 
 /// The stock cache in Redis: one hash per product.
 pub struct RedisStockCache {
@@ -150,6 +159,80 @@ impl StockFence for RedisStockFence {
         Ok(outcome == 1)
     }
 
+    async fn admit(
+        &self,
+        run: RunKey,
+        claim: i64,
+        ttl: Duration,
+    ) -> Result<Admitted, BackendError> {
+        let key = self.keys.admissions(run.product_id);
+        let name = format!("{:016x}", rand::random::<u64>());
+        let outcome: i64 = ADMIT
+            .evalsha_with_reload(
+                &self.client,
+                vec![
+                    self.keys.stock(run.product_id),
+                    self.keys.run_claim(run.product_id, run.restock_round),
+                    key.clone(),
+                ],
+                vec![
+                    Value::from(claim),
+                    Value::from(CLAIM_TTL_SECS),
+                    Value::from(name.clone()),
+                    Value::from(ttl.as_millis().max(1) as i64),
+                ],
+            )
+            .await
+            .map_err(|e| backend(BUS, e))?;
+        Ok(match outcome {
+            1 => Admitted::Yes(Box::new(RedisPass {
+                client: self.client.clone(),
+                key,
+                name,
+            })),
+            0 => Admitted::SoldOut,
+            -2 => Admitted::Superseded,
+            _ => Admitted::NotCached,
+        })
+    }
+
+    async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
+        let payload: Bytes = encode_sent(batch);
+        let outcome: i64 = PUBLISH
+            .evalsha_with_reload(
+                &self.client,
+                vec![
+                    self.keys
+                        .run_claim(batch.run.product_id, batch.run.restock_round),
+                ],
+                vec![
+                    Value::from(self.keys.bus_channel()),
+                    Value::Bytes(payload),
+                    Value::from(batch.claim),
+                    Value::from(CLAIM_TTL_SECS),
+                ],
+            )
+            .await
+            .map_err(|e| backend(BUS, e))?;
+        Ok(match outcome {
+            1 => Delivery::Delivered,
+            _ => Delivery::Superseded,
+        })
+    }
+
+    async fn wait_for_admissions(&self, product: ProductId) -> Result<(), BackendError> {
+        loop {
+            let held: i64 = ADMISSIONS
+                .evalsha_with_reload(&self.client, vec![self.keys.admissions(product)], ())
+                .await
+                .map_err(|e| backend(STORE, e))?;
+            if held == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(ADMISSIONS_POLL).await;
+        }
+    }
+
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
         let payload: Bytes = encode_sent(batch);
         let outcome: i64 = DELIVER
@@ -175,5 +258,28 @@ impl StockFence for RedisStockFence {
             -2 => Delivery::Superseded,
             _ => Delivery::NotCached,
         })
+    }
+}
+
+/// A pass in a product's admissions: dropped, it is taken out at once (in the
+/// background; if that fails, it expires on its own).
+struct RedisPass {
+    client: Client,
+    key: String,
+    name: String,
+}
+
+impl Drop for RedisPass {
+    fn drop(&mut self) {
+        let (client, key, name) = (
+            self.client.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.name),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _: Result<i64, _> = client.zrem(key, name).await;
+            });
+        }
     }
 }

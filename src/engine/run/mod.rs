@@ -1,8 +1,11 @@
 //! Driving one run: keyset pages of registrations in queue order (G1), pacing by the
 //! limiter (G2), delivery through the stock fence (G3), and the recorder behind it
-//! (G5, G10), until the queue is done, the product sells out, or the run stops.
+//! (G5, G10), until the queue is done, the product sells out, or the run stops. With a
+//! webhook endpoint, delivery is a pipeline of acknowledged requests instead (G12): the
+//! child module `webhook`, with the reasoning in `engine::webhook`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
@@ -13,8 +16,13 @@ use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
 use super::lease::LeaseKeeper;
 use super::recorder::Recorder;
 use super::stock::Delivery;
+use super::webhook::Failure;
+use super::webhook::pipeline::Pipeline;
 use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
 use crate::store::{After, Claimed, ClaimedRun, FinalStatus, RunClaim};
+
+mod webhook;
+use webhook::Grant;
 
 /// Why a run stopped before finishing its queue.
 pub(super) enum Stop {
@@ -27,6 +35,19 @@ pub(super) enum Stop {
     SoldOut,
     ShuttingDown,
     Failed(Error),
+    /// The webhook refused a notification, or it failed every attempt (G12).
+    Undelivered(Failure),
+}
+
+impl Stop {
+    /// What the run's `last_error` says when this ends it `CANCELED_BY_ERROR`.
+    pub(super) fn last_error(&self) -> Option<String> {
+        match self {
+            Stop::Failed(err) => Some(err.to_string()),
+            Stop::Undelivered(failure) => Some(failure.to_string()),
+            _ => None,
+        }
+    }
 }
 
 impl From<Error> for Stop {
@@ -63,6 +84,12 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             claim,
             cursor: claimed.cursor,
             wave_left: None,
+            pipeline: engine
+                .webhook
+                .clone()
+                .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
+            paused_until: None,
+            grant: None,
             engine: &engine,
         };
         let started = Instant::now();
@@ -82,21 +109,58 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             }
             run.notify_all().await
         };
-        let after = match notified.await {
+        let notified = notified.await;
+        // G12: what is on the wire is waited for, and what was acknowledged recorded.
+        let notified = match notified {
+            Err(
+                stop
+                @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_) | Stop::Undelivered(_)),
+            ) if run.pipeline.is_some() => {
+                let wait = match (&stop, &engine.webhook) {
+                    (Stop::ShuttingDown, Some(webhook)) => webhook.settings().shutdown_wait,
+                    (_, Some(webhook)) => webhook.settings().timeout,
+                    (_, None) => Duration::ZERO,
+                };
+                match run.wind_down(wait).await {
+                    Ok(()) => Err(stop),
+                    Err(lost @ (Stop::Lost | Stop::LeaseRunOut)) => Err(lost),
+                    Err(other) => {
+                        tracing::warn!(
+                            error = other.last_error().unwrap_or_default(),
+                            "cannot publish the last acknowledged notifications; a resume \
+                             sends them again under the same ids"
+                        );
+                        Err(stop)
+                    }
+                }
+            }
+            other => other,
+        };
+        let mut last_error = None;
+        let after = match notified {
             Ok(Done::Queue) => After::Finish(FinalStatus::Completed),
             Ok(Done::Wave) => After::WaitForWave(
                 wave.map_or(crate::domain::Wave::MIN_INTERVAL, |w| w.wave.interval),
             ),
             Err(Stop::SoldOut) => After::Finish(FinalStatus::SoldOut),
             Err(Stop::ShuttingDown) => After::Release,
-            Err(Stop::Failed(err)) => {
-                tracing::error!(error = ?err, "run failed; resume it with ManualRestock");
+            Err(stop @ (Stop::Failed(_) | Stop::Undelivered(_))) => {
+                last_error = stop.last_error();
+                match &stop {
+                    Stop::Failed(err) => {
+                        tracing::error!(error = ?err, "run failed; resume it with ManualRestock")
+                    }
+                    _ => tracing::error!(
+                        error = last_error.as_deref().unwrap_or_default(),
+                        "webhook delivery failed; resume the run with ManualRestock"
+                    ),
+                }
                 After::Finish(FinalStatus::Error)
             }
             Err(Stop::Lost) => return log_lost(),
             Err(Stop::LeaseRunOut) => return log_lease_run_out(),
         };
-        let written = match run.recorder.close(after).await {
+        let written = match run.recorder.close(after, last_error).await {
             Ok(written) => written,
             Err(Stop::Lost) => return log_lost(),
             Err(Stop::LeaseRunOut) => return log_lease_run_out(),
@@ -153,6 +217,14 @@ struct RunState<'a> {
     cursor: Option<i64>,
     /// A wave run: how many the current wave may still notify.
     wave_left: Option<i64>,
+    /// With a webhook endpoint: the requests started and not yet published (G12).
+    /// `cursor` is then the last *acknowledged and published* notification.
+    pipeline: Option<Pipeline>,
+    /// No request starts before this: the endpoint asked for a pause (`Retry-After`).
+    paused_until: Option<Instant>,
+    /// A webhook run's call to the limiter, kept waiting from one batch of requests to
+    /// the next so that no slot falls due while the run is not asking (G2).
+    grant: Option<Grant>,
 }
 
 /// Why a run stopped sending, when it did not stop early.
@@ -212,27 +284,41 @@ impl RunState<'_> {
             // the cursor once more).
             let mut page = engine
                 .store
-                .next_registrations(&self.claim, self.cursor, engine.settings.page_size)
+                .next_registrations(&self.claim, self.read_cursor(), engine.settings.page_size)
                 .await?;
             if page.is_empty() {
+                self.settle_pipeline().await?;
                 return Ok(Done::Queue);
             }
-            if self.recorder.has_unrecorded() {
-                page.retain(|r| !self.recorder.is_unrecorded(r.user_id));
+            // Requests on the wire or waiting for a retry are not recorded yet either.
+            let in_pipeline: std::collections::HashSet<_> = self
+                .pipeline
+                .as_ref()
+                .map(|pipeline| pipeline.users().collect())
+                .unwrap_or_default();
+            if self.recorder.has_unrecorded() || !in_pipeline.is_empty() {
+                page.retain(|r| {
+                    !self.recorder.is_unrecorded(r.user_id) && !in_pipeline.contains(&r.user_id)
+                });
                 if page.is_empty() {
                     // Only unrecorded users were left: record them, and the query skips
                     // them next time.
+                    self.settle_pipeline().await?;
                     self.recorder.flush().await?;
                     continue;
                 }
             }
             if self.wave_left == Some(0) {
                 // Users remain (this page), for the next wave.
+                self.settle_pipeline().await?;
                 return Ok(Done::Wave);
             }
             let mut rest = &page[..];
             while !rest.is_empty() && self.wave_left != Some(0) {
-                let sent = self.send(rest).await?;
+                let sent = match self.pipeline {
+                    Some(_) => self.send_to_webhook(rest).await?,
+                    None => self.send(rest).await?,
+                };
                 rest = &rest[sent..];
                 self.recorder.poll().await?;
             }
@@ -346,6 +432,14 @@ impl RunState<'_> {
             ),
         )))
     }
+}
+
+fn stock_keeps_disappearing() -> Error {
+    Error::Backend(crate::domain::BackendError::new(
+        "stock cache",
+        true,
+        anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
+    ))
 }
 
 fn log_lost() {
