@@ -22,7 +22,7 @@ use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
 use crate::store::{After, Claimed, ClaimedRun, FinalStatus, RunClaim};
 
 mod webhook;
-use webhook::Grant;
+use webhook::{Grant, PassAhead};
 
 /// Why a run stopped before finishing its queue.
 pub(super) enum Stop {
@@ -90,6 +90,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                 .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
             paused_until: None,
             grant: None,
+            pass_ahead: None,
             engine: &engine,
         };
         let started = Instant::now();
@@ -225,6 +226,9 @@ struct RunState<'a> {
     /// A webhook run's call to the limiter, kept waiting from one batch of requests to
     /// the next so that no slot falls due while the run is not asking (G2).
     grant: Option<Grant>,
+    /// A webhook run's next pass through the stock fence, asked for before the grant
+    /// that will use it, so that the grant's requests start at once.
+    pass_ahead: Option<PassAhead>,
 }
 
 /// Why a run stopped sending, when it did not stop early.

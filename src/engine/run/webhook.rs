@@ -60,6 +60,10 @@ impl RunState<'_> {
             if queue.is_empty() && pipeline.is_empty() {
                 return Ok(0);
             }
+            if self.pass_ahead.as_ref().is_some_and(PassAhead::stale) {
+                // Held unused, it would hold up a stock write to 0 (G3).
+                self.pass_ahead = None;
+            }
             if !self.recorder.lease.may_send() || (pipeline.is_empty() && self.recorder.room() == 0)
             {
                 // G10 and G8, as for sends without a webhook: a lease that cannot be
@@ -139,19 +143,26 @@ impl RunState<'_> {
         let settings = webhook.settings();
         if granted_at.elapsed() > settings.grant_tolerance {
             // G2: slots that waited for the run could crowd a later second at the
-            // endpoint; they go unused. (The pass's round trip is not counted here: it
-            // delays every request alike, so it moves them without crowding them.)
+            // endpoint; they go unused.
             return Ok(0);
         }
-        let asked = Instant::now();
-        // The pass, and whether the endpoint asked for a pause (Retry-After, from
-        // whichever instance heard it), in one round trip's time.
-        let (pass, left) = tokio::join!(
-            admit(engine, self.run, self.claim.token, settings.admission_ttl),
-            engine.endpoint_pause.left()
-        );
-        let pass = pass?;
-        let left = left.map_err(Error::from)?;
+        let ahead = match self.pass_ahead.take() {
+            Some(ahead) if !ahead.stale() => ahead,
+            _ => ask_pass(engine, self.run, self.claim.token, settings.admission_ttl),
+        };
+        let asked = ahead.asked;
+        let (pass, left) = ahead.ready().await?;
+        // The next grant's pass is on its way while this grant's requests start.
+        self.pass_ahead = Some(ask_pass(
+            engine,
+            self.run,
+            self.claim.token,
+            settings.admission_ttl,
+        ));
+        if granted_at.elapsed() > settings.grant_tolerance {
+            // The pass came too late for these slots (G2): both go unused.
+            return Ok(0);
+        }
         if !left.is_zero() {
             // The pass is dropped unused, and the slots go unused.
             self.paused_until = Some(Instant::now() + left);
@@ -297,6 +308,57 @@ impl RunState<'_> {
         }
         published
     }
+}
+
+/// How long a pass asked for ahead of its grant may wait for it. At a steady rate the
+/// next grant comes within milliseconds; a pass older than this is dropped (it holds
+/// up a stock write to 0 while held) and the grant asks for a fresh one.
+const PASS_AHEAD_FRESH: Duration = Duration::from_millis(100);
+
+/// A pass through the stock fence, and how long the endpoint still asks every request
+/// to wait (`Retry-After`, from whichever instance heard it), asked for on a task of
+/// its own before the grant that will use them.
+///
+/// Why ahead (G2): the requests of a grant must start when its slots are due. Asked
+/// for after the grant, the pass put a round trip to Redis between the two, and
+/// round trips vary: requests of one grant came late and crowded those of the next,
+/// and an endpoint saw more than the rate in a second. Asked for ahead, a pass waits
+/// at most [`PASS_AHEAD_FRESH`] for its grant, and a stock write to 0 waits at most
+/// that much longer for it (G3 holds: the requests it lets start start before the
+/// write returns).
+///
+/// Dropping one never cancels its task: a pass being registered in Redis is released
+/// as soon as it is there, rather than left to expire.
+pub(super) struct PassAhead {
+    asked: Instant,
+    ready: tokio::task::JoinHandle<Result<(crate::engine::stock::Admission, Duration), Stop>>,
+}
+
+impl PassAhead {
+    /// Held, and too old to use: drop it. One still on its way is not stale yet.
+    fn stale(&self) -> bool {
+        self.ready.is_finished() && self.asked.elapsed() > PASS_AHEAD_FRESH
+    }
+
+    async fn ready(self) -> Result<(crate::engine::stock::Admission, Duration), Stop> {
+        match self.ready.await {
+            Ok(ready) => ready,
+            Err(_) => Err(Stop::Failed(webhook_task_failed())),
+        }
+    }
+}
+
+fn ask_pass(engine: &Arc<Engine>, run: RunKey, claim: i64, ttl: Duration) -> PassAhead {
+    let engine = engine.clone();
+    let asked = Instant::now();
+    let ready = tokio::spawn(async move {
+        let (pass, left) = tokio::join!(
+            admit(&engine, run, claim, ttl),
+            engine.endpoint_pause.left()
+        );
+        Ok((pass?, left.map_err(Error::from)?))
+    });
+    PassAhead { asked, ready }
 }
 
 /// A pass through the stock fence for webhook requests of `run` (G3, G8).

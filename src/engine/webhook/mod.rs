@@ -78,12 +78,13 @@ pub struct WebhookSettings {
     /// is abandoned unsent (and retried): 1 s, half the pass's life, so a request never
     /// starts on an expired pass whatever the round trip to Redis.
     pub send_deadline: Duration,
-    /// A grant of the limiter is taken up within this long of arriving, or not at all:
-    /// 3 ms. The limiter counts its window 5 ms longer than a second
-    /// (`limiter::ENFORCED_WINDOW`) to absorb how much the delay between a grant and its
-    /// sends varies; a grant that waited while the run took answers in would use up
-    /// that margin (G2, as the endpoint counts). The pass's round trip that follows is
-    /// about the same for every grant, so it is not part of it.
+    /// A grant of the limiter is taken up within this long of arriving, its pass
+    /// through the fence included, or not at all: 1.5 ms. The limiter counts its window
+    /// 5 ms longer than a second (`limiter::ENFORCED_WINDOW`) and may hand a slot out
+    /// up to 3 ms late; the rest is for the run to start the requests. A grant that
+    /// waited while the run took answers in, or for a pass, would use that margin up and
+    /// crowd a later second at the endpoint (G2, as the endpoint counts). The pass is
+    /// asked for ahead of the grant, so it is usually there already.
     pub grant_tolerance: Duration,
     /// On shutdown, how long a run waits for the answers to requests already sent
     /// before it records what was acknowledged and hands itself over: 1 s, inside the
@@ -133,7 +134,7 @@ impl WebhookSettings {
             max_retry_after: Duration::from_secs(300),
             admission_ttl: Duration::from_secs(2),
             send_deadline: Duration::from_secs(1),
-            grant_tolerance: Duration::from_millis(3),
+            grant_tolerance: Duration::from_micros(1_500),
             shutdown_wait: Duration::from_secs(1),
         })
     }
