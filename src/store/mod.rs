@@ -222,6 +222,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ClaimedRun>, Error>;
 
+    /// Whether `claim` is still the run's claim (and the run in progress): what the
+    /// engine proves before it registers its claim with the shared side again, after
+    /// the shared side lost it (G8).
+    async fn holds_claim(&self, claim: &RunClaim) -> Result<bool, Error>;
+
     /// A run's status and recorded cursor.
     async fn run_progress(
         &self,

@@ -823,6 +823,10 @@ impl Store for MySqlStore {
         Ok(taken)
     }
 
+    async fn holds_claim(&self, claim: &RunClaim) -> Result<bool, Error> {
+        read_holds_claim(&self.pool, claim).await
+    }
+
     async fn run_progress(
         &self,
         product: ProductId,

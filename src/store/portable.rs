@@ -76,6 +76,22 @@ macro_rules! portable_queries {
             Ok(epoch + 1)
         }
 
+        async fn read_holds_claim(
+            pool: &sqlx::Pool<$db>,
+            claim: &RunClaim,
+        ) -> Result<bool, Error> {
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM product_notification_history \
+                 WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS'",
+            )
+            .bind(claim.run_id)
+            .bind(claim.token)
+            .fetch_optional(pool)
+            .await
+            .map_err(backend)?;
+            Ok(held.is_some())
+        }
+
         /// Where the run's queue ended when its round started (see [`RunClaim`]).
         async fn select_queue_end(
             tx: &mut sqlx::Transaction<'static, $db>,

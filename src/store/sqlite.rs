@@ -655,6 +655,10 @@ impl Store for SqliteStore {
         Ok(taken)
     }
 
+    async fn holds_claim(&self, claim: &RunClaim) -> Result<bool, Error> {
+        read_holds_claim(&self.reader, claim).await
+    }
+
     async fn run_progress(
         &self,
         product: ProductId,

@@ -349,3 +349,51 @@ async fn local_fence_delivers_only_in_stock_and_onto_the_bus() {
 async fn redis_fence_delivers_only_in_stock_and_onto_the_bus() {
     fence_delivers_only_in_stock_and_onto_the_bus(true).await;
 }
+
+/// A lost claim key (a flush, a failover, an expiry) is not "no claim yet" (G8): a
+/// delivery or a publish of an older claim still on the wire is refused, not let
+/// through for want of a newer claim to compare with, and so is the newest claim's own
+/// until it is registered again (after the engine proved it against the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
+    let keys = prefix();
+    let (client, _bus) = join_redis_bus(&keys, 64).await;
+    let cache = RedisStockCache::new(client.clone(), keys.clone());
+    let fence = RedisStockFence::new(client.clone(), keys.clone());
+    let product = ProductId::parse(6).unwrap();
+    let figure = StockFigure {
+        stock: 5,
+        version: 1,
+    };
+    let Offered::Pending { nonce } = cache.offer(product, figure).await.unwrap() else {
+        panic!("a fresh cache takes the offer");
+    };
+    assert!(cache.confirm(product, figure, nonce).await.unwrap());
+    let batch = |claim| {
+        SentBatch::new(
+            RunKey {
+                product_id: product,
+                restock_round: 1,
+            },
+            None,
+            vec![SentItem {
+                user_id: UserId::parse(3).unwrap(),
+                position: 1,
+            }],
+            Utc::now().trunc_subsecs(6),
+        )
+        .under_claim(claim)
+    };
+    let (old, new) = (batch(1), batch(2));
+    assert!(fence.claim(new.run, 2).await.unwrap());
+    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Delivered);
+    assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
+
+    let _: i64 = client.del(keys.run_claim(product, 1)).await.unwrap();
+    assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::ClaimUnknown);
+    assert_eq!(fence.publish(&old).await.unwrap(), Delivery::ClaimUnknown);
+    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::ClaimUnknown);
+    assert!(fence.claim(new.run, 2).await.unwrap());
+    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Delivered);
+    assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
+}

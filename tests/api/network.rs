@@ -281,3 +281,30 @@ async fn a_lost_cache_never_brings_an_older_stock_back_after_set_stock_zero() {
     );
     direct.quit().await.ok();
 }
+
+/// A run whose claim key is lost from Redis mid-run (a flush, a failover) proves its
+/// claim against the database, registers it again and finishes: every user once, in
+/// order (G8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_claim_key_is_lost_registers_it_again_and_finishes() {
+    let app = spawn_app_with(Options {
+        send_rate: 200,
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=400).collect();
+    app.set_stock(1, 10).await;
+    app.register_bulk(1, &users).await;
+    app.trigger(1, None).await.unwrap();
+    wait_for_history(&app, 1, 50).await;
+    let keys = Keys::new(app.redis_prefix.clone());
+    let (client, _bus) = join_redis_bus(&keys, 64).await;
+    let claim = keys.run_claim(restock_notifier::domain::ProductId::parse(1).unwrap(), 1);
+    let removed: i64 = client.del(&claim).await.unwrap();
+    assert_eq!(removed, 1, "the run's claim key was there");
+    let run = app.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed, "{run:?}");
+    assert_eq!(app.history(1, 1).await, users);
+    let registered: Option<i64> = client.get(&claim).await.unwrap();
+    assert_eq!(registered, Some(1), "the claim was registered again");
+}

@@ -425,6 +425,7 @@ impl RunState<'_> {
                 }
                 Delivery::SoldOut => return Err(Stop::SoldOut),
                 Delivery::Superseded => return Err(Stop::Lost),
+                Delivery::ClaimUnknown => reclaim(self.engine, self.run, &self.claim).await?,
                 Delivery::NotCached => self.engine.cache_stock(self.product(), None).await?,
             }
         }
@@ -444,6 +445,25 @@ fn stock_keeps_disappearing() -> Error {
         true,
         anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
     ))
+}
+
+/// The shared side lost the run's newest claim (a flush, a failover, its key expired):
+/// this task registers its claim again, but only once the database shows it still
+/// holds the run; otherwise it no longer owns it (G8).
+async fn reclaim(engine: &Engine, run: RunKey, claim: &RunClaim) -> Result<(), Stop> {
+    tracing::warn!("the run's claim is gone from Redis; proving it against the database");
+    if !engine.store.holds_claim(claim).await? {
+        return Err(Stop::Lost);
+    }
+    if !engine
+        .stock_fence
+        .claim(run, claim.token)
+        .await
+        .map_err(Error::from)?
+    {
+        return Err(Stop::Lost);
+    }
+    Ok(())
 }
 
 fn log_lost() {

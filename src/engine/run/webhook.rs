@@ -9,12 +9,13 @@ use std::time::Duration;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
-use super::{RunState, Stop, stock_keeps_disappearing};
+use super::{RunState, Stop, reclaim, stock_keeps_disappearing};
 use crate::domain::{Error, Registration};
 use crate::engine::Engine;
 use crate::engine::bus::{RunKey, SentBatch, SentItem};
 use crate::engine::stock::{Admitted, Delivery};
 use crate::engine::webhook::pipeline::{Event, Pipeline};
+use crate::store::RunClaim;
 
 /// Delivery to a webhook endpoint (G12): see `webhook` for how the guarantees hold.
 impl RunState<'_> {
@@ -148,7 +149,7 @@ impl RunState<'_> {
         }
         let ahead = match self.pass_ahead.take() {
             Some(ahead) if !ahead.stale() => ahead,
-            _ => ask_pass(engine, self.run, self.claim.token, settings.admission_ttl),
+            _ => ask_pass(engine, self.run, self.claim, settings.admission_ttl),
         };
         let asked = ahead.asked;
         let (pass, left) = ahead.ready().await?;
@@ -156,7 +157,7 @@ impl RunState<'_> {
         self.pass_ahead = Some(ask_pass(
             engine,
             self.run,
-            self.claim.token,
+            self.claim,
             settings.admission_ttl,
         ));
         if granted_at.elapsed() > settings.grant_tolerance {
@@ -258,14 +259,23 @@ impl RunState<'_> {
                 acknowledged.sent_at,
             )
             .under_claim(self.claim.token);
-            match self
+            let mut published = self
                 .engine
                 .stock_fence
                 .publish(&batch)
                 .await
-                .map_err(Error::from)?
-            {
-                Delivery::Superseded => return Err(Stop::Lost),
+                .map_err(Error::from)?;
+            if published == Delivery::ClaimUnknown {
+                reclaim(self.engine, self.run, &self.claim).await?;
+                published = self
+                    .engine
+                    .stock_fence
+                    .publish(&batch)
+                    .await
+                    .map_err(Error::from)?;
+            }
+            match published {
+                Delivery::Superseded | Delivery::ClaimUnknown => return Err(Stop::Lost),
                 _ => {
                     self.engine
                         .metrics
@@ -348,7 +358,7 @@ impl PassAhead {
     }
 }
 
-fn ask_pass(engine: &Arc<Engine>, run: RunKey, claim: i64, ttl: Duration) -> PassAhead {
+fn ask_pass(engine: &Arc<Engine>, run: RunKey, claim: RunClaim, ttl: Duration) -> PassAhead {
     let engine = engine.clone();
     let asked = Instant::now();
     let ready = tokio::spawn(async move {
@@ -365,19 +375,20 @@ fn ask_pass(engine: &Arc<Engine>, run: RunKey, claim: i64, ttl: Duration) -> Pas
 async fn admit(
     engine: &Engine,
     run: RunKey,
-    claim: i64,
+    claim: RunClaim,
     ttl: Duration,
 ) -> Result<crate::engine::stock::Admission, Stop> {
     for _ in 0..3 {
         match engine
             .stock_fence
-            .admit(run, claim, ttl)
+            .admit(run, claim.token, ttl)
             .await
             .map_err(Error::from)?
         {
             Admitted::Yes(pass) => return Ok(pass),
             Admitted::SoldOut => return Err(Stop::SoldOut),
             Admitted::Superseded => return Err(Stop::Lost),
+            Admitted::ClaimUnknown => reclaim(engine, run, &claim).await?,
             Admitted::NotCached => engine.cache_stock(run.product_id, None).await?,
         }
     }

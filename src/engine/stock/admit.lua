@@ -6,9 +6,12 @@
 -- KEYS[1] the product's stock key, KEYS[2] the run's claim key, KEYS[3] the product's
 -- admissions; ARGV: the claim's token, the claim key's ttl in seconds, the pass's name,
 -- its ttl in milliseconds.
--- Returns 1 admitted, 0 sold out, -1 not cached, -2 superseded.
+-- Returns 1 admitted, 0 sold out, -1 not cached, -2 superseded, -3 the claim key is gone
+-- (see deliver.lua).
 redis.replicate_commands()
-local newest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local held_claim = redis.call('GET', KEYS[2])
+if not held_claim then return -3 end
+local newest = tonumber(held_claim)
 local token = tonumber(ARGV[1])
 if token < newest then return -2 end
 if token > newest then redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2])) end

@@ -79,6 +79,12 @@ pub enum Delivery {
     /// A newer claim of the run was seen: nothing was delivered, and the sender no
     /// longer owns the run (G8).
     Superseded,
+    /// The shared side no longer knows the run's newest claim (its key was lost with
+    /// the cache, or expired): nothing was delivered. The sender proves its claim
+    /// against the database and registers it again ([`StockFence::claim`]) before it
+    /// delivers anything (G8): a delivery of an older claim held on the wire meanwhile
+    /// is refused, not let through for want of a newer one to compare with.
+    ClaimUnknown,
 }
 
 /// Held by a stock write from before the cached figure is dropped until the new one
@@ -101,6 +107,9 @@ pub enum Admitted {
     NotCached,
     /// A newer claim of the run was seen (G8): send nothing, and stop.
     Superseded,
+    /// The run's newest claim is unknown to the shared side: as for
+    /// [`Delivery::ClaimUnknown`].
+    ClaimUnknown,
 }
 
 /// Orders stock writes against deliveries of the same product (G3).

@@ -192,6 +192,7 @@ impl StockFence for RedisStockFence {
             })),
             0 => Admitted::SoldOut,
             -2 => Admitted::Superseded,
+            -3 => Admitted::ClaimUnknown,
             _ => Admitted::NotCached,
         })
     }
@@ -216,6 +217,7 @@ impl StockFence for RedisStockFence {
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
             1 => Delivery::Delivered,
+            -3 => Delivery::ClaimUnknown,
             _ => Delivery::Superseded,
         })
     }
@@ -256,6 +258,7 @@ impl StockFence for RedisStockFence {
             1 => Delivery::Delivered,
             0 => Delivery::SoldOut,
             -2 => Delivery::Superseded,
+            -3 => Delivery::ClaimUnknown,
             _ => Delivery::NotCached,
         })
     }
