@@ -194,12 +194,17 @@ impl Engine {
     /// the cache loses meanwhile, a figure older than a returned write is never trusted
     /// again (G3).
     /// `known` is a figure just read from the database (by the write itself), offered
-    /// first instead of reading it again.
+    /// first instead of reading it again. A write whose figure a later write overtook
+    /// is done: caching the newer figure is that write's own task (and until one is
+    /// confirmed, deliveries trust none and fill the cache from the database). Without
+    /// that, writes racing each other could each find the figure moved on every attempt
+    /// and all fail.
     async fn cache_stock(
         &self,
         product: ProductId,
         known: Option<StockFigure>,
     ) -> Result<(), Error> {
+        let written = known.map(|figure| figure.version);
         let mut known = known;
         for _ in 0..CACHE_STOCK_ATTEMPTS {
             let figure = match known.take() {
@@ -211,7 +216,11 @@ impl Engine {
                 Offered::Stale => continue,
                 Offered::Pending { nonce } => nonce,
             };
-            if self.stock_figure(product).await?.version != figure.version {
+            let now = self.stock_figure(product).await?.version;
+            if now != figure.version {
+                if written.is_some_and(|ours| now > ours) {
+                    return Ok(());
+                }
                 continue;
             }
             if self.stock_cache.confirm(product, figure, nonce).await? {
