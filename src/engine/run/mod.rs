@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::SubsecRound as _;
+use chrono::{DateTime, SubsecRound as _, Utc};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -382,12 +382,9 @@ impl RunState<'_> {
         }
     }
 
-    /// Delivers a chunk through the fence, stamped now, and hands it to the recorder.
-    async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
-        // Microseconds: what the history and the bus keep, so a notification reads the
-        // same live, replayed, or from another instance.
-        let sent_at = self.engine.clock.now().trunc_subsecs(6);
-        let batch = SentBatch::new(
+    /// `chunk` as a batch of this run, after its cursor and under its claim (G8).
+    fn batch(&self, chunk: &[Registration], sent_at: DateTime<Utc>) -> SentBatch {
+        SentBatch::new(
             self.run,
             self.cursor,
             chunk
@@ -399,7 +396,15 @@ impl RunState<'_> {
                 .collect(),
             sent_at,
         )
-        .under_claim(self.claim.token);
+        .under_claim(self.claim.token)
+    }
+
+    /// Delivers a chunk through the fence, stamped now, and hands it to the recorder.
+    async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
+        // Microseconds: what the history and the bus keep, so a notification reads the
+        // same live, replayed, or from another instance.
+        let sent_at = self.engine.clock.now().trunc_subsecs(6);
+        let batch = self.batch(chunk, sent_at);
         // A figure missing from the cache is loaded from the database and the delivery
         // tried again; twice is plenty (the figure only goes missing when it expires or
         // a stock write is under way).

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{RunState, Stop, reclaim, stock_keeps_disappearing};
 use crate::domain::{Error, Registration};
 use crate::engine::Engine;
-use crate::engine::bus::{RunKey, SentBatch, SentItem};
+use crate::engine::bus::RunKey;
 use crate::engine::stock::{Admitted, Delivery};
 use crate::engine::webhook::pipeline::{Event, Pipeline};
 use crate::store::RunClaim;
@@ -246,19 +246,7 @@ impl RunState<'_> {
             .expect("a webhook run has a pipeline");
         for acknowledged in pipeline.take_acknowledged(partial) {
             let chunk = acknowledged.registrations;
-            let batch = SentBatch::new(
-                self.run,
-                self.cursor,
-                chunk
-                    .iter()
-                    .map(|r| SentItem {
-                        user_id: r.user_id,
-                        position: r.position,
-                    })
-                    .collect(),
-                acknowledged.sent_at,
-            )
-            .under_claim(self.claim.token);
+            let batch = self.batch(&chunk, acknowledged.sent_at);
             let mut published = self
                 .engine
                 .stock_fence
