@@ -67,7 +67,9 @@ impl Deployment {
                         local_bus.clone(),
                     )),
                     stock_cache,
-                    limiter: Arc::new(LocalLimiter::new(send_rate)),
+                    limiter: Arc::new(
+                        LocalLimiter::new(send_rate).context("cannot start the send limiter")?,
+                    ),
                     bus: local_bus,
                     endpoint_pause: Arc::new(LocalPause::default()),
                     webhook: None,
@@ -81,12 +83,10 @@ impl Deployment {
                 Capabilities {
                     stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
                     stock_fence: Arc::new(RedisStockFence::new(client.clone(), keys.clone())),
-                    limiter: Arc::new(RedisLimiter::new(
-                        client.clone(),
-                        keys,
-                        send_rate,
-                        metrics.limiter(),
-                    )),
+                    limiter: Arc::new(
+                        RedisLimiter::new(client.clone(), keys, send_rate, metrics.limiter())
+                            .context("cannot start the send limiter")?,
+                    ),
                     bus: Arc::new(bus),
                     endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),
                     webhook: None,

@@ -34,7 +34,7 @@ fn prefix() -> Keys {
 async fn limiters(redis: bool, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
     if !redis {
         let rate = NonZeroU32::new(rate).unwrap();
-        let shared: Arc<dyn SendLimiter> = Arc::new(LocalLimiter::new(rate));
+        let shared: Arc<dyn SendLimiter> = Arc::new(LocalLimiter::new(rate).unwrap());
         return [shared.clone(), shared];
     }
     redis_limiters(&redis_url(), &prefix(), rate).await
@@ -46,7 +46,7 @@ async fn redis_limiters(url: &str, keys: &Keys, rate: u32) -> [Arc<dyn SendLimit
     let mut out = vec![];
     for _ in 0..2 {
         let client = restock_notifier::redis::connect(url).await.unwrap();
-        let limiter = RedisLimiter::new(client, keys, rate, LimiterMetrics::off());
+        let limiter = RedisLimiter::new(client, keys, rate, LimiterMetrics::off()).unwrap();
         limiter.acquire(1).await.unwrap();
         out.push(Arc::new(limiter) as Arc<dyn SendLimiter>);
     }

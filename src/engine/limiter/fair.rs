@@ -36,9 +36,30 @@ pub struct FairLimiter {
 }
 
 impl FairLimiter {
-    /// Starts the task that deals out `source`'s slots. It ends when the limiter is
-    /// dropped. Must be called within a tokio runtime.
-    pub fn start(source: impl SlotSource) -> Self {
+    /// Starts the task that deals out `source`'s slots, on a thread of its own. It ends
+    /// when the limiter is dropped.
+    ///
+    /// Its own thread, because a slot is due every few milliseconds and may be handed
+    /// out only a few milliseconds late (G2: a later one is given up). On the service's
+    /// runtime its timer fired 2 to 5 ms late whenever every worker was busy encoding,
+    /// committing or streaming: tokio looks at its timers when a worker goes idle or
+    /// between polls, so a due slot waits for whatever task holds the worker. Here the
+    /// thread sleeps on its own timer and has nothing else to run.
+    pub fn start(source: impl SlotSource) -> std::io::Result<Self> {
+        let (waiters, arrivals) = mpsc::unbounded_channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("send-limiter".into())
+            .spawn(move || runtime.block_on(deal(source, arrivals)))?;
+        Ok(Self { waiters })
+    }
+
+    /// Starts the task on the current runtime, whose clock it then follows (tests with
+    /// paused time).
+    #[cfg(test)]
+    pub fn start_here(source: impl SlotSource) -> Self {
         let (waiters, arrivals) = mpsc::unbounded_channel();
         tokio::spawn(deal(source, arrivals));
         Self { waiters }

@@ -28,10 +28,18 @@ pub struct LocalLimiter {
 }
 
 impl LocalLimiter {
-    /// Must be called within a tokio runtime (it starts the front's task).
-    pub fn new(rate: NonZeroU32) -> Self {
+    /// Starts the front's thread (see [`FairLimiter::start`]).
+    pub fn new(rate: NonZeroU32) -> std::io::Result<Self> {
+        Ok(Self {
+            front: FairLimiter::start(LocalSlots::new(rate))?,
+        })
+    }
+
+    /// A limiter whose front runs on the current runtime and follows its clock.
+    #[cfg(test)]
+    fn here(rate: NonZeroU32) -> Self {
         Self {
-            front: FairLimiter::start(LocalSlots::new(rate)),
+            front: FairLimiter::start_here(LocalSlots::new(rate)),
         }
     }
 }
@@ -158,7 +166,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_exceeds_the_rate_in_any_window_and_sustains_it() {
-        let limiter = LocalLimiter::new(NonZeroU32::new(500).unwrap());
+        let limiter = LocalLimiter::here(NonZeroU32::new(500).unwrap());
         let begin = Instant::now();
         let sends = drive(&limiter, 5_000, 64).await;
         let elapsed = sends.last().unwrap().duration_since(begin);
@@ -171,7 +179,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_short_pause_is_made_up_within_the_window() {
-        let limiter = LocalLimiter::new(NonZeroU32::new(100).unwrap());
+        let limiter = LocalLimiter::here(NonZeroU32::new(100).unwrap());
         drive(&limiter, 10, 1).await;
         // The engine stalls 40 ms: four slots are owed and granted.
         tokio::time::advance(Duration::from_millis(40)).await;
@@ -180,14 +188,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_late_caller_does_not_get_a_burst() {
-        let limiter = LocalLimiter::new(NonZeroU32::new(100).unwrap());
+        let limiter = LocalLimiter::here(NonZeroU32::new(100).unwrap());
         drive(&limiter, 10, 1).await;
         // The caller goes away for a while; on return it gets a small catch-up only.
         tokio::time::advance(Duration::from_secs(5)).await;
         let granted = limiter.acquire(1_000).await.unwrap();
         assert_eq!(granted, 1, "a quiet spell is not saved up for a burst");
         // At a low rate, a fresh start sends one, not a second's worth.
-        let slow = LocalLimiter::new(NonZeroU32::new(5).unwrap());
+        let slow = LocalLimiter::here(NonZeroU32::new(5).unwrap());
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(slow.acquire(5).await.unwrap(), 1);
     }

@@ -35,10 +35,12 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fred::prelude::{Client, LuaInterface};
+use fred::prelude::Client;
+use fred::types::scripts::Script;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -51,7 +53,8 @@ use crate::redis::{Keys, backend};
 
 const STORE: &str = "send limiter (Redis)";
 
-const RESERVE: &str = include_str!("reserve.lua");
+/// Loaded once per Redis and then run by SHA (EVALSHA), reloaded if Redis lost it.
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("reserve.lua")));
 
 /// How late a slot may still be handed out. 3 ms: the timer's millisecond and some
 /// scheduling, within the 5 ms the enforced window allows, leaving 2 ms for the run to
@@ -118,8 +121,13 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Must be called within a tokio runtime (it starts the front's task).
-    pub fn new(client: Client, keys: &Keys, rate: NonZeroU32, metrics: LimiterMetrics) -> Self {
+    /// Starts the front's thread (see [`FairLimiter::start`]).
+    pub fn new(
+        client: Client,
+        keys: &Keys,
+        rate: NonZeroU32,
+        metrics: LimiterMetrics,
+    ) -> std::io::Result<Self> {
         let slots = RedisSlots {
             client,
             key: keys.limiter(),
@@ -142,9 +150,9 @@ impl RedisLimiter {
             warned_lost: None,
             metrics,
         };
-        Self {
-            front: FairLimiter::start(slots),
-        }
+        Ok(Self {
+            front: FairLimiter::start(slots)?,
+        })
     }
 }
 
@@ -312,10 +320,11 @@ impl RedisSlots {
         // request is on the wire.
         let reply = tokio::spawn(async move {
             let asked = Instant::now();
-            let (now, first, count, lost, again): (String, String, String, String, String) = client
-                .eval(RESERVE, vec![key], args)
-                .await
-                .map_err(|e| backend(STORE, e))?;
+            let (now, first, count, lost, again): (String, String, String, String, String) =
+                RESERVE
+                    .evalsha_with_reload(&client, vec![key], args)
+                    .await
+                    .map_err(|e| backend(STORE, e))?;
             let replied = Instant::now();
             let parse = |s: &str| {
                 s.parse::<f64>().map_err(|e| {
