@@ -2,7 +2,9 @@
 //! the history together with the run's cursor, one transaction per batch (G5). Batches
 //! are committed on a task of their own, one at a time and in send order, so a slow
 //! commit does not hold up the sends; how much may wait uncommitted is bounded (G10);
-//! every commit renews the run's lease (G8).
+//! every commit renews the run's lease (G8), and the recorder is the lease's one
+//! owner: it says whether the run may still send, and every write of the run's row
+//! goes through it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,11 +14,42 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::lease::LeaseKeeper;
-use super::run::Stop;
+use super::lease::{LeaseKeeper, LeaseSettings};
 use crate::domain::{BackendError, Error, Registration, UserId};
 use crate::monitoring::Metrics;
 use crate::store::{After, Claimed, FinalStatus, RunClaim, SentNotification, Store};
+
+/// How often `CANCELED_BY_ERROR` alone is tried when the last record failed: a failing
+/// run must not stay `IN_PROGRESS` (G4), and six tries, from 100 ms doubling, span
+/// a few seconds of a database coming back, well inside the shutdown grace.
+const MARK_FAILED_ATTEMPTS: u32 = 6;
+
+/// The wait before the second try of `CANCELED_BY_ERROR`, doubled for every later one.
+const MARK_FAILED_FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Why the record of a run cannot go on. The run stops on any of them; what it does
+/// then differs (G4, G8).
+#[derive(Debug)]
+pub(super) enum RecordError {
+    /// The run is no longer this owner's: a write found its claim superseded or its
+    /// lease run out, and another owner may have it (G8).
+    Lost,
+    /// Commits stalled until the lease could run out: the run stops sending and is left
+    /// to whichever instance takes it over (G8, G10).
+    LeaseRunOut,
+    /// The database failed (G4).
+    Failed(Error),
+}
+
+impl RecordError {
+    /// What the run's `last_error` says when this ends it `CANCELED_BY_ERROR`.
+    fn last_error(&self) -> Option<String> {
+        match self {
+            RecordError::Failed(err) => Some(err.to_string()),
+            RecordError::Lost | RecordError::LeaseRunOut => None,
+        }
+    }
+}
 
 /// Settings of the recorder.
 #[derive(Debug, Clone)]
@@ -65,7 +98,8 @@ pub(super) struct Recorder {
     store: Arc<dyn Store>,
     claim: RunClaim,
     settings: RecorderSettings,
-    pub(super) lease: LeaseKeeper,
+    /// The run's lease, renewed by every commit and by nothing else (G8).
+    lease: LeaseKeeper,
     /// Delivered, not yet handed to a transaction, in send order.
     pending: Vec<SentNotification>,
     oldest_pending: Option<Instant>,
@@ -79,11 +113,14 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
+    /// The recorder of a run claimed by a write that started at `claimed_at`: the
+    /// lease counts from then (G8).
     pub(super) fn new(
         store: Arc<dyn Store>,
         claim: RunClaim,
         settings: RecorderSettings,
-        lease: LeaseKeeper,
+        lease: LeaseSettings,
+        claimed_at: Instant,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -91,7 +128,7 @@ impl Recorder {
             claim,
             pending: Vec::with_capacity(settings.batch_size),
             settings,
-            lease,
+            lease: LeaseKeeper::new(lease, claimed_at),
             oldest_pending: None,
             in_flight: None,
             unrecorded_users: HashSet::new(),
@@ -148,9 +185,35 @@ impl Recorder {
         !self.unrecorded_users.is_empty()
     }
 
+    /// Whether the lease leaves time to send (G8): past this, sends stop until a commit
+    /// renews it.
+    pub(super) fn may_send(&self) -> bool {
+        self.lease.may_send()
+    }
+
+    /// Starts a wave of `quota` notifications, recorded with the run (it renews the
+    /// lease like any record of the run's).
+    pub(super) async fn start_wave(
+        &mut self,
+        quota: i64,
+        sent_count: i64,
+    ) -> Result<(), RecordError> {
+        let asked = Instant::now();
+        let started = self
+            .store
+            .start_wave(&self.claim, quota, sent_count, self.lease.lease())
+            .await
+            .map_err(RecordError::Failed)?;
+        if started == Claimed::Lost {
+            return Err(RecordError::Lost);
+        }
+        self.lease.renewed(asked);
+        Ok(())
+    }
+
     /// Between sends: notices a finished batch (a failure stops the run at once), and
     /// hands the pending notifications over when a batch is due.
-    pub(super) async fn poll(&mut self) -> Result<(), Stop> {
+    pub(super) async fn poll(&mut self) -> Result<(), RecordError> {
         if self
             .in_flight
             .as_ref()
@@ -166,7 +229,7 @@ impl Recorder {
 
     /// While the run waits (for the limiter, say): as `poll`, and renews the lease with
     /// an empty record when nothing else has renewed it for a while.
-    pub(super) async fn keep_up(&mut self) -> Result<(), Stop> {
+    pub(super) async fn keep_up(&mut self) -> Result<(), RecordError> {
         self.poll().await?;
         if self.in_flight.is_none() && self.lease.renewal_due() {
             self.hand_over_pending();
@@ -177,12 +240,12 @@ impl Recorder {
     /// Waits until at least one more notification may be delivered (G10): commits
     /// what is pending and waits for the commit, but never past the moment the lease
     /// could run out; then the run must stop and leave itself to the next owner (G8).
-    pub(super) async fn wait_for_room(&mut self) -> Result<(), Stop> {
+    pub(super) async fn wait_for_room(&mut self) -> Result<(), RecordError> {
         while self.room() == 0 || !self.lease.may_send() {
             if self.in_flight.is_none() {
                 if self.pending.is_empty() {
                     // Nothing to commit and no lease to send on: it ran out.
-                    return Err(Stop::LeaseRunOut);
+                    return Err(RecordError::LeaseRunOut);
                 }
                 self.hand_over_pending();
             }
@@ -191,14 +254,14 @@ impl Recorder {
                 Ok(settled) => settled?,
                 // The commit goes on without us; it fails on its own once it finds the
                 // lease run out or the run taken over (G8).
-                Err(_) => return Err(Stop::LeaseRunOut),
+                Err(_) => return Err(RecordError::LeaseRunOut),
             }
         }
         Ok(())
     }
 
     /// Commits everything delivered so far and waits for it.
-    pub(super) async fn flush(&mut self) -> Result<(), Stop> {
+    pub(super) async fn flush(&mut self) -> Result<(), RecordError> {
         self.settle().await?;
         while !self.pending.is_empty() {
             self.hand_over_pending();
@@ -253,13 +316,13 @@ impl Recorder {
     /// Waits for the batch being committed. If it failed, what was delivered after it is
     /// dropped from the record too (a resume delivers it again under the same ids):
     /// recording it would leave a hole in the history (G5).
-    async fn settle(&mut self) -> Result<(), Stop> {
+    async fn settle(&mut self) -> Result<(), RecordError> {
         let settled = self.settle_in_flight().await;
         self.report();
         settled
     }
 
-    async fn settle_in_flight(&mut self) -> Result<(), Stop> {
+    async fn settle_in_flight(&mut self) -> Result<(), RecordError> {
         let Some(in_flight) = self.in_flight.take() else {
             return Ok(());
         };
@@ -271,9 +334,9 @@ impl Recorder {
                 }
                 return Ok(());
             }
-            Ok(Ok(Claimed::Lost)) => Stop::Lost,
-            Ok(Err(err)) => Stop::Failed(err),
-            Err(join) => Stop::Failed(Error::Backend(BackendError::new(
+            Ok(Ok(Claimed::Lost)) => RecordError::Lost,
+            Ok(Err(err)) => RecordError::Failed(err),
+            Err(join) => RecordError::Failed(Error::Backend(BackendError::new(
                 "database",
                 false,
                 anyhow::anyhow!("recording task failed: {join}"),
@@ -297,14 +360,14 @@ impl Recorder {
         &mut self,
         after: After,
         last_error: Option<String>,
-    ) -> Result<After, Stop> {
+    ) -> Result<After, RecordError> {
         let (mut after, mut last_error) = (after, last_error);
         match self.settle().await {
             Ok(()) => {}
-            Err(stop @ (Stop::Lost | Stop::LeaseRunOut)) => return Err(stop),
-            Err(stop) => {
+            Err(stop @ (RecordError::Lost | RecordError::LeaseRunOut)) => return Err(stop),
+            Err(failed @ RecordError::Failed(_)) => {
                 after = After::Finish(FinalStatus::Error);
-                last_error = last_error.or_else(|| stop.last_error());
+                last_error = last_error.or_else(|| failed.last_error());
             }
         }
         let lease = self.lease.lease();
@@ -329,7 +392,7 @@ impl Recorder {
                 self.report();
                 Ok(after)
             }
-            Ok(Claimed::Lost) => Err(Stop::Lost),
+            Ok(Claimed::Lost) => Err(RecordError::Lost),
             Err(err) => {
                 tracing::error!(
                     error = ?err,
@@ -338,18 +401,18 @@ impl Recorder {
                 );
                 self.pending.clear();
                 self.unrecorded_users.clear();
-                let last_error = last_error.or_else(|| Stop::Failed(err).last_error());
+                let last_error = last_error.or_else(|| RecordError::Failed(err).last_error());
                 self.mark_failed(last_error.as_deref()).await
             }
         }
     }
 
     /// Writes `CANCELED_BY_ERROR` alone, retrying for a few seconds.
-    async fn mark_failed(&mut self, last_error: Option<&str>) -> Result<After, Stop> {
+    async fn mark_failed(&mut self, last_error: Option<&str>) -> Result<After, RecordError> {
         let failed = After::Finish(FinalStatus::Error);
-        let mut delay = Duration::from_millis(100);
+        let mut delay = MARK_FAILED_FIRST_DELAY;
         let mut failed_with = None;
-        for attempt in 1..=6 {
+        for attempt in 1..=MARK_FAILED_ATTEMPTS {
             match self
                 .store
                 .record(&self.claim, &[], failed, self.lease.lease(), last_error)
@@ -357,7 +420,7 @@ impl Recorder {
             {
                 Ok(Claimed::Yes) => return Ok(failed),
                 // Possibly our own earlier attempt, committed after all.
-                Ok(Claimed::Lost) => return Err(Stop::Lost),
+                Ok(Claimed::Lost) => return Err(RecordError::Lost),
                 Err(err) => {
                     tracing::warn!(attempt, error = ?err, "cannot mark the run CANCELED_BY_ERROR");
                     failed_with = Some(err);
@@ -366,7 +429,7 @@ impl Recorder {
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
-        Err(Stop::Failed(
+        Err(RecordError::Failed(
             failed_with.expect("at least one attempt failed"),
         ))
     }

@@ -13,13 +13,12 @@ use tracing::Instrument as _;
 
 use super::Engine;
 use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
-use super::lease::LeaseKeeper;
-use super::recorder::Recorder;
+use super::recorder::{RecordError, Recorder};
 use super::stock::Delivery;
 use super::webhook::Failure;
 use super::webhook::pipeline::Pipeline;
 use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
-use crate::store::{After, Claimed, ClaimedRun, FinalStatus, RunClaim};
+use crate::store::{After, ClaimedRun, FinalStatus, RunClaim};
 
 mod webhook;
 use webhook::{Grant, PassAhead};
@@ -56,6 +55,26 @@ impl From<Error> for Stop {
     }
 }
 
+impl From<RecordError> for Stop {
+    fn from(err: RecordError) -> Self {
+        match err {
+            RecordError::Lost => Stop::Lost,
+            RecordError::LeaseRunOut => Stop::LeaseRunOut,
+            RecordError::Failed(err) => Stop::Failed(err),
+        }
+    }
+}
+
+/// Deliveries of one batch tried before the run fails: a figure missing from the cache
+/// is loaded from the database, and a lost claim registered again, between tries; twice
+/// is plenty (the figure only goes missing when it expires or a stock write is under
+/// way).
+const DELIVERY_ATTEMPTS: usize = 3;
+
+/// Digits of a second kept in `sent_at`: microseconds, what the history and the bus
+/// keep, so a notification reads the same live, replayed, or from another instance.
+const SENT_AT_DIGITS: u16 = 6;
+
 /// Drives a claimed run until it reaches a final state, is handed over, or is lost.
 pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
     let span = tracing::info_span!(
@@ -78,7 +97,8 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                 engine.store.clone(),
                 claim,
                 engine.settings.recorder.clone(),
-                LeaseKeeper::new(engine.settings.lease.clone(), claimed.claimed_at),
+                engine.settings.lease.clone(),
+                claimed.claimed_at,
                 engine.metrics.clone(),
             ),
             claim,
@@ -125,7 +145,12 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                 match run.wind_down(wait).await {
                     Ok(()) => Err(stop),
                     Err(lost @ (Stop::Lost | Stop::LeaseRunOut)) => Err(lost),
-                    Err(other) => {
+                    Err(
+                        other @ (Stop::SoldOut
+                        | Stop::ShuttingDown
+                        | Stop::Failed(_)
+                        | Stop::Undelivered(_)),
+                    ) => {
                         tracing::warn!(
                             error = other.last_error().unwrap_or_default(),
                             "cannot publish the last acknowledged notifications; a resume \
@@ -163,10 +188,11 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
         };
         let written = match run.recorder.close(after, last_error).await {
             Ok(written) => written,
-            Err(Stop::Lost) => return log_lost(),
-            Err(Stop::LeaseRunOut) => return log_lease_run_out(),
-            Err(_) => {
+            Err(RecordError::Lost) => return log_lost(),
+            Err(RecordError::LeaseRunOut) => return log_lease_run_out(),
+            Err(RecordError::Failed(err)) => {
                 return tracing::error!(
+                    error = ?err,
                     "run left IN_PROGRESS: once its lease runs out another instance takes it over"
                 );
             }
@@ -265,15 +291,7 @@ impl RunState<'_> {
             tracing::info!(stock, "sold out at the start of a wave");
             return Err(Stop::SoldOut);
         }
-        let asked = Instant::now();
-        let started = engine
-            .store
-            .start_wave(&self.claim, quota, sent_count, engine.settings.lease.lease)
-            .await?;
-        if started == Claimed::Lost {
-            return Err(Stop::Lost);
-        }
-        self.recorder.lease.renewed(asked);
+        self.recorder.start_wave(quota, sent_count).await?;
         tracing::info!(stock, quota, "wave started");
         self.wave_left = Some(quota);
         Ok(())
@@ -365,13 +383,13 @@ impl RunState<'_> {
                     _ = tokio::time::sleep_until(slice_end) => {
                         // Commits run in the background: this takes microseconds.
                         self.recorder.keep_up().await?;
-                        if !self.recorder.lease.may_send() {
+                        if !self.recorder.may_send() {
                             continue 'ask;
                         }
                     }
                 }
             };
-            if !self.recorder.lease.may_send() {
+            if !self.recorder.may_send() {
                 // The lease could have run out while the run waited: the slots go
                 // unused (a send less, never one on a lost lease).
                 continue 'ask;
@@ -401,14 +419,9 @@ impl RunState<'_> {
 
     /// Delivers a chunk through the fence, stamped now, and hands it to the recorder.
     async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
-        // Microseconds: what the history and the bus keep, so a notification reads the
-        // same live, replayed, or from another instance.
-        let sent_at = self.engine.clock.now().trunc_subsecs(6);
+        let sent_at = self.engine.clock.now().trunc_subsecs(SENT_AT_DIGITS);
         let batch = self.batch(chunk, sent_at);
-        // A figure missing from the cache is loaded from the database and the delivery
-        // tried again; twice is plenty (the figure only goes missing when it expires or
-        // a stock write is under way).
-        for _ in 0..3 {
+        for _ in 0..DELIVERY_ATTEMPTS {
             match self
                 .engine
                 .stock_fence
@@ -434,13 +447,7 @@ impl RunState<'_> {
                 Delivery::NotCached => self.engine.cache_stock(self.product(), None).await?,
             }
         }
-        Err(Stop::Failed(Error::Backend(
-            crate::domain::BackendError::new(
-                "stock cache",
-                true,
-                anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
-            ),
-        )))
+        Err(Stop::Failed(stock_keeps_disappearing()))
     }
 }
 

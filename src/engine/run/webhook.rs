@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
-use super::{RunState, Stop, reclaim, stock_keeps_disappearing};
+use super::{DELIVERY_ATTEMPTS, RunState, SENT_AT_DIGITS, Stop, reclaim, stock_keeps_disappearing};
 use crate::domain::{Error, Registration};
 use crate::engine::Engine;
 use crate::engine::bus::RunKey;
@@ -65,8 +65,7 @@ impl RunState<'_> {
                 // Held unused, it would hold up a stock write to 0 (G3).
                 self.pass_ahead = None;
             }
-            if !self.recorder.lease.may_send() || (pipeline.is_empty() && self.recorder.room() == 0)
-            {
+            if !self.recorder.may_send() || (pipeline.is_empty() && self.recorder.room() == 0) {
                 // G10 and G8, as for sends without a webhook: a lease that cannot be
                 // renewed in time stops the run even with requests waiting for a retry.
                 self.recorder.wait_for_room().await?;
@@ -85,7 +84,7 @@ impl RunState<'_> {
                 fresh = fresh.min(usize::try_from(left).unwrap_or(usize::MAX));
             }
             let want = fresh + pipeline.due_retries(now);
-            if self.grant.is_none() && want > 0 && !paused && self.recorder.lease.may_send() {
+            if self.grant.is_none() && want > 0 && !paused && self.recorder.may_send() {
                 self.grant = Some(ask_limiter(&limiter, want));
             }
             let mut wake = now + engine.settings.recorder.flush_interval;
@@ -135,7 +134,7 @@ impl RunState<'_> {
         slots: usize,
         granted_at: Instant,
     ) -> Result<usize, Stop> {
-        if !self.recorder.lease.may_send() {
+        if !self.recorder.may_send() {
             // The lease could have run out while the run waited: the slots go unused.
             return Ok(0);
         }
@@ -189,7 +188,7 @@ impl RunState<'_> {
         if fresh > 0 {
             // Microseconds, as without a webhook; one stamp per group, the same for
             // every attempt of its notifications.
-            let sent_at = engine.clock.now().trunc_subsecs(6);
+            let sent_at = engine.clock.now().trunc_subsecs(SENT_AT_DIGITS);
             pipeline.start(&queue[..fresh], sent_at, &pass, send_by);
             if let Some(left) = &mut self.wave_left {
                 *left -= fresh as i64;
@@ -366,7 +365,7 @@ async fn admit(
     claim: RunClaim,
     ttl: Duration,
 ) -> Result<crate::engine::stock::Admission, Stop> {
-    for _ in 0..3 {
+    for _ in 0..DELIVERY_ATTEMPTS {
         match engine
             .stock_fence
             .admit(run, claim.token, ttl)
