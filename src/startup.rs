@@ -38,6 +38,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// balancer's health `Watch`, say), which must not keep the process from stopping.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// TCP keepalive on accepted connections: a client that vanished without closing (a
+/// dead host, a dropped NAT entry) is noticed within minutes instead of holding its
+/// streams open forever.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Random bytes of a generated admin token: 192 bits, beyond guessing at any rate the
+/// admin service lets a caller try.
+const ADMIN_TOKEN_BYTES: usize = 24;
+
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -53,24 +62,13 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        Self::build_with(config, EngineSettings::default()).await
+        let settings = EngineSettings::from_config(&config);
+        Self::build_with(config, settings).await
     }
 
-    /// As `build`, with engine tunables (tests use it to shorten leases).
-    pub async fn build_with(config: Config, mut settings: EngineSettings) -> anyhow::Result<Self> {
-        // A page is read about every fifth of a second: a cancellation made after its
-        // page was read is still honoured within that time.
-        settings.page_size = settings
-            .page_size
-            .min((config.send_rate.get() / 5).clamp(50, 1_000));
-        settings.lease.lease = config.run_lease;
-        settings.lease.takeover_interval =
-            settings.lease.takeover_interval.min(config.run_lease / 2);
-        // G10: never more than a second's worth of sends unrecorded.
-        settings.recorder.unrecorded_bound = settings
-            .recorder
-            .unrecorded_bound
-            .min(config.send_rate.get() as usize);
+    /// As `build`, with the engine's settings as given: tests shrink some, starting
+    /// from `EngineSettings::with_config` so that the configuration's bounds hold.
+    pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
         let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
         match &config.tls_cert {
@@ -237,7 +235,7 @@ impl Application {
         // previous one's ACK would add tens of milliseconds to every stream.
         let incoming = TcpIncoming::from(self.listener)
             .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+            .with_keepalive(Some(TCP_KEEPALIVE));
         let observe = ObserveLayer::new(
             self.metrics.clone(),
             KnownMethods::from_descriptor_sets(&[
@@ -305,7 +303,7 @@ async fn connect_store(url: &str, lease: Duration) -> anyhow::Result<Arc<dyn Sto
 
 fn generate_token() -> String {
     use rand::Rng as _;
-    let bytes: [u8; 24] = rand::rng().random();
+    let bytes: [u8; ADMIN_TOKEN_BYTES] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

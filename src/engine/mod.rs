@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::domain::{
     Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, TriggerRequest, UserId,
 };
@@ -63,26 +64,62 @@ async fn run_to_completion<T: Send + 'static>(
     })
 }
 
+/// G9: a page of registrations is read about this often at the send rate, so a
+/// cancellation made after its page was read is still honoured within that time.
+const PAGES_PER_SECOND: u32 = 5;
+
+/// G9: the smallest page, at low send rates: a few reads a second whatever the rate,
+/// rather than one per handful of sends.
+const MIN_PAGE_SIZE: u32 = 50;
+
+/// G9: the largest page, and the default: what a run holds in memory at once does not
+/// grow with the send rate past this.
+const MAX_PAGE_SIZE: u32 = 1_000;
+
 /// Settings of the engine. The defaults suit production; tests shrink some of them.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Registrations read per keyset page: at most a fifth of a second's worth at the
-    /// send rate (see `startup`), so a cancellation is honoured within about that time.
+    /// Registrations read per keyset page: a fifth of a second's worth at the send rate,
+    /// 50 to 1,000 (G9), so a cancellation is honoured within about that time.
     pub page_size: u32,
     pub recorder: RecorderSettings,
     pub lease: LeaseSettings,
-    /// Bus events a subscriber may fall behind before its stream is ended (G9).
+    /// Bus events a subscriber may fall behind before its stream is ended (G9): 4,096
+    /// batches, a few seconds of a busy run, so a reader that keeps up is never cut off
+    /// by a burst, while a stalled one costs a bounded buffer.
     pub subscriber_buffer: usize,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {
-            page_size: 1_000,
+            page_size: MAX_PAGE_SIZE,
             recorder: RecorderSettings::default(),
             lease: LeaseSettings::default(),
             subscriber_buffer: 4_096,
         }
+    }
+}
+
+impl EngineSettings {
+    /// The settings `config` asks for: the defaults, with its lease and bounded by its
+    /// send rate (see [`EngineSettings::with_config`]).
+    pub fn from_config(config: &Config) -> Self {
+        Self::default().with_config(config)
+    }
+
+    /// These settings with the lease of `config` (`RESTOCK_RUN_LEASE`), and what depends
+    /// on the send rate (`RESTOCK_SEND_RATE`) bounded by it: a page is at most a fifth of
+    /// a second's worth (G9), and never more than a second's worth of sends is
+    /// unrecorded (G10). A setting already smaller (a test's) stays.
+    pub fn with_config(mut self, config: &Config) -> Self {
+        let rate = config.send_rate.get();
+        self.page_size = self
+            .page_size
+            .min((rate / PAGES_PER_SECOND).clamp(MIN_PAGE_SIZE, MAX_PAGE_SIZE));
+        self.lease = self.lease.with_lease(config.run_lease);
+        self.recorder.unrecorded_bound = self.recorder.unrecorded_bound.min(rate as usize);
+        self
     }
 }
 

@@ -55,7 +55,7 @@ impl RecordError {
 #[derive(Debug, Clone)]
 pub struct RecorderSettings {
     /// Notifications handed to one transaction once this many wait: one statement of
-    /// the store's (a multi-row INSERT of 500 commits in a few milliseconds). At the
+    /// the store's (a multi-row INSERT, which costs little more than a single row). At the
     /// default rate a batch rarely gets that big because of `flush_interval`; when more
     /// wait (at high rates, while the previous transaction commits), a transaction
     /// takes a whole number of batches and the rest waits for the next, so every

@@ -193,7 +193,9 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             .as_ref()
             .map_or(Duration::from_secs(1), |w| w.backoff),
     };
-    let app = Application::build_with(config, options.settings.clone())
+    // A test's own engine settings, under the configuration's bounds as in production.
+    let settings = options.settings.clone().with_config(&config);
+    let app = Application::build_with(config, settings)
         .await
         .expect("the application starts");
     let addr = app.local_addr();

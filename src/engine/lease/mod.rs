@@ -21,17 +21,37 @@ pub struct LeaseSettings {
     /// How long an owner may go without renewing before another instance may take the
     /// run (`RESTOCK_RUN_LEASE`, 10 s by default).
     pub lease: Duration,
-    /// How often each instance looks for runs to take over. A second: a run released
-    /// on SIGTERM is continued elsewhere within about that time (G8 asks for 2 s), and
-    /// the query is one range on an index.
+    /// How often each instance looks for runs to take over: [`TAKEOVER_INTERVAL`], or
+    /// half the lease if that is shorter, so a run whose lease ran out waits at most
+    /// half a lease more.
     pub takeover_interval: Duration,
 }
+
+/// How often each instance looks for runs to take over, at most. A second: a run
+/// released on SIGTERM is continued elsewhere within about that time (G8), and the
+/// query is one range on an index.
+pub const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `RESTOCK_RUN_LEASE`'s default (G8): long enough that a database or Redis hiccup of a
+/// few seconds is ridden out without a takeover, short enough that a dead instance's
+/// runs continue within seconds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 impl LeaseSettings {
     pub fn new(lease: Duration) -> Self {
         Self {
             lease,
-            takeover_interval: Duration::from_secs(1).min(lease / 2),
+            takeover_interval: TAKEOVER_INTERVAL.min(lease / 2),
+        }
+    }
+
+    /// These settings for a lease of `lease`; a takeover interval already shorter than
+    /// that lease asks for (a test's) stays.
+    pub fn with_lease(self, lease: Duration) -> Self {
+        let derived = Self::new(lease);
+        Self {
+            takeover_interval: self.takeover_interval.min(derived.takeover_interval),
+            ..derived
         }
     }
 
@@ -51,7 +71,7 @@ impl LeaseSettings {
 
 impl Default for LeaseSettings {
     fn default() -> Self {
-        Self::new(Duration::from_secs(10))
+        Self::new(DEFAULT_LEASE)
     }
 }
 

@@ -381,7 +381,7 @@ impl RunState<'_> {
                     _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
                     granted = &mut acquire => break granted.map_err(Error::from)?,
                     _ = tokio::time::sleep_until(slice_end) => {
-                        // Commits run in the background: this takes microseconds.
+                        // Commits run on tasks of their own: this only notices or starts one.
                         self.recorder.keep_up().await?;
                         if !self.recorder.may_send() {
                             continue 'ask;

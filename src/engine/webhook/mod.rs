@@ -148,15 +148,23 @@ impl WebhookSettings {
     /// every retry before, capped, then spread by +-20% so that retries of many
     /// notifications failed together do not all come back in the same instant.
     pub fn retry_delay(&self, next: u32) -> Duration {
-        let doublings = next.saturating_sub(2).min(30);
+        let doublings = next.saturating_sub(2).min(MAX_DOUBLINGS);
         let base = self
             .backoff
             .saturating_mul(1 << doublings)
             .min(self.max_backoff);
-        let jitter = rand::rng().random_range(0.8..1.2);
+        let jitter = rand::rng().random_range(JITTER);
         base.mul_f64(jitter).min(self.max_backoff)
     }
 }
+
+/// Doublings of the backoff counted at most: far past any cap, and `1 << 30` still fits
+/// the multiplier.
+const MAX_DOUBLINGS: u32 = 30;
+
+/// The spread of a retry's delay, +-20%: retries of notifications that failed together
+/// come back spread over a good part of the delay, and none much sooner than asked.
+const JITTER: std::ops::Range<f64> = 0.8..1.2;
 
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
