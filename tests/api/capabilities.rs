@@ -21,7 +21,7 @@ use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
-use crate::helpers::{join_redis_bus, redis_url};
+use crate::helpers::{busiest_second, join_redis_bus, redis_url};
 use crate::proxy::FaultProxy;
 
 fn prefix() -> Keys {
@@ -77,19 +77,6 @@ async fn grants(limiters: &[Arc<dyn SendLimiter>], want: u32, span: Duration) ->
     }
     all.sort();
     all
-}
-
-/// The most grants in any one-second window.
-fn busiest_second(all: &[Instant]) -> usize {
-    let mut busiest = 0;
-    let mut start = 0;
-    for end in 0..all.len() {
-        while all[end].duration_since(all[start]) >= Duration::from_secs(1) {
-            start += 1;
-        }
-        busiest = busiest.max(end - start + 1);
-    }
-    busiest
 }
 
 async fn limiter_never_exceeds_the_rate_and_uses_it(redis: bool) {

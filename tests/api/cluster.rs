@@ -30,20 +30,6 @@ pub async fn spawn_cluster(n: usize, options: Options) -> Vec<TestApp> {
     apps
 }
 
-/// The most sends within any one-second window.
-fn busiest_window(mut times: Vec<DateTime<Utc>>) -> usize {
-    times.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= chrono::Duration::seconds(1) {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
-
 /// `sent_at` of every recorded notification of `round` (all rounds when `None`).
 async fn sent_times(app: &TestApp, round: Option<i64>) -> Vec<DateTime<Utc>> {
     sqlx::query_scalar(
@@ -87,7 +73,7 @@ async fn two_instances_share_one_send_rate() {
     }
     // 1,000 sends at 200/s in all: never more than 200 in any second, whichever
     // instance sent them.
-    let busiest = busiest_window(sent_times(&apps[0], None).await);
+    let busiest = busiest_second(&sent_times(&apps[0], None).await);
     assert!(busiest <= 200, "busiest 1 s window held {busiest} sends");
     assert!(busiest >= 150, "the rate was barely used: {busiest}");
 }
@@ -204,9 +190,14 @@ async fn a_commit_stall_pauses_sends_within_a_second_and_loses_or_repeats_nothin
         ids
     });
     apps[0].trigger(1, None).await.unwrap();
-    while received.load(std::sync::atomic::Ordering::SeqCst) < 500 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let delivered = &received;
+    poll_until(Duration::from_secs(30), "500 delivered", || async move {
+        match delivered.load(std::sync::atomic::Ordering::SeqCst) {
+            n if n >= 500 => Ok(()),
+            fewer => Err(fewer),
+        }
+    })
+    .await;
     // Commits stall: the history table is locked from another connection for 4 s,
     // while reads still work.
     let mut locker =
@@ -275,7 +266,7 @@ async fn a_commit_stall_pauses_sends_within_a_second_and_loses_or_repeats_nothin
 
 /// The real binary, as a separate process on the given database and Redis prefix.
 struct Instance {
-    process: std::process::Child,
+    service: ServiceProcess,
     client: restock_notifier::grpc::proto::restock_service_client::RestockServiceClient<
         tonic::transport::Channel,
     >,
@@ -295,57 +286,41 @@ impl Instance {
         lease: &str,
         skew: Option<&str>,
     ) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let quiet = std::env::var_os("TEST_LOG").is_none();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"));
-        command.env_clear();
-        if let Some(skew) = skew {
+        let database_url = format!("{}/{database}", mysql_server_url());
+        let (redis, send_rate) = (redis_url(), send_rate.to_string());
+        let mut env = vec![
+            ("DATABASE_URL", database_url.as_str()),
+            ("REDIS_URL", redis.as_str()),
+            ("RESTOCK_REDIS_PREFIX", prefix),
+            ("RESTOCK_SEND_RATE", send_rate.as_str()),
+            ("RESTOCK_RUN_LEASE", lease),
+            ("RESTOCK_ADMIN_TOKEN", ADMIN_TOKEN),
+        ];
+        let faketime = skew.map(|skew| (libfaketime(), skew));
+        if let Some((library, skew)) = &faketime {
             // libfaketime preloaded into the service process itself (the `faketime`
             // command would fork it, and killing the command would leave it running).
-            command
-                .env("LD_PRELOAD", libfaketime())
-                .env("FAKETIME", skew)
-                .env("DONT_FAKE_MONOTONIC", "1");
+            env.extend([
+                ("LD_PRELOAD", library.as_str()),
+                ("FAKETIME", skew),
+                ("DONT_FAKE_MONOTONIC", "1"),
+            ]);
         }
-        let process = command
-            // Several processes at once: never the default metrics port.
-            .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
-            .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", format!("{}/{database}", mysql_server_url()))
-            .env("REDIS_URL", redis_url())
-            .env("RESTOCK_REDIS_PREFIX", prefix)
-            .env("RESTOCK_SEND_RATE", send_rate.to_string())
-            .env("RESTOCK_RUN_LEASE", lease)
-            .env("RESTOCK_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(if quiet {
-                std::process::Stdio::null()
-            } else {
-                std::process::Stdio::inherit()
-            })
-            .spawn()
-            .expect("the binary starts");
-        // Another process: poll until it accepts connections (it binds before serving).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let channel = loop {
-            let endpoint =
-                tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-            if let Ok(channel) = endpoint.connect().await {
-                break channel;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "instance never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let mut command = binary_command(&env);
+        command.stderr(if std::env::var_os("TEST_LOG").is_none() {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::inherit()
+        });
+        // It binds its own port and says which: connecting cannot race its start.
+        let service = start_service(command).await;
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", service.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the instance");
         Self {
-            process,
+            service,
             client:
                 restock_notifier::grpc::proto::restock_service_client::RestockServiceClient::new(
                     channel,
@@ -364,22 +339,6 @@ impl Instance {
             })
             .await
             .unwrap();
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.process.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
     }
 }
 
@@ -414,9 +373,13 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instan
     survivor.register_bulk(1, users).await;
     let owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
     owner.trigger(1).await;
-    while survivor.history(1, 1).await.len() < 300 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(Duration::from_secs(30), "300 recorded", || async move {
+        match survivor.history(1, 1).await.len() {
+            n if n >= 300 => Ok(()),
+            fewer => Err(fewer),
+        }
+    })
+    .await;
     owner
 }
 
@@ -431,16 +394,18 @@ async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history()
     let users: Vec<i64> = (1..=1_500).collect();
     let mut owner = run_on_a_separate_instance(&survivor, &users).await;
     let token = claim_token(&survivor).await;
-    owner.signal("KILL");
-    owner.process.wait().unwrap();
+    owner.service.signal("KILL");
+    owner.service.wait();
     let killed = tokio::time::Instant::now();
-    while claim_token(&survivor).await == token {
-        assert!(
-            killed.elapsed() < Duration::from_secs(7),
-            "not taken over within lease + 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // G8: taken over once the 2 s lease has run out, with 5 s to spare.
+    let survivor = &survivor;
+    poll_until(Duration::from_secs(7), "taken over", || async move {
+        match claim_token(survivor).await {
+            now if now != token => Ok(()),
+            same => Err(same),
+        }
+    })
+    .await;
     let taken_over_after = killed.elapsed();
     let run = survivor.wait_until_final(1).await;
     assert_eq!(
@@ -468,29 +433,24 @@ async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
     .await;
     let users: Vec<i64> = (1..=1_500).collect();
     let mut owner = run_on_a_separate_instance(&survivor, &users).await;
-    owner.signal("TERM");
-    let exit = owner.process.wait().unwrap();
+    owner.service.signal("TERM");
+    let exit = owner.service.wait();
     assert!(exit.success(), "a clean exit on SIGTERM: {exit:?}");
     let stopped = tokio::time::Instant::now();
-    let handed_over = || {
-        eprintln!(
-            "continued {:?} after the SIGTERM'd instance exited",
-            stopped.elapsed()
-        )
-    };
     // Released: still in progress, nobody's claim.
     assert_eq!(survivor.run_row(1, 1).await.0, "IN_PROGRESS");
-    loop {
-        if claim_token(&survivor).await.is_some() {
-            handed_over();
-            break;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(2),
-            "not continued within 2 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // G8: the survivor's next look, a second at most, continues it.
+    let survivor = &survivor;
+    poll_until(
+        Duration::from_secs(2),
+        "continued after the SIGTERM'd instance exited",
+        || async move { claim_token(survivor).await.ok_or("no claim") },
+    )
+    .await;
+    eprintln!(
+        "continued {:?} after the SIGTERM'd instance exited",
+        stopped.elapsed()
+    );
     let run = survivor.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::Completed);
     assert_eq!(survivor.history(1, 1).await, users);

@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
 use tonic::Code;
 
-use crate::helpers::{Backend, Options, TestApp, assert_code, spawn_app_with};
+use crate::helpers::{Backend, Options, TestApp, assert_code, poll_until, spawn_app_with};
 
 fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
@@ -26,15 +26,12 @@ const SOLD_OUT: &str = r#"restock_runs_finished_total{status="canceled_by_sold_o
 
 /// Polls `/metrics` until `check` holds, for at most 10 s.
 async fn eventually(app: &TestApp, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let check = &check;
+    poll_until(Duration::from_secs(10), what, || async move {
         let m = app.scrape().await;
-        if check(&m) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: {m:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if check(&m) { Ok(()) } else { Err(m) }
+    })
+    .await;
 }
 
 async fn a_run_shows_in_the_metrics(backend: Backend) {

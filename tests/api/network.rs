@@ -56,22 +56,28 @@ async fn claim_token(app: &TestApp, product: i64) -> Option<i64> {
 }
 
 async fn wait_for_history(app: &TestApp, product: i64, at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.history(product, 1).await.len() < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "the run never recorded {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let recorded = format!("the run recorded {at_least}");
+    poll_until(Duration::from_secs(30), &recorded, || async move {
+        match app.history(product, 1).await.len() {
+            enough if enough >= at_least => Ok(()),
+            fewer => Err(fewer),
+        }
+    })
+    .await;
 }
 
 async fn wait_until_held(proxy: &FaultProxy) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.held() == 0 {
-        assert!(Instant::now() < deadline, "nothing matched the hold");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    poll_until(
+        Duration::from_secs(10),
+        "a request matched the hold",
+        || async move {
+            match proxy.held() {
+                0 => Err(0),
+                held => Ok(held),
+            }
+        },
+    )
+    .await;
 }
 
 /// The notification bus of a Redis prefix, as an instance joins it.
@@ -128,14 +134,19 @@ async fn an_owner_cut_off_from_mysql_mid_commit_does_not_hold_up_the_takeover() 
     mysql.freeze();
     let cut = Instant::now();
 
-    let deadline = cut + lease + Duration::from_secs(5);
-    while claim_token(&survivor, 1).await == first {
-        assert!(
-            Instant::now() < deadline,
-            "the run was not taken over within lease + 5 s of the cut"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // G8: taken over once the lease has run out, with 5 s to spare.
+    let app = &survivor;
+    poll_until(
+        lease + Duration::from_secs(5),
+        "taken over after the cut",
+        || async move {
+            match claim_token(app, 1).await {
+                now if now != first => Ok(()),
+                same => Err(same),
+            }
+        },
+    )
+    .await;
     let taken_over_after = cut.elapsed();
     let run = survivor.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::Completed, "{run:?}");

@@ -36,22 +36,19 @@ pub(crate) async fn trigger_waves(
 
 /// Polls the latest run until it waits for a wave with `sent` notified.
 pub(crate) async fn waiting_after(app: &TestApp, product: i64, sent: i64) -> proto::RestockRun {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let waiting = format!("a wait after {sent} sent");
+    poll_until(Duration::from_secs(30), &waiting, || async move {
         let run = app.get_run(product, None).await.expect("GetRestockRun");
         if run.next_wave_at.is_some() && run.sent_count == sent {
-            return run;
+            return Ok(run);
         }
         assert!(
             run.status() == RunStatus::InProgress && run.sent_count <= sent,
             "expected a wait after {sent} sent: {run:?}"
         );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no wait after {sent}: {run:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(run)
+    })
+    .await
 }
 
 async fn waves_follow_the_stock_until_it_runs_out(backend: Backend) {

@@ -356,14 +356,18 @@ async fn no_request_starts_once_a_sold_out_stock_write_has_returned_on_another_i
     apps[0].set_stock(1, 10).await;
     apps[0].register_bulk(1, &users).await;
     apps[0].trigger(1, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while receiver.received().len() < 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never got going"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let endpoint = &receiver;
+    poll_until(
+        Duration::from_secs(20),
+        "200 requests received",
+        || async move {
+            match endpoint.received().len() {
+                n if n >= 200 => Ok(()),
+                fewer => Err(fewer),
+            }
+        },
+    )
+    .await;
 
     let other = &apps[apps.len() - 1];
     other.set_stock(1, 0).await;
@@ -408,14 +412,18 @@ async fn a_run_shut_down_mid_delivery_is_continued_by_the_next_instance_without_
     app.set_stock(1, 10).await;
     app.register_bulk(1, &users).await;
     app.trigger(1, None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while receiver.acknowledged().len() < 100 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never got going"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let endpoint = &receiver;
+    poll_until(
+        Duration::from_secs(20),
+        "100 requests acknowledged",
+        || async move {
+            match endpoint.acknowledged().len() {
+                n if n >= 100 => Ok(()),
+                fewer => Err(fewer),
+            }
+        },
+    )
+    .await;
     let (database, prefix) = app.shut_down().await;
 
     // G8: the next instance takes the run over at start and finishes it.

@@ -1,5 +1,5 @@
-//! Test harness: each test gets the real server on 127.0.0.1:0 with its own MySQL
-//! database and its own Redis prefix, and talks to it through the generated clients.
+//! A test's own server: the real `Application` on 127.0.0.1:0 on a fresh database and
+//! Redis prefix, the generated clients, and the calls tests make through them.
 
 use std::num::NonZeroU32;
 use std::sync::Once;
@@ -13,22 +13,15 @@ use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{self, RunStatus};
 use restock_notifier::startup::Application;
 use sqlx::AnyPool;
-use sqlx::{Connection, MySqlConnection, Row};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
+use super::database::{drop_database, unique};
+use super::{poll_until, redis_url};
+
 pub const ADMIN_TOKEN: &str = "test-admin-token";
-
-/// The MySQL server tests create their databases on.
-pub fn mysql_server_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// Tracing once per test binary, silent unless TEST_LOG is set.
 fn init_tracing() {
@@ -122,31 +115,8 @@ pub struct TestApp {
     keep_database: bool,
 }
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{:016x}", rand::random::<u64>())
-}
-
 pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(Options::new(backend)).await
-}
-
-impl Backend {
-    fn fresh_database(self) -> String {
-        match self {
-            Backend::MySql => unique("restock_test_"),
-            Backend::Embedded => std::env::temp_dir()
-                .join(unique("restock-test-") + ".db")
-                .to_string_lossy()
-                .into_owned(),
-        }
-    }
-
-    fn database_url(self, database: &str) -> String {
-        match self {
-            Backend::MySql => format!("{}/{}", mysql_server_url(), database),
-            Backend::Embedded => format!("sqlite://{database}"),
-        }
-    }
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
@@ -300,29 +270,6 @@ impl TestApp {
             .into_inner()
     }
 
-    /// Registers many users fast, straight in the table, in the order given (the
-    /// position column is the registration order). For tests that need thousands.
-    pub async fn register_bulk(&self, product: i64, users: &[i64]) {
-        let mut conn = self.db.acquire().await.unwrap();
-        for (chunk_no, chunk) in users.chunks(1_000).enumerate() {
-            let mut q = sqlx::QueryBuilder::<sqlx::Any>::new(
-                "INSERT INTO product_user_notification (product_id, user_id, position) ",
-            );
-            q.push_values(chunk.iter().enumerate(), |mut row, (i, user)| {
-                row.push_bind(product)
-                    .push_bind(*user)
-                    .push_bind((chunk_no * 1_000 + i + 1) as i64);
-            });
-            q.build().execute(&mut *conn).await.unwrap();
-        }
-        sqlx::query("UPDATE product SET alert_seq = ? WHERE id = ?")
-            .bind(users.len() as i64)
-            .bind(product)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
-
     pub async fn cancel(&self, product: i64, user: i64) -> proto::Alert {
         self.client
             .clone()
@@ -400,61 +347,19 @@ impl TestApp {
 
     /// Waits until the latest run of `product` has left IN_PROGRESS.
     pub async fn wait_until_final(&self, product: i64) -> proto::RestockRun {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let run = self.get_run(product, None).await.expect("GetRestockRun");
-            if run.status() != RunStatus::InProgress {
-                return run;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "run of product {product} still in progress after 60 s: {run:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Users recorded for a round, in recording order.
-    pub async fn history(&self, product: i64, round: i64) -> Vec<i64> {
-        sqlx::query_scalar(
-            "SELECT user_id FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ? ORDER BY id",
+        poll_until(
+            Duration::from_secs(60),
+            &format!("the run of product {product} leaves IN_PROGRESS"),
+            || async move {
+                let run = self.get_run(product, None).await.expect("GetRestockRun");
+                if run.status() != RunStatus::InProgress {
+                    Ok(run)
+                } else {
+                    Err(run)
+                }
+            },
         )
-        .bind(product)
-        .bind(round)
-        .fetch_all(&self.db)
         .await
-        .unwrap()
-    }
-
-    /// The run row as stored: (status, last_sent_user_id, sent_count).
-    pub async fn run_row(&self, product: i64, round: i64) -> (String, Option<i64>, i64) {
-        let row = sqlx::query(
-            "SELECT status, last_sent_user_id, sent_count FROM product_notification_history \
-             WHERE product_id = ? AND restock_round = ?",
-        )
-        .bind(product)
-        .bind(round)
-        .fetch_one(&self.db)
-        .await
-        .unwrap();
-        (row.get(0), row.get(1), row.get(2))
-    }
-
-    pub async fn product_round(&self, product: i64) -> i64 {
-        sqlx::query_scalar("SELECT restock_round FROM product WHERE id = ?")
-            .bind(product)
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
-    }
-
-    pub async fn run_count(&self, product: i64) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM product_notification_history WHERE product_id = ?")
-            .bind(product)
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
     }
 }
 
@@ -466,35 +371,7 @@ impl Drop for TestApp {
         if self.keep_database {
             return;
         }
-        let database = self.database.clone();
-        if self.backend == Backend::Embedded {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{database}{suffix}"));
-            }
-            return;
-        }
-        // Dropped inside the test's runtime: clean up on a thread of its own with a small
-        // runtime. The tests run on a multi-threaded runtime, so the server keeps
-        // finishing what it had in flight (and releases its locks) meanwhile.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut conn) = MySqlConnection::connect(&mysql_server_url()).await {
-                    // Should a server transaction still hold locks, give up on the drop
-                    // rather than wait forever (a leftover database is harmless).
-                    let _ = sqlx::raw_sql(&format!(
-                        "SET SESSION lock_wait_timeout = 5; DROP DATABASE IF EXISTS `{database}`"
-                    ))
-                    .execute(&mut conn)
-                    .await;
-                }
-            });
-        })
-        .join()
-        .ok();
+        drop_database(self.backend, &self.database);
     }
 }
 
@@ -518,161 +395,4 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
         Err(status) => assert_eq!(status.code(), code, "{status:?}"),
         Ok(value) => panic!("expected {code:?}, got {value:?}"),
     }
-}
-
-/// Generates, for each named `async fn(Backend)`, one test per backend: `mysql::name`
-/// and `embedded::name`.
-#[macro_export]
-macro_rules! on_each_backend {
-    ($($name:ident),+ $(,)?) => {
-        mod mysql {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::helpers::Backend::MySql).await;
-                }
-            )+
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name($crate::helpers::Backend::Embedded).await;
-                }
-            )+
-        }
-    };
-}
-
-/// Runs the real binary with only the given environment and waits for it to exit (at
-/// most 30 s: a binary that keeps running fails the test).
-pub fn run_binary(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
-        .env_clear()
-        // Tests start many processes at once: never the default metrics port.
-        .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
-        .envs(env.iter().copied())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let pid = child.id();
-    let (done, output) = std::sync::mpsc::channel();
-    std::thread::spawn(move || done.send(child.wait_with_output()));
-    match output.recv_timeout(Duration::from_secs(30)) {
-        Ok(output) => output.expect("the binary's output"),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("the binary with {env:?} {args:?} was still running after 30 s");
-        }
-    }
-}
-
-/// A fresh SQLite file URL in the temp directory, for runs of the binary that should not
-/// leave a `restock.db` behind in the working directory.
-pub fn temp_sqlite_url() -> String {
-    format!(
-        "sqlite://{}",
-        std::env::temp_dir()
-            .join(unique("restock-test-") + ".db")
-            .display()
-    )
-}
-
-/// Starts the real binary with only the given environment (and a free port), waits until
-/// it accepts connections, stops it with SIGTERM and returns what it printed. Fails the
-/// test if it does not come up or does not stop within 30 s.
-pub async fn start_and_stop_binary(env: &[(&str, &str)]) -> std::process::Output {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_restock-notifier"))
-        .env_clear()
-        .env("RESTOCK_METRICS_LISTEN", "127.0.0.1:0")
-        .env("RESTOCK_LISTEN", format!("127.0.0.1:{port}"))
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let pid = child.id().to_string();
-    let kill = |signal: &str| {
-        let _ = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status();
-    };
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
-
-    // Another process: poll until it accepts connections (it binds before serving).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if output.is_finished() || tokio::time::Instant::now() > deadline {
-            kill("-KILL");
-            let output = output.await.unwrap().unwrap();
-            panic!(
-                "the service with {env:?} did not come up:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    kill("-TERM");
-    match tokio::time::timeout(Duration::from_secs(30), output).await {
-        Ok(output) => output.unwrap().expect("the binary's output"),
-        Err(_) => {
-            kill("-KILL");
-            panic!("the service did not stop within 30 s of SIGTERM");
-        }
-    }
-}
-
-/// Waits (at most 10 s) until something accepts connections on 127.0.0.1:`port`.
-pub async fn wait_until_listening(port: u16, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not start listening on port {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A client of the shared Redis and the notification bus of `keys`' prefix on it, as an
-/// instance joins it (its streams fed through a local bus of `buffer` events).
-pub async fn join_redis_bus(
-    keys: &restock_notifier::redis::Keys,
-    buffer: usize,
-) -> (
-    fred::prelude::Client,
-    restock_notifier::engine::bus::redis::RedisBus,
-) {
-    let client = restock_notifier::redis::connect(&redis_url())
-        .await
-        .unwrap();
-    let subscriber = restock_notifier::redis::connect_subscriber(&redis_url())
-        .await
-        .unwrap();
-    let bus = restock_notifier::engine::bus::redis::RedisBus::start(
-        client.clone(),
-        subscriber,
-        keys.clone(),
-        std::sync::Arc::new(restock_notifier::engine::bus::local::LocalBus::new(buffer)),
-    )
-    .await
-    .unwrap();
-    (client, bus)
 }
