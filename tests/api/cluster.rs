@@ -72,10 +72,10 @@ async fn two_instances_share_one_send_rate() {
         assert_eq!(app.history(product, 1).await, users);
     }
     // 1,000 sends at 200/s in all: never more than 200 in any second, whichever
-    // instance sent them.
+    // instance sent them (G2). How close to the rate they come is the benchmark's
+    // figure (`bench -- cluster`), not a test's on a busy machine.
     let busiest = busiest_second(&sent_times(&apps[0], None).await);
     assert!(busiest <= 200, "busiest 1 s window held {busiest} sends");
-    assert!(busiest >= 150, "the rate was barely used: {busiest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,6 +289,8 @@ struct TlsRedis {
 
 impl TlsRedis {
     async fn start(pki: &Pki) -> Self {
+        // redis-server only takes a port number (`--port 0` turns TCP off rather than
+        // choosing one), so a free one is probed for it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
