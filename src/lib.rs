@@ -1,17 +1,27 @@
 //! restock-notifier: tells users, in registration order and at a bounded rate, that a
 //! product they asked about is back in stock.
 
-/// Settings, as flags and environment variables.
+/// Settings: one `Config`, every field a flag and an environment variable.
 pub mod config;
 /// Embedded or clustered: which implementation of each capability the engine gets.
 pub mod deployment;
-/// Ids, run states, notifications and the errors a caller can act on.
+/// Plain types and rules: ids, run states and their transitions, notifications, what a
+/// `TriggerRestock` asks for (waves, idempotency keys), run listings and their page
+/// tokens, and the errors a caller can act on. No tonic, no sqlx.
 pub mod domain;
-/// Runs: pacing, the stock check, recording, resuming, ownership and the shared clock;
-/// delivery to a webhook endpoint (`engine::webhook`: signed requests, acknowledged
-/// before recorded); and `Subscribe` streams.
+/// The notification run: the run loop (`engine::run`), the recorder that commits its
+/// batches and owns its lease (`engine::recorder`), run ownership and the takeover loop
+/// (`engine::lease`), and one folder per outside capability, each a trait with an
+/// in-process and a Redis implementation: the stock cache and fence (`engine::stock`),
+/// the send limiter (`engine::limiter`) and the notification bus (`engine::bus`).
+/// Also delivery to a webhook endpoint (`engine::webhook`: signed requests,
+/// acknowledged before recorded), `Subscribe` streams (`engine::subscription`), run
+/// watches (`engine::watch`) and the database's clock (`engine::clock`).
 pub mod engine;
-/// The gRPC services, conversions, status codes and the API rate limit.
+/// The gRPC face: the two services (`grpc::restock`, `grpc::admin`), proto <-> domain
+/// conversions, the one mapping of errors to status codes (`grpc::status`), the API
+/// rate limit, the observe layer (`grpc::observe`) and notifications encoded once for
+/// every stream (`grpc::wire`).
 pub mod grpc;
 /// Prometheus metrics and their `/metrics` endpoint.
 pub mod monitoring;
@@ -21,11 +31,12 @@ pub mod redact;
 /// Redis through fred: the client with the service's timeouts, and every key under one
 /// prefix (the capabilities that use it live in `engine`).
 pub mod redis;
-/// Wiring of the stores, the engine and the server.
+/// Wiring: `Application::build` connects the stores, builds the engine from
+/// `EngineSettings::from_config` and the server, and binds first, so port 0 works.
 pub mod startup;
-/// Durable state behind the `Store` trait (MySQL, and SQLite for the embedded default).
+/// Durable state behind the `Store` trait: MySQL, and SQLite for the embedded default.
 pub mod store;
-/// Structured logging.
+/// Structured logging with tracing: text or JSON, filtered by `RUST_LOG`.
 pub mod telemetry;
 /// TLS for the gRPC server, from PEM files.
 pub mod tls;

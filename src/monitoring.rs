@@ -1,7 +1,8 @@
-//! Prometheus metrics: the names the README's Operations section lists, recorded through the `metrics` facade into a
-//! Prometheus recorder of this service's own (not the process-global one, so that
-//! several services in one process, as in the tests, count apart), and served as text
-//! on `GET /metrics` over plain HTTP at `RESTOCK_METRICS_LISTEN`.
+//! Prometheus metrics: the names the README's Operations section lists, recorded
+//! through the `metrics` facade into a Prometheus recorder of this service's own (not
+//! the process-global one, so that several services in one process, as in the tests,
+//! count apart), and served as text on `GET /metrics` over plain HTTP at
+//! `RESTOCK_METRICS_LISTEN`.
 //!
 //! No metric has a per-product or per-user label: their number stays fixed however many
 //! products and users there are.

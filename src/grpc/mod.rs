@@ -1,5 +1,8 @@
-//! The gRPC face of the service: generated code, proto <-> domain conversion, the one
-//! place where errors become status codes, and the API rate limit.
+//! The gRPC face of the service: generated code, the two services (`restock`,
+//! `admin`), proto <-> domain conversion, the one place where errors become status
+//! codes (`status`), the API rate limit (`ratelimit`), the layer that measures and
+//! traces every call (`observe`), and notifications encoded once for every stream
+//! (`wire`).
 
 pub mod admin;
 pub mod observe;

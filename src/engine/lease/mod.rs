@@ -1,7 +1,8 @@
 //! Run ownership (G8): a run is owned by one instance at a time through a lease in the
 //! database, with a fencing token (the claim). The owner renews the lease with every
-//! record; [`LeaseKeeper`] tells it when it must stop sending because the lease could
-//! run out; [`takeover`] is the loop that claims runs whose lease ran out, from a dead
+//! record; [`LeaseKeeper`], held by the run's recorder alone (every record goes through
+//! it), tells it when it must stop sending because the lease could run out;
+//! [`takeover`] is the loop that claims runs whose lease ran out, from a dead
 //! instance or one that released them on shutdown.
 //!
 //! The lease lives in the database in both deployments (`Store::take_over_expired`,
