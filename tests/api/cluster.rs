@@ -373,13 +373,7 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instan
     survivor.register_bulk(1, users).await;
     let owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
     owner.trigger(1).await;
-    poll_until(Duration::from_secs(30), "300 recorded", || async move {
-        match survivor.history(1, 1).await.len() {
-            n if n >= 300 => Ok(()),
-            fewer => Err(fewer),
-        }
-    })
-    .await;
+    survivor.wait_for_history(1, 1, 300).await;
     owner
 }
 

@@ -55,17 +55,6 @@ async fn claim_token(app: &TestApp, product: i64) -> Option<i64> {
     .unwrap()
 }
 
-async fn wait_for_history(app: &TestApp, product: i64, at_least: usize) {
-    let recorded = format!("the run recorded {at_least}");
-    poll_until(Duration::from_secs(30), &recorded, || async move {
-        match app.history(product, 1).await.len() {
-            enough if enough >= at_least => Ok(()),
-            fewer => Err(fewer),
-        }
-    })
-    .await;
-}
-
 async fn wait_until_held(proxy: &FaultProxy) {
     poll_until(
         Duration::from_secs(10),
@@ -123,7 +112,7 @@ async fn an_owner_cut_off_from_mysql_mid_commit_does_not_hold_up_the_takeover() 
     survivor.set_stock(1, 10).await;
     survivor.register_bulk(1, &users).await;
     owner.trigger(1, None).await.unwrap();
-    wait_for_history(&survivor, 1, 200).await;
+    survivor.wait_for_history(1, 1, 200).await;
     let first = claim_token(&survivor, 1).await;
 
     // The owner sends a record's COMMIT and is cut off right then: the COMMIT never
@@ -193,7 +182,7 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
         }
     });
     owner.trigger(1, None).await.unwrap();
-    wait_for_history(&survivor, 1, 50).await;
+    survivor.wait_for_history(1, 1, 50).await;
     let first = claim_token(&survivor, 1).await;
 
     redis.hold_next(
@@ -245,7 +234,7 @@ async fn a_lost_cache_never_brings_an_older_stock_back_after_set_stock_zero() {
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let arrivals = tokio::spawn(arrival_times(stream, stopped));
     owner.trigger(1, None).await.unwrap();
-    wait_for_history(&survivor, 1, 100).await;
+    survivor.wait_for_history(1, 1, 100).await;
 
     let direct = restock_notifier::redis::connect(&redis_url())
         .await
@@ -307,7 +296,7 @@ async fn a_run_whose_claim_key_is_lost_registers_it_again_and_finishes() {
     app.set_stock(1, 10).await;
     app.register_bulk(1, &users).await;
     app.trigger(1, None).await.unwrap();
-    wait_for_history(&app, 1, 50).await;
+    app.wait_for_history(1, 1, 50).await;
     let keys = Keys::new(app.redis_prefix.clone());
     let (client, _bus) = join_redis_bus(&keys, 64).await;
     let claim = keys.run_claim(restock_notifier::domain::ProductId::parse(1).unwrap(), 1);

@@ -1,6 +1,8 @@
 //! The test's databases: a fresh one per test (a MySQL database, or an SQLite file),
 //! dropped afterwards, and the queries tests make on its tables.
 
+use std::time::Duration;
+
 use sqlx::{Connection, MySqlConnection, Row};
 
 use super::{Backend, TestApp};
@@ -69,6 +71,18 @@ impl TestApp {
         .fetch_all(&self.db)
         .await
         .unwrap()
+    }
+
+    /// Waits (at most 30 s) until `at_least` users are recorded for a round.
+    pub async fn wait_for_history(&self, product: i64, round: i64, at_least: usize) {
+        let recorded = format!("{at_least} recorded for round {round} of product {product}");
+        super::poll_until(Duration::from_secs(30), &recorded, || async move {
+            match self.history(product, round).await.len() {
+                enough if enough >= at_least => Ok(()),
+                fewer => Err(fewer),
+            }
+        })
+        .await;
     }
 
     /// The run row as stored: (status, last_sent_user_id, sent_count).
