@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use subtle::ConstantTimeEq as _;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
@@ -110,15 +111,6 @@ impl FailedAttempts {
     }
 }
 
-/// Compares in time independent of where the first difference is, so the token cannot
-/// be guessed byte by byte from response times.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Interceptor for AdminAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let client = super::peer_addr(request.extensions()).map(|a| a.ip());
@@ -132,7 +124,9 @@ impl Interceptor for AdminAuth {
         }
         let refused = match request.metadata().get("authorization") {
             None => "admin calls need metadata `authorization: Bearer <RESTOCK_ADMIN_TOKEN>`",
-            Some(value) if constant_time_eq(value.as_bytes(), self.expected.as_bytes()) => {
+            // In constant time: where the first difference is does not show in the
+            // response time, so the token cannot be guessed byte by byte.
+            Some(value) if bool::from(value.as_bytes().ct_eq(self.expected.as_bytes())) => {
                 return Ok(request);
             }
             Some(_) => {
