@@ -10,6 +10,9 @@
 //! filter would start the new listing at a point of the old one, so it is refused
 //! rather than honoured with a silently wrong page.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use super::{Error, Invalid, ProductId, Run, RunStatus};
 
 /// Which runs a listing returns; `None` matches everything.
@@ -68,7 +71,8 @@ impl PageToken {
         self.after
     }
 
-    /// The opaque form a caller sends back: URL-safe base64, without padding.
+    /// The opaque form a caller sends back: URL-safe base64 without padding (RFC 4648
+    /// §5), so a token goes in a URL or a shell command as it is.
     pub fn encode(&self) -> String {
         let mut bytes = [0u8; TOKEN_LEN];
         bytes[0] = VERSION;
@@ -81,7 +85,7 @@ impl PageToken {
             bytes[3..11].copy_from_slice(&product.get().to_be_bytes());
         }
         bytes[11..19].copy_from_slice(&self.after.to_be_bytes());
-        base64url::encode(&bytes)
+        URL_SAFE_NO_PAD.encode(bytes)
     }
 
     /// Reads a caller's `page_token` for a listing with `filter`: `None` when it is
@@ -92,7 +96,8 @@ impl PageToken {
             return Ok(None);
         }
         let malformed = || Error::InvalidArgument(Invalid::NotAPageToken(Invalid::quote(token)));
-        let bytes = base64url::decode(token).ok_or_else(malformed)?;
+        // The engine refuses padding and non-zero trailing bits: one token, one spelling.
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
         let bytes: [u8; TOKEN_LEN] = bytes.try_into().map_err(|_| malformed())?;
         let flags = bytes[1];
         if bytes[0] != VERSION || flags & !(HAS_STATUS | HAS_PRODUCT) != 0 {
@@ -144,49 +149,6 @@ fn status_of_code(code: u8) -> Option<RunStatus> {
     })
 }
 
-/// URL-safe base64 without padding (RFC 4648 §5): a token can go in a URL or a shell
-/// command as it is. A handful of lines, rather than a dependency for one 19-byte value.
-mod base64url {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-            // A chunk of k bytes gives k + 1 characters.
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize] as char);
-            }
-        }
-        out
-    }
-
-    /// `None` unless `text` is the canonical encoding of some bytes.
-    pub fn decode(text: &str) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(text.len() * 3 / 4);
-        for chunk in text.as_bytes().chunks(4) {
-            if chunk.len() == 1 {
-                return None;
-            }
-            let mut n = 0u32;
-            for (i, &c) in chunk.iter().enumerate() {
-                let value = ALPHABET.iter().position(|&a| a == c)? as u32;
-                n |= value << (18 - 6 * i);
-            }
-            // A chunk of k characters holds k - 1 bytes; the bits left over must be 0.
-            let len = chunk.len() - 1;
-            if len < 3 && n & (0xff_ffff >> (8 * len)) != 0 {
-                return None;
-            }
-            out.extend((0..len).map(|i| (n >> (16 - 8 * i)) as u8));
-        }
-        Some(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,19 +161,13 @@ mod tests {
     }
 
     #[test]
-    fn base64url_round_trips_every_length() {
-        let data: Vec<u8> = (0..=255).collect();
-        for len in 0..40 {
-            let encoded = base64url::encode(&data[200 - len..200]);
-            assert!(!encoded.contains(['+', '/', '=']));
-            assert_eq!(base64url::decode(&encoded).unwrap(), &data[200 - len..200]);
-        }
-        assert_eq!(base64url::encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64url::encode(b"fo"), "Zm8");
-        assert_eq!(base64url::encode(&[0xfb, 0xff]), "-_8");
-        // Non-canonical trailing bits, stray characters and impossible lengths.
+    fn tokens_are_canonical_url_safe_base64() {
+        let token = PageToken::new(filter(None, Some(i64::MAX)), i64::MAX).encode();
+        assert!(!token.contains(['+', '/', '=']), "{token}");
+        assert_eq!(URL_SAFE_NO_PAD.encode([0xfb, 0xff]), "-_8");
+        // Non-canonical trailing bits, padding, stray characters and impossible lengths.
         for bad in ["Zm9", "Zm8=", "Z", "Zm8/", "Zm8 ", "ä"] {
-            assert_eq!(base64url::decode(bad), None, "{bad}");
+            assert!(URL_SAFE_NO_PAD.decode(bad).is_err(), "{bad}");
         }
     }
 
@@ -251,17 +207,17 @@ mod tests {
     fn garbage_is_refused_and_quoted_short() {
         let any = filter(None, None);
         let good = PageToken::new(any, 5).encode();
-        let mut versioned = base64url::decode(&good).unwrap();
+        let mut versioned = URL_SAFE_NO_PAD.decode(&good).unwrap();
         versioned[0] = 2;
-        let mut zero_key = base64url::decode(&good).unwrap();
+        let mut zero_key = URL_SAFE_NO_PAD.decode(&good).unwrap();
         zero_key[18] = 0;
         let huge = "x".repeat(10_000);
         for bad in [
             "not a token".to_string(),
             good[..good.len() - 1].to_string(),
             format!("{good}AA"),
-            base64url::encode(&versioned),
-            base64url::encode(&zero_key),
+            URL_SAFE_NO_PAD.encode(&versioned),
+            URL_SAFE_NO_PAD.encode(&zero_key),
             huge.clone(),
         ] {
             match PageToken::decode(&bad, &any) {
