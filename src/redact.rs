@@ -1,45 +1,87 @@
 //! Secrets kept out of messages and logs.
 
-/// The URL without its password, for messages.
-pub fn url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &credentials[..colon],
-                    &url[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+use url::Url;
+
+/// The URL without its password, for messages. The user and the rest are kept: they
+/// tell an operator which server and account a message is about.
+pub fn url(raw: &str) -> String {
+    let Ok(mut url) = Url::parse(raw) else {
+        return unparsed(raw);
+    };
+    if url.password().is_none() {
+        return raw.to_string();
+    }
+    match url.set_password(Some("***")) {
+        Ok(()) => url.into(),
+        Err(()) => unparsed(raw),
     }
 }
 
 /// A webhook URL for logs: without its credentials, query string or fragment (a token
 /// is often passed in one of them); the rest is kept, to tell endpoints apart.
-pub fn webhook_url(url: &str) -> String {
-    let cut = url.find(['?', '#']).unwrap_or(url.len());
-    let mut shown = url[..cut].to_string();
-    if let Some(scheme) = shown.find("://") {
-        let authority_end = shown[scheme + 3..]
-            .find('/')
-            .map_or(shown.len(), |slash| scheme + 3 + slash);
-        if let Some(at) = shown[..authority_end].rfind('@') {
-            shown.replace_range(scheme + 3..=at, "***@");
-        }
+pub fn webhook_url(raw: &str) -> String {
+    let Ok(mut url) = Url::parse(raw) else {
+        return unparsed(raw);
+    };
+    let had_query = url.query().is_some() || url.fragment().is_some();
+    if (!url.username().is_empty() || url.password().is_some())
+        && (url.set_password(None).is_err() || url.set_username("***").is_err())
+    {
+        return unparsed(raw);
     }
-    if cut < url.len() {
+    url.set_query(None);
+    url.set_fragment(None);
+    let mut shown = String::from(url);
+    if had_query {
         shown.push_str("?***");
     }
     shown
 }
 
+/// A setting that is not a URL the `url` crate reads: where its credentials or query
+/// would be cannot be told, so all that follows the scheme is hidden, unless it has
+/// none of the characters that would start them.
+fn unparsed(raw: &str) -> String {
+    if !raw.contains(['@', '?', '#']) {
+        return raw.to_string();
+    }
+    match raw.split_once("://") {
+        Some((scheme, _))
+            if scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            format!("{scheme}://***")
+        }
+        _ => "***".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn urls_lose_their_password_only() {
+        assert_eq!(
+            super::url("mysql://u:hunter2@host:3306/db"),
+            "mysql://u:***@host:3306/db"
+        );
+        assert_eq!(
+            super::url("rediss://:hunter2@host:6380"),
+            "rediss://:***@host:6380"
+        );
+        // An `@` in the password (percent-encoded by the parser) or in the path.
+        assert_eq!(
+            super::url("mysql://u:hun@ter2@host/db"),
+            "mysql://u:***@host/db"
+        );
+        assert_eq!(super::url("redis://host/0?x=a@b"), "redis://host/0?x=a@b");
+        assert_eq!(super::url("sqlite://restock.db"), "sqlite://restock.db");
+        assert_eq!(super::url("mysql://root@host/db"), "mysql://root@host/db");
+        // Not a URL the parser reads (a bad port): nothing after the scheme is shown.
+        assert_eq!(super::url("mysql://u:hunter2@host:x/db"), "mysql://***");
+        assert_eq!(super::url("mysql://host:x/db"), "mysql://host:x/db");
+    }
+
     #[test]
     fn webhook_urls_lose_their_credentials_and_query() {
         assert_eq!(
@@ -47,8 +89,16 @@ mod tests {
             "https://***@hooks.example.com/in?***"
         );
         assert_eq!(
+            super::webhook_url("https://token@hooks.example.com/in#frag"),
+            "https://***@hooks.example.com/in?***"
+        );
+        assert_eq!(
             super::webhook_url("http://127.0.0.1:8080/hook"),
             "http://127.0.0.1:8080/hook"
+        );
+        assert_eq!(
+            super::webhook_url("https://u:pw@hooks.example.com:x/in?token=abc"),
+            "https://***"
         );
     }
 }
