@@ -1,7 +1,7 @@
 //! Settings of the service: every one is a command-line flag and an environment
 //! variable (README, "Settings").
 
-use std::fmt;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -10,11 +10,11 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use secrecy::SecretString;
 
-use crate::redact;
+use crate::redact::SecretUrl;
 
-/// `Debug` is written by hand (below) so that passwords in the URLs and the admin token
-/// never reach a log line; `hide_env_values` keeps them out of `--help`.
-#[derive(Clone, Parser)]
+/// The URLs and the admin token are secret types, so `Debug` never shows a password or
+/// the token; `hide_env_values` keeps them out of `--help`.
+#[derive(Debug, Clone, Parser)]
 #[command(name = "restock-notifier", version, about)]
 pub struct Config {
     /// Address the gRPC server listens on.
@@ -32,15 +32,21 @@ pub struct Config {
         long = "database-url",
         env = "DATABASE_URL",
         default_value = "sqlite://restock.db",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = connection_url
     )]
-    pub database_url: String,
+    pub database_url: SecretUrl,
 
     /// Redis (`redis://host:port`, or `rediss://` for TLS) for the stock cache. Without
     /// it, the stock cache, send limiter and notification bus live in this process: run a
     /// single instance.
-    #[arg(long = "redis-url", env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(
+        long = "redis-url",
+        env = "REDIS_URL",
+        hide_env_values = true,
+        value_parser = connection_url
+    )]
+    pub redis_url: Option<SecretUrl>,
 
     /// Prefix of every Redis key and channel, so deployments can share one Redis.
     #[arg(
@@ -75,7 +81,7 @@ pub struct Config {
         env = "RESTOCK_ADMIN_TOKEN",
         hide_env_values = true
     )]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretString>,
 
     /// How long a run's owner may go without renewing its lease before another instance
     /// takes the run over (G8): a number and a unit, `ms`, `s` or `m` (500ms to 10m).
@@ -123,9 +129,10 @@ pub struct Config {
     #[arg(
         long = "webhook-url",
         env = "RESTOCK_WEBHOOK_URL",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = endpoint_url
     )]
-    pub webhook_url: Option<String>,
+    pub webhook_url: Option<SecretUrl>,
 
     /// Signing secrets of the webhook, required with RESTOCK_WEBHOOK_URL: one or more
     /// `whsec_<base64 of 24 to 64 bytes>`, separated by spaces; every request is signed
@@ -180,33 +187,15 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("listen", &self.listen)
-            .field("database_url", &redact::url(&self.database_url))
-            .field("redis_url", &self.redis_url.as_deref().map(redact::url))
-            .field("redis_prefix", &self.redis_prefix)
-            .field("send_rate", &self.send_rate)
-            .field("api_rate", &self.api_rate)
-            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
-            .field("run_lease", &self.run_lease)
-            .field("shutdown_drain", &self.shutdown_drain)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field(
-                "webhook_url",
-                &self.webhook_url.as_deref().map(redact::webhook_url),
-            )
-            .field("webhook_secret", &self.webhook_secret)
-            .field("webhook_timeout", &self.webhook_timeout)
-            .field("webhook_attempts", &self.webhook_attempts)
-            .field("webhook_backoff", &self.webhook_backoff)
-            .field("metrics_listen", &self.metrics_listen)
-            .field("log", &self.log)
-            .field("log_format", &self.log_format)
-            .finish()
-    }
+/// Reads DATABASE_URL and REDIS_URL; whether they are usable is checked where they are
+/// used, with a message naming the setting.
+fn connection_url(raw: &str) -> Result<SecretUrl, Infallible> {
+    Ok(SecretUrl::connection(raw))
+}
+
+/// Reads RESTOCK_WEBHOOK_URL; checked by the webhook's settings.
+fn endpoint_url(raw: &str) -> Result<SecretUrl, Infallible> {
+    Ok(SecretUrl::endpoint(raw))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,6 +7,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use secrecy::ExposeSecret as _;
 
 use crate::config::Config;
 use crate::engine::Capabilities;
@@ -19,6 +20,7 @@ use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
 use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
 use crate::engine::webhook::pause::{LocalPause, RedisPause};
 use crate::monitoring::Metrics;
+use crate::redact::SecretUrl;
 use crate::redis::Keys;
 
 /// How this instance is deployed.
@@ -30,7 +32,7 @@ pub enum Deployment {
     Clustered {
         client: fred::prelude::Client,
         keys: Keys,
-        url: String,
+        url: SecretUrl,
     },
 }
 
@@ -40,7 +42,7 @@ impl Deployment {
         match &config.redis_url {
             None => Ok(Deployment::Embedded),
             Some(url) => Ok(Deployment::Clustered {
-                client: crate::redis::connect(url).await?,
+                client: crate::redis::connect(url.expose_secret()).await?,
                 keys: Keys::new(config.redis_prefix.clone()),
                 url: url.clone(),
             }),
@@ -76,7 +78,7 @@ impl Deployment {
                 }
             }
             Deployment::Clustered { client, keys, url } => {
-                let subscriber = crate::redis::connect_subscriber(url).await?;
+                let subscriber = crate::redis::connect_subscriber(url.expose_secret()).await?;
                 let bus = RedisBus::start(client.clone(), subscriber, keys.clone(), local_bus)
                     .await
                     .context("cannot subscribe to the notification bus on REDIS_URL")?;
@@ -98,7 +100,7 @@ impl Deployment {
     /// Says at start how the service is deployed, and warns when the settings given
     /// only make sense for the other deployment.
     pub fn log(&self, config: &Config) {
-        let sqlite = config.database_url.starts_with("sqlite:");
+        let sqlite = config.database_url.expose_secret().starts_with("sqlite:");
         match self {
             Deployment::Embedded if sqlite => tracing::warn!(
                 deployment = "embedded",
@@ -124,7 +126,7 @@ impl Deployment {
             Deployment::Clustered { keys, url, .. } => tracing::info!(
                 deployment = "clustered",
                 database = "MySQL",
-                redis = %crate::redact::url(url),
+                redis = %url,
                 redis_prefix = keys.prefix(),
                 "instances on this database and Redis prefix behave as one service"
             ),

@@ -1,6 +1,58 @@
 //! Secrets kept out of messages and logs.
 
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
 use url::Url;
+
+/// A URL that may hold a password or a token (DATABASE_URL, REDIS_URL,
+/// RESTOCK_WEBHOOK_URL). A secret is a type, not a convention: the whole URL is a
+/// [`SecretString`], reached only through [`ExposeSecret`] where a connection is made,
+/// and `Debug` and `Display` show it redacted, so it is safe in any log line.
+#[derive(Clone)]
+pub struct SecretUrl {
+    secret: SecretString,
+    /// The redacted form, made once.
+    shown: String,
+}
+
+impl SecretUrl {
+    /// A URL to connect to a store (database, Redis): shown without its password.
+    pub fn connection(raw: impl Into<String>) -> Self {
+        let raw = raw.into();
+        Self {
+            shown: url(&raw),
+            secret: raw.into(),
+        }
+    }
+
+    /// A URL of an endpoint: shown without its credentials, query or fragment.
+    pub fn endpoint(raw: impl Into<String>) -> Self {
+        let raw = raw.into();
+        Self {
+            shown: webhook_url(&raw),
+            secret: raw.into(),
+        }
+    }
+}
+
+impl ExposeSecret<str> for SecretUrl {
+    fn expose_secret(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.shown, f)
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
 
 /// The URL without its password, for messages. The user and the rest are kept: they
 /// tell an operator which server and account a message is about.
@@ -59,6 +111,19 @@ fn unparsed(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
+    #[test]
+    fn a_secret_url_shows_only_its_redacted_form() {
+        let url = super::SecretUrl::connection("mysql://u:hunter2@host/db");
+        assert_eq!(format!("{url:?}"), "\"mysql://u:***@host/db\"");
+        assert_eq!(url.to_string(), "mysql://u:***@host/db");
+        assert_eq!(url.expose_secret(), "mysql://u:hunter2@host/db");
+        let url = super::SecretUrl::endpoint("https://u:hunter2@hooks.example.com/in?t=x");
+        assert_eq!(url.to_string(), "https://***@hooks.example.com/in?***");
+        assert!(!format!("{url:?}").contains("hunter2"));
+    }
+
     #[test]
     fn urls_lose_their_password_only() {
         assert_eq!(

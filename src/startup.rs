@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tonic::service::LayerExt as _;
 use tonic::service::interceptor::InterceptorLayer;
@@ -26,6 +27,7 @@ use crate::grpc::proto::restock_service_server::RestockServiceServer;
 use crate::grpc::ratelimit::ApiRateLimit;
 use crate::grpc::restock::RestockApi;
 use crate::monitoring::{Metrics, MetricsServer};
+use crate::redact::SecretUrl;
 use crate::store::Store;
 use crate::store::mysql::MySqlStore;
 use crate::store::sqlite::SqliteStore;
@@ -53,7 +55,7 @@ pub struct Application {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
-    admin_token: String,
+    admin_token: SecretString,
     api_rate: std::num::NonZeroU32,
     shutdown_drain: Duration,
     /// The gRPC server builder, with TLS when it is configured.
@@ -108,7 +110,7 @@ impl Application {
         };
         let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
-            Some(token) if token.trim().is_empty() => {
+            Some(token) if token.expose_secret().trim().is_empty() => {
                 anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
             }
             Some(token) => token,
@@ -118,7 +120,7 @@ impl Application {
                     admin_token = %token,
                     "RESTOCK_ADMIN_TOKEN is not set: generated this admin token for this run"
                 );
-                token
+                token.into()
             }
         };
         let listener = TcpListener::bind(config.listen)
@@ -196,10 +198,10 @@ impl Application {
         let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
         // The token is checked before anything else, the rate limit included (the
         // limiter only wraps services that answer with plain bodies).
-        let admin =
-            InterceptorLayer::new(AdminAuth::new(&self.admin_token)).named_layer(limit.wrap(
-                RestockAdminServiceServer::new(AdminApi::new(engine.clone())),
-            ));
+        let admin = InterceptorLayer::new(AdminAuth::new(self.admin_token.expose_secret()))
+            .named_layer(limit.wrap(RestockAdminServiceServer::new(AdminApi::new(
+                engine.clone(),
+            ))));
 
         let stopping = engine.clone();
         let drain = self.shutdown_drain;
@@ -287,16 +289,16 @@ impl Application {
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// Picks the store by the scheme of DATABASE_URL.
-async fn connect_store(url: &str, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {
-    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        Ok(Arc::new(MySqlStore::connect(url, lease).await?))
-    } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(url).await?))
+async fn connect_store(url: &SecretUrl, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {
+    let raw = url.expose_secret();
+    if raw.starts_with("mysql://") || raw.starts_with("mariadb://") {
+        Ok(Arc::new(MySqlStore::connect(raw, lease).await?))
+    } else if raw.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(raw).await?))
     } else {
         anyhow::bail!(
-            "DATABASE_URL {:?} has an unsupported scheme: use mysql://user:pass@host:port/db \
-             or sqlite://path/to/file.db",
-            crate::redact::url(url)
+            "DATABASE_URL {url:?} has an unsupported scheme: use mysql://user:pass@host:port/db \
+             or sqlite://path/to/file.db"
         )
     }
 }

@@ -3,13 +3,14 @@
 use std::num::NonZeroU32;
 
 use restock_notifier::config::{Config, LogFormat, MetricsListen};
+use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 
 fn config(database_url: &str, redis_url: Option<&str>) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: database_url.into(),
-        redis_url: redis_url.map(Into::into),
+        database_url: SecretUrl::connection(database_url),
+        redis_url: redis_url.map(SecretUrl::connection),
         redis_prefix: "restock-startup-test:".into(),
         send_rate: NonZeroU32::new(500).unwrap(),
         api_rate: NonZeroU32::new(500).unwrap(),

@@ -10,6 +10,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use restock_notifier::config::{Config, LogFormat};
 use restock_notifier::grpc::proto;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
+use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 use tokio::sync::oneshot;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -105,7 +106,7 @@ impl TlsApp {
         ));
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: format!("sqlite://{}", database.display()),
+            database_url: SecretUrl::connection(format!("sqlite://{}", database.display())),
             redis_url: None,
             redis_prefix: "restock-tls-test:".into(),
             send_rate: NonZeroU32::new(1_000).unwrap(),

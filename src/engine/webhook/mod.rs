@@ -44,10 +44,11 @@ use std::fmt;
 use std::time::Duration;
 
 use rand::Rng as _;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::config::Config;
 use crate::domain::NotificationId;
+use crate::redact::SecretUrl;
 pub use client::{Attempt, WebhookClient};
 pub use sign::SigningKeys;
 
@@ -118,9 +119,9 @@ impl WebhookSettings {
         Ok(Some(Self::new(url, secret, config)?))
     }
 
-    fn new(url: &str, secret: &SecretString, config: &Config) -> Result<Self, SettingsError> {
-        let refused = || SettingsError::Url(crate::redact::webhook_url(url));
-        let uri: http::Uri = url.trim().parse().map_err(|_| refused())?;
+    fn new(url: &SecretUrl, secret: &SecretString, config: &Config) -> Result<Self, SettingsError> {
+        let refused = || SettingsError::Url(url.to_string());
+        let uri: http::Uri = url.expose_secret().trim().parse().map_err(|_| refused())?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(refused());
         }

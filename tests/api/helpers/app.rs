@@ -11,6 +11,7 @@ use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminServiceClient;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::grpc::proto::{self, RunStatus};
+use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 use sqlx::AnyPool;
 use tokio::sync::oneshot;
@@ -132,12 +133,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .unwrap_or_else(|| unique("restock-test:") + ":");
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: match &options.mysql_url {
+        database_url: SecretUrl::connection(match &options.mysql_url {
             Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
             _ => backend.database_url(&database),
-        },
+        }),
         redis_url: match backend {
-            Backend::MySql => Some(options.redis_url.clone().unwrap_or_else(redis_url)),
+            Backend::MySql => Some(SecretUrl::connection(
+                options.redis_url.clone().unwrap_or_else(redis_url),
+            )),
             Backend::Embedded => None,
         },
         redis_prefix: redis_prefix.clone(),
@@ -151,7 +154,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         shutdown_drain: options.shutdown_drain,
         tls_cert: None,
         tls_key: None,
-        webhook_url: options.webhook.as_ref().map(|w| w.url.clone()),
+        webhook_url: options
+            .webhook
+            .as_ref()
+            .map(|w| SecretUrl::endpoint(w.url.clone())),
         webhook_secret: options.webhook.as_ref().map(|w| w.secret.clone().into()),
         webhook_timeout: options
             .webhook
