@@ -7,15 +7,17 @@
 //! No metric has a per-product or per-user label: their number stays fixed however many
 //! products and users there are.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder as _, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use tokio::net::TcpListener;
@@ -366,6 +368,9 @@ impl MetricsServer {
     }
 
     /// Serves `GET /metrics` until `stop` is cancelled; also runs the recorder's upkeep.
+    /// Once `stop` is cancelled, no connection is accepted, open ones are closed (at
+    /// once when idle, after their answer when a scrape is under way), and this returns
+    /// when the last one is closed.
     pub async fn serve(self, metrics: Arc<Metrics>, stop: CancellationToken) {
         let upkeep = metrics.clone();
         let upkeep = tokio::spawn(async move {
@@ -377,48 +382,29 @@ impl MetricsServer {
                 }
             }
         });
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                // A scraper that hangs up mid-answer is its own business.
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(scrape)
+                    .fallback(|| async { (StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n") }),
+            )
+            .fallback(|| async { (StatusCode::NOT_FOUND, "metrics are at GET /metrics\n") })
+            .with_state(metrics);
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "the /metrics server stopped");
         }
         upkeep.abort();
     }
 }
 
-fn respond<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, body: String| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response
-    };
-    if req.uri().path() != "/metrics" {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "metrics are at GET /metrics\n".into(),
-        );
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n".into());
-    }
-    let mut response = reply(StatusCode::OK, metrics.render());
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    response
+/// `GET /metrics` (and `HEAD`, which axum answers from the same handler without the
+/// body): the Prometheus text exposition.
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics.render(),
+    )
 }

@@ -49,6 +49,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// admin service lets a caller try.
 const ADMIN_TOKEN_BYTES: usize = 24;
 
+/// On shutdown, how long `/metrics` may take to close its connections: an idle one
+/// closes at once and a scrape is answered in milliseconds, so one still open after a
+/// second is a client stuck mid-request, not a reason to hold the exit.
+const METRICS_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -167,9 +172,9 @@ impl Application {
             .context("cannot read the database's clock")?;
         engine.spawn_takeover();
         let stop_metrics = tokio_util::sync::CancellationToken::new();
-        if let Some(server) = self.metrics_server {
-            tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone()));
-        }
+        let metrics_served = self
+            .metrics_server
+            .map(|server| tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone())));
 
         // "" is the whole server's health, the one a load balancer usually checks.
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -276,6 +281,17 @@ impl Application {
         };
         engine.shutdown(SHUTDOWN_GRACE).await;
         stop_metrics.cancel();
+        if let Some(mut served) = metrics_served
+            && tokio::time::timeout(METRICS_CLOSE_GRACE, &mut served)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                grace_ms = METRICS_CLOSE_GRACE.as_millis() as u64,
+                "a /metrics connection is still open after the grace; leaving it"
+            );
+            served.abort();
+        }
         tracing::info!("stopped");
         served
     }

@@ -142,3 +142,62 @@ async fn a_sold_out_run_and_the_endpoint(backend: Backend) {
 }
 
 on_each_backend!(a_run_shows_in_the_metrics, a_sold_out_run_and_the_endpoint);
+
+/// Reads one HTTP/1.1 response with a `content-length` off `conn`, leaving the
+/// connection open, and returns its head.
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().expect("a length"))
+                })
+                .expect("a content-length");
+            if received.len() >= end + 4 + length {
+                return head;
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .expect("reads");
+        assert!(read > 0, "closed mid-answer: {received:?}");
+        received.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// A scraper keeps its connection alive between scrapes; stopping the service closes
+/// it, rather than leaving it open for as long as the process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_metrics_connection_is_closed_when_the_service_stops() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app_with(Options::new(Backend::Embedded)).await;
+    let mut conn = tokio::net::TcpStream::connect(app.metrics_addr)
+        .await
+        .expect("connects to /metrics");
+    // Two scrapes on one connection: it is really kept alive.
+    for _ in 0..2 {
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_response(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+
+    app.shut_down().await;
+    // Closed by the server: the next read sees the end of the stream. The deadline only
+    // bounds a failure; a closed connection answers at once.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed once the service stopped");
+    assert!(read.is_ok(), "{read:?}");
+    assert!(rest.is_empty(), "{rest:?}");
+}
