@@ -129,11 +129,46 @@ pub enum NotResumable {
     SoldOut,
 }
 
-/// A failure of MySQL, Redis or the notification bus.
+/// The part of the service whose backing store failed, as a caller is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// MySQL or SQLite.
+    Database,
+    /// The cached stock figure each send checks (G3).
+    StockCache,
+    /// The global send rate (G2).
+    SendLimiter,
+    /// What carries notifications to every instance's streams (G11).
+    NotificationBus,
+    /// Delivery to the webhook endpoint (G12).
+    Webhook,
+    /// The pause every instance keeps after an endpoint's `Retry-After` (G12).
+    WebhookPause,
+    /// A task of the service itself.
+    Service,
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Component::Database => "database",
+            Component::StockCache => "stock cache",
+            Component::SendLimiter => "send limiter",
+            Component::NotificationBus => "notification bus",
+            Component::Webhook => "webhook",
+            Component::WebhookPause => "webhook pause",
+            Component::Service => "service",
+        })
+    }
+}
+
+/// A failure of MySQL, Redis or another store the service depends on.
 #[derive(Debug, thiserror::Error)]
 pub struct BackendError {
-    /// Which store, for the caller: "database", "stock cache", ...
-    pub store: &'static str,
+    pub component: Component,
+    /// True when it is the component's Redis implementation (clustered) that failed:
+    /// the message says so, to point an operator at Redis.
+    pub in_redis: bool,
     /// True when the store could not be reached at all (the caller may retry later);
     /// false for an unexpected error from a reachable store.
     pub unavailable: bool,
@@ -142,11 +177,34 @@ pub struct BackendError {
 }
 
 impl BackendError {
-    pub fn new(store: &'static str, unavailable: bool, source: impl Into<anyhow::Error>) -> Self {
+    pub fn new(component: Component, unavailable: bool, source: impl Into<anyhow::Error>) -> Self {
         Self {
-            store,
+            component,
+            in_redis: false,
             unavailable,
             source: source.into(),
+        }
+    }
+
+    /// A failure of the component's Redis implementation.
+    pub fn on_redis(
+        component: Component,
+        unavailable: bool,
+        source: impl Into<anyhow::Error>,
+    ) -> Self {
+        Self {
+            in_redis: true,
+            ..Self::new(component, unavailable, source)
+        }
+    }
+
+    /// The store that failed, as messages and logs name it: "database", "stock cache
+    /// (Redis)".
+    pub fn store(&self) -> String {
+        if self.in_redis {
+            format!("{} (Redis)", self.component)
+        } else {
+            self.component.to_string()
         }
     }
 }
@@ -154,9 +212,44 @@ impl BackendError {
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.unavailable {
-            write!(f, "the {} is unavailable", self.store)
+            write!(f, "the {} is unavailable", self.store())
         } else {
-            write!(f, "the {} failed", self.store)
+            write!(f, "the {} failed", self.store())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_error_names_its_component_as_before() {
+        let error = |e: BackendError| e.to_string();
+        let cause = || anyhow::anyhow!("cause");
+        assert_eq!(
+            error(BackendError::new(Component::Database, true, cause())),
+            "the database is unavailable"
+        );
+        assert_eq!(
+            error(BackendError::on_redis(
+                Component::StockCache,
+                false,
+                cause()
+            )),
+            "the stock cache (Redis) failed"
+        );
+        assert_eq!(
+            error(BackendError::on_redis(
+                Component::NotificationBus,
+                true,
+                cause()
+            )),
+            "the notification bus (Redis) is unavailable"
+        );
+        assert_eq!(
+            error(BackendError::new(Component::SendLimiter, true, cause())),
+            "the send limiter is unavailable"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-pub use error::{BackendError, Error, Invalid, NotResumable};
+pub use error::{BackendError, Component, Error, Invalid, NotResumable};
 pub use listing::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, RunFilter, RunPage, parse_page_size,
 };

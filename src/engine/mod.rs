@@ -57,7 +57,7 @@ async fn run_to_completion<T: Send + 'static>(
 ) -> Result<T, Error> {
     tokio::spawn(work).await.unwrap_or_else(|join| {
         Err(Error::Backend(crate::domain::BackendError::new(
-            "service",
+            crate::domain::Component::Service,
             false,
             anyhow::anyhow!("state change task failed: {join}"),
         )))
@@ -265,7 +265,7 @@ impl Engine {
             }
         }
         Err(Error::Backend(crate::domain::BackendError::new(
-            "stock cache",
+            crate::domain::Component::StockCache,
             true,
             anyhow::anyhow!(
                 "the stock figure changed on every one of {CACHE_STOCK_ATTEMPTS} attempts to cache it"

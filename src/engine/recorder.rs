@@ -337,7 +337,7 @@ impl Recorder {
             Ok(Ok(Claimed::Lost)) => RecordError::Lost,
             Ok(Err(err)) => RecordError::Failed(err),
             Err(join) => RecordError::Failed(Error::Backend(BackendError::new(
-                "database",
+                crate::domain::Component::Database,
                 false,
                 anyhow::anyhow!("recording task failed: {join}"),
             ))),

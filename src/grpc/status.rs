@@ -233,7 +233,7 @@ fn invalid_message(invalid: &Invalid) -> String {
 /// Backend failures are logged with their whole cause chain and answered without
 /// internals (no SQL, no addresses).
 fn backend_status(err: BackendError) -> Status {
-    tracing::error!(store = err.store, error = ?err.source, "backend failure");
+    tracing::error!(store = %err.store(), error = ?err.source, "backend failure");
     if err.unavailable {
         Status::unavailable(format!("{err}; retry later"))
     } else {

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use fred::clients::SubscriberClient;
 use fred::prelude::{Builder, ClientLike, Config, Error as RedisError, ErrorKind, ReconnectPolicy};
 
-use crate::domain::{BackendError, ProductId};
+use crate::domain::{BackendError, Component, ProductId};
 
 /// Builds every Redis key of the service.
 #[derive(Debug, Clone)]
@@ -64,14 +64,14 @@ impl Keys {
     }
 }
 
-/// Maps a fred error to a backend error of `store`; connection-level failures are
-/// "unavailable".
-pub fn backend(store: &'static str, err: RedisError) -> BackendError {
+/// Maps a fred error to a backend error of `component` in Redis; connection-level
+/// failures are "unavailable".
+pub fn backend(component: Component, err: RedisError) -> BackendError {
     let unavailable = matches!(
         err.kind(),
         ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled
     );
-    BackendError::new(store, unavailable, err)
+    BackendError::on_redis(component, unavailable, err)
 }
 
 /// Pub/sub messages a subscriber connection may hold before the forwarding task reads

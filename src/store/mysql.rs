@@ -21,7 +21,7 @@ use crate::domain::{
     UserId, Wave, WaveState,
 };
 
-const STORE: &str = "database";
+const STORE: crate::domain::Component = crate::domain::Component::Database;
 
 super::portable::portable_queries!(MySql, MySqlRow);
 

@@ -31,7 +31,7 @@ use crate::domain::{
     UserId, Wave, WaveState,
 };
 
-const STORE: &str = "database";
+const STORE: crate::domain::Component = crate::domain::Component::Database;
 
 super::portable::portable_queries!(Sqlite, SqliteRow);
 

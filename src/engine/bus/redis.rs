@@ -20,10 +20,10 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
-use crate::domain::{BackendError, ProductId, UserId};
+use crate::domain::{BackendError, Component, ProductId, UserId};
 use crate::redis::{Keys, backend};
 
-const STORE: &str = "notification bus (Redis)";
+const STORE: Component = Component::NotificationBus;
 
 /// A bus event on the wire. Compact on purpose: a batch at 500/s is published every
 /// few milliseconds, and every instance decodes it.

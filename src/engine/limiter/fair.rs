@@ -70,7 +70,13 @@ impl FairLimiter {
 impl SendLimiter for FairLimiter {
     async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
         let (reply, granted) = oneshot::channel();
-        let stopped = || BackendError::new("send limiter", true, anyhow::anyhow!("stopped"));
+        let stopped = || {
+            BackendError::new(
+                crate::domain::Component::SendLimiter,
+                true,
+                anyhow::anyhow!("stopped"),
+            )
+        };
         self.waiters
             .send(Waiter {
                 want: want.max(1),
@@ -105,11 +111,15 @@ async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver
                 // Every waiter was waiting on the same source: they all hear of it (G4:
                 // their runs end with the error rather than wait on a broken store).
                 let text = format!("{:#}", error.source);
-                let (store, unavailable) = (error.store, error.unavailable);
+                let (component, in_redis, unavailable) =
+                    (error.component, error.in_redis, error.unavailable);
                 let mut first = Some(error);
                 for waiter in queue.drain(..) {
-                    let error = first.take().unwrap_or_else(|| {
-                        BackendError::new(store, unavailable, anyhow::anyhow!(text.clone()))
+                    let error = first.take().unwrap_or_else(|| BackendError {
+                        component,
+                        in_redis,
+                        unavailable,
+                        source: anyhow::anyhow!(text.clone()),
                     });
                     let _ = waiter.reply.send(Err(error));
                 }

@@ -51,7 +51,7 @@ use crate::domain::BackendError;
 use crate::monitoring::LimiterMetrics;
 use crate::redis::{Keys, backend};
 
-const STORE: &str = "send limiter (Redis)";
+const STORE: crate::domain::Component = crate::domain::Component::SendLimiter;
 
 /// Loaded once per Redis and then run by SHA (EVALSHA), reloaded if Redis lost it.
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("reserve.lua")));
@@ -328,7 +328,7 @@ impl RedisSlots {
             let replied = Instant::now();
             let parse = |s: &str| {
                 s.parse::<f64>().map_err(|e| {
-                    BackendError::new(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
+                    BackendError::on_redis(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
                 })
             };
             Ok(Reply {
@@ -490,7 +490,7 @@ impl RedisSlots {
             return Ok(());
         };
         let reply = (&mut pending.reply).await.map_err(|e| {
-            BackendError::new(
+            BackendError::on_redis(
                 STORE,
                 false,
                 anyhow::anyhow!("reservation task failed: {e}"),

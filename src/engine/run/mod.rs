@@ -453,7 +453,7 @@ impl RunState<'_> {
 
 fn stock_keeps_disappearing() -> Error {
     Error::Backend(crate::domain::BackendError::new(
-        "stock cache",
+        crate::domain::Component::StockCache,
         true,
         anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
     ))

@@ -384,7 +384,7 @@ async fn admit(
 
 fn webhook_task_failed() -> Error {
     Error::Backend(crate::domain::BackendError::new(
-        "webhook",
+        crate::domain::Component::Webhook,
         false,
         anyhow::anyhow!("a webhook attempt's task failed"),
     ))
@@ -410,7 +410,7 @@ fn ask_limiter(limiter: &Arc<dyn crate::engine::limiter::SendLimiter>, want: usi
             Ok(granted) => granted,
             Err(join) => (
                 Err(crate::domain::BackendError::new(
-                    "send limiter",
+                    crate::domain::Component::SendLimiter,
                     false,
                     anyhow::anyhow!("the call to the limiter failed: {join}"),
                 )),

@@ -20,7 +20,7 @@ use crate::engine::bus::redis::encode_sent;
 use crate::engine::bus::{RunKey, SentBatch};
 use crate::redis::{Keys, backend};
 
-const STORE: &str = "stock cache (Redis)";
+const STORE: crate::domain::Component = crate::domain::Component::StockCache;
 
 /// A cached stock figure lives this long without a write. The database is the source of
 /// truth; the expiry bounds how long an unused figure takes memory.
@@ -137,7 +137,7 @@ impl RedisStockFence {
     }
 }
 
-const BUS: &str = "notification bus (Redis)";
+const BUS: crate::domain::Component = crate::domain::Component::NotificationBus;
 
 #[async_trait]
 impl StockFence for RedisStockFence {

@@ -12,7 +12,7 @@ use fred::prelude::{Client, KeysInterface};
 use fred::types::scripts::Script;
 use tokio::time::Instant;
 
-use crate::domain::BackendError;
+use crate::domain::{BackendError, Component};
 use crate::redis::{Keys, backend};
 
 /// Shared between the instances that send to one endpoint.
@@ -52,7 +52,7 @@ impl EndpointPause for LocalPause {
 
 static PAUSE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("pause.lua")));
 
-const STORE: &str = "webhook pause (Redis)";
+const STORE: Component = Component::WebhookPause;
 
 /// The pause of every instance on one Redis prefix: a key that expires when it ends.
 pub struct RedisPause {
