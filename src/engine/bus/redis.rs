@@ -20,7 +20,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
-use crate::domain::{BackendError, Component, ProductId, UserId};
+use crate::domain::{BackendError, Component, ProductId, RunStatus, UserId};
 use crate::redis::{Keys, backend};
 
 const STORE: Component = Component::NotificationBus;
@@ -29,8 +29,7 @@ const STORE: Component = Component::NotificationBus;
 /// few milliseconds, and every instance decodes it.
 #[derive(Clone, PartialEq, prost::Message)]
 struct WireEvent {
-    /// 1: a batch was sent; 2: a run ended.
-    #[prost(int32, tag = "1")]
+    #[prost(enumeration = "WireKind", tag = "1")]
     kind: i32,
     #[prost(int64, tag = "2")]
     product_id: i64,
@@ -45,26 +44,71 @@ struct WireEvent {
     positions: Vec<i64>,
     #[prost(int64, tag = "7")]
     sent_at_micros: i64,
-    #[prost(string, tag = "8")]
-    status: String,
+    // Tag 8 was the status of an ended run as text; never reuse it.
     #[prost(int64, tag = "9")]
     claim: i64,
+    /// The status of an ended run.
+    #[prost(enumeration = "WireStatus", tag = "10")]
+    status: i32,
 }
 
-const SENT: i32 = 1;
-const RUN_ENDED: i32 = 2;
+/// What a [`WireEvent`] says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+enum WireKind {
+    Unspecified = 0,
+    /// A batch was sent.
+    Sent = 1,
+    /// A run left its instance.
+    RunEnded = 2,
+}
+
+/// A run's status on the wire; the numbers are fixed for good, whatever the Rust enum
+/// becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+enum WireStatus {
+    Unspecified = 0,
+    InProgress = 1,
+    CanceledBySoldOut = 2,
+    CanceledByError = 3,
+    Completed = 4,
+}
+
+impl From<RunStatus> for WireStatus {
+    fn from(status: RunStatus) -> Self {
+        match status {
+            RunStatus::InProgress => WireStatus::InProgress,
+            RunStatus::CanceledBySoldOut => WireStatus::CanceledBySoldOut,
+            RunStatus::CanceledByError => WireStatus::CanceledByError,
+            RunStatus::Completed => WireStatus::Completed,
+        }
+    }
+}
+
+impl WireStatus {
+    fn run_status(self) -> Option<RunStatus> {
+        match self {
+            WireStatus::Unspecified => None,
+            WireStatus::InProgress => Some(RunStatus::InProgress),
+            WireStatus::CanceledBySoldOut => Some(RunStatus::CanceledBySoldOut),
+            WireStatus::CanceledByError => Some(RunStatus::CanceledByError),
+            WireStatus::Completed => Some(RunStatus::Completed),
+        }
+    }
+}
 
 /// A sent batch as published.
 pub fn encode_sent(batch: &SentBatch) -> Bytes {
     WireEvent {
-        kind: SENT,
+        kind: WireKind::Sent.into(),
         product_id: batch.run.product_id.get(),
         restock_round: batch.run.restock_round,
         position: batch.prev_position,
         user_ids: batch.items.iter().map(|i| i.user_id.get()).collect(),
         positions: batch.items.iter().map(|i| i.position).collect(),
         sent_at_micros: batch.sent_at.timestamp_micros(),
-        status: String::new(),
+        status: WireStatus::Unspecified.into(),
         claim: batch.claim,
     }
     .encode_to_vec()
@@ -80,11 +124,11 @@ fn encode(event: &BusEvent) -> Option<Bytes> {
             last_position,
         } => Some(
             WireEvent {
-                kind: RUN_ENDED,
+                kind: WireKind::RunEnded.into(),
                 product_id: run.product_id.get(),
                 restock_round: run.restock_round,
                 position: *last_position,
-                status: status.as_str().to_string(),
+                status: WireStatus::from(*status).into(),
                 ..WireEvent::default()
             }
             .encode_to_vec()
@@ -100,8 +144,8 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
         product_id: ProductId::parse(wire.product_id).ok()?,
         restock_round: wire.restock_round,
     };
-    match wire.kind {
-        SENT => Some(BusEvent::Sent(Arc::new(
+    match WireKind::try_from(wire.kind).ok()? {
+        WireKind::Sent => Some(BusEvent::Sent(Arc::new(
             SentBatch::new(
                 run,
                 wire.position,
@@ -117,12 +161,12 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
             )
             .under_claim(wire.claim),
         ))),
-        RUN_ENDED => Some(BusEvent::RunEnded {
+        WireKind::RunEnded => Some(BusEvent::RunEnded {
             run,
-            status: wire.status.parse().ok()?,
+            status: WireStatus::try_from(wire.status).ok()?.run_status()?,
             last_position: wire.position,
         }),
-        _ => None,
+        WireKind::Unspecified => None,
     }
 }
 
@@ -218,7 +262,6 @@ impl NotificationBus for RedisBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RunStatus;
 
     #[test]
     fn events_survive_the_wire() {
@@ -252,5 +295,83 @@ mod tests {
         for event in [sent, ended] {
             assert_eq!(decode(&encode(&event).unwrap()), Some(event));
         }
+    }
+
+    /// The layout before the kind and the status were enumerations.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EarlierWireEvent {
+        #[prost(int32, tag = "1")]
+        kind: i32,
+        #[prost(int64, tag = "2")]
+        product_id: i64,
+        #[prost(int64, tag = "3")]
+        restock_round: i64,
+        #[prost(int64, optional, tag = "4")]
+        position: Option<i64>,
+        #[prost(int64, repeated, tag = "5")]
+        user_ids: Vec<i64>,
+        #[prost(int64, repeated, tag = "6")]
+        positions: Vec<i64>,
+        #[prost(int64, tag = "7")]
+        sent_at_micros: i64,
+        #[prost(string, tag = "8")]
+        status: String,
+        #[prost(int64, tag = "9")]
+        claim: i64,
+    }
+
+    #[test]
+    fn a_sent_batch_is_the_same_bytes_as_in_the_earlier_layout() {
+        let run = RunKey {
+            product_id: ProductId::parse(7).unwrap(),
+            restock_round: 3,
+        };
+        let batch = SentBatch::new(
+            run,
+            Some(41),
+            vec![SentItem {
+                user_id: UserId::from_stored(9),
+                position: 42,
+            }],
+            DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+        )
+        .under_claim(4);
+        let earlier = EarlierWireEvent {
+            kind: 1,
+            product_id: 7,
+            restock_round: 3,
+            position: Some(41),
+            user_ids: vec![9],
+            positions: vec![42],
+            sent_at_micros: 1_764_000_000_123_456,
+            status: String::new(),
+            claim: 4,
+        }
+        .encode_to_vec();
+        assert_eq!(encode_sent(&batch).as_ref(), earlier.as_slice());
+    }
+
+    #[test]
+    fn an_event_of_an_unknown_kind_or_status_is_ignored() {
+        let event = |kind: i32, status: i32| {
+            WireEvent {
+                kind,
+                product_id: 7,
+                restock_round: 3,
+                status,
+                ..WireEvent::default()
+            }
+            .encode_to_vec()
+        };
+        assert!(
+            decode(&event(
+                WireKind::RunEnded.into(),
+                WireStatus::Completed.into()
+            ))
+            .is_some()
+        );
+        assert_eq!(decode(&event(3, WireStatus::Completed.into())), None);
+        assert_eq!(decode(&event(WireKind::RunEnded.into(), 0)), None);
+        assert_eq!(decode(&event(WireKind::RunEnded.into(), 5)), None);
     }
 }
