@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
+use clap::Parser;
 use futures::StreamExt as _;
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
@@ -1477,68 +1478,112 @@ async fn start_endpoint(
     Ok((url, arrivals))
 }
 
-fn arg(args: &[String], name: &str, default: u32) -> anyhow::Result<u32> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a value"))?
-            .parse()
-            .with_context(|| format!("{name} takes a positive integer")),
-        None => Ok(default),
-    }
+/// What to measure; `--help` lists each mode's options.
+#[derive(Parser)]
+#[command(name = "bench", about = "Benchmarks of the targets in the README")]
+enum Bench {
+    /// The sustained send rate, the busiest one-second window and send-to-receive latency.
+    Pacing {
+        #[arg(long, default_value_t = 10_000)]
+        users: u32,
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+    },
+    /// The engine at its highest send rate against a plain batched INSERT.
+    Ceiling {
+        #[arg(long, default_value_t = 200_000)]
+        users: u32,
+    },
+    /// The process's RSS: idle and at the peak of one run, or with `--waves`, `--runs N`
+    /// or `--streams N`.
+    Memory {
+        #[arg(long, default_value_t = 1_000_000)]
+        users: u32,
+        /// Sample while a run waits between waves.
+        #[arg(long, conflicts_with_all = ["runs", "streams"])]
+        waves: bool,
+        /// Hold one `Subscribe` stream open while this many runs go by.
+        #[arg(long, conflicts_with_all = ["users", "streams"])]
+        runs: Option<u32>,
+        /// Open this many idle `Subscribe` streams.
+        #[arg(long, conflicts_with = "users")]
+        streams: Option<u32>,
+    },
+    /// Streams from this process on the real binary.
+    Fanout {
+        #[arg(long, default_value_t = 1_000)]
+        streams: u32,
+        #[arg(long, default_value_t = 5_000)]
+        users: u32,
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// The run on one instance, the streams on another.
+        #[arg(long)]
+        across: bool,
+    },
+    /// The send limiter with an added round trip to Redis.
+    Limiter {
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 100)]
+        runs: u32,
+        #[arg(long, default_value_t = 1)]
+        instances: u32,
+    },
+    /// Several processes on one database and Redis prefix, one of them killed.
+    Cluster {
+        #[arg(long, default_value_t = 30_000)]
+        users: u32,
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        #[arg(long, default_value_t = 3)]
+        instances: u32,
+    },
+    /// Delivery to a webhook endpoint.
+    Webhook {
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("pacing") => pacing(arg(&args, "--users", 10_000)?, arg(&args, "--rate", 500)?).await,
-        Some("ceiling") => ceiling(arg(&args, "--users", 200_000)?).await,
-        Some("memory") if args.iter().any(|a| a == "--waves") => {
-            memory_waves(arg(&args, "--users", 1_000_000)?).await
-        }
-        Some("memory") if args.iter().any(|a| a == "--streams") => {
-            memory_streams(arg(&args, "--streams", 5_000)?).await
-        }
-        Some("memory") if args.iter().any(|a| a == "--runs") => {
-            memory_runs(arg(&args, "--runs", 10_000)?).await
-        }
-        Some("memory") => memory(arg(&args, "--users", 1_000_000)?).await,
-        Some("fanout") => {
-            fanout(
-                arg(&args, "--streams", 1_000)?,
-                arg(&args, "--users", 5_000)?,
-                arg(&args, "--rate", 500)?,
-                args.iter().any(|a| a == "--across"),
-            )
-            .await
-        }
-        Some("limiter") => {
-            limiter(
-                arg(&args, "--rate", 500)?,
-                arg(&args, "--seconds", 10)?,
-                arg(&args, "--runs", 100)?,
-                arg(&args, "--instances", 1)?,
-            )
-            .await
-        }
-        Some("cluster") => {
-            cluster(
-                arg(&args, "--users", 30_000)?,
-                arg(&args, "--rate", 500)?,
-                arg(&args, "--instances", 3)?,
-            )
-            .await
-        }
-        Some("webhook") => webhook(arg(&args, "--rate", 500)?, arg(&args, "--seconds", 20)?).await,
-        _ => anyhow::bail!(
-            "usage: bench pacing [--users N] [--rate R] | ceiling [--users N] | \
-             memory [--users N] [--waves] | memory --runs N | memory --streams N | \
-             fanout [--streams S] [--users N] [--rate R] [--across] | \
-             cluster [--users N] [--rate R] [--instances I] | \
-             limiter [--rate R] [--seconds S] [--runs N] [--instances I] | \
-             webhook [--rate R] [--seconds S]"
-        ),
+    match Bench::parse() {
+        Bench::Pacing { users, rate } => pacing(users, rate).await,
+        Bench::Ceiling { users } => ceiling(users).await,
+        Bench::Memory {
+            users, waves: true, ..
+        } => memory_waves(users).await,
+        Bench::Memory {
+            streams: Some(streams),
+            ..
+        } => memory_streams(streams).await,
+        Bench::Memory {
+            runs: Some(runs), ..
+        } => memory_runs(runs).await,
+        Bench::Memory { users, .. } => memory(users).await,
+        Bench::Fanout {
+            streams,
+            users,
+            rate,
+            across,
+        } => fanout(streams, users, rate, across).await,
+        Bench::Limiter {
+            rate,
+            seconds,
+            runs,
+            instances,
+        } => limiter(rate, seconds, runs, instances).await,
+        Bench::Cluster {
+            users,
+            rate,
+            instances,
+        } => cluster(users, rate, instances).await,
+        Bench::Webhook { rate, seconds } => webhook(rate, seconds).await,
     }
 }
 
