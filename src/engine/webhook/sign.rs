@@ -2,8 +2,6 @@
 //! its signatures (`v1,` base64 of HMAC-SHA256 over `{id}.{timestamp}.{body}`, one per
 //! secret, so a receiver can rotate its secret without missing a request).
 
-use std::fmt;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -32,16 +30,10 @@ pub enum SecretError {
     Length { index: usize, len: usize },
 }
 
-/// The signing keys, decoded from `RESTOCK_WEBHOOK_SECRET`. `Debug` shows how many,
-/// never what.
-#[derive(Clone)]
+/// The signing keys, decoded from `RESTOCK_WEBHOOK_SECRET`. Each is a secrecy
+/// `SecretSlice`, so `Debug` shows how many, never what.
+#[derive(Clone, Debug)]
 pub struct SigningKeys(Vec<SecretSlice<u8>>);
-
-impl fmt::Debug for SigningKeys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SigningKeys({} secrets, redacted)", self.0.len())
-    }
-}
 
 impl SigningKeys {
     /// Parses one or more space-separated `whsec_<base64>` secrets. Errors name the
@@ -164,6 +156,10 @@ mod tests {
         }
         let keys = SigningKeys::parse(&secret(&("whsec_".to_string() + &BASE64.encode([7u8; 64]))))
             .unwrap();
-        assert!(!format!("{keys:?}").contains("whsec"));
+        let debug = format!("{keys:?}");
+        assert!(
+            !debug.contains("whsec") && debug.contains("REDACTED"),
+            "{debug}"
+        );
     }
 }
