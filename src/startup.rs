@@ -308,7 +308,7 @@ const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 async fn connect_store(url: &SecretUrl, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {
     let raw = url.expose_secret();
     if raw.starts_with("mysql://") || raw.starts_with("mariadb://") {
-        Ok(Arc::new(MySqlStore::connect(raw, lease).await?))
+        Ok(Arc::new(MySqlStore::connect(raw, lease, None).await?))
     } else if raw.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(raw).await?))
     } else {

@@ -1,8 +1,11 @@
 //! Durable state behind one trait: products, alerts, runs and the notification history.
-//! `mysql` is the production implementation, `sqlite` the embedded one.
+//! `sql` implements it once for any SQL [`dialect`]; `mysql` is the production dialect,
+//! `sqlite` the embedded one, each with how it connects.
 
+mod dialect;
 pub mod mysql;
-mod portable;
+mod rows;
+pub mod sql;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -11,8 +14,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    Alert, Error, NotResumable, Notification, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
+    Alert, BackendError, Component, Error, NotResumable, Notification, NotificationFilter,
+    NotificationId, Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest,
+    UserId,
 };
 
 /// History rows per INSERT statement. A batch is written in statements of this many
@@ -311,4 +315,19 @@ pub(crate) fn check_resumable(
         round,
         why,
     })
+}
+
+/// The store's error for a failure of the database: the one place it is built.
+/// `unavailable` when the database could not be reached or take the write at the
+/// moment (retrying later may work).
+pub(crate) fn backend_error(unavailable: bool, source: impl Into<anyhow::Error>) -> Error {
+    Error::Backend(BackendError::new(Component::Database, unavailable, source))
+}
+
+/// The driver's error behind a store error, if that is what it is.
+pub(crate) fn driver_error(err: &Error) -> Option<&sqlx::Error> {
+    let Error::Backend(backend) = err else {
+        return None;
+    };
+    backend.source.downcast_ref::<sqlx::Error>()
 }

@@ -21,6 +21,7 @@ mod runs;
 mod secrets;
 mod shutdown;
 mod startup;
+mod store_contract;
 mod subscribe;
 mod tls;
 mod watch_list;
