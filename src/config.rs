@@ -37,6 +37,16 @@ pub struct Config {
     )]
     pub database_url: SecretUrl,
 
+    /// Connections to the database, at most (1 to 1000): MySQL's pool, or SQLite's
+    /// read-only connections (its writer is always one). Unset, four per core (16 to
+    /// 64) on MySQL and one per core (4 to 16) on SQLite.
+    #[arg(
+        long = "db-pool-size",
+        env = "RESTOCK_DB_POOL_SIZE",
+        value_parser = parse_db_pool_size
+    )]
+    pub db_pool_size: Option<NonZeroU32>,
+
     /// Redis (`redis://host:port`, or `rediss://` for TLS) for the stock cache. Without
     /// it, the stock cache, send limiter and notification bus live in this process: run a
     /// single instance.
@@ -245,6 +255,12 @@ fn parse_rate(setting: &str, raw: &str, max: u32) -> Result<NonZeroU32, String> 
         .ok_or_else(|| format!("{setting} must be a whole number from 1 to {max}"))
 }
 
+/// Parses `RESTOCK_DB_POOL_SIZE`. Above 1000, a pool would hold more connections than
+/// a database server accepts by default from all its clients together.
+fn parse_db_pool_size(raw: &str) -> Result<NonZeroU32, String> {
+    parse_rate("RESTOCK_DB_POOL_SIZE", raw, 1_000)
+}
+
 /// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
 fn parse_lease(raw: &str) -> Result<Duration, String> {
     parse_duration(
@@ -367,6 +383,16 @@ mod tests {
         for bad in ["0", "21", "-1", "six"] {
             let err = parse_webhook_attempts(bad).unwrap_err();
             assert!(err.contains("RESTOCK_WEBHOOK_ATTEMPTS"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn pool_sizes_parse_from_1_to_1000_and_name_the_setting_otherwise() {
+        assert_eq!(parse_db_pool_size("1").map(NonZeroU32::get), Ok(1));
+        assert_eq!(parse_db_pool_size("1000").map(NonZeroU32::get), Ok(1_000));
+        for bad in ["0", "-1", "1001", "ten", ""] {
+            let err = parse_db_pool_size(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_DB_POOL_SIZE"), "{bad}: {err}");
         }
     }
 

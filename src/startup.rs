@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,7 +91,8 @@ impl Application {
             ),
         }
         let webhook = WebhookSettings::from_config(&config)?;
-        let store = connect_store(&config.database_url, config.run_lease).await?;
+        let store =
+            connect_store(&config.database_url, config.run_lease, config.db_pool_size).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
         let metrics = match config.metrics_listen {
@@ -305,12 +307,18 @@ impl Application {
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// Picks the store by the scheme of DATABASE_URL.
-async fn connect_store(url: &SecretUrl, lease: Duration) -> anyhow::Result<Arc<dyn Store>> {
+async fn connect_store(
+    url: &SecretUrl,
+    lease: Duration,
+    pool_size: Option<NonZeroU32>,
+) -> anyhow::Result<Arc<dyn Store>> {
     let raw = url.expose_secret();
     if raw.starts_with("mysql://") || raw.starts_with("mariadb://") {
-        Ok(Arc::new(MySqlStore::connect(raw, lease, None).await?))
+        Ok(Arc::new(MySqlStore::connect(raw, lease, pool_size).await?))
     } else if raw.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::connect(raw).await?))
+        Ok(Arc::new(
+            SqliteStore::connect_with_readers(raw, pool_size).await?,
+        ))
     } else {
         anyhow::bail!(
             "DATABASE_URL {url:?} has an unsupported scheme: use mysql://user:pass@host:port/db \

@@ -10,6 +10,7 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: SecretUrl::connection(database_url),
+        db_pool_size: None,
         redis_url: redis_url.map(SecretUrl::connection),
         redis_prefix: "restock-startup-test:".into(),
         send_rate: NonZeroU32::new(500).unwrap(),

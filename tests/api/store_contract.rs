@@ -934,3 +934,17 @@ on_each_backend!(
     runs_are_read_by_round_and_listed_newest_first_by_filter,
     the_clock_is_the_databases_and_close_to_this_hosts,
 );
+
+/// RESTOCK_DB_POOL_SIZE reaches the pool; unset, the default from the cores keeps at
+/// least the 16 connections the store always had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mysql_pool_holds_the_connections_it_is_given() {
+    let t = fresh(Backend::MySql).await;
+    let url = format!("{}/{}", mysql_server_url(), t.database);
+    let sized = MySqlStore::connect(&url, LEASE, std::num::NonZeroU32::new(3))
+        .await
+        .unwrap();
+    assert_eq!(sized.pool().options().get_max_connections(), 3);
+    let default = MySqlStore::connect(&url, LEASE, None).await.unwrap();
+    assert!(default.pool().options().get_max_connections() >= 16);
+}

@@ -107,6 +107,7 @@ impl TlsApp {
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             database_url: SecretUrl::connection(format!("sqlite://{}", database.display())),
+            db_pool_size: None,
             redis_url: None,
             redis_prefix: "restock-tls-test:".into(),
             send_rate: NonZeroU32::new(1_000).unwrap(),

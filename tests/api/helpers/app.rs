@@ -137,6 +137,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
             _ => backend.database_url(&database),
         }),
+        db_pool_size: None,
         redis_url: match backend {
             Backend::MySql => Some(SecretUrl::connection(
                 options.redis_url.clone().unwrap_or_else(redis_url),
