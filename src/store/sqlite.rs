@@ -2,10 +2,10 @@
 //! contract as the MySQL one, for a single instance with no infrastructure.
 //!
 //! SQLite has no row locks, so "one run per product" (G7) and the ordering of
-//! registrations rest on its single writer: every transaction here starts with
-//! `BEGIN IMMEDIATE` (it takes the write lock before reading), on a pool of one
-//! connection, so read-check-write sequences cannot interleave — not between tasks, and
-//! not with another process opening the same file. The partial unique index on
+//! registrations rest on its single writer: every transaction starts with
+//! `BEGIN IMMEDIATE` (the dialect's `BEGIN`: it takes the write lock before reading),
+//! on a pool of one connection, so read-check-write sequences cannot interleave — not
+//! between tasks, and not with another process opening the same file. The partial unique index on
 //! in-progress runs backs it. Reads that need no transaction go to a separate pool: in
 //! WAL mode they never wait for the writer.
 
