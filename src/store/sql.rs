@@ -11,7 +11,11 @@
 //! fragment that stands for a value consumes one bind in every dialect, so a statement
 //! binds the same values in the same order on both databases; statements are
 //! assembled with `format!` from those fragments, and the driver's statement cache,
-//! keyed by the text, prepares each once per connection all the same.
+//! keyed by the text, prepares each once per connection all the same. The statements
+//! stay next to the flow that runs them rather than in `.sql` files: each is written
+//! once now, and most carry a dialect fragment that would be spliced in at run time
+//! anyway. The one statement no fragment covers, deleting expired keys (`DELETE ...
+//! LIMIT` has no SQLite spelling), is each dialect's own.
 //!
 //! Three behaviours had drifted apart between the two backends and are decided here:
 //! `start_run` refuses while any run of the product is in progress (not only the
