@@ -13,9 +13,9 @@
 //! the previous slot's, whichever instances hold them, then all `v` are in order and
 //! `I` apart, the sends of a one-second window have their `v` within `1 s + SLACK`,
 //! and at most `floor((1 s + SLACK) / I) + 1` points that far apart fit there: `rate`,
-//! as `(1 s + SLACK) / I` is below `rate` (`SLACK` < 5 ms; the rest of the 5 ms is for
-//! the run to stamp and send). Within a block one mapping is used, so its `v` are as
-//! far apart as its slots. Between blocks the script leaves room: after another
+//! as `(1 s + SLACK) / I` is below `rate` (`I` is `ENFORCED_WINDOW / rate`, and that
+//! window is longer than a second by `SLACK` and the time a run has to stamp and send).
+//! Within a block one mapping is used, so its `v` are as far apart as its slots. Between blocks the script leaves room: after another
 //! instance's last slot, that instance's `u` (ours is late by at least 0); after our
 //! own, by how much our mapping moved earlier since (`delta`). A slow network makes
 //! `u` larger and the gaps longer: it costs throughput, never a burst.
@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use super::clock::{ClockMap, Estimate};
 use super::fair::FairLimiter;
-use super::{ENFORCED_WINDOW, SendLimiter, SlotSource, Take};
+use super::{ENFORCED_WINDOW, LATE_GRANT, SendLimiter, SlotSource, Take};
 use crate::domain::BackendError;
 use crate::monitoring::LimiterMetrics;
 use crate::redis::{Keys, backend};
@@ -56,10 +56,8 @@ const STORE: crate::domain::Component = crate::domain::Component::SendLimiter;
 /// Loaded once per Redis and then run by SHA (EVALSHA), reloaded if Redis lost it.
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("reserve.lua")));
 
-/// How late a slot may still be handed out. 3 ms: the timer's millisecond and some
-/// scheduling, within the 5 ms the enforced window allows, leaving 2 ms for the run to
-/// stamp and send what it was granted.
-const SLACK: Duration = Duration::from_millis(3);
+/// How late a slot may still be handed out (see [`LATE_GRANT`]).
+const SLACK: Duration = LATE_GRANT;
 
 /// The longest round trip a mapping may come from. A sample with a longer one is not
 /// used (its instance could send that late, and every other instance would have to
