@@ -16,7 +16,10 @@
 use std::collections::VecDeque;
 
 use async_trait::async_trait;
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{SendLimiter, SlotSource, Take};
 use crate::domain::BackendError;
@@ -40,11 +43,14 @@ impl FairLimiter {
     /// when the limiter is dropped.
     ///
     /// Its own thread, because a slot is due every few milliseconds and may be handed
-    /// out only a few milliseconds late (G2: a later one is given up). On the service's
-    /// runtime its timer fired 2 to 5 ms late whenever every worker was busy encoding,
-    /// committing or streaming: tokio looks at its timers when a worker goes idle or
-    /// between polls, so a due slot waits for whatever task holds the worker. Here the
-    /// thread sleeps on its own timer and has nothing else to run.
+    /// out only [`super::LATE_GRANT`] late (a later one is given up, G2). On the
+    /// service's runtime its timer could fire several milliseconds late while every
+    /// worker was busy (encoding, committing, streaming): tokio looks at its timers when
+    /// a worker goes idle or between polls. And tokio's timer itself fires up to two
+    /// milliseconds late (its deadline rounded up to a millisecond, and the wait for it
+    /// rounded up again), so the last stretch of each wait is slept with the operating
+    /// system's precise sleep, which this thread may block on: it has nothing else to
+    /// run meanwhile.
     pub fn start(source: impl SlotSource) -> std::io::Result<Self> {
         let (waiters, arrivals) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -52,7 +58,7 @@ impl FairLimiter {
             .build()?;
         std::thread::Builder::new()
             .name("send-limiter".into())
-            .spawn(move || runtime.block_on(deal(source, arrivals)))?;
+            .spawn(move || runtime.block_on(deal(source, arrivals, Waits::Precise)))?;
         Ok(Self { waiters })
     }
 
@@ -61,7 +67,7 @@ impl FairLimiter {
     #[cfg(test)]
     pub fn start_here(source: impl SlotSource) -> Self {
         let (waiters, arrivals) = mpsc::unbounded_channel();
-        tokio::spawn(deal(source, arrivals));
+        tokio::spawn(deal(source, arrivals, Waits::OnTheTimer));
         Self { waiters }
     }
 }
@@ -87,7 +93,21 @@ impl SendLimiter for FairLimiter {
     }
 }
 
-async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver<Waiter>) {
+/// How the dealing task waits for the next slot.
+#[derive(Clone, Copy)]
+enum Waits {
+    /// The last stretch slept precisely, blocking the thread (a thread of its own).
+    Precise,
+    /// On tokio's timer only (a shared runtime, or paused time in tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    OnTheTimer,
+}
+
+async fn deal(
+    mut source: impl SlotSource,
+    mut arrivals: mpsc::UnboundedReceiver<Waiter>,
+    waits: Waits,
+) {
     let mut queue: VecDeque<Waiter> = VecDeque::new();
     loop {
         if queue.is_empty() {
@@ -106,7 +126,7 @@ async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver
         let want = queue.iter().fold(0u32, |sum, w| sum.saturating_add(w.want));
         match source.take(want).await {
             Ok(Take::Now(slots)) => hand_out(&mut queue, slots),
-            Ok(Take::Later(at)) => wait_until(at).await,
+            Ok(Take::Later(at)) => wait_until(at, waits).await,
             Err(error) => {
                 // Every waiter was waiting on the same source: they all hear of it (G4:
                 // their runs end with the error rather than wait on a broken store).
@@ -128,21 +148,40 @@ async fn deal(mut source: impl SlotSource, mut arrivals: mpsc::UnboundedReceiver
     }
 }
 
-/// Waits until `at`. The timer fires on whole milliseconds, never early: a slot due in
-/// a few microseconds (at high rates, one is due every few) would wait out the rest of
-/// a millisecond for nothing, so so short a wait yields to other tasks until it is over.
-async fn wait_until(at: tokio::time::Instant) {
-    if at.saturating_duration_since(tokio::time::Instant::now()) > SPIN_AT_MOST {
-        tokio::time::sleep_until(at).await;
-        return;
-    }
-    while tokio::time::Instant::now() < at {
-        tokio::task::yield_now().await;
+/// Waits until `at`. Tokio's timer fires on whole milliseconds, never early, and up to
+/// two late; a wait that short is slept precisely instead (a thread of its own), and a
+/// longer one on the timer until that close. On a shared runtime, a slot due in a few
+/// microseconds (at high rates, one is due every few) would wait out the rest of a
+/// millisecond for nothing, so so short a wait yields to other tasks until it is over.
+async fn wait_until(at: Instant, waits: Waits) {
+    let left = at.saturating_duration_since(Instant::now());
+    match waits {
+        Waits::Precise => {
+            if left > TIMER_LATENESS {
+                tokio::time::sleep_until(at - TIMER_LATENESS).await;
+            }
+            // A few milliseconds at most, during which this thread has nothing else
+            // to do: a reservation's reply waits in its channel meanwhile.
+            let left = at.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        }
+        Waits::OnTheTimer if left > SPIN_AT_MOST => tokio::time::sleep_until(at).await,
+        Waits::OnTheTimer => {
+            while Instant::now() < at {
+                tokio::task::yield_now().await;
+            }
+        }
     }
 }
 
+/// How late tokio's timer may fire: its deadline is rounded up to a millisecond, and
+/// the wait for that deadline is rounded up to a millisecond again.
+const TIMER_LATENESS: Duration = Duration::from_millis(2);
+
 /// The longest wait [`wait_until`] spends yielding rather than on the timer.
-const SPIN_AT_MOST: std::time::Duration = std::time::Duration::from_micros(200);
+const SPIN_AT_MOST: Duration = Duration::from_micros(200);
 
 /// Deals `slots` round robin from the front of `queue`; waiters served leave it, the
 /// others keep their place. Slots of a waiter that went away go to the next ones (a

@@ -80,9 +80,9 @@ pub struct WebhookSettings {
     /// starts on an expired pass whatever the round trip to Redis.
     pub send_deadline: Duration,
     /// A grant of the limiter is taken up within this long of arriving, its pass
-    /// through the fence included, or not at all: 1.5 ms. The limiter counts its window
-    /// 5 ms longer than a second (`limiter::ENFORCED_WINDOW`) and may hand a slot out
-    /// up to 3 ms late; the rest is for the run to start the requests. A grant that
+    /// through the fence included, or not at all: `limiter::STAMP_ALLOWANCE`, what the
+    /// limiter's window (`limiter::ENFORCED_WINDOW`) leaves for a send to start after
+    /// a grant that may itself come `limiter::LATE_GRANT` late. A grant that
     /// waited while the run took answers in, or for a pass, would use that margin up and
     /// crowd a later second at the endpoint (G2, as the endpoint counts). The pass is
     /// asked for ahead of the grant, so it is usually there already.
@@ -135,7 +135,7 @@ impl WebhookSettings {
             max_retry_after: Duration::from_secs(300),
             admission_ttl: Duration::from_secs(2),
             send_deadline: Duration::from_secs(1),
-            grant_tolerance: Duration::from_micros(1_500),
+            grant_tolerance: crate::engine::limiter::STAMP_ALLOWANCE,
             shutdown_wait: Duration::from_secs(1),
         })
     }
