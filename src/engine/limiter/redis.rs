@@ -119,7 +119,8 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Starts the front's thread (see [`FairLimiter::start`]).
+    /// Starts the front's thread (see [`FairLimiter::start`]). Must be called within the
+    /// service's runtime, which sends the reservations.
     pub fn new(
         client: Client,
         keys: &Keys,
@@ -128,6 +129,7 @@ impl RedisLimiter {
     ) -> std::io::Result<Self> {
         let slots = RedisSlots {
             client,
+            runtime: tokio::runtime::Handle::current(),
             key: keys.limiter(),
             holder: format!("{:016x}", rand::random::<u64>()),
             // Rounded up to what the script is told (a thousandth of a µs), so both space
@@ -211,6 +213,10 @@ impl Why {
 
 struct RedisSlots {
     client: Client,
+    /// The service's runtime, where reservations are sent and their replies taken in:
+    /// the limiter's own thread sleeps through the last stretch of each wait for a
+    /// slot, and a reply that waited for it would be stamped late.
+    runtime: tokio::runtime::Handle,
     key: String,
     /// This limiter's name in the schedule, random per process.
     holder: String,
@@ -316,7 +322,7 @@ impl RedisSlots {
         let (client, key) = (self.client.clone(), self.key.clone());
         // A task of its own, so the slots already reserved are dealt out while the
         // request is on the wire.
-        let reply = tokio::spawn(async move {
+        let reply = self.runtime.spawn(async move {
             let asked = Instant::now();
             let (now, first, count, lost, again): (String, String, String, String, String) =
                 RESERVE
