@@ -454,9 +454,8 @@ mod tests {
 
     use super::*;
     use crate::deployment::Deployment;
-    use crate::domain::{ProductId, UserId};
+    use crate::domain::ProductId;
     use crate::engine::EngineSettings;
-    use crate::engine::bus::SentItem;
     use crate::store::sqlite::SqliteStore;
 
     /// A stream as `Engine::subscribe` opens it, on an embedded engine of its own.
@@ -494,13 +493,10 @@ mod tests {
     }
 
     fn sent(run: RunKey, position: i64) -> BusEvent {
-        BusEvent::Sent(Arc::new(SentBatch::new(
+        BusEvent::Sent(Arc::new(SentBatch::of(
             run,
             (position > 1).then_some(position - 1),
-            vec![SentItem {
-                user_id: UserId::parse(position).unwrap(),
-                position,
-            }],
+            &[(position, position)],
             Utc::now(),
         )))
     }
