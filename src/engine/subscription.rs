@@ -90,13 +90,9 @@ impl Engine {
         filter: NotificationFilter,
         resume_after: Option<NotificationId>,
     ) -> Result<NotificationStream, Error> {
-        // Subscribe to the bus before reading anything recorded: whatever is sent from
-        // now on is in this buffer, and whatever was sent before is, or will be, in the
-        // record.
-        let live = self.bus.subscribe();
-        // Streams learn of a shutdown from the bus (`Closing`); one that subscribes after
-        // it was sent learns of it here.
-        self.refuse_if_shutting_down()?;
+        // Whatever is sent from now on is in this buffer, and whatever was sent before
+        // is, or will be, in the record.
+        let live = self.listen_to_bus()?;
         let mut state = Subscription {
             open: OpenStream::new(self.metrics.clone()),
             engine: self.clone(),
