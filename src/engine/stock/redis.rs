@@ -199,7 +199,7 @@ impl StockFence for RedisStockFence {
             .await
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
-            1 => Admitted::Yes(Box::new(RedisPass {
+            1 => Admitted::Through(Box::new(RedisPass {
                 client: self.client.clone(),
                 key,
                 name,
@@ -264,7 +264,7 @@ impl RedisStockFence {
             .await
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
-            1 => Delivery::Delivered,
+            1 => Delivery::Through(()),
             0 => Delivery::SoldOut,
             -2 => Delivery::Superseded,
             -3 => Delivery::ClaimUnknown,
