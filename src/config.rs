@@ -2,12 +2,14 @@
 //! variable (README, "Settings").
 
 use std::convert::Infallible;
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::builder::TypedValueParser;
+use clap::{Arg, Command, Parser, ValueEnum};
 use secrecy::SecretString;
 
 use crate::redact::SecretUrl;
@@ -18,18 +20,14 @@ use crate::redact::SecretUrl;
 #[command(name = "restock-notifier", version, about)]
 pub struct Config {
     /// Address the gRPC server listens on.
-    #[arg(
-        long = "listen",
-        env = "RESTOCK_LISTEN",
-        default_value = "0.0.0.0:50051"
-    )]
+    #[arg(long, env = "RESTOCK_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
     /// The database: `mysql://user:pass@host:port/db` for production, or
     /// `sqlite://path` for an embedded file (the default, `restock.db` in the working
     /// directory). Created if it does not exist, and migrated at start.
     #[arg(
-        long = "database-url",
+        long,
         env = "DATABASE_URL",
         default_value = "sqlite://restock.db",
         hide_env_values = true,
@@ -41,9 +39,9 @@ pub struct Config {
     /// read-only connections (its writer is always one). Unset, four per core (16 to
     /// 64) on MySQL and one per core (4 to 16) on SQLite.
     #[arg(
-        long = "db-pool-size",
+        long,
         env = "RESTOCK_DB_POOL_SIZE",
-        value_parser = parse_db_pool_size
+        value_parser = DB_POOL_SIZE
     )]
     pub db_pool_size: Option<NonZeroU32>,
 
@@ -51,7 +49,7 @@ pub struct Config {
     /// it, the stock cache, send limiter and notification bus live in this process: run a
     /// single instance.
     #[arg(
-        long = "redis-url",
+        long,
         env = "REDIS_URL",
         hide_env_values = true,
         value_parser = connection_url
@@ -59,47 +57,39 @@ pub struct Config {
     pub redis_url: Option<SecretUrl>,
 
     /// Prefix of every Redis key and channel, so deployments can share one Redis.
-    #[arg(
-        long = "redis-prefix",
-        env = "RESTOCK_REDIS_PREFIX",
-        default_value = "restock:"
-    )]
+    #[arg(long, env = "RESTOCK_REDIS_PREFIX", default_value = "restock:")]
     pub redis_prefix: String,
 
     /// Notifications sent per second, at most, in any one-second window (1 to 100000).
     #[arg(
-        long = "send-rate",
+        long,
         env = "RESTOCK_SEND_RATE",
         default_value = "500",
-        value_parser = parse_send_rate
+        value_parser = SEND_RATE
     )]
     pub send_rate: NonZeroU32,
 
     /// API requests per second per client IP, the burst the same (1 to 1000000).
     #[arg(
-        long = "api-rate",
+        long,
         env = "RESTOCK_API_RATE",
         default_value = "500",
-        value_parser = parse_api_rate
+        value_parser = API_RATE
     )]
     pub api_rate: NonZeroU32,
 
     /// Bearer token of the admin service. Without it, one is generated at start and
     /// logged once.
-    #[arg(
-        long = "admin-token",
-        env = "RESTOCK_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "RESTOCK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<SecretString>,
 
     /// How long a run's owner may go without renewing its lease before another instance
     /// takes the run over (G8): a number and a unit, `ms`, `s` or `m` (500ms to 10m).
     #[arg(
-        long = "run-lease",
+        long,
         env = "RESTOCK_RUN_LEASE",
         default_value = "10s",
-        value_parser = parse_lease
+        value_parser = RUN_LEASE
     )]
     pub run_lease: Duration,
 
@@ -107,17 +97,17 @@ pub struct Config {
     /// before the listener closes and streams end: time for load balancers that poll
     /// health to stop sending calls here (`0s` to `60s`; adds to the hand-over time).
     #[arg(
-        long = "shutdown-drain",
+        long,
         env = "RESTOCK_SHUTDOWN_DRAIN",
         default_value = "0s",
-        value_parser = parse_drain
+        value_parser = SHUTDOWN_DRAIN
     )]
     pub shutdown_drain: Duration,
 
     /// Address of the Prometheus endpoint, `GET /metrics` over plain HTTP; `off`
     /// turns it off.
     #[arg(
-        long = "metrics-listen",
+        long,
         env = "RESTOCK_METRICS_LISTEN",
         default_value = "0.0.0.0:9464",
         value_parser = parse_metrics_listen
@@ -125,11 +115,11 @@ pub struct Config {
     pub metrics_listen: MetricsListen,
     /// PEM file of the server's certificate chain. With RESTOCK_TLS_KEY, gRPC is served
     /// over TLS only; set both or neither.
-    #[arg(long = "tls-cert", env = "RESTOCK_TLS_CERT")]
+    #[arg(long, env = "RESTOCK_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM file of the private key of RESTOCK_TLS_CERT.
-    #[arg(long = "tls-key", env = "RESTOCK_TLS_KEY")]
+    #[arg(long, env = "RESTOCK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// Webhook endpoint (`http://` or `https://`) that receives every notification as a
@@ -137,7 +127,7 @@ pub struct Config {
     /// answered 2xx (G12). Without it, notifications go to `Subscribe` streams only.
     /// Credentials and the query string are kept out of logs.
     #[arg(
-        long = "webhook-url",
+        long,
         env = "RESTOCK_WEBHOOK_URL",
         hide_env_values = true,
         value_parser = endpoint_url
@@ -148,52 +138,44 @@ pub struct Config {
     /// `whsec_<base64 of 24 to 64 bytes>`, separated by spaces; every request is signed
     /// with each (so a receiver can rotate its secret). Parsed at start, not here, so
     /// that a malformed one is never echoed in a message.
-    #[arg(
-        long = "webhook-secret",
-        env = "RESTOCK_WEBHOOK_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "RESTOCK_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<SecretString>,
 
     /// How long one webhook request may take, connection included (100ms to 60s).
     #[arg(
-        long = "webhook-timeout",
+        long,
         env = "RESTOCK_WEBHOOK_TIMEOUT",
         default_value = "10s",
-        value_parser = parse_webhook_timeout
+        value_parser = WEBHOOK_TIMEOUT
     )]
     pub webhook_timeout: Duration,
 
     /// Attempts per notification, the first included, before the run ends
     /// CANCELED_BY_ERROR (1 to 20).
     #[arg(
-        long = "webhook-attempts",
+        long,
         env = "RESTOCK_WEBHOOK_ATTEMPTS",
         default_value = "6",
-        value_parser = parse_webhook_attempts
+        value_parser = WEBHOOK_ATTEMPTS
     )]
     pub webhook_attempts: u32,
 
     /// Delay before the first retry of a webhook request; it doubles with every retry,
     /// up to 60 s, with jitter (10ms to 60s).
     #[arg(
-        long = "webhook-backoff",
+        long,
         env = "RESTOCK_WEBHOOK_BACKOFF",
         default_value = "1s",
-        value_parser = parse_webhook_backoff
+        value_parser = WEBHOOK_BACKOFF
     )]
     pub webhook_backoff: Duration,
 
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
-    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
 
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(
-        long = "log-format",
-        env = "RESTOCK_LOG_FORMAT",
-        default_value = "text"
-    )]
+    #[arg(long, env = "RESTOCK_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 }
 
@@ -232,104 +214,151 @@ fn parse_metrics_listen(raw: &str) -> Result<MetricsListen, String> {
         .map_err(|_| "expected an address like 0.0.0.0:9464, or off".to_string())
 }
 
-/// Parses `RESTOCK_SEND_RATE`. Above 100000 a second, the pacing and the recorder's
-/// batches (G10) are no longer what the service is built and measured for.
-fn parse_send_rate(raw: &str) -> Result<NonZeroU32, String> {
-    parse_rate("RESTOCK_SEND_RATE", raw, 100_000)
+/// RESTOCK_SEND_RATE: above 100000 a second, the pacing and the recorder's batches
+/// (G10) are no longer what the service is built and measured for.
+const SEND_RATE: Within<NonZeroU32> = Within::whole(1, 100_000);
+
+/// RESTOCK_API_RATE: the limiter spaces requests `1s / rate` apart; a million a second
+/// keeps that a whole microsecond, well within what the limiter can count.
+const API_RATE: Within<NonZeroU32> = Within::whole(1, 1_000_000);
+
+/// RESTOCK_DB_POOL_SIZE: above 1000, a pool would hold more connections than a database
+/// server accepts by default from all its clients together.
+const DB_POOL_SIZE: Within<NonZeroU32> = Within::whole(1, 1_000);
+
+/// RESTOCK_WEBHOOK_ATTEMPTS: 1 (no retry) to 20 (with the 60 s cap, about a quarter of
+/// an hour of retrying).
+const WEBHOOK_ATTEMPTS: Within<u32> = Within { min: 1, max: 20 };
+
+/// RESTOCK_RUN_LEASE: `10s`, `1500ms`, `2m`, from 500ms to 10m (G8).
+const RUN_LEASE: Within<Duration> = Within {
+    min: Duration::from_millis(500),
+    max: Duration::from_secs(600),
+};
+
+/// RESTOCK_SHUTDOWN_DRAIN: `0s` to `60s`.
+const SHUTDOWN_DRAIN: Within<Duration> = Within {
+    min: Duration::ZERO,
+    max: Duration::from_secs(60),
+};
+
+/// RESTOCK_WEBHOOK_TIMEOUT: below 100 ms a TLS handshake alone may not fit; above a
+/// minute, a stalled endpoint would hold a run longer than any lease.
+const WEBHOOK_TIMEOUT: Within<Duration> = Within {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(60),
+};
+
+/// RESTOCK_WEBHOOK_BACKOFF: the first retry's delay, 10ms to 60s.
+const WEBHOOK_BACKOFF: Within<Duration> = Within {
+    min: Duration::from_millis(10),
+    max: Duration::from_secs(60),
+};
+
+/// The range of a number or duration setting, and its value parser: a bad value stops
+/// the service at start with a message that names the setting by its environment
+/// variable, read from the argument itself (clap names only the flag).
+#[derive(Debug, Clone, Copy)]
+struct Within<T> {
+    min: T,
+    max: T,
 }
 
-/// Parses `RESTOCK_API_RATE`. The limiter spaces requests `1s / rate` apart; a million a
-/// second keeps that a whole microsecond, well within what the limiter can count.
-fn parse_api_rate(raw: &str) -> Result<NonZeroU32, String> {
-    parse_rate("RESTOCK_API_RATE", raw, 1_000_000)
-}
-
-/// A whole number from 1 to `max`; the message names the setting, as clap names only
-/// the flag.
-fn parse_rate(setting: &str, raw: &str, max: u32) -> Result<NonZeroU32, String> {
-    raw.trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|rate| (1..=max).contains(rate))
-        .and_then(NonZeroU32::new)
-        .ok_or_else(|| format!("{setting} must be a whole number from 1 to {max}"))
-}
-
-/// Parses `RESTOCK_DB_POOL_SIZE`. Above 1000, a pool would hold more connections than
-/// a database server accepts by default from all its clients together.
-fn parse_db_pool_size(raw: &str) -> Result<NonZeroU32, String> {
-    parse_rate("RESTOCK_DB_POOL_SIZE", raw, 1_000)
-}
-
-/// Parses `RESTOCK_RUN_LEASE`: `10s`, `1500ms`, `2m`.
-fn parse_lease(raw: &str) -> Result<Duration, String> {
-    parse_duration(
-        raw,
-        Duration::from_millis(500),
-        Duration::from_secs(600),
-        "500ms to 10m",
-    )
-}
-
-/// Parses `RESTOCK_SHUTDOWN_DRAIN`: `0s` to `60s`.
-fn parse_drain(raw: &str) -> Result<Duration, String> {
-    parse_duration(raw, Duration::ZERO, Duration::from_secs(60), "0s to 60s")
-}
-
-/// Parses `RESTOCK_WEBHOOK_TIMEOUT`: below 100 ms a TLS handshake alone may not fit;
-/// above a minute, a stalled endpoint would hold a run longer than any lease.
-fn parse_webhook_timeout(raw: &str) -> Result<Duration, String> {
-    parse_duration(
-        raw,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-        "100ms to 60s",
-    )
-    .map_err(|e| format!("RESTOCK_WEBHOOK_TIMEOUT: {e}"))
-}
-
-/// Parses `RESTOCK_WEBHOOK_BACKOFF`: the first retry's delay, 10ms to 60s.
-fn parse_webhook_backoff(raw: &str) -> Result<Duration, String> {
-    parse_duration(
-        raw,
-        Duration::from_millis(10),
-        Duration::from_secs(60),
-        "10ms to 60s",
-    )
-    .map_err(|e| format!("RESTOCK_WEBHOOK_BACKOFF: {e}"))
-}
-
-/// Parses `RESTOCK_WEBHOOK_ATTEMPTS`: 1 (no retry) to 20 (with the 60 s cap, about a
-/// quarter of an hour of retrying).
-fn parse_webhook_attempts(raw: &str) -> Result<u32, String> {
-    parse_rate("RESTOCK_WEBHOOK_ATTEMPTS", raw, 20).map(NonZeroU32::get)
-}
-
-/// A whole number and a unit (`ms`, `s`, `m`) within `min..=max`.
-fn parse_duration(
-    raw: &str,
-    min: Duration,
-    max: Duration,
-    range: &str,
-) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{raw:?} has no unit; write it like 10s, 1500ms or 2m"))?;
-    let (number, unit) = raw.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} does not start with a whole number"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        _ => return Err(format!("unknown unit {unit:?}; use ms, s or m")),
-    };
-    if !(min..=max).contains(&duration) {
-        return Err(format!("{raw} is out of range: {range}"));
+impl Within<NonZeroU32> {
+    /// A whole number from `min` (at least 1) to `max`.
+    const fn whole(min: u32, max: u32) -> Self {
+        match (NonZeroU32::new(min), NonZeroU32::new(max)) {
+            (Some(min), Some(max)) => Self { min, max },
+            _ => panic!("a count's range starts at 1"),
+        }
     }
-    Ok(duration)
+}
+
+/// What a setting's value is: how it is read, and what a message says of it.
+trait Ranged: Copy + PartialOrd + Send + Sync + 'static {
+    /// Reads `raw` within `range`; the message names `setting`.
+    fn read(setting: &str, raw: &str, range: Within<Self>) -> Result<Self, String>;
+}
+
+impl Ranged for u32 {
+    fn read(setting: &str, raw: &str, range: Within<Self>) -> Result<Self, String> {
+        read_whole(setting, raw, range)
+    }
+}
+
+impl Ranged for NonZeroU32 {
+    fn read(setting: &str, raw: &str, range: Within<Self>) -> Result<Self, String> {
+        read_whole(setting, raw, range)
+    }
+}
+
+/// A whole number within `range`; anything else, not a number included, gets the one
+/// message that says the range.
+fn read_whole<T>(setting: &str, raw: &str, Within { min, max }: Within<T>) -> Result<T, String>
+where
+    T: Ranged + std::str::FromStr + std::fmt::Display,
+{
+    raw.trim()
+        .parse::<T>()
+        .ok()
+        .filter(|value| (min..=max).contains(value))
+        .ok_or_else(|| format!("{setting} must be a whole number from {min} to {max}"))
+}
+
+impl Ranged for Duration {
+    /// A whole number and a unit (`ms`, `s`, `m`).
+    fn read(setting: &str, raw: &str, Within { min, max }: Within<Self>) -> Result<Self, String> {
+        let raw = raw.trim();
+        let refuse = |problem: String| format!("{setting}: {problem}");
+        let split = raw.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            refuse(format!(
+                "{raw:?} has no unit; write it like 10s, 1500ms or 2m"
+            ))
+        })?;
+        let (number, unit) = raw.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| refuse(format!("{raw:?} does not start with a whole number")))?;
+        let duration = match unit {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number.saturating_mul(60)),
+            _ => return Err(refuse(format!("unknown unit {unit:?}; use ms, s or m"))),
+        };
+        if !(min..=max).contains(&duration) {
+            let (min, max) = (written(min), written(max));
+            return Err(refuse(format!("{raw} is out of range: {min} to {max}")));
+        }
+        Ok(duration)
+    }
+}
+
+/// A range's end as the settings are written: milliseconds below a whole second,
+/// minutes above a whole minute, seconds otherwise.
+fn written(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if !millis.is_multiple_of(1_000) {
+        format!("{millis}ms")
+    } else if millis > 60_000 && millis.is_multiple_of(60_000) {
+        format!("{}m", millis / 60_000)
+    } else {
+        format!("{}s", millis / 1_000)
+    }
+}
+
+impl<T: Ranged> TypedValueParser for Within<T> {
+    type Value = T;
+
+    fn parse_ref(&self, cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<T, clap::Error> {
+        let setting = arg
+            .and_then(Arg::get_env)
+            .map(|env| env.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let range = *self;
+        // A plain function parser, so that clap words its error as for every other
+        // setting ("invalid value ... for '--flag'", then this message).
+        (move |raw: &str| T::read(&setting, raw, range)).parse_ref(cmd, arg, value)
+    }
 }
 
 #[cfg(test)]
@@ -346,71 +375,72 @@ mod tests {
         assert!(parse_metrics_listen("9464").is_err());
     }
 
+    /// The settings with `--flag=raw` and every other one left to its default, or
+    /// clap's message.
+    fn with(flag: &str, raw: &str) -> Result<Config, String> {
+        Config::try_parse_from(["restock-notifier", &format!("--{flag}={raw}")])
+            .map_err(|e| e.to_string())
+    }
+
+    fn accepted(flag: &str, raw: &str) -> Config {
+        with(flag, raw).unwrap_or_else(|e| panic!("--{flag}={raw}: {e}"))
+    }
+
+    /// Checks that every value of `bad` stops the start with a message naming `setting`.
+    fn refused(flag: &str, setting: &str, bad: &[&str]) {
+        for raw in bad {
+            match with(flag, raw) {
+                Ok(_) => panic!("--{flag}={raw} was accepted"),
+                Err(e) => assert!(e.contains(setting), "--{flag}={raw}: {e}"),
+            }
+        }
+    }
+
     #[test]
-    fn rates_parse_within_their_range_and_name_the_setting_otherwise() {
-        assert_eq!(parse_send_rate("500").map(NonZeroU32::get), Ok(500));
-        assert_eq!(parse_send_rate("100000").map(NonZeroU32::get), Ok(100_000));
-        assert_eq!(
-            parse_api_rate("1000000").map(NonZeroU32::get),
-            Ok(1_000_000)
+    fn counts_parse_within_their_range_and_name_the_setting_otherwise() {
+        assert_eq!(accepted("send-rate", "500").send_rate.get(), 500);
+        assert_eq!(accepted("send-rate", "100000").send_rate.get(), 100_000);
+        assert_eq!(accepted("api-rate", "1000000").api_rate.get(), 1_000_000);
+        let pool = |raw| {
+            accepted("db-pool-size", raw)
+                .db_pool_size
+                .map(NonZeroU32::get)
+        };
+        assert_eq!((pool("1"), pool("1000")), (Some(1), Some(1_000)));
+        assert_eq!(accepted("webhook-attempts", "20").webhook_attempts, 20);
+        let bad_rates = ["0", "-1", "100001", "2000000000", "1.5", "", "many"];
+        refused("send-rate", "RESTOCK_SEND_RATE", &bad_rates);
+        let bad_api_rates = ["0", "1000001", "2000000000", "99999999999"];
+        refused("api-rate", "RESTOCK_API_RATE", &bad_api_rates);
+        let bad_pools = ["0", "-1", "1001", "ten", ""];
+        refused("db-pool-size", "RESTOCK_DB_POOL_SIZE", &bad_pools);
+        let bad_attempts = ["0", "21", "-1", "six"];
+        refused(
+            "webhook-attempts",
+            "RESTOCK_WEBHOOK_ATTEMPTS",
+            &bad_attempts,
         );
-        for bad in ["0", "-1", "100001", "2000000000", "1.5", "", "many"] {
-            let err = parse_send_rate(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_SEND_RATE"), "{bad}: {err}");
-        }
-        for bad in ["0", "1000001", "2000000000", "99999999999"] {
-            let err = parse_api_rate(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_API_RATE"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn webhook_numbers_parse_within_their_range_and_name_the_setting_otherwise() {
-        assert_eq!(
-            parse_webhook_timeout("100ms"),
-            Ok(Duration::from_millis(100))
+        let err = with("send-rate", "0").unwrap_err();
+        assert!(
+            err.contains("RESTOCK_SEND_RATE must be a whole number from 1 to 100000"),
+            "{err}"
         );
-        assert_eq!(parse_webhook_backoff("10ms"), Ok(Duration::from_millis(10)));
-        assert_eq!(parse_webhook_attempts("20"), Ok(20));
-        for bad in ["99ms", "61s", "2m", "10"] {
-            let err = parse_webhook_timeout(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_WEBHOOK_TIMEOUT"), "{bad}: {err}");
-        }
-        for bad in ["9ms", "61s"] {
-            let err = parse_webhook_backoff(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_WEBHOOK_BACKOFF"), "{bad}: {err}");
-        }
-        for bad in ["0", "21", "-1", "six"] {
-            let err = parse_webhook_attempts(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_WEBHOOK_ATTEMPTS"), "{bad}: {err}");
-        }
     }
 
     #[test]
-    fn pool_sizes_parse_from_1_to_1000_and_name_the_setting_otherwise() {
-        assert_eq!(parse_db_pool_size("1").map(NonZeroU32::get), Ok(1));
-        assert_eq!(parse_db_pool_size("1000").map(NonZeroU32::get), Ok(1_000));
-        for bad in ["0", "-1", "1001", "ten", ""] {
-            let err = parse_db_pool_size(bad).unwrap_err();
-            assert!(err.contains("RESTOCK_DB_POOL_SIZE"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn drains_parse_from_0s_to_60s() {
-        assert_eq!(parse_drain("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse_drain("1500ms"), Ok(Duration::from_millis(1_500)));
-        for bad in ["61s", "2m", "5", "-1s"] {
-            assert!(parse_drain(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn leases_parse_with_units_and_refuse_the_rest() {
-        assert_eq!(parse_lease("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_lease("1500ms"), Ok(Duration::from_millis(1_500)));
-        assert_eq!(parse_lease("2m"), Ok(Duration::from_secs(120)));
-        for bad in [
+    fn durations_parse_with_units_within_their_range_and_name_the_setting_otherwise() {
+        let lease = |raw| accepted("run-lease", raw).run_lease;
+        assert_eq!(lease("10s"), Duration::from_secs(10));
+        assert_eq!(lease("1500ms"), Duration::from_millis(1_500));
+        assert_eq!(lease("2m"), Duration::from_secs(120));
+        let drain = |raw| accepted("shutdown-drain", raw).shutdown_drain;
+        assert_eq!(drain("0s"), Duration::ZERO);
+        assert_eq!(drain("1500ms"), Duration::from_millis(1_500));
+        let timeout = accepted("webhook-timeout", "100ms").webhook_timeout;
+        assert_eq!(timeout, Duration::from_millis(100));
+        let backoff = accepted("webhook-backoff", "10ms").webhook_backoff;
+        assert_eq!(backoff, Duration::from_millis(10));
+        let bad_leases = [
             "10",
             "s",
             "-1s",
@@ -418,8 +448,33 @@ mod tests {
             "100ms",
             "11m",
             "99999999999999999999s",
+        ];
+        refused("run-lease", "RESTOCK_RUN_LEASE", &bad_leases);
+        refused(
+            "shutdown-drain",
+            "RESTOCK_SHUTDOWN_DRAIN",
+            &["61s", "2m", "5", "-1s"],
+        );
+        let bad_timeouts = ["99ms", "61s", "2m", "10"];
+        refused("webhook-timeout", "RESTOCK_WEBHOOK_TIMEOUT", &bad_timeouts);
+        refused(
+            "webhook-backoff",
+            "RESTOCK_WEBHOOK_BACKOFF",
+            &["9ms", "61s"],
+        );
+        // Each range is said as the settings are written.
+        for (flag, raw, said) in [
+            ("run-lease", "11m", "11m is out of range: 500ms to 10m"),
+            ("shutdown-drain", "61s", "61s is out of range: 0s to 60s"),
+            (
+                "webhook-timeout",
+                "99ms",
+                "99ms is out of range: 100ms to 60s",
+            ),
+            ("webhook-backoff", "9ms", "9ms is out of range: 10ms to 60s"),
         ] {
-            assert!(parse_lease(bad).is_err(), "{bad}");
+            let err = with(flag, raw).unwrap_err();
+            assert!(err.contains(said), "--{flag}={raw}: {err}");
         }
     }
 }

@@ -19,18 +19,17 @@ pub struct SecretUrl {
 impl SecretUrl {
     /// A URL to connect to a store (database, Redis): shown without its password.
     pub fn connection(raw: impl Into<String>) -> Self {
-        let raw = raw.into();
-        Self {
-            shown: url(&raw),
-            secret: raw.into(),
-        }
+        Self::shown_as(raw.into(), url)
     }
 
     /// A URL of an endpoint: shown without its credentials, query or fragment.
     pub fn endpoint(raw: impl Into<String>) -> Self {
-        let raw = raw.into();
+        Self::shown_as(raw.into(), webhook_url)
+    }
+
+    fn shown_as(raw: String, redact: fn(&str) -> String) -> Self {
         Self {
-            shown: webhook_url(&raw),
+            shown: redact(&raw),
             secret: raw.into(),
         }
     }
@@ -126,44 +125,43 @@ mod tests {
 
     #[test]
     fn urls_lose_their_password_only() {
-        assert_eq!(
-            super::url("mysql://u:hunter2@host:3306/db"),
-            "mysql://u:***@host:3306/db"
-        );
-        assert_eq!(
-            super::url("rediss://:hunter2@host:6380"),
-            "rediss://:***@host:6380"
-        );
-        // An `@` in the password (percent-encoded by the parser) or in the path.
-        assert_eq!(
-            super::url("mysql://u:hun@ter2@host/db"),
-            "mysql://u:***@host/db"
-        );
-        assert_eq!(super::url("redis://host/0?x=a@b"), "redis://host/0?x=a@b");
-        assert_eq!(super::url("sqlite://restock.db"), "sqlite://restock.db");
-        assert_eq!(super::url("mysql://root@host/db"), "mysql://root@host/db");
-        // Not a URL the parser reads (a bad port): nothing after the scheme is shown.
-        assert_eq!(super::url("mysql://u:hunter2@host:x/db"), "mysql://***");
-        assert_eq!(super::url("mysql://host:x/db"), "mysql://host:x/db");
+        for (raw, shown) in [
+            (
+                "mysql://u:hunter2@host:3306/db",
+                "mysql://u:***@host:3306/db",
+            ),
+            ("rediss://:hunter2@host:6380", "rediss://:***@host:6380"),
+            // An `@` in the password (percent-encoded by the parser) or in the path.
+            ("mysql://u:hun@ter2@host/db", "mysql://u:***@host/db"),
+            ("redis://host/0?x=a@b", "redis://host/0?x=a@b"),
+            ("sqlite://restock.db", "sqlite://restock.db"),
+            ("mysql://root@host/db", "mysql://root@host/db"),
+            // Not a URL the parser reads (a bad port): nothing after the scheme is shown.
+            ("mysql://u:hunter2@host:x/db", "mysql://***"),
+            ("mysql://host:x/db", "mysql://host:x/db"),
+        ] {
+            assert_eq!(super::url(raw), shown, "{raw}");
+        }
     }
 
     #[test]
     fn webhook_urls_lose_their_credentials_and_query() {
-        assert_eq!(
-            super::webhook_url("https://user:pw@hooks.example.com/in?token=abc"),
-            "https://***@hooks.example.com/in?***"
-        );
-        assert_eq!(
-            super::webhook_url("https://token@hooks.example.com/in#frag"),
-            "https://***@hooks.example.com/in?***"
-        );
-        assert_eq!(
-            super::webhook_url("http://127.0.0.1:8080/hook"),
-            "http://127.0.0.1:8080/hook"
-        );
-        assert_eq!(
-            super::webhook_url("https://u:pw@hooks.example.com:x/in?token=abc"),
-            "https://***"
-        );
+        for (raw, shown) in [
+            (
+                "https://user:pw@hooks.example.com/in?token=abc",
+                "https://***@hooks.example.com/in?***",
+            ),
+            (
+                "https://token@hooks.example.com/in#frag",
+                "https://***@hooks.example.com/in?***",
+            ),
+            ("http://127.0.0.1:8080/hook", "http://127.0.0.1:8080/hook"),
+            (
+                "https://u:pw@hooks.example.com:x/in?token=abc",
+                "https://***",
+            ),
+        ] {
+            assert_eq!(super::webhook_url(raw), shown, "{raw}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::service::LayerExt as _;
 use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
@@ -178,28 +179,11 @@ impl Application {
             .metrics_server
             .map(|server| tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone())));
 
-        // "" is the whole server's health, the one a load balancer usually checks.
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_serving::<RestockServiceServer<RestockApi>>()
-            .await;
-        health
-            .set_serving::<RestockAdminServiceServer<AdminApi>>()
-            .await;
+        report_health(&health, ServingStatus::Serving).await;
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc.ErrorInfo, so that grpcurl shows the details of a stream's end.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc.ErrorInfo, so that grpcurl shows the details of a stream's end.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let limit = ApiRateLimit::new(self.api_rate);
         let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
@@ -217,16 +201,8 @@ impl Application {
             shutdown.await;
             tracing::info!("shutting down: no new calls, ending streams, stopping runs");
             // Before the listener closes, so that load balancers stop sending calls here
-            // first: the whole server and each service.
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_not_serving::<RestockServiceServer<RestockApi>>()
-                .await;
-            health
-                .set_not_serving::<RestockAdminServiceServer<AdminApi>>()
-                .await;
+            // first.
+            report_health(&health, ServingStatus::NotServing).await;
             if !drain.is_zero() {
                 tracing::info!(
                     drain_ms = drain.as_millis() as u64,
@@ -357,4 +333,27 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
             let _ = tokio::signal::ctrl_c().await;
         })
     }
+}
+
+/// Says `status` for the whole server and for each service alike: "" is the whole
+/// server's health, the one a load balancer usually checks; some check a service by
+/// its name.
+async fn report_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for service in [
+        <RestockServiceServer<RestockApi> as NamedService>::NAME,
+        <RestockAdminServiceServer<AdminApi> as NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// The reflection service's descriptors, for both of its versions (v1 and v1alpha, as
+/// tools ask for either).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.ErrorInfo, so that grpcurl shows the details of a stream's end.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }

@@ -16,6 +16,7 @@ pub mod webhook;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,7 +26,7 @@ use crate::domain::{
 };
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store, Triggered};
-use bus::NotificationBus;
+use bus::{BusEvent, NotificationBus};
 use lease::LeaseSettings;
 use limiter::SendLimiter;
 use recorder::RecorderSettings;
@@ -395,6 +396,15 @@ impl Engine {
             runs: listed.into_iter().map(|l| l.run).collect(),
             next,
         })
+    }
+
+    /// The bus, for a stream: subscribed to before the stream reads anything, so that
+    /// nothing sent after that read is missed. Streams learn of a shutdown from the bus
+    /// (`Closing`); one that starts after it was sent learns of it here.
+    fn listen_to_bus(&self) -> Result<broadcast::Receiver<Arc<BusEvent>>, Error> {
+        let events = self.bus.subscribe();
+        self.refuse_if_shutting_down()?;
+        Ok(events)
     }
 
     fn refuse_if_shutting_down(&self) -> Result<(), Error> {

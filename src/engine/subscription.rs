@@ -90,13 +90,9 @@ impl Engine {
         filter: NotificationFilter,
         resume_after: Option<NotificationId>,
     ) -> Result<NotificationStream, Error> {
-        // Subscribe to the bus before reading anything recorded: whatever is sent from
-        // now on is in this buffer, and whatever was sent before is, or will be, in the
-        // record.
-        let live = self.bus.subscribe();
-        // Streams learn of a shutdown from the bus (`Closing`); one that subscribes after
-        // it was sent learns of it here.
-        self.refuse_if_shutting_down()?;
+        // Whatever is sent from now on is in this buffer, and whatever was sent before
+        // is, or will be, in the record.
+        let live = self.listen_to_bus()?;
         let mut state = Subscription {
             open: OpenStream::new(self.metrics.clone()),
             engine: self.clone(),
@@ -454,9 +450,8 @@ mod tests {
 
     use super::*;
     use crate::deployment::Deployment;
-    use crate::domain::{ProductId, UserId};
+    use crate::domain::ProductId;
     use crate::engine::EngineSettings;
-    use crate::engine::bus::SentItem;
     use crate::store::sqlite::SqliteStore;
 
     /// A stream as `Engine::subscribe` opens it, on an embedded engine of its own.
@@ -494,13 +489,10 @@ mod tests {
     }
 
     fn sent(run: RunKey, position: i64) -> BusEvent {
-        BusEvent::Sent(Arc::new(SentBatch::new(
+        BusEvent::Sent(Arc::new(SentBatch::of(
             run,
             (position > 1).then_some(position - 1),
-            vec![SentItem {
-                user_id: UserId::parse(position).unwrap(),
-                position,
-            }],
+            &[(position, position)],
             Utc::now(),
         )))
     }

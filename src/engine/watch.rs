@@ -49,11 +49,8 @@ impl Engine {
         product: ProductId,
         round: Option<i64>,
     ) -> Result<RunStream, Error> {
-        // On the bus before the first read: an end announced after the read is heard.
-        let events = self.bus.subscribe();
-        // Streams learn of a shutdown from the bus (`Closing`); one that starts after it
-        // was sent learns of it here.
-        self.refuse_if_shutting_down()?;
+        // An end announced after the first read is heard.
+        let events = self.listen_to_bus()?;
         let first = self.restock_run(product, round).await?;
         let watch = Watch {
             engine: self.clone(),

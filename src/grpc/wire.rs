@@ -74,27 +74,14 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use super::*;
-    use crate::domain::{ProductId, UserId};
-    use crate::engine::bus::{RunKey, SentItem};
+    use crate::engine::bus::RunKey;
 
     #[test]
     fn live_and_recorded_notifications_encode_as_the_message() {
-        let batch = Arc::new(SentBatch::new(
-            RunKey {
-                product_id: ProductId::parse(3).unwrap(),
-                restock_round: 2,
-            },
+        let batch = Arc::new(SentBatch::of(
+            RunKey::of(3, 2),
             Some(6),
-            vec![
-                SentItem {
-                    user_id: UserId::parse(11).unwrap(),
-                    position: 7,
-                },
-                SentItem {
-                    user_id: UserId::parse(5).unwrap(),
-                    position: 9,
-                },
-            ],
+            &[(11, 7), (5, 9)],
             DateTime::<Utc>::from_timestamp_micros(1_764_000_000_654_321).unwrap(),
         ));
         for index in 0..2 {
@@ -112,18 +99,7 @@ mod tests {
 
     #[test]
     fn streams_share_one_encoding_of_a_live_notification() {
-        let batch = Arc::new(SentBatch::new(
-            RunKey {
-                product_id: ProductId::parse(1).unwrap(),
-                restock_round: 1,
-            },
-            None,
-            vec![SentItem {
-                user_id: UserId::parse(4).unwrap(),
-                position: 1,
-            }],
-            Utc::now(),
-        ));
+        let batch = Arc::new(SentBatch::of(RunKey::of(1, 1), None, &[(4, 1)], Utc::now()));
         let live = || Outgoing::Live {
             batch: batch.clone(),
             index: 0,

@@ -270,7 +270,7 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
     }
     assert!(confirmed(three, offer).await);
     assert_eq!(cache.get(product).await.unwrap(), Some(3));
-    assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Delivered);
+    assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Through(()));
     let got = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .unwrap()
@@ -370,7 +370,7 @@ async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
     };
     let (old, new) = (batch(1), batch(2));
     assert!(fence.claim(new.run, 2).await.unwrap());
-    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Delivered);
+    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Through(()));
     assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
 
     let _: i64 = client.del(keys.run_claim(product, 1)).await.unwrap();
@@ -378,6 +378,6 @@ async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
     assert_eq!(fence.publish(&old).await.unwrap(), Delivery::ClaimUnknown);
     assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::ClaimUnknown);
     assert!(fence.claim(new.run, 2).await.unwrap());
-    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Delivered);
+    assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Through(()));
     assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
 }

@@ -187,7 +187,7 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
 
     redis.hold_next(
         Way::Up,
-        &script_sha(include_str!("../../src/engine/stock/deliver.lua")),
+        &script_sha(restock_notifier::engine::stock::redis::DELIVER_LUA),
         Duration::from_millis(1_800),
     );
     wait_until_held(&redis).await;

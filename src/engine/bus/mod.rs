@@ -20,6 +20,17 @@ pub struct RunKey {
     pub restock_round: i64,
 }
 
+#[cfg(test)]
+impl RunKey {
+    /// Round `round` of product `product`: the tests' short way to name a run.
+    pub(crate) fn of(product: i64, round: i64) -> Self {
+        Self {
+            product_id: ProductId::parse(product).unwrap(),
+            restock_round: round,
+        }
+    }
+}
+
 /// One notification of a batch: who, and where in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SentItem {
@@ -59,6 +70,24 @@ impl SentBatch {
             claim: 0,
             encoded: Encoded::default(),
         }
+    }
+
+    /// A batch of `run` of `(user, position)` items: the tests' short way to write one.
+    #[cfg(test)]
+    pub(crate) fn of(
+        run: RunKey,
+        prev_position: Option<i64>,
+        items: &[(i64, i64)],
+        sent_at: DateTime<Utc>,
+    ) -> Self {
+        let items = items
+            .iter()
+            .map(|&(user, position)| SentItem {
+                user_id: UserId::from_stored(user),
+                position,
+            })
+            .collect();
+        Self::new(run, prev_position, items, sent_at)
     }
 
     /// The batch, sent under the claim with this token.

@@ -263,29 +263,17 @@ impl NotificationBus for RedisBus {
 mod tests {
     use super::*;
 
+    /// When the tests' batches were sent: a whole number of microseconds, as the wire
+    /// carries it.
+    fn sent_at() -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap()
+    }
+
     #[test]
     fn events_survive_the_wire() {
-        let run = RunKey {
-            product_id: ProductId::parse(7).unwrap(),
-            restock_round: 3,
-        };
+        let run = RunKey::of(7, 3);
         let sent = BusEvent::Sent(Arc::new(
-            SentBatch::new(
-                run,
-                Some(41),
-                vec![
-                    SentItem {
-                        user_id: UserId::from_stored(9),
-                        position: 42,
-                    },
-                    SentItem {
-                        user_id: UserId::from_stored(2),
-                        position: 45,
-                    },
-                ],
-                DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
-            )
-            .under_claim(4),
+            SentBatch::of(run, Some(41), &[(9, 42), (2, 45)], sent_at()).under_claim(4),
         ));
         let ended = BusEvent::RunEnded {
             run,
@@ -322,20 +310,7 @@ mod tests {
 
     #[test]
     fn a_sent_batch_is_the_same_bytes_as_in_the_earlier_layout() {
-        let run = RunKey {
-            product_id: ProductId::parse(7).unwrap(),
-            restock_round: 3,
-        };
-        let batch = SentBatch::new(
-            run,
-            Some(41),
-            vec![SentItem {
-                user_id: UserId::from_stored(9),
-                position: 42,
-            }],
-            DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
-        )
-        .under_claim(4);
+        let batch = SentBatch::of(RunKey::of(7, 3), Some(41), &[(9, 42)], sent_at()).under_claim(4);
         let earlier = EarlierWireEvent {
             kind: 1,
             product_id: 7,

@@ -4,6 +4,7 @@
 //! webhook endpoint, delivery is a pipeline of acknowledged requests instead (G12): the
 //! child module `webhook`, with the reasoning in `engine::webhook`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +15,10 @@ use tracing::Instrument as _;
 use super::Engine;
 use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
 use super::recorder::{RecordError, Recorder};
-use super::stock::Delivery;
+use super::stock::Fenced;
 use super::webhook::Failure;
 use super::webhook::pipeline::Pipeline;
-use crate::domain::{Error, ProductId, Registration, RunStatus, WaveState};
+use crate::domain::{BackendError, Error, ProductId, Registration, RunStatus, WaveState};
 use crate::store::{After, ClaimedRun, FinalStatus, RunClaim};
 
 mod webhook;
@@ -421,34 +422,45 @@ impl RunState<'_> {
     async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
         let sent_at = self.engine.clock.now().trunc_subsecs(SENT_AT_DIGITS);
         let batch = self.batch(chunk, sent_at);
-        for _ in 0..DELIVERY_ATTEMPTS {
-            match self
-                .engine
-                .stock_fence
-                .deliver(&batch)
-                .await
-                .map_err(Error::from)?
-            {
-                Delivery::Delivered => {
-                    self.engine
-                        .metrics
-                        .notifications_sent
-                        .increment(chunk.len() as u64);
-                    self.recorder.delivered(chunk, sent_at);
-                    if let Some(left) = &mut self.wave_left {
-                        *left -= chunk.len() as i64;
-                    }
-                    self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
-                    return Ok(());
-                }
-                Delivery::SoldOut => return Err(Stop::SoldOut),
-                Delivery::Superseded => return Err(Stop::Lost),
-                Delivery::ClaimUnknown => reclaim(self.engine, self.run, &self.claim).await?,
-                Delivery::NotCached => self.engine.cache_stock(self.product(), None).await?,
-            }
+        let fence = &self.engine.stock_fence;
+        through_fence(self.engine, self.run, &self.claim, || fence.deliver(&batch)).await?;
+        self.engine
+            .metrics
+            .notifications_sent
+            .increment(chunk.len() as u64);
+        self.recorder.delivered(chunk, sent_at);
+        if let Some(left) = &mut self.wave_left {
+            *left -= chunk.len() as i64;
         }
-        Err(Stop::Failed(stock_keeps_disappearing()))
+        self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
+        Ok(())
     }
+}
+
+/// Asks the fence (`ask`: a delivery or an admission of `run`) until it lets the run
+/// through, doing what each refusal asks: a sold-out product stops the run (G3), a
+/// newer claim means the run is lost (G8), an unknown claim is proved and registered
+/// again, an uncached figure is cached; a figure that keeps disappearing fails the run
+/// (G4).
+async fn through_fence<T, Fut>(
+    engine: &Engine,
+    run: RunKey,
+    claim: &RunClaim,
+    mut ask: impl FnMut() -> Fut,
+) -> Result<T, Stop>
+where
+    Fut: Future<Output = Result<Fenced<T>, BackendError>>,
+{
+    for _ in 0..DELIVERY_ATTEMPTS {
+        match ask().await.map_err(Error::from)? {
+            Fenced::Through(through) => return Ok(through),
+            Fenced::SoldOut => return Err(Stop::SoldOut),
+            Fenced::Superseded => return Err(Stop::Lost),
+            Fenced::ClaimUnknown => reclaim(engine, run, claim).await?,
+            Fenced::NotCached => engine.cache_stock(run.product_id, None).await?,
+        }
+    }
+    Err(Stop::Failed(stock_keeps_disappearing()))
 }
 
 fn stock_keeps_disappearing() -> Error {

@@ -9,11 +9,11 @@ use std::time::Duration;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
-use super::{DELIVERY_ATTEMPTS, RunState, SENT_AT_DIGITS, Stop, reclaim, stock_keeps_disappearing};
+use super::{RunState, SENT_AT_DIGITS, Stop, reclaim, through_fence};
 use crate::domain::{Error, Registration};
 use crate::engine::Engine;
 use crate::engine::bus::RunKey;
-use crate::engine::stock::{Admitted, Delivery};
+use crate::engine::stock::Delivery;
 use crate::engine::webhook::pipeline::{Event, Pipeline};
 use crate::store::RunClaim;
 
@@ -365,21 +365,10 @@ async fn admit(
     claim: RunClaim,
     ttl: Duration,
 ) -> Result<crate::engine::stock::Admission, Stop> {
-    for _ in 0..DELIVERY_ATTEMPTS {
-        match engine
-            .stock_fence
-            .admit(run, claim.token, ttl)
-            .await
-            .map_err(Error::from)?
-        {
-            Admitted::Yes(pass) => return Ok(pass),
-            Admitted::SoldOut => return Err(Stop::SoldOut),
-            Admitted::Superseded => return Err(Stop::Lost),
-            Admitted::ClaimUnknown => reclaim(engine, run, &claim).await?,
-            Admitted::NotCached => engine.cache_stock(run.product_id, None).await?,
-        }
-    }
-    Err(Stop::Failed(stock_keeps_disappearing()))
+    through_fence(engine, run, &claim, || {
+        engine.stock_fence.admit(run, claim.token, ttl)
+    })
+    .await
 }
 
 fn webhook_task_failed() -> Error {

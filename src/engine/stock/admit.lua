@@ -7,14 +7,10 @@
 -- admissions; ARGV: the claim's token, the claim key's ttl in seconds, the pass's name,
 -- its ttl in milliseconds.
 -- Returns 1 admitted, 0 sold out, -1 not cached, -2 superseded, -3 the claim key is gone
--- (see deliver.lua).
+-- (see claim_check.lua). Loaded after claim_check.lua.
 redis.replicate_commands()
-local held_claim = redis.call('GET', KEYS[2])
-if not held_claim then return -3 end
-local newest = tonumber(held_claim)
-local token = tonumber(ARGV[1])
-if token < newest then return -2 end
-if token > newest then redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[2])) end
+local refused = check_claim(KEYS[2], ARGV[1], ARGV[2])
+if refused then return refused end
 local held = redis.call('HMGET', KEYS[1], 'stock', 'confirmed')
 if not held[1] or held[2] ~= '1' then return -1 end
 if tonumber(held[1]) <= 0 then return 0 end

@@ -108,13 +108,13 @@ impl StockFence for LocalStockFence {
         Ok(match self.cache.get(run.product_id).await? {
             None => Admitted::NotCached,
             Some(stock) if stock <= 0 => Admitted::SoldOut,
-            Some(_) => Admitted::Yes(Box::new(pass)),
+            Some(_) => Admitted::Through(Box::new(pass)),
         })
     }
 
     async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
         self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
-        Ok(Delivery::Delivered)
+        Ok(Delivery::Through(()))
     }
 
     /// The write held the stripe's write lock, so every pass was dropped before it.
@@ -129,7 +129,7 @@ impl StockFence for LocalStockFence {
             Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
             Some(_) => {
                 self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
-                Ok(Delivery::Delivered)
+                Ok(Delivery::Through(()))
             }
         }
     }

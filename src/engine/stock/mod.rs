@@ -66,26 +66,31 @@ pub trait StockCache: Send + Sync + 'static {
     async fn invalidate(&self, product: ProductId) -> Result<(), BackendError>;
 }
 
-/// What the fence did with a batch.
+/// What the fence answered a run, whether it was asked to deliver a batch or to admit
+/// webhook requests: it let the run through, or why not. The refusals mean the same
+/// to the run either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// The stock was above zero and the batch is on the bus.
-    Delivered,
-    /// The stock is zero or less: nothing was delivered.
+pub enum Fenced<T> {
+    /// The stock was above zero and the claim the newest: what the fence gave.
+    Through(T),
+    /// The stock is zero or less: nothing went through.
     SoldOut,
-    /// The cache holds no confirmed figure: nothing was delivered; fill it and try
+    /// The cache holds no confirmed figure: nothing went through; fill it and try
     /// again.
     NotCached,
-    /// A newer claim of the run was seen: nothing was delivered, and the sender no
+    /// A newer claim of the run was seen: nothing went through, and the sender no
     /// longer owns the run (G8).
     Superseded,
     /// The shared side no longer knows the run's newest claim (its key was lost with
-    /// the cache, or expired): nothing was delivered. The sender proves its claim
+    /// the cache, or expired): nothing went through. The sender proves its claim
     /// against the database and registers it again ([`StockFence::claim`]) before it
     /// delivers anything (G8): a delivery of an older claim held on the wire meanwhile
     /// is refused, not let through for want of a newer one to compare with.
     ClaimUnknown,
 }
+
+/// What the fence did with a batch: `Through(())`, the batch is on the bus.
+pub type Delivery = Fenced<()>;
 
 /// Held by a stock write from before the cached figure is dropped until the new one
 /// is cached.
@@ -97,20 +102,9 @@ pub type WriteGuard = Box<dyn Send + Sync>;
 /// has not expired), so no request starts after it returned.
 pub type Admission = Box<dyn Send + Sync>;
 
-/// What the fence did when asked to admit webhook requests.
-pub enum Admitted {
-    /// The stock was above zero and the claim the newest: send, then drop the pass.
-    Yes(Admission),
-    /// The stock is zero or less: send nothing.
-    SoldOut,
-    /// The cache holds no confirmed figure: fill it and ask again.
-    NotCached,
-    /// A newer claim of the run was seen (G8): send nothing, and stop.
-    Superseded,
-    /// The run's newest claim is unknown to the shared side: as for
-    /// [`Delivery::ClaimUnknown`].
-    ClaimUnknown,
-}
+/// What the fence did when asked to admit webhook requests: `Through(pass)`, send,
+/// then drop the pass.
+pub type Admitted = Fenced<Admission>;
 
 /// Orders stock writes against deliveries of the same product (G3).
 #[async_trait]

@@ -3,7 +3,8 @@
 //! A product's figure is a hash (`stock`, `version`, `nonce`, `confirmed`) written only
 //! by the scripts beside this file: `offer.lua` never replaces a newer version,
 //! `confirm.lua` makes an offer trusted once the database still held it. The fence is
-//! `deliver.lua`: the claim check, the stock check and the publish in one step.
+//! `deliver.lua`: the claim check, the stock check and the publish in one step. The
+//! claim check is `claim_check.lua`, put in front of every script that acts for a run.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -31,14 +32,27 @@ const STOCK_TTL_SECS: i64 = 300;
 /// later one raises it again).
 const CLAIM_TTL_SECS: i64 = 7 * 24 * 3600;
 
+/// The text of a script that acts for a run, with the claim check (`claim_check.lua`,
+/// G8) in front of it: Redis scripts cannot include one another, so the check is
+/// written once and put in front of each of them here.
+macro_rules! with_claim_check {
+    ($script:literal) => {
+        concat!(include_str!("claim_check.lua"), include_str!($script))
+    };
+}
+
 static OFFER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("offer.lua")));
 static CONFIRM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("confirm.lua")));
-static DELIVER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("deliver.lua")));
+static DELIVER: LazyLock<Script> = LazyLock::new(|| Script::from_lua(DELIVER_LUA));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("claim.lua")));
-static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("admit.lua")));
+static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(with_claim_check!("admit.lua")));
 static ADMISSIONS: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("admissions.lua")));
-static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::from_lua(include_str!("publish.lua")));
+static PUBLISH: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(with_claim_check!("publish.lua")));
+
+/// The fence's script as Redis receives it (G3, G8): what EVALSHA names by its SHA.
+pub const DELIVER_LUA: &str = with_claim_check!("deliver.lua");
 
 /// How often a stock write of 0 looks again for passes still held (G3): a pass is held
 /// for about the time a request takes to be written, so a few milliseconds.
@@ -185,7 +199,7 @@ impl StockFence for RedisStockFence {
             .await
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
-            1 => Admitted::Yes(Box::new(RedisPass {
+            1 => Admitted::Through(Box::new(RedisPass {
                 client: self.client.clone(),
                 key,
                 name,
@@ -198,28 +212,7 @@ impl StockFence for RedisStockFence {
     }
 
     async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
-        let payload: Bytes = encode_sent(batch);
-        let outcome: i64 = PUBLISH
-            .evalsha_with_reload(
-                &self.client,
-                vec![
-                    self.keys
-                        .run_claim(batch.run.product_id, batch.run.restock_round),
-                ],
-                vec![
-                    Value::from(self.keys.bus_channel()),
-                    Value::Bytes(payload),
-                    Value::from(batch.claim),
-                    Value::from(CLAIM_TTL_SECS),
-                ],
-            )
-            .await
-            .map_err(|e| backend(BUS, e))?;
-        Ok(match outcome {
-            1 => Delivery::Delivered,
-            -3 => Delivery::ClaimUnknown,
-            _ => Delivery::Superseded,
-        })
+        self.put_on_bus(&PUBLISH, None, batch).await
     }
 
     async fn wait_for_admissions(&self, product: ProductId) -> Result<(), BackendError> {
@@ -236,15 +229,31 @@ impl StockFence for RedisStockFence {
     }
 
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
+        let stock = self.keys.stock(batch.run.product_id);
+        self.put_on_bus(&DELIVER, Some(stock), batch).await
+    }
+}
+
+impl RedisStockFence {
+    /// Publishes `batch` through `script` (`deliver.lua`, which checks the stock at
+    /// `stock` first, or `publish.lua`): both take the run's claim key last and the
+    /// same arguments, and answer alike (`publish.lua` only 1, -2 or -3).
+    async fn put_on_bus(
+        &self,
+        script: &Script,
+        stock: Option<String>,
+        batch: &SentBatch,
+    ) -> Result<Delivery, BackendError> {
+        let run = batch.run;
+        let keys: Vec<String> = stock
+            .into_iter()
+            .chain([self.keys.run_claim(run.product_id, run.restock_round)])
+            .collect();
         let payload: Bytes = encode_sent(batch);
-        let outcome: i64 = DELIVER
+        let outcome: i64 = script
             .evalsha_with_reload(
                 &self.client,
-                vec![
-                    self.keys.stock(batch.run.product_id),
-                    self.keys
-                        .run_claim(batch.run.product_id, batch.run.restock_round),
-                ],
+                keys,
                 vec![
                     Value::from(self.keys.bus_channel()),
                     Value::Bytes(payload),
@@ -255,7 +264,7 @@ impl StockFence for RedisStockFence {
             .await
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
-            1 => Delivery::Delivered,
+            1 => Delivery::Through(()),
             0 => Delivery::SoldOut,
             -2 => Delivery::Superseded,
             -3 => Delivery::ClaimUnknown,
