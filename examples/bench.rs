@@ -343,7 +343,7 @@ fn mb(kb: u64) -> f64 {
 }
 
 /// The highest send rate the service accepts: as good as unlimited for these runs.
-const MAX_RATE: u32 = 100_000;
+const MAX_RATE: u32 = 1_000_000;
 
 /// Waits until the latest run of `product` has left `IN_PROGRESS`, looking every `poll`.
 async fn wait_final(

@@ -58,7 +58,8 @@ impl SendLimiter for LocalLimiter {
 /// second refuses any grant that would put more than `rate` in a window. The schedule
 /// alone is not enough: a timer that fires late followed by one that fires on time
 /// would squeeze `rate + 1` sends into a second. The log makes the bound hold whatever
-/// the timers do; it costs at most `rate` instants of memory.
+/// the timers do; it keeps one entry per grant (an instant and how many), so at most
+/// one per slot at low rates and far fewer at high ones, where each grant is many.
 pub struct LocalSlots {
     rate: u32,
     interval: Duration,
@@ -69,8 +70,10 @@ pub struct LocalSlots {
 struct State {
     /// When the next send is due.
     next: Instant,
-    /// Grant instants within the last window, oldest first.
-    log: VecDeque<Instant>,
+    /// Grants within the last window, oldest first: when, and how many.
+    log: VecDeque<(Instant, u32)>,
+    /// The sum of the counts in `log`.
+    logged: u32,
 }
 
 impl LocalSlots {
@@ -82,7 +85,8 @@ impl LocalSlots {
             max_catch_up: MAX_CATCH_UP,
             state: State {
                 next: Instant::now(),
-                log: VecDeque::with_capacity(rate.get().min(100_000) as usize),
+                log: VecDeque::new(),
+                logged: 0,
             },
         }
     }
@@ -91,16 +95,16 @@ impl LocalSlots {
     /// front) owns the slots, so the log is in grant order without a lock.
     fn try_grant(&mut self, want: u32, now: Instant) -> Result<u32, Instant> {
         let state = &mut self.state;
-        while state
-            .log
-            .front()
-            .is_some_and(|&t| now.duration_since(t) >= LOG_WINDOW)
-        {
+        while let Some(&(at, count)) = state.log.front() {
+            if now.duration_since(at) < LOG_WINDOW {
+                break;
+            }
             state.log.pop_front();
+            state.logged -= count;
         }
-        let room = self.rate.saturating_sub(state.log.len() as u32);
+        let room = self.rate.saturating_sub(state.logged);
         if room == 0 {
-            let oldest = *state.log.front().expect("a full log is not empty");
+            let (oldest, _) = *state.log.front().expect("a full log is not empty");
             // Move the schedule too: a send held back by the log is not "owed", or it
             // would go out together with the next one and bunch up.
             state.next = state.next.max(oldest + LOG_WINDOW);
@@ -119,9 +123,8 @@ impl LocalSlots {
         let due = (now.duration_since(next).as_nanos() / self.interval.as_nanos().max(1)) + 1;
         let granted = want.min(room).min(u32::try_from(due).unwrap_or(u32::MAX));
         state.next = next + self.interval * granted;
-        for _ in 0..granted {
-            state.log.push_back(now);
-        }
+        state.log.push_back((now, granted));
+        state.logged += granted;
         Ok(granted)
     }
 }
