@@ -35,6 +35,12 @@ impl SharedClock {
         Utc::now() + chrono::Duration::microseconds(self.offset_micros.load(Ordering::Relaxed))
     }
 
+    /// An instant of this process (a moment already past), on the database's clock.
+    pub fn at(&self, instant: tokio::time::Instant) -> DateTime<Utc> {
+        let ago = chrono::Duration::from_std(instant.elapsed()).unwrap_or_default();
+        self.now() - ago
+    }
+
     /// Measures the offset once: the reading with the shortest round trip wins.
     pub async fn sync(&self, store: &dyn Store) -> Result<(), crate::domain::Error> {
         let mut best: Option<(Duration, i64)> = None;
@@ -48,8 +54,16 @@ impl SharedClock {
                 best = Some((round_trip, offset));
             }
         }
-        if let Some((_, offset)) = best {
-            self.offset_micros.store(offset, Ordering::Relaxed);
+        if let Some((round_trip, offset)) = best {
+            // A reading is only as good as half its round trip. One that agrees with
+            // the offset in use to within that leaves it as it is: stamps that moved
+            // by a reading's noise every few seconds would crowd a window of `sent_at`
+            // now and then (G2). A real change (a clock stepped) is larger, and taken.
+            let uncertainty = i64::try_from(round_trip.as_micros() / 2).unwrap_or(i64::MAX);
+            let current = self.offset_micros.load(Ordering::Relaxed);
+            if (offset - current).abs() > uncertainty {
+                self.offset_micros.store(offset, Ordering::Relaxed);
+            }
         }
         Ok(())
     }

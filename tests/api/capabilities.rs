@@ -64,7 +64,7 @@ async fn grants(limiters: &[Arc<dyn SendLimiter>], want: u32, span: Duration) ->
             tokio::spawn(async move {
                 let mut grants = vec![];
                 while Instant::now() < end {
-                    let n = limiter.acquire(want).await.unwrap();
+                    let n = limiter.acquire(want).await.unwrap().count;
                     grants.extend(std::iter::repeat_n(Instant::now(), n as usize));
                 }
                 grants

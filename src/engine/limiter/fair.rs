@@ -21,13 +21,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{SendLimiter, SlotSource, Take};
+use super::{SendLimiter, SlotSource, Slots, Take};
 use crate::domain::BackendError;
 
 /// One call to `acquire`, waiting for its slots.
 struct Waiter {
     want: u32,
-    reply: oneshot::Sender<Result<u32, BackendError>>,
+    reply: oneshot::Sender<Result<Slots, BackendError>>,
 }
 
 /// A [`SendLimiter`] that serves the waiting calls of this instance in turn from one
@@ -74,7 +74,7 @@ impl FairLimiter {
 
 #[async_trait]
 impl SendLimiter for FairLimiter {
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+    async fn acquire(&self, want: u32) -> Result<Slots, BackendError> {
         let (reply, granted) = oneshot::channel();
         let stopped = || {
             BackendError::new(
@@ -195,8 +195,9 @@ fn hand_out(queue: &mut VecDeque<Waiter>, mut slots: u32) {
         let shares = shares(queue.iter().map(|w| w.want), slots);
         slots -= shares.iter().sum::<u32>();
         for (waiter, share) in queue.drain(..shares.len()).zip(shares) {
-            if let Err(Ok(share)) = waiter.reply.send(Ok(share)) {
-                slots += share;
+            let at = Instant::now();
+            if let Err(Ok(share)) = waiter.reply.send(Ok(Slots { count: share, at })) {
+                slots += share.count;
             }
         }
     }
@@ -256,7 +257,7 @@ mod tests {
             },
         ]);
         hand_out(&mut queue, 2);
-        assert_eq!(granted.await.unwrap().unwrap(), 2);
+        assert_eq!(granted.await.unwrap().unwrap().count, 2);
         assert!(queue.is_empty());
     }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::fair::FairLimiter;
-use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, SlotSource, Take, WINDOW};
+use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, SlotSource, Slots, Take, WINDOW};
 use crate::domain::BackendError;
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
@@ -46,7 +46,7 @@ impl LocalLimiter {
 
 #[async_trait]
 impl SendLimiter for LocalLimiter {
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+    async fn acquire(&self, want: u32) -> Result<Slots, BackendError> {
         self.front.acquire(want).await
     }
 }
@@ -147,7 +147,7 @@ mod tests {
     async fn drive(limiter: &LocalLimiter, total: usize, want: u32) -> Vec<Instant> {
         let mut sends = Vec::with_capacity(total);
         while sends.len() < total {
-            let n = limiter.acquire(want).await.unwrap();
+            let n = limiter.acquire(want).await.unwrap().count;
             let now = Instant::now();
             sends.extend(std::iter::repeat_n(now, n as usize));
         }
@@ -186,7 +186,7 @@ mod tests {
         drive(&limiter, 10, 1).await;
         // The engine stalls 40 ms: four slots are owed and granted.
         tokio::time::advance(Duration::from_millis(40)).await;
-        assert_eq!(limiter.acquire(1_000).await.unwrap(), 4);
+        assert_eq!(limiter.acquire(1_000).await.unwrap().count, 4);
     }
 
     #[tokio::test(start_paused = true)]
@@ -195,12 +195,12 @@ mod tests {
         drive(&limiter, 10, 1).await;
         // The caller goes away for a while; on return it gets a small catch-up only.
         tokio::time::advance(Duration::from_secs(5)).await;
-        let granted = limiter.acquire(1_000).await.unwrap();
+        let granted = limiter.acquire(1_000).await.unwrap().count;
         assert_eq!(granted, 1, "a quiet spell is not saved up for a burst");
         // At a low rate, a fresh start sends one, not a second's worth.
         let slow = LocalLimiter::here(NonZeroU32::new(5).unwrap());
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(slow.acquire(5).await.unwrap(), 1);
+        assert_eq!(slow.acquire(5).await.unwrap().count, 1);
     }
 
     #[tokio::test(start_paused = true)]

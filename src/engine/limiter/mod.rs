@@ -24,7 +24,17 @@ use crate::domain::BackendError;
 pub trait SendLimiter: Send + Sync + 'static {
     /// Waits until at least one send is allowed, then grants between 1 and `want`
     /// sends, to be made now. `want` must be at least 1.
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError>;
+    async fn acquire(&self, want: u32) -> Result<Slots, BackendError>;
+}
+
+/// Sends granted by a [`SendLimiter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// How many, at least one.
+    pub count: u32,
+    /// When they were handed out: the instant the limit counts them at, and the one a
+    /// send is stamped with (`sent_at`), however long its run then took to wake.
+    pub at: Instant,
 }
 
 /// Where an instance's send slots come from. Owned by one task (the fair front), so it

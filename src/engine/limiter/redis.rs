@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use super::clock::{ClockMap, Estimate};
 use super::fair::FairLimiter;
-use super::{ENFORCED_WINDOW, LATE_GRANT, SendLimiter, SlotSource, Take};
+use super::{ENFORCED_WINDOW, LATE_GRANT, SendLimiter, SlotSource, Slots, Take};
 use crate::domain::BackendError;
 use crate::monitoring::LimiterMetrics;
 use crate::redis::{Keys, backend};
@@ -158,7 +158,7 @@ impl RedisLimiter {
 
 #[async_trait]
 impl SendLimiter for RedisLimiter {
-    async fn acquire(&self, want: u32) -> Result<u32, BackendError> {
+    async fn acquire(&self, want: u32) -> Result<Slots, BackendError> {
         self.front.acquire(want).await
     }
 }

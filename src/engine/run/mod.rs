@@ -395,8 +395,8 @@ impl RunState<'_> {
                 // unused (a send less, never one on a lost lease).
                 continue 'ask;
             }
-            let chunk = &queue[..(granted as usize).min(want)];
-            self.deliver(chunk).await?;
+            let chunk = &queue[..(granted.count as usize).min(want)];
+            self.deliver(chunk, granted.at).await?;
             return Ok(chunk.len());
         }
     }
@@ -418,9 +418,17 @@ impl RunState<'_> {
         .under_claim(self.claim.token)
     }
 
-    /// Delivers a chunk through the fence, stamped now, and hands it to the recorder.
-    async fn deliver(&mut self, chunk: &[Registration]) -> Result<(), Stop> {
-        let sent_at = self.engine.clock.now().trunc_subsecs(SENT_AT_DIGITS);
+    /// Delivers a chunk through the fence, stamped with its grant, and hands it to the
+    /// recorder.
+    async fn deliver(&mut self, chunk: &[Registration], granted_at: Instant) -> Result<(), Stop> {
+        // Stamped with the instant the limiter handed the slots out, which is what it
+        // counts (G2): a window of `sent_at` then holds what a window of grants holds,
+        // however long this task took to wake on the grant.
+        let sent_at = self
+            .engine
+            .clock
+            .at(granted_at)
+            .trunc_subsecs(SENT_AT_DIGITS);
         let batch = self.batch(chunk, sent_at);
         let fence = &self.engine.stock_fence;
         through_fence(self.engine, self.run, &self.claim, || fence.deliver(&batch)).await?;

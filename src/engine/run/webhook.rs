@@ -390,7 +390,7 @@ fn ask_limiter(limiter: &Arc<dyn crate::engine::limiter::SendLimiter>, want: usi
     let limiter = limiter.clone();
     let want = u32::try_from(want).unwrap_or(u32::MAX);
     let call = tokio::spawn(async move {
-        let granted = limiter.acquire(want).await;
+        let granted = limiter.acquire(want).await.map(|slots| slots.count);
         (granted, Instant::now())
     });
     Box::pin(async move {
