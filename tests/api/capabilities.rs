@@ -64,8 +64,10 @@ async fn grants(limiters: &[Arc<dyn SendLimiter>], want: u32, span: Duration) ->
             tokio::spawn(async move {
                 let mut grants = vec![];
                 while Instant::now() < end {
-                    let n = limiter.acquire(want).await.unwrap().count;
-                    grants.extend(std::iter::repeat_n(Instant::now(), n as usize));
+                    // The instant the limiter counts them at: when this task then woke
+                    // is the machine's business, not the limiter's.
+                    let slots = limiter.acquire(want).await.unwrap();
+                    grants.extend(std::iter::repeat_n(slots.at, slots.count as usize));
                 }
                 grants
             })
