@@ -14,7 +14,7 @@ pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     /// The longest key, in bytes (UTF-8): long enough for any UUID, ULID or
-    /// "<order>-<shipment>" composite, short enough for a unique index.
+    /// `"<order>-<shipment>"` composite, short enough for a unique index.
     pub const MAX_LEN: usize = 255;
 
     /// How long a key is remembered. A retry comes seconds or minutes after the

@@ -68,7 +68,7 @@ impl SharedClock {
         Ok(())
     }
 
-    /// Measures the offset now and then every [`SYNC_EVERY`] until `stop`.
+    /// Measures the offset now and then every `SYNC_EVERY` until `stop`.
     pub fn spawn_sync(self: &Arc<Self>, store: Arc<dyn Store>, stop: CancellationToken) {
         let clock = self.clone();
         tokio::spawn(async move {

@@ -1,5 +1,5 @@
 //! Redis through fred: the client with the service's timeouts, and every key and
-//! channel name, built by [`Keys`] under the configured prefix so several deployments
+//! channel name, built by `Keys` under the configured prefix so several deployments
 //! (or tests) can share one Redis. The capabilities that use it live with the engine
 //! (`engine/*/redis.rs`).
 

@@ -1,5 +1,5 @@
 //! Durable state behind one trait: products, alerts, runs and the notification history.
-//! `sql` implements it once for any SQL [`dialect`]; `mysql` is the production dialect,
+//! `sql` implements it once for any SQL `dialect`; `mysql` is the production dialect,
 //! `sqlite` the embedded one, each with how it connects.
 
 mod dialect;

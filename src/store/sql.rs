@@ -1,5 +1,5 @@
 //! The store written once: every flow of [`Store`] as one function generic over a
-//! [`Dialect`], so the rules (what is locked and when, what a claim checks, what a
+//! `Dialect`, so the rules (what is locked and when, what a claim checks, what a
 //! refusal leaves unchanged) read the same for MySQL and SQLite because they are the
 //! same code. `mysql.rs` and `sqlite.rs` say only what truly differs.
 //!
