@@ -84,6 +84,7 @@ impl From<domain::Run> for proto::RestockRun {
             next_wave_at: run.wave.and_then(|w| w.next_wave_at).map(timestamp),
             wave: run.wave.map(|w| proto::Wave::from(w.wave)),
             last_error: run.last_error,
+            queue_size: run.queue_size,
         }
     }
 }
