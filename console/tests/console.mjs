@@ -1,8 +1,8 @@
 // Browser tests of the console: headless Chromium (Debian's, driven by playwright-core)
-// against the real service. The Rust test `tests/api/console_browser.rs` starts the
+// against the real service. The Rust test `tests/api/browser.rs` starts the
 // binary, prepares the data and runs one scenario:
 //
-//   node console/tests/console.mjs <scenario> <url> '<json parameters>'
+//   cd console && node tests/console.mjs <scenario> <url> '<json parameters>'
 //
 // Elements are found by data-testid only. Exits 0 when every check passed; otherwise
 // prints what failed (with a screenshot of the page then) and exits 1.
