@@ -1,5 +1,5 @@
 // Browser tests of the console: headless Chromium (Debian's, driven by playwright-core)
-// against the real service. The Rust test `tests/api/browser.rs` starts the
+// against the real service. The Rust test `tests/console/browser.rs` starts the
 // binary, prepares the data and runs one scenario:
 //
 //   cd console && node tests/console.mjs <scenario> <url> '<json parameters>'

@@ -1,7 +1,7 @@
 //! The console's page and gRPC-web on the gRPC address, over plain HTTP/1.1 as a
 //! browser speaks it: the page's files, `RESTOCK_CONSOLE=off`, gRPC-web calls under the
 //! same admin token check and API rate limit as any call, and CORS for other origins.
-//! (The page itself, in a browser, is tested in `browser.rs`.)
+//! (The page itself, in a browser, is tested in `tests/console/browser.rs`.)
 
 use restock_notifier::config::{CorsOrigins, Switch};
 use restock_notifier::grpc::proto;

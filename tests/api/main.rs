@@ -4,7 +4,6 @@
 mod helpers;
 
 mod alerts;
-mod browser;
 mod capabilities;
 mod cluster;
 mod console;
