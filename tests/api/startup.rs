@@ -115,7 +115,7 @@ fn out_of_range_rates_are_refused_naming_the_setting() {
         ("RESTOCK_API_RATE", "2000000000"),
         ("RESTOCK_API_RATE", "0"),
         ("RESTOCK_SEND_RATE", "0"),
-        ("RESTOCK_SEND_RATE", "100001"),
+        ("RESTOCK_SEND_RATE", "1000001"),
         ("RESTOCK_SEND_RATE", "fast"),
     ] {
         let stderr = refused_start(&[(setting, value)]);
