@@ -6,6 +6,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
+# The operator console's committed bundle, embedded by src/console.rs: no Node.js here.
+COPY console/dist console/dist
 RUN cargo build --release --locked --bins
 
 FROM debian:bookworm-slim

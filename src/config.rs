@@ -170,6 +170,17 @@ pub struct Config {
     )]
     pub webhook_backoff: Duration,
 
+    /// The operator console, a web page at `/` on the gRPC address that talks to the
+    /// service over gRPC-web: `on` or `off` (no page; gRPC-web calls are still served).
+    #[arg(long, env = "RESTOCK_CONSOLE", default_value = "on")]
+    pub console: Switch,
+
+    /// Other origins whose pages may call the API over gRPC-web (CORS), separated by
+    /// commas: `https://ops.example.com,http://localhost:5173`. The console itself is
+    /// same-origin and needs none.
+    #[arg(long, env = "RESTOCK_CORS_ORIGINS", value_parser = parse_cors_origins)]
+    pub cors_origins: Option<CorsOrigins>,
+
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -194,6 +205,53 @@ fn endpoint_url(raw: &str) -> Result<SecretUrl, Infallible> {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A feature turned `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Origins allowed to call the API from a browser, each `scheme://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsOrigins(pub Vec<http::HeaderValue>);
+
+/// Parses `RESTOCK_CORS_ORIGINS`. An origin is compared byte for byte with the one a
+/// browser sends, so anything but `scheme://host[:port]` (a path, a trailing slash, a
+/// wildcard) could never match and is refused here instead.
+fn parse_cors_origins(raw: &str) -> Result<CorsOrigins, String> {
+    let mut origins = Vec::new();
+    for origin in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let shown: String = origin.chars().take(64).collect();
+        let refused = || {
+            format!(
+                "RESTOCK_CORS_ORIGINS: {shown:?} is not an origin; write each like \
+                 https://ops.example.com or http://localhost:5173, separated by commas"
+            )
+        };
+        let url = url::Url::parse(origin).map_err(|_| refused())?;
+        let bare = matches!(url.scheme(), "http" | "https")
+            && url.host_str().is_some()
+            && url.username().is_empty()
+            && url.password().is_none()
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && !origin.ends_with('/');
+        if !bare || url.origin().ascii_serialization() != origin {
+            return Err(refused());
+        }
+        origins.push(http::HeaderValue::from_str(origin).map_err(|_| refused())?);
+    }
+    if origins.is_empty() {
+        return Err(
+            "RESTOCK_CORS_ORIGINS is empty; unset it, or list origins like \
+                    https://ops.example.com separated by commas"
+                .into(),
+        );
+    }
+    Ok(CorsOrigins(origins))
 }
 
 /// Where `/metrics` is served, if anywhere.
@@ -426,6 +484,30 @@ mod tests {
             err.contains("RESTOCK_SEND_RATE must be a whole number from 1 to 100000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cors_origins_are_bare_origins_separated_by_commas() {
+        let parsed = parse_cors_origins("https://ops.example.com, http://localhost:5173").unwrap();
+        assert_eq!(
+            parsed.0,
+            ["https://ops.example.com", "http://localhost:5173"]
+                .map(http::HeaderValue::from_static)
+        );
+        for bad in [
+            "",
+            " , ",
+            "*",
+            "ops.example.com",
+            "https://ops.example.com/",
+            "https://ops.example.com/console",
+            "ftp://ops.example.com",
+            "https://user@ops.example.com",
+            "https://OPS.example.com",
+        ] {
+            let err = parse_cors_origins(bad).unwrap_err();
+            assert!(err.contains("RESTOCK_CORS_ORIGINS"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 /// Settings: one `Config`, every field a flag and an environment variable.
 pub mod config;
+/// The operator console: the web page's files, embedded, served at `/` on the gRPC
+/// address; the page calls the API over gRPC-web.
+pub mod console;
 /// Embedded or clustered: which implementation of each capability the engine gets.
 pub mod deployment;
 /// Plain types and rules: ids, run states and their transitions, notifications, what a

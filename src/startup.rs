@@ -17,7 +17,8 @@ use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::config::{Config, MetricsListen};
+use crate::config::{Config, CorsOrigins, MetricsListen, Switch};
+use crate::console::ConsoleLayer;
 use crate::deployment::Deployment;
 use crate::engine::webhook::{WebhookClient, WebhookSettings};
 use crate::engine::{Engine, EngineSettings};
@@ -65,6 +66,8 @@ pub struct Application {
     admin_token: SecretString,
     api_rate: std::num::NonZeroU32,
     shutdown_drain: Duration,
+    console: Switch,
+    cors_origins: Option<CorsOrigins>,
     /// The gRPC server builder, with TLS when it is configured.
     server: tonic::transport::Server,
 }
@@ -79,7 +82,9 @@ impl Application {
     /// from `EngineSettings::with_config` so that the configuration's bounds hold.
     pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
         let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?
-            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
+            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+            // Browsers speak gRPC-web over HTTP/1.1 on a plaintext connection.
+            .accept_http1(true);
         match &config.tls_cert {
             Some(cert) => tracing::info!(
                 tls = true,
@@ -148,6 +153,8 @@ impl Application {
             admin_token,
             api_rate: config.api_rate,
             shutdown_drain: config.shutdown_drain,
+            console: config.console,
+            cors_origins: config.cors_origins,
             server,
         })
     }
@@ -230,8 +237,24 @@ impl Application {
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ]),
         );
+        match self.console {
+            Switch::On => tracing::info!(
+                path = "/",
+                "operator console served on the gRPC address (RESTOCK_CONSOLE=off turns it off)"
+            ),
+            Switch::Off => tracing::info!("operator console off"),
+        }
+        let cors = self.cors_origins.as_ref().map(crate::grpc::cors::layer);
         let server = self
             .server
+            // Outermost: a preflight is answered here, before the API rate limit could
+            // count it, and the listed origins' pages can read every answer.
+            .layer(tower::util::option_layer(cors))
+            // The page's own requests never reach the router, the limit or the metrics.
+            .layer(ConsoleLayer::new(self.console == Switch::On))
+            // gRPC-web in, gRPC inside: every service, its rate limit and the admin
+            // token check see a gRPC-web call as any other call.
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(observe)
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -163,6 +163,10 @@ pub struct Run {
     /// Why a `CANCELED_BY_ERROR` run failed (G4, G12): at most [`Run::LAST_ERROR_MAX`]
     /// bytes, made of fixed words and ids, never a secret.
     pub last_error: Option<String>,
+    /// Active registrations when the round started: what `sent_count` is measured
+    /// against. Registrations made during the run are notified too (G1), so a run
+    /// may send more.
+    pub queue_size: i64,
 }
 
 impl Run {

@@ -1,10 +1,11 @@
 //! The gRPC face of the service: generated code, the two services (`restock`,
 //! `admin`), proto <-> domain conversion, the one place where errors become status
 //! codes (`status`), the API rate limit (`ratelimit`), the layer that measures and
-//! traces every call (`observe`), and notifications encoded once for every stream
-//! (`wire`).
+//! traces every call (`observe`), notifications encoded once for every stream
+//! (`wire`), and CORS for gRPC-web calls from other origins (`cors`).
 
 pub mod admin;
+pub mod cors;
 pub mod observe;
 pub mod ratelimit;
 pub mod restock;
@@ -84,6 +85,7 @@ impl From<domain::Run> for proto::RestockRun {
             next_wave_at: run.wave.and_then(|w| w.next_wave_at).map(timestamp),
             wave: run.wave.map(|w| proto::Wave::from(w.wave)),
             last_error: run.last_error,
+            queue_size: run.queue_size,
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::domain::{
 pub const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, \
                                sent_count, started_at, updated_at, wave_per_unit, \
                                wave_interval_ms, wave_quota, wave_started_count, \
-                               next_wave_at, last_error";
+                               next_wave_at, last_error, queue_size";
 
 /// Columns of `product_user_notification_history` that make a [`RecordedRow`].
 pub const RECORDED_COLUMNS: &str = "id, product_id, user_id, restock_round, sent_at, position";
@@ -83,6 +83,7 @@ pub struct RunRow {
     wave_started_count: Option<i64>,
     next_wave_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
+    queue_size: i64,
 }
 
 impl RunRow {
@@ -109,6 +110,7 @@ impl RunRow {
             updated_at: self.updated_at,
             wave,
             last_error: self.last_error,
+            queue_size: self.queue_size,
         })
     }
 }

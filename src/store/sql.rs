@@ -508,12 +508,18 @@ where
         let token = FIRST_CLAIM;
         let claimed_at = Instant::now();
         let now = Utc::now();
+        // queue_size is counted from ix_pun_queue alone (product_id, is_active, ...),
+        // under the product's lock, the one registrations take: none slips between
+        // the count and the queue's end position.
         let sql = format!(
             "INSERT INTO product_notification_history \
              (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
-              started_at, updated_at, wave_per_unit, wave_interval_ms, queue_end_position) \
+              started_at, updated_at, wave_per_unit, wave_interval_ms, queue_end_position, \
+              queue_size) \
              VALUES (?, ?, 'IN_PROGRESS', ?, ?, {at}, {stamp}, {stamp}, ?, ?, \
-              (SELECT alert_seq FROM product WHERE id = ?))",
+              (SELECT alert_seq FROM product WHERE id = ?), \
+              (SELECT COUNT(*) FROM product_user_notification \
+               WHERE product_id = ? AND is_active = TRUE))",
             at = D::INSTANT,
             stamp = D::STAMP
         );
@@ -527,6 +533,7 @@ where
             .bind(D::stamp(now, TimeDelta::zero()))
             .bind(request.wave.map(|w| i64::from(w.per_unit)))
             .bind(request.wave.map(|w| w.interval.as_millis() as i64))
+            .bind(product.get())
             .bind(product.get())
             .execute(&mut *tx)
             .await;

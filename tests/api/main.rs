@@ -6,6 +6,7 @@ mod helpers;
 mod alerts;
 mod capabilities;
 mod cluster;
+mod console;
 mod embedded;
 mod errors;
 mod idempotency;

@@ -2,7 +2,7 @@
 
 use std::num::NonZeroU32;
 
-use restock_notifier::config::{Config, LogFormat, MetricsListen};
+use restock_notifier::config::{Config, LogFormat, MetricsListen, Switch};
 use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 
@@ -18,6 +18,8 @@ fn config(database_url: &str, redis_url: Option<&str>) -> Config {
         admin_token: None,
         log: "info".into(),
         log_format: LogFormat::Text,
+        console: Switch::On,
+        cors_origins: None,
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: std::time::Duration::from_secs(10),
         shutdown_drain: std::time::Duration::ZERO,
@@ -113,7 +115,7 @@ fn out_of_range_rates_are_refused_naming_the_setting() {
         ("RESTOCK_API_RATE", "2000000000"),
         ("RESTOCK_API_RATE", "0"),
         ("RESTOCK_SEND_RATE", "0"),
-        ("RESTOCK_SEND_RATE", "100001"),
+        ("RESTOCK_SEND_RATE", "1000001"),
         ("RESTOCK_SEND_RATE", "fast"),
     ] {
         let stderr = refused_start(&[(setting, value)]);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use restock_notifier::config::{Config, LogFormat};
+use restock_notifier::config::{Config, LogFormat, Switch};
 use restock_notifier::grpc::proto;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
 use restock_notifier::redact::SecretUrl;
@@ -115,6 +115,8 @@ impl TlsApp {
             admin_token: Some(crate::helpers::ADMIN_TOKEN.into()),
             log: "info".into(),
             log_format: LogFormat::Text,
+            console: Switch::On,
+            cors_origins: None,
             run_lease: Duration::from_secs(10),
             shutdown_drain: std::time::Duration::ZERO,
             metrics_listen: restock_notifier::config::MetricsListen::Off,

@@ -164,7 +164,53 @@ async fn watch_ends_unavailable_when_the_service_shuts_down(backend: Backend) {
     );
 }
 
+/// `queue_size` is the active registrations when the round started, in every answer
+/// (Trigger, Get, Watch, List): a cancelled alert is not counted, each round counts
+/// afresh, and a run that notified everyone ends with `sent_count` at it.
+async fn runs_carry_the_queue_size_their_round_started_with(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.set_stock(4, 10).await;
+    for user in 1..=6 {
+        app.register(4, user).await;
+    }
+    app.cancel(4, 3).await;
+    let started = app.trigger(4, None).await.expect("TriggerRestock");
+    assert_eq!(started.queue_size, 5);
+    let done = app.wait_until_final(4).await;
+    assert_eq!(done.status(), RunStatus::Completed);
+    assert_eq!((done.sent_count, done.queue_size), (5, 5));
+
+    // The next round counts again: user 3 is back, user 7 is new.
+    app.register(4, 3).await;
+    app.register(4, 7).await;
+    let next = app.trigger(4, None).await.expect("TriggerRestock");
+    assert_eq!((next.restock_round, next.queue_size), (2, 7));
+    app.wait_until_final(4).await;
+
+    let mut stream = watch(&app, 4, Some(1)).await.expect("WatchRestockRun");
+    let (updates, end) = watch_to_end(&mut stream).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(updates.last().map(|(_, run)| run.queue_size), Some(5));
+    let listed = app
+        .client
+        .clone()
+        .list_restock_runs(ListRestockRunsRequest {
+            product_id: Some(4),
+            ..Default::default()
+        })
+        .await
+        .expect("ListRestockRuns")
+        .into_inner();
+    let sizes: Vec<_> = listed
+        .runs
+        .iter()
+        .map(|r| (r.restock_round, r.queue_size))
+        .collect();
+    assert_eq!(sizes, [(2, 7), (1, 5)]);
+}
+
 on_each_backend!(
+    runs_carry_the_queue_size_their_round_started_with,
     watch_follows_a_run_to_its_final_state_and_ends,
     watch_of_a_finished_run_yields_its_final_state_and_ends,
     watch_refuses_unknown_runs_and_bad_ids,

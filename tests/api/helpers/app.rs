@@ -6,7 +6,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use restock_notifier::config::{Config, LogFormat, MetricsListen};
+use restock_notifier::config::{Config, CorsOrigins, LogFormat, MetricsListen, Switch};
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminServiceClient;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
@@ -67,6 +67,10 @@ pub struct Options {
     pub shutdown_drain: Duration,
     /// RESTOCK_WEBHOOK_*: deliver to this endpoint.
     pub webhook: Option<WebhookOptions>,
+    /// RESTOCK_CONSOLE.
+    pub console: Switch,
+    /// RESTOCK_CORS_ORIGINS.
+    pub cors_origins: Option<CorsOrigins>,
 }
 
 /// The webhook settings of a test's server.
@@ -93,6 +97,8 @@ impl Options {
             run_lease: Duration::from_secs(10),
             shutdown_drain: Duration::ZERO,
             webhook: None,
+            console: Switch::On,
+            cors_origins: None,
         }
     }
 }
@@ -150,6 +156,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin_token: Some(ADMIN_TOKEN.into()),
         log: "info".into(),
         log_format: LogFormat::Text,
+        console: options.console,
+        cors_origins: options.cors_origins.clone(),
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: options.run_lease,
         shutdown_drain: options.shutdown_drain,

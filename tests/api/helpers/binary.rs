@@ -61,15 +61,18 @@ pub struct ServiceProcess {
     stderr: Option<JoinHandle<Vec<u8>>>,
 }
 
-/// Starts `command` (the binary, from [`binary_command`]) listening on 127.0.0.1:0 and returns
+/// Starts `command` (the binary, from [`binary_command`]) listening on 127.0.0.1:0 (or
+/// on the `RESTOCK_LISTEN` the command sets: a restart on the same address) and returns
 /// once its log says which port it got. The process binds the port itself, before it
 /// serves, so nothing else can take the port in between and a connection made after
 /// this cannot race its start. Its log goes to stdout and must include `info` (the
 /// default); it is kept, and also shown when `TEST_LOG` is set. Fails the test if the
 /// process exits or stays silent for 30 s first.
 pub async fn start_service(mut command: Command) -> ServiceProcess {
+    if !command.get_envs().any(|(key, _)| key == "RESTOCK_LISTEN") {
+        command.env("RESTOCK_LISTEN", "127.0.0.1:0");
+    }
     let mut process = command
-        .env("RESTOCK_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .spawn()
         .expect("the binary starts");

@@ -13,12 +13,12 @@ pub fn mysql_server_url() -> String {
 }
 
 /// A name no other test uses: `prefix` and 16 random hex digits.
-pub(super) fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }
 
 impl Backend {
-    pub(super) fn fresh_database(self) -> String {
+    pub fn fresh_database(self) -> String {
         match self {
             Backend::MySql => unique("restock_test_"),
             Backend::Embedded => std::env::temp_dir()
@@ -28,7 +28,7 @@ impl Backend {
         }
     }
 
-    pub(super) fn database_url(self, database: &str) -> String {
+    pub fn database_url(self, database: &str) -> String {
         match self {
             Backend::MySql => format!("{}/{}", mysql_server_url(), database),
             Backend::Embedded => format!("sqlite://{database}"),
@@ -128,7 +128,7 @@ pub fn temp_sqlite_url() -> String {
 }
 
 /// Drops a test's database: the SQLite file, or the MySQL database.
-pub(super) fn drop_database(backend: Backend, database: &str) {
+pub fn drop_database(backend: Backend, database: &str) {
     if backend == Backend::Embedded {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{database}{suffix}"));

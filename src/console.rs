@@ -1,0 +1,230 @@
+//! The operator console: a web page served at `/` on the gRPC address, from files
+//! embedded in the binary when it is built (`console/dist`, built from `console/src`
+//! and committed, so building the service needs no Node.js). The page calls the API
+//! over gRPC-web from the same origin, through the same rate limit and admin token
+//! check as any call.
+//!
+//! A tower layer in front of the gRPC router: it answers the browser's plain `GET`s
+//! (the page, its script and style, 404 for anything else) and hands every other
+//! request, gRPC and gRPC-web, to the router unchanged. Page loads are not API calls:
+//! they are neither rate limited nor counted in the gRPC metrics.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::future::{Either, Ready, ready};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HeaderValue, IF_NONE_MATCH};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use sha2::{Digest as _, Sha256};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+/// A file of the page, as the bundler wrote it.
+struct Asset {
+    path: &'static str,
+    content_type: &'static str,
+    bytes: &'static [u8],
+}
+
+const ASSETS: &[Asset] = &[
+    Asset {
+        path: "/",
+        content_type: "text/html; charset=utf-8",
+        bytes: include_bytes!("../console/dist/index.html"),
+    },
+    Asset {
+        path: "/app.js",
+        content_type: "text/javascript; charset=utf-8",
+        bytes: include_bytes!("../console/dist/app.js"),
+    },
+    Asset {
+        path: "/app.css",
+        content_type: "text/css; charset=utf-8",
+        bytes: include_bytes!("../console/dist/app.css"),
+    },
+];
+
+/// The page loads nothing from elsewhere (no CDN, no web fonts) and talks only to its
+/// own origin: a script injected through a rendered value could not phone home.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+/// One asset with its validator, computed once at start.
+struct Served {
+    asset: &'static Asset,
+    etag: HeaderValue,
+}
+
+/// Serves the console's files, or none (`RESTOCK_CONSOLE=off`): every page request
+/// then gets 404.
+#[derive(Clone)]
+pub struct ConsoleLayer {
+    served: Arc<[Served]>,
+}
+
+impl ConsoleLayer {
+    pub fn new(enabled: bool) -> Self {
+        let served = if enabled {
+            ASSETS
+                .iter()
+                .map(|asset| Served {
+                    asset,
+                    etag: etag(asset.bytes),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            served: served.into(),
+        }
+    }
+
+    /// The bytes served at `path`, if the console serves it: for the tests of the
+    /// service and the figures of its README.
+    pub fn asset(path: &str) -> Option<&'static [u8]> {
+        ASSETS.iter().find(|a| a.path == path).map(|a| a.bytes)
+    }
+}
+
+/// A strong validator: the first 128 bits of the file's SHA-256, so a browser
+/// revalidates with `If-None-Match` and gets 304 until the binary changes.
+fn etag(bytes: &[u8]) -> HeaderValue {
+    let digest = Sha256::digest(bytes);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex digits make a header value")
+}
+
+impl<S> Layer<S> for ConsoleLayer {
+    type Service = Console<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Console {
+            inner,
+            served: self.served.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Console<S> {
+    inner: S,
+    served: Arc<[Served]>,
+}
+
+/// A browser's request for a page: a `GET` or `HEAD` that is not a gRPC call (gRPC and
+/// gRPC-web calls are `POST`s with an `application/grpc...` content type).
+fn is_page_request<B>(request: &Request<B>) -> bool {
+    let grpc = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+    (request.method() == Method::GET || request.method() == Method::HEAD) && !grpc
+}
+
+impl<S, B> Service<Request<B>> for Console<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Response<Body>, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if is_page_request(&request) {
+            Either::Left(ready(Ok(self.page(&request))))
+        } else {
+            Either::Right(self.inner.call(request))
+        }
+    }
+}
+
+impl<S> Console<S> {
+    fn page<B>(&self, request: &Request<B>) -> Response<Body> {
+        let path = request.uri().path();
+        let path = if path == "/index.html" { "/" } else { path };
+        let Some(served) = self.served.iter().find(|s| s.asset.path == path) else {
+            let text = if self.served.is_empty() {
+                "not found: the console is off (RESTOCK_CONSOLE=off)\n"
+            } else {
+                "not found: the console is at /\n"
+            };
+            return plain(StatusCode::NOT_FOUND, text);
+        };
+        let builder = Response::builder()
+            .header(ETAG, served.etag.clone())
+            // Revalidated on every load: the files change with the binary, not with
+            // time, and a 304 costs one round trip.
+            .header(CACHE_CONTROL, "no-cache")
+            .header("x-content-type-options", "nosniff")
+            .header("content-security-policy", CONTENT_SECURITY_POLICY)
+            .header("referrer-policy", "no-referrer");
+        let fresh = request
+            .headers()
+            .get(IF_NONE_MATCH)
+            .is_some_and(|tags| tags.as_bytes() == served.etag.as_bytes());
+        let response = if fresh {
+            builder
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::default())
+        } else {
+            let bytes = served.asset.bytes;
+            let body = if request.method() == Method::HEAD {
+                Body::default()
+            } else {
+                Body::new(Full::new(Bytes::from_static(bytes)))
+            };
+            builder
+                .header(CONTENT_TYPE, served.asset.content_type)
+                .header(CONTENT_LENGTH, bytes.len())
+                .body(body)
+        };
+        response.expect("static parts make a response")
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-content-type-options", "nosniff")
+        .body(Body::new(Full::new(Bytes::from_static(text.as_bytes()))))
+        .expect("static parts make a response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_requests_are_gets_that_are_not_grpc_calls() {
+        let get = Request::get("/").body(()).unwrap();
+        assert!(is_page_request(&get));
+        let grpc_web = Request::post("/restock.v1.RestockService/GetRestockRun")
+            .header(CONTENT_TYPE, "application/grpc-web+proto")
+            .body(())
+            .unwrap();
+        assert!(!is_page_request(&grpc_web));
+        let odd = Request::get("/x")
+            .header(CONTENT_TYPE, "application/grpc")
+            .body(())
+            .unwrap();
+        assert!(!is_page_request(&odd));
+    }
+
+    #[test]
+    fn every_asset_has_a_distinct_validator() {
+        let layer = ConsoleLayer::new(true);
+        let tags: std::collections::HashSet<_> =
+            layer.served.iter().map(|s| s.etag.clone()).collect();
+        assert_eq!(tags.len(), ASSETS.len());
+        assert!(ConsoleLayer::new(false).served.is_empty());
+    }
+}
