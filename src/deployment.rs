@@ -54,6 +54,7 @@ impl Deployment {
     pub async fn capabilities(
         &self,
         send_rate: NonZeroU32,
+        send_window: std::time::Duration,
         subscriber_buffer: usize,
         metrics: &Metrics,
     ) -> anyhow::Result<Capabilities> {
@@ -70,7 +71,8 @@ impl Deployment {
                     )),
                     stock_cache,
                     limiter: Arc::new(
-                        LocalLimiter::new(send_rate).context("cannot start the send limiter")?,
+                        LocalLimiter::new(send_rate, send_window)
+                            .context("cannot start the send limiter")?,
                     ),
                     bus: local_bus,
                     endpoint_pause: Arc::new(LocalPause::default()),
@@ -86,8 +88,14 @@ impl Deployment {
                     stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
                     stock_fence: Arc::new(RedisStockFence::new(client.clone(), keys.clone())),
                     limiter: Arc::new(
-                        RedisLimiter::new(client.clone(), keys, send_rate, metrics.limiter())
-                            .context("cannot start the send limiter")?,
+                        RedisLimiter::new(
+                            client.clone(),
+                            keys,
+                            send_rate,
+                            send_window,
+                            metrics.limiter(),
+                        )
+                        .context("cannot start the send limiter")?,
                     ),
                     bus: Arc::new(bus),
                     endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),

@@ -106,7 +106,12 @@ impl Application {
             MetricsListen::Off => Metrics::off(),
         };
         let mut capabilities = deployment
-            .capabilities(config.send_rate, settings.subscriber_buffer, &metrics)
+            .capabilities(
+                config.send_rate,
+                crate::engine::limiter::enforced_window(config.webhook_url.is_some()),
+                settings.subscriber_buffer,
+                &metrics,
+            )
             .await?;
         capabilities.webhook = match webhook {
             Some(webhook) => {

@@ -11,9 +11,9 @@ use fred::prelude::KeysInterface as _;
 use restock_notifier::domain::{ProductId, UserId};
 use restock_notifier::engine::bus::local::LocalBus;
 use restock_notifier::engine::bus::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
-use restock_notifier::engine::limiter::SendLimiter;
 use restock_notifier::engine::limiter::local::LocalLimiter;
 use restock_notifier::engine::limiter::redis::RedisLimiter;
+use restock_notifier::engine::limiter::{ENFORCED_WINDOW, SendLimiter};
 use restock_notifier::engine::stock::local::{LocalStockCache, LocalStockFence};
 use restock_notifier::engine::stock::redis::{RedisStockCache, RedisStockFence};
 use restock_notifier::engine::stock::{Delivery, Offered, StockCache, StockFence, StockFigure};
@@ -34,7 +34,8 @@ fn prefix() -> Keys {
 async fn limiters(redis: bool, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
     if !redis {
         let rate = NonZeroU32::new(rate).unwrap();
-        let shared: Arc<dyn SendLimiter> = Arc::new(LocalLimiter::new(rate).unwrap());
+        let shared: Arc<dyn SendLimiter> =
+            Arc::new(LocalLimiter::new(rate, ENFORCED_WINDOW).unwrap());
         return [shared.clone(), shared];
     }
     redis_limiters(&redis_url(), &prefix(), rate).await
@@ -46,7 +47,8 @@ async fn redis_limiters(url: &str, keys: &Keys, rate: u32) -> [Arc<dyn SendLimit
     let mut out = vec![];
     for _ in 0..2 {
         let client = restock_notifier::redis::connect(url).await.unwrap();
-        let limiter = RedisLimiter::new(client, keys, rate, LimiterMetrics::off()).unwrap();
+        let limiter =
+            RedisLimiter::new(client, keys, rate, ENFORCED_WINDOW, LimiterMetrics::off()).unwrap();
         limiter.acquire(1).await.unwrap();
         out.push(Arc::new(limiter) as Arc<dyn SendLimiter>);
     }

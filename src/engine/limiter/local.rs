@@ -8,8 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+#[cfg(test)]
+use super::ENFORCED_WINDOW;
 use super::fair::FairLimiter;
-use super::{ENFORCED_WINDOW as LOG_WINDOW, SendLimiter, SlotSource, Slots, Take, WINDOW};
+use super::{SendLimiter, SlotSource, Slots, Take, WINDOW};
 use crate::domain::BackendError;
 
 /// How far behind schedule the limiter may fall and still make up for it. Timers wake a
@@ -28,10 +30,11 @@ pub struct LocalLimiter {
 }
 
 impl LocalLimiter {
-    /// Starts the front's thread (see [`FairLimiter::start`]).
-    pub fn new(rate: NonZeroU32) -> std::io::Result<Self> {
+    /// Starts the front's thread (see [`FairLimiter::start`]). `window` is the one
+    /// its log enforces (`limiter::enforced_window`).
+    pub fn new(rate: NonZeroU32, window: Duration) -> std::io::Result<Self> {
         Ok(Self {
-            front: FairLimiter::start(LocalSlots::new(rate))?,
+            front: FairLimiter::start(LocalSlots::new(rate, window))?,
         })
     }
 
@@ -39,7 +42,7 @@ impl LocalLimiter {
     #[cfg(test)]
     fn here(rate: NonZeroU32) -> Self {
         Self {
-            front: FairLimiter::start_here(LocalSlots::new(rate)),
+            front: FairLimiter::start_here(LocalSlots::new(rate, ENFORCED_WINDOW)),
         }
     }
 }
@@ -64,6 +67,8 @@ pub struct LocalSlots {
     rate: u32,
     interval: Duration,
     max_catch_up: Duration,
+    /// The window the log enforces: a little longer than a second.
+    log_window: Duration,
     state: State,
 }
 
@@ -77,12 +82,13 @@ struct State {
 }
 
 impl LocalSlots {
-    pub fn new(rate: NonZeroU32) -> Self {
+    pub fn new(rate: NonZeroU32, log_window: Duration) -> Self {
         let interval = WINDOW / rate.get();
         Self {
             rate: rate.get(),
             interval,
             max_catch_up: MAX_CATCH_UP,
+            log_window,
             state: State {
                 next: Instant::now(),
                 log: VecDeque::new(),
@@ -96,7 +102,7 @@ impl LocalSlots {
     fn try_grant(&mut self, want: u32, now: Instant) -> Result<u32, Instant> {
         let state = &mut self.state;
         while let Some(&(at, count)) = state.log.front() {
-            if now.duration_since(at) < LOG_WINDOW {
+            if now.duration_since(at) < self.log_window {
                 break;
             }
             state.log.pop_front();
@@ -107,7 +113,7 @@ impl LocalSlots {
             let (oldest, _) = *state.log.front().expect("a full log is not empty");
             // Move the schedule too: a send held back by the log is not "owed", or it
             // would go out together with the next one and bunch up.
-            state.next = state.next.max(oldest + LOG_WINDOW);
+            state.next = state.next.max(oldest + self.log_window);
             return Err(state.next);
         }
         if now < state.next {
@@ -205,7 +211,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_log_holds_the_bound_when_the_schedule_would_not() {
-        let mut limiter = LocalSlots::new(NonZeroU32::new(10).unwrap());
+        let mut limiter = LocalSlots::new(NonZeroU32::new(10).unwrap(), ENFORCED_WINDOW);
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // The first timer fires 8 ms late (within the catch-up allowance, so the
@@ -217,7 +223,10 @@ mod tests {
         // The schedule says slot 10 is due at 1,000 ms, but that would put 11 sends in
         // [8 ms, 1,008 ms): the log holds it back until the late send has left the
         // window, with the log's safety margin.
-        assert_eq!(limiter.try_grant(1, ms(1_000)), Err(ms(8) + LOG_WINDOW));
-        assert_eq!(limiter.try_grant(1, ms(8) + LOG_WINDOW), Ok(1));
+        assert_eq!(
+            limiter.try_grant(1, ms(1_000)),
+            Err(ms(8) + ENFORCED_WINDOW)
+        );
+        assert_eq!(limiter.try_grant(1, ms(8) + ENFORCED_WINDOW), Ok(1));
     }
 }

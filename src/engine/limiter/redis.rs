@@ -2,7 +2,7 @@
 //!
 //! One schedule for all instances, in one hash: the next free slot (on Redis's clock),
 //! the instance that reserved last, and how late that instance may send a slot. An
-//! instance reserves a block of slots spaced `I = ENFORCED_WINDOW / rate` apart with one
+//! instance reserves a block of slots spaced `I = window / rate` apart with one
 //! script, and sends each at its time mapped to its own clock (`clock`).
 //!
 //! Why no one-second window ever holds more than `rate` sends, whatever the round trip:
@@ -13,7 +13,7 @@
 //! the previous slot's, whichever instances hold them, then all `v` are in order and
 //! `I` apart, the sends of a one-second window have their `v` within `1 s + SLACK`,
 //! and at most `floor((1 s + SLACK) / I) + 1` points that far apart fit there: `rate`,
-//! as `(1 s + SLACK) / I` is below `rate` (`I` is `ENFORCED_WINDOW / rate`, and that
+//! as `(1 s + SLACK) / I` is below `rate` (`I` is `window / rate`, and that
 //! window is longer than a second by `SLACK` and the time a run has to stamp and send).
 //! Within a block one mapping is used, so its `v` are as far apart as its slots. Between blocks the script leaves room: after another
 //! instance's last slot, that instance's `u` (ours is late by at least 0); after our
@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use super::clock::{ClockMap, Estimate};
 use super::fair::FairLimiter;
-use super::{ENFORCED_WINDOW, LATE_GRANT, SendLimiter, SlotSource, Slots, Take};
+use super::{LATE_GRANT, SendLimiter, SlotSource, Slots, Take};
 use crate::domain::BackendError;
 use crate::monitoring::LimiterMetrics;
 use crate::redis::{Keys, backend};
@@ -125,6 +125,7 @@ impl RedisLimiter {
         client: Client,
         keys: &Keys,
         rate: NonZeroU32,
+        window: Duration,
         metrics: LimiterMetrics,
     ) -> std::io::Result<Self> {
         let slots = RedisSlots {
@@ -134,7 +135,7 @@ impl RedisLimiter {
             holder: format!("{:016x}", rand::random::<u64>()),
             // Rounded up to what the script is told (a thousandth of a µs), so both space
             // slots alike.
-            interval: (ENFORCED_WINDOW.as_secs_f64() * 1e9 / f64::from(rate.get())).ceil() / 1e3,
+            interval: (window.as_secs_f64() * 1e9 / f64::from(rate.get())).ceil() / 1e3,
             clock: ClockMap::new(SAMPLES_KEPT, MOST_SAMPLES, MAX_ROUND_TRIP),
             blocks: VecDeque::new(),
             last_block: None,

@@ -384,14 +384,18 @@ fn webhook_task_failed() -> Error {
 pub(super) type Grant = std::pin::Pin<Box<dyn std::future::Future<Output = Granted> + Send>>;
 type Granted = (Result<u32, crate::domain::BackendError>, Instant);
 
-/// Asks the limiter on a task of its own, so the moment the slots arrive is known
-/// however busy the run is then; dropping the grant cancels the call.
+/// Asks the limiter on a task of its own; dropping the grant cancels the call. The
+/// instant that comes with the slots is the one the limiter handed them out at, so
+/// the time the run then takes to start them (however late this task or the run woke)
+/// counts against `grant_tolerance` (G2).
 fn ask_limiter(limiter: &Arc<dyn crate::engine::limiter::SendLimiter>, want: usize) -> Grant {
     let limiter = limiter.clone();
     let want = u32::try_from(want).unwrap_or(u32::MAX);
     let call = tokio::spawn(async move {
-        let granted = limiter.acquire(want).await.map(|slots| slots.count);
-        (granted, Instant::now())
+        match limiter.acquire(want).await {
+            Ok(slots) => (Ok(slots.count), slots.at),
+            Err(error) => (Err(error), Instant::now()),
+        }
     });
     Box::pin(async move {
         let mut call = CancelOnDrop(call);
