@@ -14,9 +14,9 @@ use restock_notifier::store::sqlite::SqliteStore;
 use restock_notifier::store::{
     After, Claimed, ClaimedRun, FinalStatus, RunClaim, SentNotification, Store, Triggered,
 };
-use sqlx::{AnyPool, Connection as _, MySqlConnection};
+use sqlx::AnyPool;
 
-use crate::helpers::{Backend, mysql_server_url};
+use crate::helpers::{Backend, drop_database, mysql_server_url};
 
 const LEASE: Duration = Duration::from_secs(10);
 
@@ -63,31 +63,7 @@ async fn fresh(backend: Backend) -> Fresh {
 
 impl Drop for Fresh {
     fn drop(&mut self) {
-        let database = self.database.clone();
-        if self.backend == Backend::Embedded {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{database}{suffix}"));
-            }
-            return;
-        }
-        // Dropped inside the test's runtime: drop the database from a thread of its own.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut conn) = MySqlConnection::connect(&mysql_server_url()).await {
-                    let _ = sqlx::raw_sql(&format!(
-                        "SET SESSION lock_wait_timeout = 5; DROP DATABASE IF EXISTS `{database}`"
-                    ))
-                    .execute(&mut conn)
-                    .await;
-                }
-            });
-        })
-        .join()
-        .ok();
+        drop_database(self.backend, &self.database);
     }
 }
 
