@@ -87,7 +87,7 @@ impl StockCache for RedisStockCache {
         figure: StockFigure,
     ) -> Result<Offered, BackendError> {
         let nonce = rand::random::<u64>() >> 1;
-        let outcome: i64 = OFFER
+        let (outcome, held): (i64, String) = OFFER
             .evalsha_with_reload(
                 &self.client,
                 vec![self.keys.stock(product)],
@@ -101,7 +101,17 @@ impl StockCache for RedisStockCache {
             .await
             .map_err(|e| backend(STORE, e))?;
         Ok(match outcome {
-            1 => Offered::Pending { nonce },
+            // The nonce of the entry to confirm: this offer's, or that of an offer of
+            // the same figure already waiting for its confirmation.
+            1 => Offered::Pending {
+                nonce: held.parse().map_err(|e| {
+                    BackendError::on_redis(
+                        STORE,
+                        false,
+                        anyhow::anyhow!("bad nonce {held:?} from the offer script: {e}"),
+                    )
+                })?,
+            },
             0 => Offered::Newer,
             _ => Offered::Stale,
         })
