@@ -64,6 +64,16 @@ async fn grpc_web(
     http1(addr, &head, &frame).await
 }
 
+/// `GetRestockRun` of a product that has no run, over gRPC-web: a cheap call whose
+/// answer (NOT_FOUND) shows it reached the service.
+async fn get_missing_run(addr: std::net::SocketAddr, extra: &[&str]) -> String {
+    let request = proto::GetRestockRunRequest {
+        product_id: 77,
+        restock_round: None,
+    };
+    grpc_web(addr, "RestockService/GetRestockRun", request, extra).await
+}
+
 /// The call's `grpc-status`: in the headers (an answer without messages) or in the
 /// trailer frame at the end of the body.
 fn grpc_status(response: &str) -> i32 {
@@ -118,16 +128,7 @@ async fn with_the_console_off_the_root_is_not_found(backend: Backend) {
     assert!(status_line(&page).contains(" 404 "), "{page}");
     assert!(!page.contains("data-testid"), "{page}");
     // gRPC-web calls are still served.
-    let call = grpc_web(
-        app.addr,
-        "RestockService/GetRestockRun",
-        proto::GetRestockRunRequest {
-            product_id: 77,
-            restock_round: None,
-        },
-        &[],
-    )
-    .await;
+    let call = get_missing_run(app.addr, &[]).await;
     assert_eq!(grpc_status(&call), tonic::Code::NotFound as i32, "{call}");
 }
 
@@ -212,16 +213,7 @@ async fn grpc_web_calls_count_against_the_api_rate_limit(backend: Backend) {
     let app = spawn_app_with(options).await;
     let mut codes = Vec::new();
     for _ in 0..8 {
-        let call = grpc_web(
-            app.addr,
-            "RestockService/GetRestockRun",
-            proto::GetRestockRunRequest {
-                product_id: 77,
-                restock_round: None,
-            },
-            &[],
-        )
-        .await;
+        let call = get_missing_run(app.addr, &[]).await;
         codes.push(grpc_status(&call));
     }
     // A burst of 3, then one every third of a second: most of 8 quick calls are refused.
@@ -252,16 +244,7 @@ async fn listed_origins_get_cors_answers_and_preflights_are_not_rate_limited(bac
             "{answer}"
         );
     }
-    let call = grpc_web(
-        app.addr,
-        "RestockService/GetRestockRun",
-        proto::GetRestockRunRequest {
-            product_id: 77,
-            restock_round: None,
-        },
-        &["Origin: http://ops.example"],
-    )
-    .await;
+    let call = get_missing_run(app.addr, &["Origin: http://ops.example"]).await;
     // The preflights did not use up the limit of 1 a second.
     assert_eq!(grpc_status(&call), tonic::Code::NotFound as i32, "{call}");
     assert_eq!(

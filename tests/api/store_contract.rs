@@ -68,6 +68,15 @@ impl Drop for Fresh {
 }
 
 impl Fresh {
+    /// Whether a takeover now finds no run whose lease ran out.
+    async fn nothing_to_take_over(&self) -> bool {
+        self.store
+            .take_over_expired(LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    }
+
     /// A product with `stock` and `users` registered in this order.
     async fn product(&self, id: i64, stock: i64, users: &[i64]) -> ProductId {
         let product = ProductId::parse(id).unwrap();
@@ -628,13 +637,7 @@ async fn a_released_run_is_taken_over_at_once_from_its_cursor(backend: Backend) 
     assert_eq!(taken[0].cursor, Some(queue[0].position));
     assert_eq!(taken[0].claim.queue_end, run.claim.queue_end);
     // Taken: its new lease is running.
-    assert!(
-        t.store
-            .take_over_expired(LEASE, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(t.nothing_to_take_over().await);
 }
 
 async fn take_over_expired_claims_each_expired_run_once_up_to_the_limit(backend: Backend) {
@@ -651,13 +654,7 @@ async fn take_over_expired_claims_each_expired_run_once_up_to_the_limit(backend:
     let mut products = [first[0].claim.product_id, second[0].claim.product_id].map(|p| p.get());
     products.sort();
     assert_eq!(products, [1, 2], "the run with a live lease stays");
-    assert!(
-        t.store
-            .take_over_expired(LEASE, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(t.nothing_to_take_over().await);
 }
 
 async fn a_wave_waits_with_its_claim_released_until_its_next_wave(backend: Backend) {
@@ -700,13 +697,7 @@ async fn a_wave_waits_with_its_claim_released_until_its_next_wave(backend: Backe
     let next = state.next_wave_at.expect("the next wave is set");
     assert!(next > Utc::now() + chrono::Duration::seconds(50), "{next}");
     assert!(!t.store.holds_claim(&run.claim).await.unwrap());
-    assert!(
-        t.store
-            .take_over_expired(LEASE, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(t.nothing_to_take_over().await);
 }
 
 async fn next_registrations_pages_after_the_cursor_and_skips_users_recorded_in_the_round(
