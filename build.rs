@@ -1,9 +1,10 @@
 //! Generates the gRPC code from `proto/` with a vendored protoc, so no system protoc is needed.
 //!
-//! Two passes over the same file. The first makes the messages and the clients. The
+//! The API is two passes over the same file. The first makes the messages and the clients. The
 //! second makes the servers only, on those messages, except that `Subscribe` streams
 //! `crate::grpc::wire::EncodedNotification`: a `Notification` already encoded, so that
-//! a notification going to many streams is encoded once, not once per stream.
+//! a notification going to many streams is encoded once, not once per stream. The bus's
+//! wire format, which only instances speak to each other, is messages only.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -26,6 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .extern_path(".restock.v1", "crate::grpc::proto")
         .compile_protos(&protos, &["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&["proto/restock/bus/v1/bus.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -60,7 +60,7 @@ pub struct Config {
     #[arg(long, env = "RESTOCK_REDIS_PREFIX", default_value = "restock:")]
     pub redis_prefix: String,
 
-    /// Notifications sent per second, at most, in any one-second window (1 to 100000).
+    /// Notifications sent per second, at most, in any one-second window (1 to 1000000).
     #[arg(
         long,
         env = "RESTOCK_SEND_RATE",
@@ -481,7 +481,7 @@ mod tests {
         );
         let err = with("send-rate", "0").unwrap_err();
         assert!(
-            err.contains("RESTOCK_SEND_RATE must be a whole number from 1 to 100000"),
+            err.contains("RESTOCK_SEND_RATE must be a whole number from 1 to 1000000"),
             "{err}"
         );
     }

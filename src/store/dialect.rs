@@ -66,13 +66,46 @@ pub trait Dialect: Send + Sync + 'static {
         pool: &sqlx::Pool<Self::DB>,
     ) -> impl Future<Output = Result<DateTime<Utc>, sqlx::Error>> + Send;
 
-    /// Whether an error means the database cannot be reached or take writes at the
-    /// moment (UNAVAILABLE: retrying later may work), rather than a failure (INTERNAL).
-    fn unavailable(err: &sqlx::Error) -> bool;
+    /// The database's own code of an error it answered with (an error number, a result
+    /// code), as [`Dialect::UNAVAILABLE`] and [`Dialect::DEADLOCKED`] list them; `None`
+    /// for an error of the driver or the connection.
+    fn code(err: &dyn sqlx::error::DatabaseError) -> Option<i64>;
 
-    /// Whether a transaction failed only because it lost a deadlock or a lock wait, so
-    /// running it again from the start may succeed.
-    fn deadlocked(err: &sqlx::Error) -> bool;
+    /// Codes of a database that cannot take writes at the moment: retrying later, on a
+    /// new connection, may work (UNAVAILABLE, not INTERNAL).
+    const UNAVAILABLE: &'static [i64];
+
+    /// Codes of a transaction that failed only because it lost a deadlock or a lock
+    /// wait, so that running it again from the start may succeed.
+    const DEADLOCKED: &'static [i64];
+
+    /// Whether an error means the database cannot be reached or take writes at the
+    /// moment (UNAVAILABLE: retrying later may work), rather than a failure (INTERNAL):
+    /// the connection or the pool failed, or the database answered with one of
+    /// [`Dialect::UNAVAILABLE`].
+    fn unavailable(err: &sqlx::Error) -> bool {
+        matches!(
+            err,
+            sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+        ) || Self::answered(err, Self::UNAVAILABLE)
+    }
+
+    /// Whether a transaction may be run again from the start: it lost a deadlock or a
+    /// lock wait ([`Dialect::DEADLOCKED`]).
+    fn deadlocked(err: &sqlx::Error) -> bool {
+        Self::answered(err, Self::DEADLOCKED)
+    }
+
+    /// Whether the database answered with one of `codes`.
+    fn answered(err: &sqlx::Error, codes: &[i64]) -> bool {
+        err.as_database_error()
+            .and_then(Self::code)
+            .is_some_and(|code| codes.contains(&code))
+    }
 
     /// The store's error for a driver error.
     fn error(err: sqlx::Error) -> Error {

@@ -23,9 +23,20 @@ pub type MySqlStore = SqlStore<MySqlDialect>;
 
 pub struct MySqlDialect;
 
-/// MySQL error numbers worth telling apart.
-const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
-const ER_LOCK_DEADLOCK: u16 = 1213;
+/// A lock wait ran out (`innodb_lock_wait_timeout`).
+const ER_LOCK_WAIT_TIMEOUT: i64 = 1205;
+/// The transaction was chosen as a deadlock's victim.
+const ER_LOCK_DEADLOCK: i64 = 1213;
+/// `--read-only` (or `--super-read-only`) prevents the statement.
+const ER_OPTION_PREVENTS_STATEMENT: i64 = 1290;
+/// A write in a transaction started READ ONLY.
+const ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION: i64 = 1792;
+/// `innodb_read_only` and the like.
+const ER_READ_ONLY_MODE: i64 = 1836;
+/// Galera: the node is not ready ("WSREP has not yet prepared node for application use").
+const ER_UNKNOWN_COM_ERROR: i64 = 1047;
+/// The server is shutting down.
+const ER_SERVER_SHUTDOWN: i64 = 1053;
 
 /// A moment on the server's clock: `?` microseconds from the statement's
 /// `CURRENT_TIMESTAMP(6)` (constant within a statement, so two moments of one
@@ -84,57 +95,23 @@ impl Dialect for MySqlDialect {
         Ok(now.and_utc())
     }
 
-    /// Connection-level failures, and a server that refuses writes for now.
-    fn unavailable(err: &sqlx::Error) -> bool {
-        matches!(
-            err,
-            sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-        ) || refuses_writes_for_now(err)
+    fn code(err: &dyn sqlx::error::DatabaseError) -> Option<i64> {
+        err.try_downcast_ref::<MySqlDatabaseError>()
+            .map(|err| i64::from(err.number()))
     }
 
-    fn deadlocked(err: &sqlx::Error) -> bool {
-        matches!(
-            error_number(err),
-            Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
-        )
-    }
-}
+    /// A server that takes no writes at the moment, as a primary does that was demoted
+    /// in a failover (read-only until the new primary is found), or a Galera node out
+    /// of its cluster.
+    const UNAVAILABLE: &'static [i64] = &[
+        ER_OPTION_PREVENTS_STATEMENT,
+        ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION,
+        ER_READ_ONLY_MODE,
+        ER_UNKNOWN_COM_ERROR,
+        ER_SERVER_SHUTDOWN,
+    ];
 
-fn error_number(err: &sqlx::Error) -> Option<u16> {
-    err.as_database_error()?
-        .try_downcast_ref::<MySqlDatabaseError>()
-        .map(MySqlDatabaseError::number)
-}
-
-/// Errors of a server that takes no writes at the moment, as a primary does that was
-/// demoted in a failover (read-only until the new primary is found), or a Galera node
-/// out of its cluster. Retrying later, through a new connection, may work:
-/// UNAVAILABLE, not INTERNAL.
-fn refuses_writes_for_now(err: &sqlx::Error) -> bool {
-    /// `--read-only` (or `--super-read-only`) prevents the statement.
-    const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
-    /// A write in a transaction started READ ONLY.
-    const ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION: u16 = 1792;
-    /// `innodb_read_only` and the like.
-    const ER_READ_ONLY_MODE: u16 = 1836;
-    /// Galera: the node is not ready ("WSREP has not yet prepared node for application use").
-    const ER_UNKNOWN_COM_ERROR: u16 = 1047;
-    /// The server is shutting down.
-    const ER_SERVER_SHUTDOWN: u16 = 1053;
-    error_number(err).is_some_and(|number| {
-        matches!(
-            number,
-            ER_OPTION_PREVENTS_STATEMENT
-                | ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
-                | ER_READ_ONLY_MODE
-                | ER_UNKNOWN_COM_ERROR
-                | ER_SERVER_SHUTDOWN
-        )
-    })
+    const DEADLOCKED: &'static [i64] = &[ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT];
 }
 
 /// Connections of the pool when RESTOCK_DB_POOL_SIZE is not set: four per core of this

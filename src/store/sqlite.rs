@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, TimeDelta, Utc};
+use libsqlite3_sys::{
+    SQLITE_BUSY, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_IOERR, SQLITE_LOCKED, SQLITE_READONLY,
+};
 use sqlx::Sqlite;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteQueryResult,
@@ -82,40 +85,26 @@ impl Dialect for SqliteDialect {
         Ok(Utc::now())
     }
 
-    fn unavailable(err: &sqlx::Error) -> bool {
-        matches!(
-            err,
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-        ) || refuses_writes_for_now(err)
+    /// The primary result code, the low byte of an extended one.
+    fn code(err: &dyn sqlx::error::DatabaseError) -> Option<i64> {
+        err.code()?.parse::<i64>().ok().map(|code| code & 0xff)
     }
 
-    /// The single writer orders transactions instead: one waits for the write lock
-    /// (up to the busy timeout), it never deadlocks.
-    fn deadlocked(_err: &sqlx::Error) -> bool {
-        false
-    }
-}
+    /// A file that cannot be written at the moment: busy or locked past the timeout,
+    /// read-only (a read-only mount or file, a standby copy), an I/O error, a full disk,
+    /// a file that cannot be opened.
+    const UNAVAILABLE: &'static [i64] = &[
+        SQLITE_BUSY as i64,
+        SQLITE_LOCKED as i64,
+        SQLITE_READONLY as i64,
+        SQLITE_IOERR as i64,
+        SQLITE_FULL as i64,
+        SQLITE_CANTOPEN as i64,
+    ];
 
-/// SQLite result codes (the primary code, the low byte of an extended one) of a file
-/// that cannot be written at the moment: read-only (a read-only mount or file, a
-/// standby copy), busy or locked past the timeout, an I/O error, a full disk, a file
-/// that cannot be opened. Retrying later may work: UNAVAILABLE, not INTERNAL.
-fn refuses_writes_for_now(err: &sqlx::Error) -> bool {
-    const BUSY: i64 = 5;
-    const LOCKED: i64 = 6;
-    const READONLY: i64 = 8;
-    const IOERR: i64 = 10;
-    const FULL: i64 = 13;
-    const CANTOPEN: i64 = 14;
-    err.as_database_error()
-        .and_then(|db| db.code())
-        .and_then(|code| code.parse::<i64>().ok())
-        .is_some_and(|code| {
-            matches!(
-                code & 0xff,
-                BUSY | LOCKED | READONLY | IOERR | FULL | CANTOPEN
-            )
-        })
+    /// None: the single writer orders transactions instead; one waits for the write
+    /// lock (up to the busy timeout), it never deadlocks.
+    const DEADLOCKED: &'static [i64] = &[];
 }
 
 /// Read-only connections when RESTOCK_DB_POOL_SIZE is not set: one per core of this

@@ -22,57 +22,13 @@ use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
 use crate::domain::{BackendError, Component, ProductId, RunStatus, UserId};
 use crate::redis::{Keys, backend};
+use wire::{Event as WireEvent, Kind as WireKind, Status as WireStatus};
 
 const STORE: Component = Component::NotificationBus;
 
-/// A bus event on the wire. Compact on purpose: a batch at 500/s is published every
-/// few milliseconds, and every instance decodes it.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireEvent {
-    #[prost(enumeration = "WireKind", tag = "1")]
-    kind: i32,
-    #[prost(int64, tag = "2")]
-    product_id: i64,
-    #[prost(int64, tag = "3")]
-    restock_round: i64,
-    /// `prev_position` of a batch, `last_position` of an ended run.
-    #[prost(int64, optional, tag = "4")]
-    position: Option<i64>,
-    #[prost(int64, repeated, tag = "5")]
-    user_ids: Vec<i64>,
-    #[prost(int64, repeated, tag = "6")]
-    positions: Vec<i64>,
-    #[prost(int64, tag = "7")]
-    sent_at_micros: i64,
-    // Tag 8 was the status of an ended run as text; never reuse it.
-    #[prost(int64, tag = "9")]
-    claim: i64,
-    /// The status of an ended run.
-    #[prost(enumeration = "WireStatus", tag = "10")]
-    status: i32,
-}
-
-/// What a [`WireEvent`] says happened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-enum WireKind {
-    Unspecified = 0,
-    /// A batch was sent.
-    Sent = 1,
-    /// A run left its instance.
-    RunEnded = 2,
-}
-
-/// A run's status on the wire; the numbers are fixed for good, whatever the Rust enum
-/// becomes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-enum WireStatus {
-    Unspecified = 0,
-    InProgress = 1,
-    CanceledBySoldOut = 2,
-    CanceledByError = 3,
-    Completed = 4,
+/// The wire format of bus events, generated from `proto/restock/bus/v1/bus.proto`.
+mod wire {
+    include!(concat!(env!("OUT_DIR"), "/restock.bus.v1.rs"));
 }
 
 impl From<RunStatus> for WireStatus {
