@@ -209,14 +209,26 @@ async fn a_commit_stall_pauses_sends_within_a_second_and_loses_or_repeats_nothin
         .await
         .unwrap();
     let stall_end = tokio::time::Instant::now() + Duration::from_secs(4);
-    // During the stall, a subscriber resumes after the last recorded notification.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let last_recorded: i64 = sqlx::query_scalar(
-        "SELECT user_id FROM product_user_notification_history ORDER BY id DESC LIMIT 1",
+    // During the stall, once it holds notifications delivered but unrecorded, a
+    // subscriber resumes after the last recorded one.
+    let db = &apps[0].db;
+    let last_recorded: i64 = poll_until(
+        Duration::from_secs(3),
+        "notifications delivered but not recorded",
+        || async move {
+            let (recorded, last): (i64, Option<i64>) = sqlx::query_as(
+                "SELECT COUNT(*), MAX(user_id) FROM product_user_notification_history",
+            )
+            .fetch_one(db)
+            .await
+            .unwrap();
+            match delivered.load(std::sync::atomic::Ordering::SeqCst) as i64 - recorded {
+                unrecorded if unrecorded >= 100 => Ok(last.unwrap()),
+                unrecorded => Err(unrecorded),
+            }
+        },
     )
-    .fetch_one(&apps[0].db)
-    .await
-    .unwrap();
+    .await;
     let mut resumed = apps[1]
         .subscribe(SubscribeRequest {
             resume_after: Some(format!("1-1-{last_recorded}")),

@@ -7,8 +7,9 @@ use std::time::Duration;
 use fred::prelude::{ClientLike as _, KeysInterface as _};
 use fred::types::scripts::Script;
 use futures::StreamExt as _;
+use restock_notifier::domain::ProductId;
 use restock_notifier::engine::bus::redis::RedisBus;
-use restock_notifier::engine::bus::{BusEvent, NotificationBus as _};
+use restock_notifier::engine::bus::{BusEvent, NotificationBus as _, RunKey};
 use restock_notifier::grpc::proto::{self, RunStatus};
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
@@ -164,20 +165,24 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
     survivor.register_bulk(1, &users).await;
     // What the shared bus carries, as every instance's streams are fed from it (the
     // streams themselves drop what they have seen; the bus does not).
-    let mut bus = raw_bus(&survivor.redis_prefix).await.subscribe();
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let feed = raw_bus(&survivor.redis_prefix).await;
+    let mut bus = feed.subscribe();
+    // The test's own last word on the bus: once it arrives, whatever was published
+    // before it has arrived too (Redis delivers a channel in the order it executed).
+    let marker = RunKey {
+        product_id: ProductId::parse(2).unwrap(),
+        restock_round: 99,
+    };
     let published = tokio::spawn(async move {
         let mut users = vec![];
         loop {
-            tokio::select! {
-                event = bus.recv() => match event.as_deref() {
-                    Ok(BusEvent::Sent(batch)) => {
-                        users.extend(batch.items.iter().map(|i| (batch.claim, i.user_id.get())))
-                    }
-                    Ok(_) => {}
-                    Err(err) => panic!("the test's bus feed broke: {err}"),
-                },
-                _ = &mut stopped => return users,
+            match bus.recv().await.as_deref() {
+                Ok(BusEvent::Sent(batch)) => {
+                    users.extend(batch.items.iter().map(|i| (batch.claim, i.user_id.get())))
+                }
+                Ok(BusEvent::RunEnded { run, .. }) if *run == marker => return users,
+                Ok(_) => {}
+                Err(err) => panic!("the test's bus feed broke: {err}"),
             }
         }
     });
@@ -202,8 +207,26 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
 
     // What the bus carried: once a batch of the new claim was delivered, none of the
     // old one follows (the held delivery arrives after the takeover and does nothing).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.send(()).ok();
+    // Once Redis has answered the held delivery, it has executed it, so the marker
+    // published after that follows whatever it published.
+    poll_until(
+        Duration::from_secs(10),
+        "Redis answered the held delivery",
+        || async {
+            match redis.answered() {
+                0 => Err(0),
+                answered => Ok(answered),
+            }
+        },
+    )
+    .await;
+    feed.publish(BusEvent::RunEnded {
+        run: marker,
+        status: restock_notifier::domain::RunStatus::Completed,
+        last_position: None,
+    })
+    .await
+    .unwrap();
     let seen = published.await.unwrap();
     assert!(seen.len() >= users.len(), "every user reached the bus");
     let mut newest = 0;

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ struct Faults {
     hold: Option<Hold>,
     /// How many chunks the hold took (so a test knows it happened).
     held: u64,
+    /// How many held requests have been answered: a reply came back on the held
+    /// request's connection after the request reached the server.
+    answered: u64,
 }
 
 /// A proxy listening on `127.0.0.1:0`, forwarding to one upstream address.
@@ -71,6 +75,9 @@ impl FaultProxy {
                     server.set_nodelay(true).ok();
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
+                    // Set once a held request reaches the server, until a reply to it
+                    // comes back on this connection.
+                    let awaiting_answer = Arc::new(AtomicBool::new(false));
                     for (way, from, to) in [
                         (Way::Up, Box::new(cr) as Reader, Box::new(sw) as Writer),
                         (Way::Down, Box::new(sr) as Reader, Box::new(cw) as Writer),
@@ -80,6 +87,7 @@ impl FaultProxy {
                             from,
                             to,
                             faults.clone(),
+                            awaiting_answer.clone(),
                             frozen.subscribe(),
                             cut.subscribe(),
                         ));
@@ -154,6 +162,13 @@ impl FaultProxy {
         self.faults.lock().unwrap().held
     }
 
+    /// How many held requests (`Way::Up`) have been answered so far: after one reached
+    /// the server, the server sent something back on its connection. A server that
+    /// answers a connection's requests in order (Redis, MySQL) had then executed it.
+    pub fn answered(&self) -> u64 {
+        self.faults.lock().unwrap().answered
+    }
+
     /// A partition: nothing crosses either way until `thaw`, and no connection closes,
     /// so each side sees a silent peer.
     pub fn freeze(&self) {
@@ -191,15 +206,17 @@ async fn pump(
     mut from: Reader,
     mut to: Writer,
     faults: Arc<Mutex<Faults>>,
+    awaiting_answer: Arc<AtomicBool>,
     mut frozen: watch::Receiver<bool>,
     mut cut: watch::Receiver<u64>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, bool)>();
     let mut write_cut = cut.clone();
+    let answers = faults.clone();
     let writer = tokio::spawn(async move {
         let mut not_before = Instant::now();
         loop {
-            let (at, chunk) = tokio::select! {
+            let (at, chunk, held) = tokio::select! {
                 next = rx.recv() => match next { Some(next) => next, None => break },
                 _ = write_cut.changed() => break,
             };
@@ -214,7 +231,16 @@ async fn pump(
                     _ = write_cut.changed() => return,
                 }
             }
-            if to.write_all(&chunk).await.is_err() {
+            let written = to.write_all(&chunk).await;
+            // An answer counts even if its client has gone.
+            match way {
+                Way::Up if held => awaiting_answer.store(true, Ordering::SeqCst),
+                Way::Down if awaiting_answer.swap(false, Ordering::SeqCst) => {
+                    answers.lock().unwrap().answered += 1;
+                }
+                _ => {}
+            }
+            if written.is_err() {
                 break;
             }
         }
@@ -227,7 +253,7 @@ async fn pump(
             _ = cut.changed() => break,
         };
         let chunk = buf[..n].to_vec();
-        let release = {
+        let (release, held) = {
             let mut f = faults.lock().unwrap();
             let mut at = Instant::now() + f.delay;
             let take = f.hold.as_ref().is_some_and(|h| {
@@ -239,9 +265,9 @@ async fn pump(
                 at += f.hold.take().unwrap().duration;
                 f.held += 1;
             }
-            at
+            (at, take)
         };
-        if tx.send((release, chunk)).is_err() {
+        if tx.send((release, chunk, held)).is_err() {
             break;
         }
     }
