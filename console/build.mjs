@@ -1,9 +1,9 @@
-// Bundles the console into dist/: index.html, app.js and app.css, the three files the
-// service embeds. The output depends only on the sources and on the versions pinned in
-// package-lock.json (no timestamps, no content hashes in names), so CI can rebuild it
-// and compare it with the committed one.
+// Bundles the console's script and style into dist/app.js and dist/app.css, which the
+// service embeds with src/index.html, the page as written. The output depends only on
+// the sources and on the versions pinned in package-lock.json (no timestamps, no
+// content hashes in names), so CI can rebuild it and compare it with the committed one.
 import { build } from "esbuild";
-import { copyFile, mkdir } from "node:fs/promises";
+import { mkdir } from "node:fs/promises";
 
 await mkdir("dist", { recursive: true });
 await build({
@@ -25,4 +25,3 @@ await build({
   minify: true,
   logLevel: "warning",
 });
-await copyFile("src/index.html", "dist/index.html");

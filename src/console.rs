@@ -1,50 +1,74 @@
 //! The operator console: a web page served at `/` on the gRPC address, from files
-//! embedded in the binary when it is built (`console/dist`, built from `console/src`
-//! and committed, so building the service needs no Node.js). The page calls the API
+//! embedded in the binary when it is built (`console/src/index.html` as written, and
+//! `console/dist`, built from `console/src` and committed, so building the service
+//! needs no Node.js; `build.rs` adds a gzip copy of each). The page calls the API
 //! over gRPC-web from the same origin, through the same rate limit and admin token
 //! check as any call.
 //!
 //! A tower layer in front of the gRPC router: it answers the browser's plain `GET`s
 //! (the page, its script and style, 404 for anything else) and hands every other
 //! request, gRPC and gRPC-web, to the router unchanged. Page loads are not API calls:
-//! they are neither rate limited nor counted in the gRPC metrics.
+//! they are neither rate limited nor counted in the gRPC metrics. A browser that accepts
+//! gzip gets the compressed copy, a third of the bytes.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::future::{Either, Ready, ready};
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HeaderValue, IF_NONE_MATCH};
+use http::header::{
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG,
+    HeaderMap, HeaderValue, IF_NONE_MATCH, VARY,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest as _, Sha256};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-/// A file of the page, as the bundler wrote it.
+/// A file of the page, as written or as the bundler wrote it, and gzip-compressed.
 struct Asset {
     path: &'static str,
     content_type: &'static str,
     bytes: &'static [u8],
+    gzip: &'static [u8],
 }
 
-const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/",
-        content_type: "text/html; charset=utf-8",
-        bytes: include_bytes!("../console/dist/index.html"),
-    },
-    Asset {
-        path: "/app.js",
-        content_type: "text/javascript; charset=utf-8",
-        bytes: include_bytes!("../console/dist/app.js"),
-    },
-    Asset {
-        path: "/app.css",
-        content_type: "text/css; charset=utf-8",
-        bytes: include_bytes!("../console/dist/app.css"),
-    },
-];
+/// An embedded file of the console and its compressed copy from `build.rs`.
+macro_rules! console_file {
+    ($source:literal, $name:literal) => {
+        (
+            include_bytes!(concat!("../console/", $source, "/", $name)),
+            include_bytes!(concat!(env!("OUT_DIR"), "/console/", $name, ".gz")),
+        )
+    };
+}
+
+const ASSETS: [Asset; 3] = {
+    let page = console_file!("src", "index.html");
+    let script = console_file!("dist", "app.js");
+    let style = console_file!("dist", "app.css");
+    [
+        Asset {
+            path: "/",
+            content_type: "text/html; charset=utf-8",
+            bytes: page.0,
+            gzip: page.1,
+        },
+        Asset {
+            path: "/app.js",
+            content_type: "text/javascript; charset=utf-8",
+            bytes: script.0,
+            gzip: script.1,
+        },
+        Asset {
+            path: "/app.css",
+            content_type: "text/css; charset=utf-8",
+            bytes: style.0,
+            gzip: style.1,
+        },
+    ]
+};
 
 /// The page loads nothing from elsewhere (no CDN, no web fonts) and talks only to its
 /// own origin: a script injected through a rendered value could not phone home.
@@ -52,10 +76,11 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
-/// One asset with its validator, computed once at start.
+/// One asset with the validators of its two encodings, computed once at start.
 struct Served {
     asset: &'static Asset,
     etag: HeaderValue,
+    gzip_etag: HeaderValue,
 }
 
 /// Serves the console's files, or none (`RESTOCK_CONSOLE=off`): every page request
@@ -73,6 +98,7 @@ impl ConsoleLayer {
                 .map(|asset| Served {
                     asset,
                     etag: etag(asset.bytes),
+                    gzip_etag: etag(asset.gzip),
                 })
                 .collect()
         } else {
@@ -87,6 +113,11 @@ impl ConsoleLayer {
     /// service and the figures of its README.
     pub fn asset(path: &str) -> Option<&'static [u8]> {
         ASSETS.iter().find(|a| a.path == path).map(|a| a.bytes)
+    }
+
+    /// The same, gzip-compressed, as a browser that accepts gzip gets it.
+    pub fn compressed_asset(path: &str) -> Option<&'static [u8]> {
+        ASSETS.iter().find(|a| a.path == path).map(|a| a.gzip)
     }
 }
 
@@ -113,6 +144,33 @@ impl<S> Layer<S> for ConsoleLayer {
 pub struct Console<S> {
     inner: S,
     served: Arc<[Served]>,
+}
+
+/// Whether a request's `Accept-Encoding` takes gzip: with a weight above zero, given to
+/// `gzip` by name or else to `*` (RFC 9110, 12.5.3). Without the header, no encoding is
+/// assumed.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    let items = headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','));
+    for item in items {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or_default();
+        let weight = parts
+            .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
+            .map_or(Some(1.0), |q| q.parse::<f32>().ok())
+            .unwrap_or(0.0);
+        if coding.eq_ignore_ascii_case("gzip") {
+            gzip = Some(weight);
+        } else if coding == "*" {
+            any = Some(weight);
+        }
+    }
+    gzip.or(any).is_some_and(|weight| weight > 0.0)
 }
 
 /// A browser's request for a page: a `GET` or `HEAD` that is not a gRPC call (gRPC and
@@ -158,8 +216,15 @@ impl<S> Console<S> {
             };
             return plain(StatusCode::NOT_FOUND, text);
         };
+        let gzip = accepts_gzip(request.headers());
+        let (bytes, etag) = if gzip {
+            (served.asset.gzip, &served.gzip_etag)
+        } else {
+            (served.asset.bytes, &served.etag)
+        };
         let builder = Response::builder()
-            .header(ETAG, served.etag.clone())
+            .header(ETAG, etag.clone())
+            .header(VARY, "accept-encoding")
             // Revalidated on every load: the files change with the binary, not with
             // time, and a 304 costs one round trip.
             .header(CACHE_CONTROL, "no-cache")
@@ -169,22 +234,24 @@ impl<S> Console<S> {
         let fresh = request
             .headers()
             .get(IF_NONE_MATCH)
-            .is_some_and(|tags| tags.as_bytes() == served.etag.as_bytes());
+            .is_some_and(|tags| tags.as_bytes() == etag.as_bytes());
         let response = if fresh {
             builder
                 .status(StatusCode::NOT_MODIFIED)
                 .body(Body::default())
         } else {
-            let bytes = served.asset.bytes;
             let body = if request.method() == Method::HEAD {
                 Body::default()
             } else {
                 Body::new(Full::new(Bytes::from_static(bytes)))
             };
-            builder
+            let builder = builder
                 .header(CONTENT_TYPE, served.asset.content_type)
-                .header(CONTENT_LENGTH, bytes.len())
-                .body(body)
+                .header(CONTENT_LENGTH, bytes.len());
+            match gzip {
+                true => builder.header(CONTENT_ENCODING, "gzip").body(body),
+                false => builder.body(body),
+            }
         };
         response.expect("static parts make a response")
     }
@@ -220,11 +287,33 @@ mod tests {
     }
 
     #[test]
-    fn every_asset_has_a_distinct_validator() {
+    fn gzip_is_taken_by_name_or_else_by_star_with_a_weight_above_zero() {
+        let accepts = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+            }
+            accepts_gzip(&headers)
+        };
+        assert!(accepts(Some("gzip, deflate, br, zstd")));
+        assert!(accepts(Some("br;q=1.0, GZIP;q=0.5")));
+        assert!(accepts(Some("*")));
+        assert!(!accepts(None));
+        assert!(!accepts(Some("identity")));
+        assert!(!accepts(Some("br, gzip;q=0")));
+        assert!(!accepts(Some("gzip;q=nonsense")));
+        assert!(!accepts(Some("*;q=0.5, gzip;q=0")));
+    }
+
+    #[test]
+    fn every_asset_and_encoding_has_a_distinct_validator() {
         let layer = ConsoleLayer::new(true);
-        let tags: std::collections::HashSet<_> =
-            layer.served.iter().map(|s| s.etag.clone()).collect();
-        assert_eq!(tags.len(), ASSETS.len());
+        let tags: std::collections::HashSet<_> = layer
+            .served
+            .iter()
+            .flat_map(|s| [s.etag.clone(), s.gzip_etag.clone()])
+            .collect();
+        assert_eq!(tags.len(), 2 * ASSETS.len());
         assert!(ConsoleLayer::new(false).served.is_empty());
     }
 }

@@ -4,13 +4,20 @@
 //! (The page itself, in a browser, is tested in `tests/console/browser.rs`.)
 
 use restock_notifier::config::{CorsOrigins, Switch};
+use restock_notifier::console::ConsoleLayer;
 use restock_notifier::grpc::proto;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::helpers::*;
 
-/// An HTTP/1.1 exchange on a connection of its own: the whole response as received.
+/// An HTTP/1.1 exchange on a connection of its own: the whole response as received,
+/// as text.
 async fn http1(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
+    String::from_utf8_lossy(&http1_bytes(addr, head, body).await).into_owned()
+}
+
+/// The same, byte for byte.
+async fn http1_bytes(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Vec<u8> {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request = format!(
         "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
@@ -27,7 +34,7 @@ async fn http1(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
     .await
     .expect("the service answers within 10 s")
     .unwrap();
-    String::from_utf8_lossy(&response).into_owned()
+    response
 }
 
 fn status_line(response: &str) -> &str {
@@ -262,6 +269,63 @@ async fn listed_origins_get_cors_answers_and_preflights_are_not_rate_limited(bac
         None,
         "{refused}"
     );
+}
+
+#[tokio::test]
+async fn a_browser_that_accepts_gzip_gets_each_file_compressed_and_others_get_it_as_is() {
+    let app = spawn_app(Backend::Embedded).await;
+    for path in ["/", "/app.js", "/app.css"] {
+        let original = ConsoleLayer::asset(path).unwrap();
+        let response = http1_bytes(
+            app.addr,
+            &format!("GET {path} HTTP/1.1\r\nAccept-Encoding: gzip, deflate, br, zstd"),
+            b"",
+        )
+        .await;
+        let at = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head");
+        let head = String::from_utf8_lossy(&response[..at + 4]).into_owned();
+        assert!(status_line(&head).contains(" 200 "), "{head}");
+        assert_eq!(header(&head, "content-encoding"), Some("gzip"), "{head}");
+        assert_eq!(header(&head, "vary"), Some("accept-encoding"), "{head}");
+        let mut unpacked = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&response[at + 4..]),
+            &mut unpacked,
+        )
+        .unwrap();
+        assert_eq!(unpacked, original, "{path} unpacks to the file");
+        eprintln!(
+            "{path}: {} bytes as is, {} gzipped",
+            original.len(),
+            response.len() - at - 4
+        );
+        // The compressed copy has a tag of its own, and revalidates by it.
+        let gzip_tag = header(&head, "etag").expect("an ETag").to_string();
+        let plain = http1(app.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(header(&plain, "content-encoding"), None, "{plain}");
+        assert_eq!(
+            header(&plain, "content-length"),
+            Some(original.len().to_string().as_str())
+        );
+        assert_ne!(header(&plain, "etag"), Some(gzip_tag.as_str()));
+        let again = http1(
+            app.addr,
+            &format!("GET {path} HTTP/1.1\r\nAccept-Encoding: gzip\r\nIf-None-Match: {gzip_tag}"),
+            b"",
+        )
+        .await;
+        assert!(status_line(&again).contains(" 304 "), "{again}");
+        let refused = http1(
+            app.addr,
+            &format!("GET {path} HTTP/1.1\r\nAccept-Encoding: gzip;q=0"),
+            b"",
+        )
+        .await;
+        assert_eq!(header(&refused, "content-encoding"), None, "{refused}");
+    }
 }
 
 on_each_backend!(
