@@ -125,7 +125,7 @@ fn out_of_range_rates_are_refused_naming_the_setting() {
 
 #[test]
 fn half_a_tls_setting_is_refused_naming_the_missing_one() {
-    let pki = crate::tls::Pki::generate();
+    let pki = crate::helpers::Pki::generate();
     let cert = pki.cert.to_string_lossy();
     let key = pki.key.to_string_lossy();
     let stderr = refused_start(&[("RESTOCK_TLS_CERT", &cert)]);
@@ -136,7 +136,7 @@ fn half_a_tls_setting_is_refused_naming_the_missing_one() {
 
 #[test]
 fn unreadable_or_invalid_tls_files_are_refused_naming_the_setting() {
-    let pki = crate::tls::Pki::generate();
+    let pki = crate::helpers::Pki::generate();
     let cert = pki.cert.to_string_lossy();
     let key = pki.key.to_string_lossy();
     let missing = pki.ca.with_file_name("missing.pem");

@@ -129,10 +129,21 @@ struct Service {
     env: Vec<(String, String)>,
     backend: Backend,
     database: String,
+    /// Its certificate, when it serves over TLS.
+    pki: Option<Pki>,
 }
 
 impl Service {
     async fn start(backend: Backend, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(backend, extra, None).await
+    }
+
+    /// The service over TLS, with a certificate for localhost from a CA of the test's.
+    async fn start_over_tls(backend: Backend, extra: &[(&str, &str)]) -> Self {
+        Self::start_with(backend, extra, Some(Pki::generate())).await
+    }
+
+    async fn start_with(backend: Backend, extra: &[(&str, &str)], pki: Option<Pki>) -> Self {
         let database = backend.fresh_database();
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), backend.database_url(&database)),
@@ -148,12 +159,17 @@ impl Service {
                 unique("restock-console:") + ":",
             ));
         }
+        if let Some(pki) = &pki {
+            env.push(("RESTOCK_TLS_CERT".into(), pki.cert.display().to_string()));
+            env.push(("RESTOCK_TLS_KEY".into(), pki.key.display().to_string()));
+        }
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut service = Self {
             process: None,
             env,
             backend,
             database,
+            pki,
         };
         service.spawn(None).await;
         service
@@ -184,7 +200,10 @@ impl Service {
     }
 
     fn url(&self) -> String {
-        format!("http://{}/", self.addr())
+        match self.pki {
+            Some(_) => format!("https://localhost:{}/", self.addr().port()),
+            None => format!("http://{}/", self.addr()),
+        }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
@@ -192,9 +211,16 @@ impl Service {
     }
 
     async fn client(&self) -> RestockServiceClient<tonic::transport::Channel> {
-        RestockServiceClient::connect(format!("http://{}", self.addr()))
-            .await
-            .expect("connects to the service")
+        match &self.pki {
+            Some(pki) => RestockServiceClient::new(
+                tls_channel(self.addr(), pki.ca_pem(), "localhost")
+                    .await
+                    .expect("connects to the service over TLS"),
+            ),
+            None => RestockServiceClient::connect(format!("http://{}", self.addr()))
+                .await
+                .expect("connects to the service"),
+        }
     }
 
     async fn db(&self) -> AnyPool {
@@ -338,4 +364,22 @@ async fn with_the_console_off_no_page_is_served_to_a_browser() {
     require_browser_tools();
     let mut service = Service::start(Backend::Embedded, &[("RESTOCK_CONSOLE", "off")]).await;
     run_scenario("off", &mut service, serde_json::json!({})).await;
+}
+
+/// Over TLS (RESTOCK_TLS_CERT and RESTOCK_TLS_KEY), the browser loads the page and
+/// speaks gRPC-web over HTTP/2, the protocol the server offers: the same scenario as
+/// above, restart included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_works_over_tls() {
+    require_browser_tools();
+    let mut service =
+        Service::start_over_tls(Backend::Embedded, &[("RESTOCK_SEND_RATE", "20")]).await;
+    let watched = users(3_000, 60);
+    service.product(1, 5, &watched).await;
+    let params = serde_json::json!({
+        "product": 1,
+        "users": watched,
+        "screenshots": screenshots("embedded-tls"),
+    });
+    run_scenario("resume", &mut service, params).await;
 }

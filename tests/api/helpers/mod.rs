@@ -7,6 +7,7 @@ mod binary;
 mod database;
 mod polling;
 mod redis;
+mod tls;
 mod windows;
 
 pub use app::*;
@@ -14,6 +15,7 @@ pub use binary::*;
 pub use database::*;
 pub use polling::*;
 pub use redis::*;
+pub use tls::*;
 pub use windows::*;
 
 /// Generates, for each named `async fn(Backend)`, one test per backend: `mysql::name`
