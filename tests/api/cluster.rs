@@ -84,12 +84,7 @@ async fn a_subscriber_on_one_instance_gets_every_notification_of_a_run_on_anothe
     let users: Vec<i64> = (1..=300).rev().collect();
     apps[0].set_stock(1, 10).await;
     apps[0].register_bulk(1, &users).await;
-    let mut on_b = apps[1]
-        .subscribe(SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let mut on_b = apps[1].subscribe_to_product(1).await;
     apps[0].trigger(1, None).await.unwrap();
     let got: Vec<i64> = take(&mut on_b, users.len())
         .await
@@ -114,12 +109,7 @@ async fn set_stock_zero_on_one_instance_stops_a_run_on_another_at_once() {
     apps[0].register_bulk(1, &users).await;
     // Stopped at several moments of a run: early, and a little later each time.
     for (round, after) in [(1, 5usize), (2, 60), (3, 150)] {
-        let mut watch = apps[0]
-            .subscribe(SubscribeRequest {
-                product_id: Some(1),
-                ..Default::default()
-            })
-            .await;
+        let mut watch = apps[0].subscribe_to_product(1).await;
         apps[0].trigger(1, Some(10)).await.unwrap();
         take(&mut watch, after).await;
         apps[1].set_stock(1, 0).await;

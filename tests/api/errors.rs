@@ -194,12 +194,7 @@ async fn a_large_header_does_not_drop_the_connection_it_came_on() {
     app.set_stock(1, 5).await;
     app.register(1, 7).await;
     // A stream held open on the connection the large call will use.
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(1).await;
     let mut large = tonic::Request::new(proto::GetRestockRunRequest {
         product_id: 1,
         restock_round: None,

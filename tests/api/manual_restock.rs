@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
+use restock_notifier::grpc::proto::RunStatus;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -49,12 +49,7 @@ async fn a_database_failure_cancels_the_run_and_manual_restock_finishes_it_exact
     let failing_user = users[1_700];
     fail_recording_of(&app, failing_user).await;
 
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(1).await;
     app.trigger(1, None).await.unwrap();
     let run = app.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::CanceledByError);

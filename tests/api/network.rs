@@ -248,12 +248,7 @@ async fn a_lost_cache_never_brings_an_older_stock_back_after_set_stock_zero() {
     let users: Vec<i64> = (1..=3_000).collect();
     survivor.set_stock(1, 10).await;
     survivor.register_bulk(1, &users).await;
-    let stream = survivor
-        .subscribe(proto::SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let stream = survivor.subscribe_to_product(1).await;
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let arrivals = tokio::spawn(arrival_times(stream, stopped));
     owner.trigger(1, None).await.unwrap();

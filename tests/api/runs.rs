@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt as _;
-use restock_notifier::grpc::proto::{RunStatus, SubscribeRequest};
+use restock_notifier::grpc::proto::RunStatus;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -26,12 +26,7 @@ async fn users_are_notified_in_registration_order_and_round_two_notifies_them_ag
     app.register(1, 20).await;
     let expected = vec![50, 10, 70, 20];
 
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(1).await;
     let run = app.trigger(1, None).await.unwrap();
     assert_eq!(run.restock_round, 1);
     assert_eq!(run.status(), RunStatus::InProgress);
@@ -135,12 +130,7 @@ async fn selling_out_mid_run_stops_at_an_exact_prefix(backend: Backend) {
     app.set_stock(5, 100).await;
     app.register_bulk(5, &users).await;
 
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(5),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(5).await;
     app.trigger(5, None).await.unwrap();
     let before = take(&mut stream, 50).await;
     app.set_stock(5, 0).await;
@@ -231,12 +221,7 @@ async fn a_user_who_re_registers_during_a_run_is_not_notified_twice(backend: Bac
     .await;
     app.set_stock(7, 5).await;
     app.register_bulk(7, &(1..=100).collect::<Vec<_>>()).await;
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(7),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(7).await;
     app.trigger(7, None).await.unwrap();
     take(&mut stream, 10).await;
     // User 1 was notified; moving to the back must not notify them again this round.
@@ -264,12 +249,7 @@ async fn a_fast_run_records_every_user_once_in_registration_order(backend: Backe
     let users: Vec<i64> = (1..=50_500).collect();
     app.set_stock(8, 5).await;
     app.register_bulk(8, &users).await;
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(8),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(8).await;
     app.trigger(8, None).await.unwrap();
     take(&mut stream, 100).await;
     app.cancel(8, 1).await;

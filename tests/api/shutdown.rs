@@ -9,7 +9,6 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_types::StatusExt as _;
 
 use crate::helpers::*;
 
@@ -38,12 +37,7 @@ async fn shutdown_mid_run_releases_the_run_and_the_next_start_continues_it(backe
     };
     match end {
         Some(Err(status)) => {
-            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-            let info = status
-                .get_details_error_info()
-                .expect("ErrorInfo in the details");
-            assert_eq!(info.reason, "SHUTTING_DOWN");
-            assert_eq!(info.domain, "restock.v1");
+            let info = stream_end_info(&status, Code::Unavailable, "SHUTTING_DOWN");
             // The last one this stream delivered: the 100 read, and maybe more.
             let resume_after = info.metadata.get("resume_after").expect("resume_after");
             let user: i64 = resume_after

@@ -9,7 +9,6 @@ use restock_notifier::grpc::proto::{
 };
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tonic_types::StatusExt as _;
 
 use crate::cluster::spawn_cluster;
 use crate::helpers::*;
@@ -148,12 +147,7 @@ async fn watch_ends_unavailable_when_the_service_shuts_down(backend: Backend) {
         "{got:?}"
     );
     let status = end.expect("the watch does not end OK while the run goes on");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let info = status
-        .get_details_error_info()
-        .expect("ErrorInfo in the details");
-    assert_eq!(info.reason, "SHUTTING_DOWN");
-    assert_eq!(info.domain, "restock.v1");
+    let info = stream_end_info(&status, Code::Unavailable, "SHUTTING_DOWN");
     assert_eq!(
         info.metadata.get("product_id").map(String::as_str),
         Some("4")

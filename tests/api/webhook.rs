@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use restock_notifier::grpc::proto::{ListRestockRunsRequest, RunStatus, SubscribeRequest};
+use restock_notifier::grpc::proto::{ListRestockRunsRequest, RunStatus};
 
 use crate::helpers::*;
 use crate::receiver::{Fault, Receiver, secret};
@@ -55,12 +55,7 @@ async fn every_notification_is_posted_once_signed_and_then_recorded_and_streamed
     let users: Vec<i64> = (1..=300).rev().collect();
     app.set_stock(1, 10).await;
     app.register_bulk(1, &users).await;
-    let mut stream = app
-        .subscribe(SubscribeRequest {
-            product_id: Some(1),
-            ..Default::default()
-        })
-        .await;
+    let mut stream = app.subscribe_to_product(1).await;
 
     app.trigger(1, None).await.unwrap();
     let run = app.wait_until_final(1).await;

@@ -360,6 +360,15 @@ impl TestApp {
             .into_inner()
     }
 
+    /// The live notifications of one product.
+    pub async fn subscribe_to_product(&self, product: i64) -> Streaming<proto::Notification> {
+        self.subscribe(proto::SubscribeRequest {
+            product_id: Some(product),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Waits until the latest run of `product` has left IN_PROGRESS.
     pub async fn wait_until_final(&self, product: i64) -> proto::RestockRun {
         poll_until(
@@ -403,6 +412,19 @@ pub async fn take(
         }
     }
     got
+}
+
+/// The `ErrorInfo` of a stream the server ended with `code` for `reason`, in the
+/// service's domain: what a client reads to resume.
+pub fn stream_end_info(status: &Status, code: Code, reason: &str) -> tonic_types::ErrorInfo {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo in the details");
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, "restock.v1");
+    info
 }
 
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) {
