@@ -6,7 +6,9 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
-# The operator console's committed bundle, embedded by src/console.rs: no Node.js here.
+# The operator console's page and committed bundle, embedded by src/console.rs: no
+# Node.js here.
+COPY console/src/index.html console/src/index.html
 COPY console/dist console/dist
 RUN cargo build --release --locked --bins
 
