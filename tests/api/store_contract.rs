@@ -94,6 +94,14 @@ impl Fresh {
         self.start_with_lease(product, request, LEASE).await
     }
 
+    /// Why `start_run` refuses `request`.
+    async fn refused_start(&self, product: ProductId, request: &TriggerRequest) -> Error {
+        self.store
+            .start_run(product, request, LEASE)
+            .await
+            .expect_err("start_run refuses")
+    }
+
     async fn start_with_lease(
         &self,
         product: ProductId,
@@ -240,11 +248,7 @@ async fn start_run_starts_the_next_round_with_the_first_claim(backend: Backend) 
 async fn start_run_refuses_unknown_and_out_of_stock_products_and_changes_nothing(backend: Backend) {
     let t = fresh(backend).await;
     let unknown = ProductId::parse(9).unwrap();
-    let refused = t
-        .store
-        .start_run(unknown, &TriggerRequest::default(), LEASE)
-        .await
-        .unwrap_err();
+    let refused = t.refused_start(unknown, &TriggerRequest::default()).await;
     assert!(matches!(refused, Error::UnknownProduct(_)), "{refused:?}");
 
     let product = t.product(1, 5, &[1]).await;
@@ -253,11 +257,7 @@ async fn start_run_refuses_unknown_and_out_of_stock_products_and_changes_nothing
         idempotency_key: key("first"),
         ..Default::default()
     };
-    let refused = t
-        .store
-        .start_run(product, &request, LEASE)
-        .await
-        .unwrap_err();
+    let refused = t.refused_start(product, &request).await;
     assert!(
         matches!(refused, Error::OutOfStock { stock: 0, .. }),
         "{refused:?}"
@@ -282,11 +282,7 @@ async fn start_run_refuses_while_a_run_is_in_progress_and_changes_nothing(backen
         stock: Some(0),
         ..Default::default()
     };
-    let refused = t
-        .store
-        .start_run(product, &request, LEASE)
-        .await
-        .unwrap_err();
+    let refused = t.refused_start(product, &request).await;
     assert!(
         matches!(refused, Error::RunInProgress { round: 1, .. }),
         "{refused:?}"
@@ -312,11 +308,7 @@ async fn start_run_refuses_while_any_round_of_the_product_is_in_progress(backend
     .execute(&t.db)
     .await
     .unwrap();
-    let refused = t
-        .store
-        .start_run(product, &TriggerRequest::default(), LEASE)
-        .await
-        .unwrap_err();
+    let refused = t.refused_start(product, &TriggerRequest::default()).await;
     assert!(
         matches!(refused, Error::RunInProgress { round: 1, .. }),
         "{refused:?}"
