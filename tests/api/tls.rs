@@ -138,6 +138,68 @@ async fn over_tls_a_client_trusting_the_ca_is_served_and_a_plaintext_client_is_n
     assert!(result.is_err(), "a plaintext call was served: {result:?}");
 }
 
+/// `GET /` over TLS with a blocking rustls client that trusts `ca_pem` and offers
+/// `alpn` (none when empty): the response as text, or why the exchange failed.
+fn https_get(addr: SocketAddr, ca_pem: &[u8], alpn: &[&[u8]]) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut socket = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut socket);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // A server that closes without close_notify after a complete answer.
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(err) => return Err(err.to_string()),
+    }
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// Over TLS the server offers HTTP/2 by ALPN, and HTTP/1.1 to a client that asks for
+/// no protocol: the console's page is served to it. A client that offers HTTP/1.1 by
+/// ALPN and nothing else is refused at the handshake, as the README says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_client_without_alpn_gets_http1_and_one_offering_only_http1_is_refused() {
+    let pki = Pki::generate();
+    let app = TlsApp::spawn(&pki).await;
+    let (addr, ca) = (app.addr, pki.ca_pem());
+    let (no_alpn, only_http1) = tokio::task::spawn_blocking(move || {
+        (
+            https_get(addr, &ca, &[]),
+            https_get(addr, &ca, &[b"http/1.1"]),
+        )
+    })
+    .await
+    .unwrap();
+    let page = no_alpn.expect("served without ALPN");
+    assert!(page.starts_with("HTTP/1.1 200 "), "{page}");
+    assert!(page.contains("data-testid=\"product-id\""), "{page}");
+    let refused = only_http1.expect_err("HTTP/1.1 by ALPN is not offered");
+    assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+}
+
 /// Runs `restock-healthcheck ADDR` with only the given environment.
 fn healthcheck(addr: SocketAddr, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_restock-healthcheck"))
