@@ -164,13 +164,29 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
             .find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
             .map_or(Some(1.0), |q| q.parse::<f32>().ok())
             .unwrap_or(0.0);
-        if coding.eq_ignore_ascii_case("gzip") {
+        // `x-gzip` is the same coding under its old name (RFC 9110, 8.4.1.3).
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
             gzip = Some(weight);
         } else if coding == "*" {
             any = Some(weight);
         }
     }
     gzip.or(any).is_some_and(|weight| weight > 0.0)
+}
+
+/// Whether `If-None-Match` names `etag` (or is `*`): the client's copy is then current.
+/// The comparison is weak, as RFC 9110 (13.1.2) has it for this header, since a cache
+/// on the way may have marked a tag `W/`; the header may list several tags, as a cache
+/// holding both encodings of a file does.
+fn names_the_current_copy(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let ours = etag.to_str().unwrap_or_default();
+    headers
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == ours)
 }
 
 /// A browser's request for a page: a `GET` or `HEAD` that is not a gRPC call (gRPC and
@@ -231,10 +247,7 @@ impl<S> Console<S> {
             .header("x-content-type-options", "nosniff")
             .header("content-security-policy", CONTENT_SECURITY_POLICY)
             .header("referrer-policy", "no-referrer");
-        let fresh = request
-            .headers()
-            .get(IF_NONE_MATCH)
-            .is_some_and(|tags| tags.as_bytes() == etag.as_bytes());
+        let fresh = names_the_current_copy(request.headers(), etag);
         let response = if fresh {
             builder
                 .status(StatusCode::NOT_MODIFIED)
@@ -303,6 +316,24 @@ mod tests {
         assert!(!accepts(Some("br, gzip;q=0")));
         assert!(!accepts(Some("gzip;q=nonsense")));
         assert!(!accepts(Some("*;q=0.5, gzip;q=0")));
+        assert!(accepts(Some("x-gzip")));
+    }
+
+    #[test]
+    fn if_none_match_takes_a_list_weak_tags_and_a_star() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        let matches = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(IF_NONE_MATCH, HeaderValue::from_str(value).unwrap());
+            names_the_current_copy(&headers, &etag)
+        };
+        assert!(matches("\"abc\""));
+        assert!(matches("\"xyz\", \"abc\""));
+        assert!(matches("W/\"abc\""));
+        assert!(matches("*"));
+        assert!(!matches("\"abcd\""));
+        assert!(!matches("\"xyz\""));
+        assert!(!names_the_current_copy(&HeaderMap::new(), &etag));
     }
 
     #[test]

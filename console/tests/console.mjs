@@ -39,6 +39,8 @@ const contextOptions = {
   ignoreHTTPSErrors: url.startsWith("https:"),
 };
 const context = await browser.newContext(contextOptions);
+// Room for every request of a scenario in the page's resource timings (250 by default).
+await context.addInitScript(() => performance.setResourceTimingBufferSize(100_000));
 const page = await context.newPage();
 const pageErrors = [];
 // Uncaught exceptions of the page's own code. (Not console messages: Chromium logs
@@ -234,9 +236,11 @@ const scenarios = {
     if (!same(shown, expected)) fail(`after the restart the feed shows ${shown.slice(0, 10)}..., expected ${expected.slice(0, 10)}...`);
     console.log(`feed status: ${await text("feed-status")}`);
     if (url.startsWith("https:")) {
-      // Over TLS the server offers HTTP/2 only: the page and every call used it.
+      // Over TLS the browser speaks HTTP/2: the page and every call used it.
       const protocols = await page.evaluate(() =>
-        performance.getEntriesByType("resource").map((e) => `${e.nextHopProtocol} ${e.name}`),
+        [...performance.getEntriesByType("navigation"), ...performance.getEntriesByType("resource")].map(
+          (e) => `${e.nextHopProtocol} ${e.name}`,
+        ),
       );
       const other = protocols.filter((p) => !p.startsWith("h2 "));
       if (protocols.length === 0 || other.length) fail(`over TLS, not HTTP/2: ${other.join(", ")}`);

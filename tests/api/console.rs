@@ -290,6 +290,11 @@ async fn a_browser_that_accepts_gzip_gets_each_file_compressed_and_others_get_it
         assert!(status_line(&head).contains(" 200 "), "{head}");
         assert_eq!(header(&head, "content-encoding"), Some("gzip"), "{head}");
         assert_eq!(header(&head, "vary"), Some("accept-encoding"), "{head}");
+        assert_eq!(
+            &response[at + 4..],
+            ConsoleLayer::compressed_asset(path).unwrap(),
+            "{path}: the copy compressed at build time"
+        );
         let mut unpacked = Vec::new();
         std::io::Read::read_to_end(
             &mut flate2::read::GzDecoder::new(&response[at + 4..]),

@@ -181,6 +181,7 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
                     users.extend(batch.items.iter().map(|i| (batch.claim, i.user_id.get())))
                 }
                 Ok(BusEvent::RunEnded { run, .. }) if *run == marker => return users,
+                Ok(BusEvent::Gap) => panic!("the test's bus feed missed events"),
                 Ok(_) => {}
                 Err(err) => panic!("the test's bus feed broke: {err}"),
             }
@@ -227,7 +228,10 @@ async fn a_delivery_held_on_the_wire_past_a_takeover_is_not_delivered() {
     })
     .await
     .unwrap();
-    let seen = published.await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), published)
+        .await
+        .expect("the marker arrived on the bus")
+        .unwrap();
     assert!(seen.len() >= users.len(), "every user reached the bus");
     let mut newest = 0;
     for &(claim, user) in &seen {

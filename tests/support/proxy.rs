@@ -231,14 +231,14 @@ async fn pump(
                     _ = write_cut.changed() => return,
                 }
             }
+            // Marked before the held request is written: its answer cannot come sooner.
+            if way == Way::Up && held {
+                awaiting_answer.store(true, Ordering::SeqCst);
+            }
             let written = to.write_all(&chunk).await;
             // An answer counts even if its client has gone.
-            match way {
-                Way::Up if held => awaiting_answer.store(true, Ordering::SeqCst),
-                Way::Down if awaiting_answer.swap(false, Ordering::SeqCst) => {
-                    answers.lock().unwrap().answered += 1;
-                }
-                _ => {}
+            if way == Way::Down && awaiting_answer.swap(false, Ordering::SeqCst) {
+                answers.lock().unwrap().answered += 1;
             }
             if written.is_err() {
                 break;
