@@ -68,8 +68,10 @@ pub struct Application {
     shutdown_drain: Duration,
     console: Switch,
     cors_origins: Option<CorsOrigins>,
-    /// The gRPC server builder, with TLS when it is configured.
+    /// The gRPC server builder.
     server: tonic::transport::Server,
+    /// TLS in front of every connection, when it is configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Application {
@@ -81,9 +83,10 @@ impl Application {
     /// As `build`, with the engine's settings as given: tests shrink some, starting
     /// from `EngineSettings::with_config` so that the configuration's bounds hold.
     pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
-        let server = crate::tls::server(config.tls_cert.as_deref(), config.tls_key.as_deref())?
+        let tls = crate::tls::acceptor(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        let server = tonic::transport::Server::builder()
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
-            // Browsers speak gRPC-web over HTTP/1.1 on a plaintext connection.
+            // Browsers speak gRPC-web over HTTP/1.1 (or HTTP/2 when offered over TLS).
             .accept_http1(true);
         match &config.tls_cert {
             Some(cert) => tracing::info!(
@@ -161,6 +164,7 @@ impl Application {
             console: config.console,
             cors_origins: config.cors_origins,
             server,
+            tls,
         })
     }
 
@@ -250,7 +254,7 @@ impl Application {
             Switch::Off => tracing::info!("operator console off"),
         }
         let cors = self.cors_origins.as_ref().map(crate::grpc::cors::layer);
-        let server = self
+        let router = self
             .server
             // Outermost: a preflight is answered here, before the API rate limit could
             // count it, and the listed origins' pages can read every answer.
@@ -265,8 +269,16 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(restock)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(incoming, signal);
+            .add_service(admin);
+        let server = match self.tls {
+            Some(acceptor) => futures::future::Either::Left(
+                router
+                    .serve_with_incoming_shutdown(crate::tls::incoming(incoming, acceptor), signal),
+            ),
+            None => futures::future::Either::Right(
+                router.serve_with_incoming_shutdown(incoming, signal),
+            ),
+        };
         let calls_overstay = async {
             match shutdown_began.await {
                 Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,

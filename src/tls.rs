@@ -1,17 +1,38 @@
 //! TLS for the gRPC server, from the PEM files named by RESTOCK_TLS_CERT and
 //! RESTOCK_TLS_KEY. Everything is read and checked at start, so a missing file or a key
 //! that does not fit stops the service before it listens, naming the setting.
+//!
+//! The service does the handshakes itself rather than through tonic's TLS, which offers
+//! HTTP/2 alone by ALPN: a gRPC-web client or a proxy that offers only HTTP/1.1 would be
+//! refused at the handshake, though the server speaks HTTP/1.1 (the console's page and
+//! gRPC-web). Here ALPN offers both, HTTP/2 first.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use futures::{Stream, StreamExt as _};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
-/// The server builder: over TLS only when both files are given, in plaintext when
-/// neither is. One without the other is a mistake, not a request for plaintext.
-pub fn server(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Server> {
+/// How long a client has to complete its handshake. One that opens a connection and
+/// says nothing holds a socket and a task until then, not for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes finished but not yet taken by the server: it takes them as fast as they
+/// come, so this only smooths a burst of new connections.
+const READY_BACKLOG: usize = 64;
+
+/// TLS when both files are given, plaintext (`None`) when neither is. One without the
+/// other is a mistake, not a request for plaintext.
+pub fn acceptor(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<TlsAcceptor>> {
     let (cert, key) = match (cert, key) {
-        (None, None) => return Ok(Server::builder()),
+        (None, None) => return Ok(None),
         (Some(cert), Some(key)) => (cert, key),
         (Some(_), None) => anyhow::bail!(
             "RESTOCK_TLS_CERT is set but RESTOCK_TLS_KEY is not: set both to serve gRPC over \
@@ -24,16 +45,78 @@ pub fn server(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Server>
     };
     let cert_pem = read_pem("RESTOCK_TLS_CERT", cert, "CERTIFICATE-----")?;
     let key_pem = read_pem("RESTOCK_TLS_KEY", key, "PRIVATE KEY-----")?;
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
-    // tonic parses the identity here, not when the first client connects.
-    Server::builder().tls_config(tls).with_context(|| {
+    let unusable = || {
         format!(
             "RESTOCK_TLS_CERT {} and RESTOCK_TLS_KEY {} are not a usable certificate chain and \
              private key",
             cert.display(),
             key.display()
         )
-    })
+    };
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(unusable)?;
+    let private_key = PrivateKeyDer::from_pem_slice(&key_pem).with_context(unusable)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        // Checks that the key is the certificate's.
+        .with_single_cert(chain, private_key)
+        .with_context(unusable)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// The connections of `tcp`, each once its TLS handshake is done. Handshakes run side
+/// by side, so a client that stalls its own holds up no other; one that fails or runs
+/// out of time is dropped. Ends when the server stops taking connections.
+pub fn incoming<S>(
+    tcp: S,
+    acceptor: TlsAcceptor,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+{
+    let (ready, taken) = tokio::sync::mpsc::channel(READY_BACKLOG);
+    tokio::spawn(async move {
+        let mut tcp = std::pin::pin!(tcp);
+        let mut handshakes = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = tcp.next() => match accepted {
+                    Some(Ok(stream)) => {
+                        let acceptor = acceptor.clone();
+                        handshakes.spawn(tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            async move { acceptor.accept(stream).await },
+                        ));
+                    }
+                    // The server decides about failed accepts, as without TLS.
+                    Some(Err(err)) => {
+                        if ready.send(Err(err)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                Some(done) = handshakes.join_next() => match done {
+                    Ok(Ok(Ok(stream))) => {
+                        if ready.send(Ok(stream)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Ok(Err(err))) => tracing::debug!(error = %err, "TLS handshake failed"),
+                    Ok(Err(_)) => tracing::debug!("TLS handshake timed out"),
+                    Err(err) => tracing::debug!(error = %err, "TLS handshake task failed"),
+                },
+                // The server stopped taking connections: stop listening.
+                () = ready.closed() => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(taken)
 }
 
 /// Reads a PEM file, checking it holds a block of the expected kind, so that a key given
