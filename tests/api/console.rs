@@ -37,6 +37,16 @@ async fn http1_bytes(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Vec
     response
 }
 
+/// `GET path` with `headers` (lines `Name: value`), as text.
+async fn get(addr: std::net::SocketAddr, path: &str, headers: &[&str]) -> String {
+    let mut head = format!("GET {path} HTTP/1.1");
+    for line in headers {
+        head.push_str("\r\n");
+        head.push_str(line);
+    }
+    http1(addr, &head, b"").await
+}
+
 fn status_line(response: &str) -> &str {
     response.lines().next().unwrap_or_default()
 }
@@ -114,12 +124,7 @@ async fn the_page_is_served_at_the_root_of_the_grpc_address(backend: Backend) {
     );
     // Revalidated by its tag: unchanged, nothing is sent again.
     let tag = header(&script, "etag").expect("an ETag").to_string();
-    let again = http1(
-        app.addr,
-        &format!("GET /app.js HTTP/1.1\r\nIf-None-Match: {tag}"),
-        b"",
-    )
-    .await;
+    let again = get(app.addr, "/app.js", &[&format!("If-None-Match: {tag}")]).await;
     assert!(status_line(&again).contains(" 304 "), "{again}");
     let missing = http1(app.addr, "GET /nothing-here HTTP/1.1", b"").await;
     assert!(status_line(&missing).contains(" 404 "), "{missing}");
@@ -309,26 +314,17 @@ async fn a_browser_that_accepts_gzip_gets_each_file_compressed_and_others_get_it
         );
         // The compressed copy has a tag of its own, and revalidates by it.
         let gzip_tag = header(&head, "etag").expect("an ETag").to_string();
-        let plain = http1(app.addr, &format!("GET {path} HTTP/1.1"), b"").await;
+        let plain = get(app.addr, path, &[]).await;
         assert_eq!(header(&plain, "content-encoding"), None, "{plain}");
         assert_eq!(
             header(&plain, "content-length"),
             Some(original.len().to_string().as_str())
         );
         assert_ne!(header(&plain, "etag"), Some(gzip_tag.as_str()));
-        let again = http1(
-            app.addr,
-            &format!("GET {path} HTTP/1.1\r\nAccept-Encoding: gzip\r\nIf-None-Match: {gzip_tag}"),
-            b"",
-        )
-        .await;
+        let revalidation = format!("If-None-Match: {gzip_tag}");
+        let again = get(app.addr, path, &["Accept-Encoding: gzip", &revalidation]).await;
         assert!(status_line(&again).contains(" 304 "), "{again}");
-        let refused = http1(
-            app.addr,
-            &format!("GET {path} HTTP/1.1\r\nAccept-Encoding: gzip;q=0"),
-            b"",
-        )
-        .await;
+        let refused = get(app.addr, path, &["Accept-Encoding: gzip;q=0"]).await;
         assert_eq!(header(&refused, "content-encoding"), None, "{refused}");
     }
 }

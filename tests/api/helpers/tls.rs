@@ -18,9 +18,6 @@ pub struct Pki {
 
 impl Pki {
     pub fn generate() -> Self {
-        let dir = std::env::temp_dir().join(format!("restock-tls-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params
             .distinguished_name
@@ -29,42 +26,44 @@ impl Pki {
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
 
         let server_key = KeyPair::generate().unwrap();
-        let mut server_params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let mut server_params = CertificateParams::new(Self::names()).unwrap();
         server_params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
         let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
-
-        let pki = Self {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("server.pem"),
-            key: dir.join("server.key"),
-            dir,
-        };
-        std::fs::write(&pki.ca, ca.pem()).unwrap();
-        std::fs::write(&pki.cert, server_cert.pem()).unwrap();
-        std::fs::write(&pki.key, server_key.serialize_pem()).unwrap();
-        pki
+        Self::written(Some(&ca.pem()), &server_cert.pem(), &server_key)
     }
 
     /// A self-signed certificate for localhost and 127.0.0.1, with no CA: `ca` is the
     /// certificate itself.
     pub fn self_signed() -> Self {
-        let dir = std::env::temp_dir().join(format!("restock-tls-{:016x}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        let cert = CertificateParams::new(Self::names())
             .unwrap()
             .self_signed(&key)
             .unwrap();
+        Self::written(None, &cert.pem(), &key)
+    }
+
+    /// The names the server's certificate is for.
+    fn names() -> Vec<String> {
+        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+    }
+
+    /// The PEM files in a new directory; without a CA, `ca` names the certificate.
+    fn written(ca: Option<&str>, cert: &str, key: &KeyPair) -> Self {
+        let dir = std::env::temp_dir().join(format!("restock-tls-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
         let pki = Self {
-            ca: dir.join("server.pem"),
+            ca: dir.join(if ca.is_some() { "ca.pem" } else { "server.pem" }),
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
             dir,
         };
-        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        if let Some(ca) = ca {
+            std::fs::write(&pki.ca, ca).unwrap();
+        }
+        std::fs::write(&pki.cert, cert).unwrap();
         std::fs::write(&pki.key, key.serialize_pem()).unwrap();
         pki
     }
