@@ -3,8 +3,8 @@
 
 /// Settings: one `Config`, every field a flag and an environment variable.
 pub mod config;
-/// The operator console: the web page's files, embedded, served at `/` on the gRPC
-/// address; the page calls the API over gRPC-web.
+/// The operator console: the web page's files, embedded (with a gzip copy of each),
+/// served at `/` on the gRPC address; the page calls the API over gRPC-web.
 pub mod console;
 /// Embedded or clustered: which implementation of each capability the engine gets.
 pub mod deployment;
@@ -41,5 +41,6 @@ pub mod startup;
 pub mod store;
 /// Structured logging with tracing: text or JSON, filtered by `RUST_LOG`.
 pub mod telemetry;
-/// TLS for the gRPC server, from PEM files.
+/// TLS for the gRPC server, from PEM files: the handshakes, with ALPN offering HTTP/2
+/// and HTTP/1.1.
 pub mod tls;
