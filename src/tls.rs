@@ -28,6 +28,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// come, so this only smooths a burst of new connections.
 const READY_BACKLOG: usize = 64;
 
+/// Handshakes under way at once. Past it, connections wait in the listen backlog: a
+/// flood of clients that never finish costs a bounded number of sockets and tasks.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// After a failed accept (out of file descriptors, say), a pause before the next: the
+/// failure would otherwise repeat at once, at full speed, until something is freed.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// TLS when both files are given, plaintext (`None`) when neither is. One without the
 /// other is a mistake, not a request for plaintext.
 pub fn acceptor(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<TlsAcceptor>> {
@@ -79,17 +87,29 @@ pub fn incoming<S>(
 where
     S: Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
 {
+    incoming_within(tcp, acceptor, HANDSHAKE_TIMEOUT)
+}
+
+/// [`incoming`], with handshakes given `timeout`.
+fn incoming_within<S>(
+    tcp: S,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+{
     let (ready, taken) = tokio::sync::mpsc::channel(READY_BACKLOG);
     tokio::spawn(async move {
         let mut tcp = std::pin::pin!(tcp);
         let mut handshakes = JoinSet::new();
         loop {
             tokio::select! {
-                accepted = tcp.next() => match accepted {
+                accepted = tcp.next(), if handshakes.len() < MAX_HANDSHAKES => match accepted {
                     Some(Ok(stream)) => {
                         let acceptor = acceptor.clone();
                         handshakes.spawn(tokio::time::timeout(
-                            HANDSHAKE_TIMEOUT,
+                            timeout,
                             async move { acceptor.accept(stream).await },
                         ));
                     }
@@ -98,6 +118,7 @@ where
                         if ready.send(Err(err)).await.is_err() {
                             return;
                         }
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     }
                     None => return,
                 },
@@ -136,4 +157,51 @@ fn read_pem(setting: &str, path: &Path, block: &str) -> anyhow::Result<Vec<u8>> 
         );
     }
     Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    /// An acceptor with a fresh self-signed certificate for localhost.
+    fn acceptor_for_tests() -> TlsAcceptor {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("restock-tls-unit-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let acceptor = acceptor(Some(&cert_path), Some(&key_path))
+            .unwrap()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        acceptor
+    }
+
+    /// A client that connects and never starts its handshake is dropped once its time
+    /// is up: its connection is closed under it.
+    #[tokio::test]
+    async fn a_client_that_never_starts_its_handshake_is_dropped_when_its_time_is_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = tonic::transport::server::TcpIncoming::from(listener);
+        let served = incoming_within(tcp, acceptor_for_tests(), Duration::from_millis(200));
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+            .await
+            .expect("the connection is closed, not left open");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the server sent something: {read:?}"
+        );
+        drop(served);
+    }
 }
