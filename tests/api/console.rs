@@ -185,33 +185,29 @@ async fn a_grpc_web_call_over_http1_is_served_like_any_call(backend: Backend) {
 
 async fn grpc_web_admin_calls_need_the_admin_token(backend: Backend) {
     let app = spawn_app(backend).await;
-    let request = proto::ManualRestockRequest { product_id: 8 };
-    let without = grpc_web(app.addr, "RestockAdminService/ManualRestock", request, &[]).await;
-    assert_eq!(
-        grpc_status(&without),
-        tonic::Code::Unauthenticated as i32,
-        "{without}"
-    );
-    let wrong = grpc_web(
-        app.addr,
-        "RestockAdminService/ManualRestock",
-        request,
-        &["authorization: Bearer wrong"],
-    )
-    .await;
-    assert_eq!(
-        grpc_status(&wrong),
-        tonic::Code::Unauthenticated as i32,
-        "{wrong}"
-    );
+    // `ManualRestock` of product 8 over gRPC-web, with `extra` header lines.
+    let manual_restock = async |extra: &[&str]| {
+        let request = proto::ManualRestockRequest { product_id: 8 };
+        grpc_web(
+            app.addr,
+            "RestockAdminService/ManualRestock",
+            request,
+            extra,
+        )
+        .await
+    };
+    for refused in [
+        manual_restock(&[]).await,
+        manual_restock(&["authorization: Bearer wrong"]).await,
+    ] {
+        assert_eq!(
+            grpc_status(&refused),
+            tonic::Code::Unauthenticated as i32,
+            "{refused}"
+        );
+    }
     // Past the check: product 8 has no run to resume.
-    let right = grpc_web(
-        app.addr,
-        "RestockAdminService/ManualRestock",
-        request,
-        &[&format!("authorization: Bearer {ADMIN_TOKEN}")],
-    )
-    .await;
+    let right = manual_restock(&[&format!("authorization: Bearer {ADMIN_TOKEN}")]).await;
     let code = grpc_status(&right);
     assert!(
         code == tonic::Code::NotFound as i32 || code == tonic::Code::FailedPrecondition as i32,
