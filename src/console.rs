@@ -34,41 +34,29 @@ struct Asset {
     gzip: &'static [u8],
 }
 
-/// An embedded file of the console and its compressed copy from `build.rs`.
-macro_rules! console_file {
-    ($source:literal, $name:literal) => {
-        (
-            include_bytes!(concat!("../console/", $source, "/", $name)),
-            include_bytes!(concat!(env!("OUT_DIR"), "/console/", $name, ".gz")),
-        )
+/// An embedded file of the console (`console/<source>/<name>`) and its compressed copy
+/// from `build.rs`, served at `path`.
+macro_rules! asset {
+    ($path:literal, $content_type:literal, $source:literal, $name:literal) => {
+        Asset {
+            path: $path,
+            content_type: $content_type,
+            bytes: include_bytes!(concat!("../console/", $source, "/", $name)),
+            gzip: include_bytes!(concat!(env!("OUT_DIR"), "/console/", $name, ".gz")),
+        }
     };
 }
 
-const ASSETS: [Asset; 3] = {
-    let page = console_file!("src", "index.html");
-    let script = console_file!("dist", "app.js");
-    let style = console_file!("dist", "app.css");
-    [
-        Asset {
-            path: "/",
-            content_type: "text/html; charset=utf-8",
-            bytes: page.0,
-            gzip: page.1,
-        },
-        Asset {
-            path: "/app.js",
-            content_type: "text/javascript; charset=utf-8",
-            bytes: script.0,
-            gzip: script.1,
-        },
-        Asset {
-            path: "/app.css",
-            content_type: "text/css; charset=utf-8",
-            bytes: style.0,
-            gzip: style.1,
-        },
-    ]
-};
+const ASSETS: [Asset; 3] = [
+    asset!("/", "text/html; charset=utf-8", "src", "index.html"),
+    asset!(
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        "dist",
+        "app.js"
+    ),
+    asset!("/app.css", "text/css; charset=utf-8", "dist", "app.css"),
+];
 
 /// The page loads nothing from elsewhere (no CDN, no web fonts) and talks only to its
 /// own origin: a script injected through a rendered value could not phone home.
