@@ -39,6 +39,12 @@ impl Keys {
         format!("{}claim:{}:{}", self.prefix, product, round)
     }
 
+    /// The claim and queue position of the last batch a run delivered: the next must
+    /// follow it (G1, with several deliveries on their way).
+    pub fn run_chain(&self, product: ProductId, round: i64) -> String {
+        format!("{}chain:{}:{}", self.prefix, product, round)
+    }
+
     /// The send limiter's schedule, shared by every instance (G2): a hash of the next
     /// free slot and who reserved last, with no TTL, so that its absence means it was
     /// lost.

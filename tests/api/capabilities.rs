@@ -254,7 +254,7 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
     )
     .under_claim(1);
     let claim = batch.claim;
-    assert!(fence.claim(batch.run, claim).await.unwrap());
+    assert!(fence.claim(batch.run, claim, None).await.unwrap());
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
     let offered = |stock, version| cache.offer(product, StockFigure { stock, version });
     let confirmed = |figure: StockFigure, offered: Offered| {
@@ -324,9 +324,9 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
         };
         let offer = offered(4, 3).await.unwrap();
         assert!(confirmed(four, offer).await);
-        assert!(fence.claim(batch.run, claim + 1).await.unwrap());
+        assert!(fence.claim(batch.run, claim + 1, None).await.unwrap());
         assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Superseded);
-        assert!(!fence.claim(batch.run, claim).await.unwrap());
+        assert!(!fence.claim(batch.run, claim, None).await.unwrap());
     }
     let nothing = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
     assert!(nothing.is_err(), "nothing more on the bus: {nothing:?}");
@@ -377,7 +377,7 @@ async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
         .under_claim(claim)
     };
     let (old, new) = (batch(1), batch(2));
-    assert!(fence.claim(new.run, 2).await.unwrap());
+    assert!(fence.claim(new.run, 2, None).await.unwrap());
     assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Through(()));
     assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
 
@@ -385,7 +385,75 @@ async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
     assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::ClaimUnknown);
     assert_eq!(fence.publish(&old).await.unwrap(), Delivery::ClaimUnknown);
     assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::ClaimUnknown);
-    assert!(fence.claim(new.run, 2).await.unwrap());
+    assert!(fence.claim(new.run, 2, None).await.unwrap());
     assert_eq!(fence.deliver(&new).await.unwrap(), Delivery::Through(()));
     assert_eq!(fence.deliver(&old).await.unwrap(), Delivery::Superseded);
+}
+
+/// A run sends a batch before the fence answered the one before it (G2), so the fence
+/// keeps them in order (G1): a batch that does not follow the last one delivered under
+/// its claim (the one before it was refused, or has not arrived) is refused, and so is
+/// a batch delivered twice; a claim starts its chain where the run's record ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fence_lets_a_run_s_batches_through_only_in_order() {
+    let keys = prefix();
+    let (client, bus) = join_redis_bus(&keys, 64).await;
+    let mut events = bus.subscribe();
+    let cache = RedisStockCache::new(client.clone(), keys.clone());
+    let fence = RedisStockFence::new(client.clone(), keys.clone());
+    let product = ProductId::parse(7).unwrap();
+    let figure = StockFigure {
+        stock: 5,
+        version: 1,
+    };
+    let Offered::Pending { nonce } = cache.offer(product, figure).await.unwrap() else {
+        panic!("a fresh cache takes the offer");
+    };
+    assert!(cache.confirm(product, figure, nonce).await.unwrap());
+    let run = RunKey {
+        product_id: product,
+        restock_round: 1,
+    };
+    let batch = |prev: Option<i64>, position: i64, claim: i64| {
+        SentBatch::new(
+            run,
+            prev,
+            vec![SentItem {
+                user_id: UserId::parse(position).unwrap(),
+                position,
+            }],
+            Utc::now().trunc_subsecs(6),
+        )
+        .under_claim(claim)
+    };
+    let (first, second, third) = (
+        batch(None, 1, 1),
+        batch(Some(1), 2, 1),
+        batch(Some(2), 3, 2),
+    );
+    assert!(fence.claim(run, 1, None).await.unwrap());
+    assert_eq!(fence.deliver(&second).await.unwrap(), Delivery::OutOfOrder);
+    assert_eq!(fence.deliver(&first).await.unwrap(), Delivery::Through(()));
+    assert_eq!(fence.deliver(&second).await.unwrap(), Delivery::Through(()));
+    assert_eq!(fence.deliver(&second).await.unwrap(), Delivery::OutOfOrder);
+    // The next owner follows what the record holds (here, both).
+    assert_eq!(fence.deliver(&third).await.unwrap(), Delivery::OutOfOrder);
+    assert!(fence.claim(run, 2, Some(2)).await.unwrap());
+    assert_eq!(fence.deliver(&third).await.unwrap(), Delivery::Through(()));
+    // A chain lost with the cache is a claim to prove again.
+    let _: i64 = client.del(keys.run_chain(product, 1)).await.unwrap();
+    let fourth = batch(Some(3), 4, 2);
+    assert_eq!(
+        fence.deliver(&fourth).await.unwrap(),
+        Delivery::ClaimUnknown
+    );
+    for expected in [&first, &second, &third] {
+        let got = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*got, BusEvent::Sent(Arc::new((*expected).clone())));
+    }
+    let nothing = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+    assert!(nothing.is_err(), "nothing more on the bus: {nothing:?}");
 }

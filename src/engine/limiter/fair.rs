@@ -109,11 +109,20 @@ async fn deal(
     waits: Waits,
 ) {
     let mut queue: VecDeque<Waiter> = VecDeque::new();
+    // The source is kept warm from the start, and whenever nobody waits.
+    let mut idle_at = Some(Instant::now());
     loop {
         if queue.is_empty() {
-            match arrivals.recv().await {
-                Some(waiter) => queue.push_back(waiter),
-                None => return,
+            tokio::select! {
+                biased;
+                waiter = arrivals.recv() => match waiter {
+                    Some(waiter) => queue.push_back(waiter),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
+                    idle_at = source.idle().await;
+                    continue;
+                }
             }
         }
         while let Ok(waiter) = arrivals.try_recv() {

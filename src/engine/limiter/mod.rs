@@ -44,6 +44,12 @@ pub trait SlotSource: Send + 'static {
     /// Up to `want` slots that may be used now, or the instant at which to ask again.
     /// Slots taken are spent, whether or not anyone sends them.
     async fn take(&mut self, want: u32) -> Result<Take, BackendError>;
+
+    /// Called while no run waits: keeps warm what the source needs to grant promptly
+    /// when one comes (a clock mapping). Returns when to call it again, if ever.
+    async fn idle(&mut self) -> Option<Instant> {
+        None
+    }
 }
 
 /// What a [`SlotSource`] has now.

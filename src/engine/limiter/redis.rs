@@ -20,16 +20,23 @@
 //! own, by how much our mapping moved earlier since (`delta`). A slow network makes
 //! `u` larger and the gaps longer: it costs throughput, never a burst.
 //!
-//! A lost schedule (a flush, a restart, a failover) starts `COLD` after now, past any
-//! slot an instance may still hold (lead + horizon + `u`, each capped), so losing the
-//! key causes no burst either.
+//! Every block reaches at most `lead + horizon` after the script ran, and its slots are
+//! sent at most `u` late: an instance's *reach*, which follows its round trip (about
+//! 30 ms with Redis 6 ms away). Each reservation declares it, and the schedule keeps
+//! the largest declared lately. A lost schedule (a flush, a restart, a failover)
+//! restarts after the reach the instance that finds it missing knew of (its own, and
+//! the schedule's as its last reply said), past any slot an instance may still hold:
+//! losing the key causes no burst and only a short pause. A fresh deployment (no
+//! schedule, nothing heard) waits only its own reach, so its first send is prompt.
 //!
 //! Throughput: the next block is asked for while the reserved slots last (one request
 //! in flight), and how early (`lead`) and how far ahead (`horizon`) it reserves grow
 //! with the round trip, so one instance keeps the rate up to round trips near the cap.
-//! Instances that both have work take turns: a change of holder costs a gap, so the
-//! block after one is at least `QUANTUM` times the gap long, and the holder yields to
-//! the instance that waits for such a block (its claim in the schedule).
+//! An idle limiter reads Redis's clock every [`PROBE_EVERY`], so a run that starts has
+//! a mapping at once. Instances that both have work take turns of several blocks: a
+//! change of holder costs a gap, so a turn lasts at least `QUANTUM` times the gap, and
+//! the holder ends its blocks there when another instance waits (its claim in the
+//! schedule).
 //! Slots given up are counted (`restock_send_limiter_dropped_total`) and a warning
 //! says why, at most every few seconds; so does a limiter that has nothing to grant.
 
@@ -62,7 +69,7 @@ const SLACK: Duration = LATE_GRANT;
 /// The longest round trip a mapping may come from. A sample with a longer one is not
 /// used (its instance could send that late, and every other instance would have to
 /// leave that gap after it); with no usable sample the instance sends nothing and
-/// says so. It also caps `lead` and `horizon`, and so `COLD`.
+/// says so. It also caps `lead` and `horizon`, and so every reach.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(250);
 
 /// Added to the round trip, less `SLACK`, for how early a block starts, so that the
@@ -76,11 +83,11 @@ const HORIZON_MARGIN: Duration = Duration::from_millis(5);
 const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 
-/// A block that follows a gap (a change of holder) is at least this many times the gap
-/// long, and at least `TURN` (at most `LONGEST_TURN`), the holder yielding to the
-/// instance that waits for it: instances taking turns lose at most 1/129 of the rate to
-/// gaps (or, with a gap near the cap, a gap per `LONGEST_TURN` of slots), and each
-/// waits at most one such block for its turn.
+/// A turn that follows a gap (a change of holder) lasts at least this many times the
+/// gap, and at least `TURN` (at most `LONGEST_TURN`), before the holder yields to an
+/// instance that waits: instances taking turns lose at most 1/129 of the rate to gaps
+/// (or, with a gap near the cap, a gap per `LONGEST_TURN` of slots), and each waits at
+/// most one turn.
 const QUANTUM: u32 = 128;
 
 /// The shortest turn of an instance when instances take turns: near Redis the gaps are
@@ -88,20 +95,17 @@ const QUANTUM: u32 = 128;
 /// few percent to them.
 const TURN: Duration = Duration::from_millis(100);
 
-/// The longest turn, and how far ahead of its lead any block may reach. Far from Redis
-/// a gap is about half the round trip (how late the last holder may send its last
-/// slot): a turn of a second loses one such gap per second (about 5% at 100 ms), where
-/// a turn as short as the horizon lost a gap per quarter second. A run on the other
-/// instance waits at most one turn for its first send.
+/// The longest turn. Far from Redis a gap is about half the round trip (how late the
+/// last holder may send its last slot): a turn of a second loses one such gap per
+/// second (about 5% at 100 ms). A run on the other instance waits at most one turn for
+/// its first send. A turn is made of short blocks, so it is not how far ahead anyone
+/// holds slots.
 const LONGEST_TURN: Duration = Duration::from_secs(1);
 
-/// Where a lost schedule restarts, after now: past the furthest slot any instance may
-/// hold (the longest lead, then `LONGEST_TURN`: the script never reserves further) and
-/// how late it may send it (at most `MAX_ROUND_TRIP`).
-const COLD: Duration = Duration::from_millis(
-    (MAX_ROUND_TRIP.as_millis() + LEAD_MARGIN.as_millis() + LONGEST_TURN.as_millis()) as u64
-        + MAX_ROUND_TRIP.as_millis() as u64,
-);
+/// How often an idle limiter reads Redis's clock (a probe that reserves nothing), so
+/// that its mapping never runs out of samples (`SAMPLES_KEPT`) and a run that starts
+/// gets a block with its first request.
+const PROBE_EVERY: Duration = Duration::from_millis(900);
 
 /// How long the clock samples are kept, and how many at most.
 const SAMPLES_KEPT: Duration = Duration::from_secs(2);
@@ -140,6 +144,7 @@ impl RedisLimiter {
             blocks: VecDeque::new(),
             last_block: None,
             pending: None,
+            heard_reach: 0.0,
             forgave_stale: false,
             not_before: None,
             why: Why::Waiting,
@@ -190,6 +195,8 @@ struct Reply {
     lost: bool,
     /// When to ask again, if the count is 0.
     again: f64,
+    /// The largest reach instances declared lately, µs.
+    reach: f64,
 }
 
 /// Why nothing can be granted, for the warning.
@@ -229,6 +236,9 @@ struct RedisSlots {
     /// The offset the last block received was mapped with, and how late that may be.
     last_block: Option<(f64, f64)>,
     pending: Option<Pending>,
+    /// The schedule's reach as its last reply said, µs: where a lost schedule must
+    /// restart, at least.
+    heard_reach: f64,
     /// A reservation that failed after [`STALE_FAILURE`] was let go without failing the
     /// runs waiting now; the next failure in a row is theirs.
     forgave_stale: bool,
@@ -296,6 +306,8 @@ impl RedisSlots {
     }
 
     fn send(&mut self, estimate: Option<Estimate>, want: u32, lead: f64, horizon: f64) {
+        // How far after the script runs this instance may send a slot of this block.
+        let reach = lead + horizon + estimate.map_or(0.0, |e| e.lateness) + self.interval;
         // How late this instance may send its last slot once this block is taken: this
         // mapping's bound, or the last block's if this reply never comes back (the
         // script may still have run). Rounded up, never down.
@@ -315,21 +327,28 @@ impl RedisSlots {
             self.holder.clone(),
             format!("{lateness:.0}"),
             format!("{delta:.0}"),
-            format!("{:.0}", micros(COLD)),
-            format!("{:.0}", micros(LONGEST_TURN)),
+            format!("{:.0}", reach.max(self.heard_reach).ceil()),
             QUANTUM.to_string(),
             format!("{:.0}", micros(TURN)),
+            format!("{:.0}", micros(LONGEST_TURN)),
+            format!("{:.0}", reach.ceil()),
         ];
         let (client, key) = (self.client.clone(), self.key.clone());
         // A task of its own, so the slots already reserved are dealt out while the
         // request is on the wire.
         let reply = self.runtime.spawn(async move {
             let asked = Instant::now();
-            let (now, first, count, lost, again): (String, String, String, String, String) =
-                RESERVE
-                    .evalsha_with_reload(&client, vec![key], args)
-                    .await
-                    .map_err(|e| backend(STORE, e))?;
+            let (now, first, count, lost, again, reach): (
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+            ) = RESERVE
+                .evalsha_with_reload(&client, vec![key], args)
+                .await
+                .map_err(|e| backend(STORE, e))?;
             let replied = Instant::now();
             let parse = |s: &str| {
                 s.parse::<f64>().map_err(|e| {
@@ -344,6 +363,7 @@ impl RedisSlots {
                 count: count.parse().unwrap_or(0),
                 lost: lost == "1",
                 again: parse(&again)?,
+                reach: parse(&reach)?,
             })
         });
         self.pending = Some(Pending {
@@ -360,12 +380,13 @@ impl RedisSlots {
         self.metrics
             .round_trip_seconds
             .record(sample.round_trip / 1e6);
+        self.heard_reach = reply.reach;
         if reply.lost {
             self.why = Why::Lost;
             if warn_due(&mut self.warned_lost, reply.replied) {
                 tracing::warn!(
                     key = %self.key,
-                    restart_after_ms = COLD.as_millis() as u64,
+                    restart_after_ms = (reply.first - reply.now) / 1e3,
                     "send limiter: the schedule was missing in Redis (a flush, a restart or \
                      a failover); it restarts after the slots instances may still hold, \
                      so there is no burst (G2)"
@@ -436,6 +457,22 @@ impl RedisSlots {
 
 #[async_trait]
 impl SlotSource for RedisSlots {
+    async fn idle(&mut self) -> Option<Instant> {
+        if self.pending.as_ref().is_some_and(|p| p.reply.is_finished())
+            && let Err(error) = self.settle().await
+        {
+            // Nobody waits to hear of it; the next run's request finds out afresh.
+            tracing::debug!(error = ?error, "send limiter: a clock probe failed");
+        }
+        let now = Instant::now();
+        if self.pending.is_some() {
+            // Its reply is taken in soon, so the mapping is ready.
+            return Some(now + Duration::from_millis(20));
+        }
+        self.send(None, 0, 0.0, 0.0);
+        Some(now + PROBE_EVERY)
+    }
+
     async fn take(&mut self, want: u32) -> Result<Take, BackendError> {
         let now = Instant::now();
         if now.saturating_duration_since(self.last_take) > STARVED {

@@ -1,20 +1,27 @@
 -- Reserves send slots for one instance of the send limiter (G2).
 --
 -- KEYS[1] is the schedule, a hash with no TTL (so that its absence means it was lost):
---   next    the first free slot, µs of Redis's clock
---   holder  the instance that reserved last
---   u       how late that instance may send any of its slots, µs
---   claim, claim_at  an instance waiting for its turn, and since when
--- ARGV: interval, want, horizon, lead, holder, u, delta, cold, furthest, quantum, turn
--- (µs except want, holder and quantum).
+--   next        the first free slot, µs of Redis's clock
+--   holder      the instance that reserved last
+--   u           how late that instance may send any of its slots, µs
+--   turn        the first slot of the holder's turn, and turn_len how long the turn
+--               lasts before the holder yields to a waiting instance, µs
+--   claim, claim_until  an instance waiting for its turn, and until when it counts
+--   reach, reach_at     the furthest after its request any instance may send a slot
+--               it reserved (lead + horizon + lateness), and when that was declared
+-- ARGV: interval, want, horizon, lead, holder, u, delta, cold, quantum, turn, longest,
+-- reach (µs except want, holder and quantum).
 --
--- Slots are never reserved beyond `furthest` after the lead: that bounds every slot any
--- instance holds, and so `cold`. A waiting instance's claim (`claim`, `claim_at`)
--- lapses after `cold`.
+-- A block reaches at most lead + horizon after the script runs, so every slot any
+-- instance holds is sent within its declared reach of its request. A lost schedule
+-- restarts `cold` after now: the caller's own reach or the largest it heard of from
+-- this schedule, whichever is larger (a fresh deployment waits only its own).
 --
--- Returns now, the first slot, the count, 1 if the schedule was missing, and when to
--- ask again if the count is 0 (all on Redis's clock), as strings (Lua numbers would be
--- truncated on the way out).
+-- A probe (want 0) reads the clock and the schedule's reach and changes nothing.
+--
+-- Returns now, the first slot, the count, 1 if the schedule was missing, when to ask
+-- again if the count is 0 (all on Redis's clock), and the schedule's reach, as strings
+-- (Lua numbers would be truncated on the way out).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -25,20 +32,37 @@ local holder = ARGV[5]
 local u = tonumber(ARGV[6])
 local delta = tonumber(ARGV[7])
 local cold = tonumber(ARGV[8])
-local furthest = tonumber(ARGV[9])
-local quantum = tonumber(ARGV[10])
-local turn = tonumber(ARGV[11])
+local quantum = tonumber(ARGV[9])
+local shortest = tonumber(ARGV[10])
+local longest = tonumber(ARGV[11])
+local reach = tonumber(ARGV[12])
+local function us(x) return string.format('%.3f', x) end
 
-local state = redis.call('HMGET', KEYS[1], 'next', 'holder', 'u', 'claim', 'claim_at')
+local state = redis.call('HMGET', KEYS[1], 'next', 'holder', 'u', 'claim', 'claim_until',
+  'turn', 'turn_len', 'reach', 'reach_at')
+local known_reach = tonumber(state[8]) or 0
+if want == 0 then
+  return {us(now), us(now), '0', '0', us(now), us(known_reach)}
+end
+
+-- The largest reach declared lately: an instance farther from Redis keeps declaring
+-- its own with every block, a smaller one replaces it only once it is old.
+if reach >= known_reach or (tonumber(state[9]) or 0) + 2000000 < now then
+  redis.call('HSET', KEYS[1], 'reach', us(reach), 'reach_at', us(now))
+  known_reach = reach
+end
+
 local next, previous, previous_u, lost
 if state[1] then
-  next, previous, previous_u, lost = tonumber(state[1]), state[2], tonumber(state[3]) or cold, 0
+  next, previous, previous_u, lost = tonumber(state[1]), state[2], tonumber(state[3]) or 0, 0
 else
   -- Lost (a flush, a restart, a failover) or never written: instances may still hold
-  -- slots reserved against the old schedule, up to `cold` ahead of now. Start after them.
+  -- slots reserved against the old schedule, up to their reach after now.
   next, previous, previous_u, lost = now + cold, '', 0, 1
-  redis.call('HSET', KEYS[1], 'next', string.format('%.3f', next), 'holder', '', 'u', '0')
+  redis.call('HSET', KEYS[1], 'next', us(next), 'holder', '', 'u', '0')
 end
+local turn = tonumber(state[6]) or next
+local turn_len = tonumber(state[7]) or shortest
 
 -- Not before the reply can be back, nor before the free slot.
 local first = math.max(next, now + lead)
@@ -51,39 +75,37 @@ else
   first = math.max(first, next + delta)
 end
 
-local function fit(until_)
-  if first > until_ then return 0 end
-  return math.floor((until_ - first) / interval) + 1
-end
-local normal = fit(now + lead + horizon)
 local count, again = 0, first - lead - horizon
 local claimant = state[4]
-local claimed = claimant and claimant ~= holder and tonumber(state[5]) + cold >= now
-if previous == holder and claimed then
-  -- Another instance waits for its turn: this one lets its block end there.
+local claimed = claimant and claimant ~= holder and (tonumber(state[5]) or 0) >= now
+local turn_over = next - turn >= turn_len
+if previous == holder and claimed and turn_over then
+  -- Another instance waits and this one had its turn: its blocks end here.
   again = next
-elseif previous ~= holder and previous_u > 0 then
-  -- A change of holder costs a gap: the block that pays for it is at least `quantum`
-  -- times the gap long, and at least `turn` (or as long as `furthest` allows), so
-  -- instances taking turns lose at most 1 / (quantum + 1) of the rate to gaps. Until
-  -- that fits, the holder yields to this claim.
-  local least = math.min(want, math.ceil(math.max(quantum * previous_u, turn) / interval),
-    math.floor(furthest / interval))
-  if fit(now + lead + furthest) >= least then
-    count = math.min(want, math.max(normal, least))
-  elseif want > 0 then
-    redis.call('HSET', KEYS[1], 'claim', holder, 'claim_at', string.format('%.0f', now))
-    again = first + least * interval - lead - furthest
-  end
+elseif previous ~= holder and previous ~= '' and not turn_over and next > now + lead then
+  -- Another instance is in its turn and holds slots ahead: wait for the end of it.
+  redis.call('HSET', KEYS[1], 'claim', holder,
+    'claim_until', us(math.max(turn + turn_len - lead - horizon, now) + lead + 10000))
+  again = math.max(turn + turn_len - lead - horizon, now + 1000)
 else
-  count = math.min(want, normal)
+  if first <= now + lead + horizon then
+    count = math.min(want, math.floor((now + lead + horizon - first) / interval) + 1)
+  end
 end
 if count > 0 then
+  if previous ~= holder then
+    -- A new turn. A change of holder costs a gap of `previous_u`: the turn is at least
+    -- `quantum` times as long, so instances taking turns lose at most 1 / (quantum + 1)
+    -- of the rate to gaps.
+    turn = first
+    turn_len = math.min(math.max(quantum * previous_u, shortest), longest)
+  end
   redis.call('HSET', KEYS[1],
-    'next', string.format('%.3f', first + count * interval),
+    'next', us(first + count * interval),
     'holder', holder,
-    'u', string.format('%.3f', u))
-  if claimant == holder then redis.call('HDEL', KEYS[1], 'claim', 'claim_at') end
+    'u', us(u),
+    'turn', us(turn),
+    'turn_len', us(turn_len))
+  if claimant == holder then redis.call('HDEL', KEYS[1], 'claim', 'claim_until') end
 end
-return {string.format('%.3f', now), string.format('%.3f', first), tostring(count),
-  tostring(lost), string.format('%.3f', again)}
+return {us(now), us(first), tostring(count), tostring(lost), us(again), us(known_reach)}

@@ -15,14 +15,18 @@ use tracing::Instrument as _;
 use super::Engine;
 use super::bus::{BusEvent, RunKey, SentBatch, SentItem};
 use super::recorder::{RecordError, Recorder};
-use super::stock::Fenced;
+use super::stock::{Delivery, Fenced};
 use super::webhook::Failure;
 use super::webhook::pipeline::Pipeline;
 use crate::domain::{BackendError, Error, ProductId, Registration, RunStatus, WaveState};
 use crate::store::{After, ClaimedRun, FinalStatus, RunClaim};
 
+mod deliveries;
+mod grant;
 mod webhook;
-use webhook::{Grant, PassAhead};
+use deliveries::{Answered, Deliveries};
+use grant::{Grant, ask_limiter};
+use webhook::PassAhead;
 
 /// Why a run stopped before finishing its queue.
 pub(super) enum Stop {
@@ -112,6 +116,8 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             paused_until: None,
             grant: None,
             pass_ahead: None,
+            deliveries: Deliveries::default(),
+            refused_in_a_row: 0,
             engine: &engine,
         };
         let started = Instant::now();
@@ -120,7 +126,7 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
             // on its way does nothing.
             if !engine
                 .stock_fence
-                .claim(run.run, claim.token)
+                .claim(run.run, claim.token, run.cursor)
                 .await
                 .map_err(Error::from)?
             {
@@ -160,6 +166,11 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                         Err(stop)
                     }
                 }
+            }
+            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_))) => {
+                // What is still on its way to the bus is recorded if it got there.
+                run.drain(None).await;
+                Err(stop)
             }
             other => other,
         };
@@ -250,12 +261,18 @@ struct RunState<'a> {
     pipeline: Option<Pipeline>,
     /// No request starts before this: the endpoint asked for a pause (`Retry-After`).
     paused_until: Option<Instant>,
-    /// A webhook run's call to the limiter, kept waiting from one batch of requests to
-    /// the next so that no slot falls due while the run is not asking (G2).
+    /// The run's call to the limiter, kept waiting from one batch to the next so that
+    /// no slot falls due while the run is not asking (G2).
     grant: Option<Grant>,
     /// A webhook run's next pass through the stock fence, asked for before the grant
     /// that will use it, so that the grant's requests start at once.
     pass_ahead: Option<PassAhead>,
+    /// Without a webhook: batches on their way through the stock fence, in send order.
+    /// `cursor` is then the last one the fence let through.
+    deliveries: Deliveries,
+    /// Times in a row the fence refused a batch the run could fix (a figure missing
+    /// from the cache, a lost claim, a batch that overtook a refused one).
+    refused_in_a_row: usize,
 }
 
 /// Why a run stopped sending, when it did not stop early.
@@ -311,6 +328,9 @@ impl RunState<'_> {
                 .await?;
             if page.is_empty() {
                 self.settle_pipeline().await?;
+                if !self.settle_deliveries().await? {
+                    continue;
+                }
                 return Ok(Done::Queue);
             }
             // Requests on the wire or waiting for a retry are not recorded yet either.
@@ -319,14 +339,20 @@ impl RunState<'_> {
                 .as_ref()
                 .map(|pipeline| pipeline.users().collect())
                 .unwrap_or_default();
-            if self.recorder.has_unrecorded() || !in_pipeline.is_empty() {
+            if self.recorder.has_unrecorded()
+                || !in_pipeline.is_empty()
+                || !self.deliveries.is_empty()
+            {
                 page.retain(|r| {
-                    !self.recorder.is_unrecorded(r.user_id) && !in_pipeline.contains(&r.user_id)
+                    !self.recorder.is_unrecorded(r.user_id)
+                        && !in_pipeline.contains(&r.user_id)
+                        && !self.deliveries.contains(r.user_id)
                 });
                 if page.is_empty() {
                     // Only unrecorded users were left: record them, and the query skips
                     // them next time.
                     self.settle_pipeline().await?;
+                    self.settle_deliveries().await?;
                     self.recorder.flush().await?;
                     continue;
                 }
@@ -334,78 +360,115 @@ impl RunState<'_> {
             if self.wave_left == Some(0) {
                 // Users remain (this page), for the next wave.
                 self.settle_pipeline().await?;
+                if !self.settle_deliveries().await? {
+                    continue;
+                }
                 return Ok(Done::Wave);
             }
             let mut rest = &page[..];
             while !rest.is_empty() && self.wave_left != Some(0) {
                 let sent = match self.pipeline {
-                    Some(_) => self.send_to_webhook(rest).await?,
+                    Some(_) => Some(self.send_to_webhook(rest).await?),
                     None => self.send(rest).await?,
                 };
+                // None: deliveries were refused, and the queue is read again from the
+                // last one that went through.
+                let Some(sent) = sent else { break };
                 rest = &rest[sent..];
                 self.recorder.poll().await?;
             }
         }
     }
 
-    /// Sends the next few of `queue` (as many as the limiter grants at once) and returns
-    /// how many.
+    /// Starts delivering the next few of `queue` (as many as the limiter grants at once)
+    /// and returns how many; `None` if deliveries were refused meanwhile, and the queue
+    /// is to be read again from the last one that went through.
     ///
-    /// The limiter is waited for first; then the batch goes through the stock fence,
-    /// which delivers it only if the product is in stock, as one step no stock write can
-    /// split (G3). A long wait for the limiter (a low rate, many runs sharing it) is cut
-    /// into slices of one flush interval, between which what was sent is recorded and
-    /// the lease renewed, so a waiting run is not taken for a dead one. The call to the
-    /// limiter stays in place across the slices: the limiter serves waiting runs in
-    /// turn (G2), and a run that asked again would go to the back of the queue.
-    async fn send(&mut self, queue: &[Registration]) -> Result<usize, Stop> {
+    /// The call to the limiter stays in place while the run waits for anything else,
+    /// and the next one is made as soon as a grant arrives, before its batch goes out:
+    /// slots that fall due while no call waits are lost (G2). The batch goes through
+    /// the stock fence, which delivers it only if the product is in stock, as one step
+    /// no stock write can split (G3); its answer is taken in later (`deliveries`). A
+    /// long wait (a low rate, many runs sharing the limiter) is cut into slices of one
+    /// flush interval, between which what was sent is recorded and the lease renewed,
+    /// so a waiting run is not taken for a dead one.
+    async fn send(&mut self, queue: &[Registration]) -> Result<Option<usize>, Stop> {
         let engine = self.engine;
-        'ask: loop {
+        loop {
             if engine.shutdown.is_cancelled() {
                 return Err(Stop::ShuttingDown);
             }
-            // G10 and G8: never more than a second's worth unrecorded, and nothing sent
-            // on a lease that could have run out.
-            self.recorder.wait_for_room().await?;
-            let mut want = queue.len().min(self.recorder.room());
-            if let Some(left) = self.wave_left {
-                want = want.min(usize::try_from(left).unwrap_or(usize::MAX));
+            let want = self.may_start(queue.len());
+            if want == 0 || !self.recorder.may_send() {
+                // G10 and G8: never more than a second's worth unrecorded (on its way
+                // counts), and nothing sent on a lease that could have run out.
+                self.grant = None;
+                if let Some(answered) = self.deliveries.next().await {
+                    if !self.fence_answered(answered).await? {
+                        return Ok(None);
+                    }
+                } else {
+                    self.recorder.wait_for_room().await?;
+                }
+                continue;
             }
-            let acquire = engine
-                .limiter
-                .acquire(u32::try_from(want).unwrap_or(u32::MAX));
-            tokio::pin!(acquire);
-            let granted = loop {
-                let slice_end = Instant::now() + engine.settings.recorder.flush_interval;
-                tokio::select! {
-                    biased;
-                    _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
-                    granted = &mut acquire => break granted.map_err(Error::from)?,
-                    _ = tokio::time::sleep_until(slice_end) => {
-                        // Commits run on tasks of their own: this only notices or starts one.
-                        self.recorder.keep_up().await?;
-                        if !self.recorder.may_send() {
-                            continue 'ask;
-                        }
+            if self.grant.is_none() {
+                self.grant = Some(ask_limiter(&engine.limiter, want));
+            }
+            let slice_end = Instant::now() + engine.settings.recorder.flush_interval;
+            let on_the_way = !self.deliveries.is_empty();
+            tokio::select! {
+                biased;
+                _ = engine.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                // Answers first: taking one in is quick, and what went through
+                // reaches the recorder in send order, batch by batch.
+                answered = self.deliveries.next(), if on_the_way => {
+                    if let Some(answered) = answered
+                        && !self.fence_answered(answered).await?
+                    {
+                        return Ok(None);
                     }
                 }
-            };
-            if !self.recorder.may_send() {
-                // The lease could have run out while the run waited: the slots go
-                // unused (a send less, never one on a lost lease).
-                continue 'ask;
+                (granted, at) = async { self.grant.as_mut().expect("asked above").await } => {
+                    self.grant = None;
+                    let granted = granted.map_err(Error::from)? as usize;
+                    if !self.recorder.may_send() {
+                        // The lease could have run out while the run waited: the slots
+                        // go unused (a send less, never one on a lost lease).
+                        continue;
+                    }
+                    let count = granted.min(want);
+                    let next = self.may_start(usize::MAX).saturating_sub(count);
+                    if next > 0 {
+                        self.grant = Some(ask_limiter(&engine.limiter, next));
+                    }
+                    self.start_delivery(&queue[..count], at);
+                    return Ok(Some(count));
+                }
+                _ = tokio::time::sleep_until(slice_end) => {
+                    // Commits run on tasks of their own: this only notices or starts one.
+                    self.recorder.keep_up().await?;
+                }
             }
-            let chunk = &queue[..(granted.count as usize).min(want)];
-            self.deliver(chunk, granted.at).await?;
-            return Ok(chunk.len());
         }
     }
 
-    /// `chunk` as a batch of this run, after its cursor and under its claim (G8).
+    /// How many of `queued` the run may start now: what the recorder has room for, less
+    /// what is on its way (G10), and what the wave has left.
+    fn may_start(&self, queued: usize) -> usize {
+        let room = self.recorder.room().saturating_sub(self.deliveries.len());
+        let left = self
+            .wave_left
+            .map_or(usize::MAX, |left| usize::try_from(left).unwrap_or(0));
+        queued.min(room).min(left)
+    }
+
+    /// `chunk` as a batch of this run, after the last notification it started and
+    /// under its claim (G8).
     fn batch(&self, chunk: &[Registration], sent_at: DateTime<Utc>) -> SentBatch {
         SentBatch::new(
             self.run,
-            self.cursor,
+            self.deliveries.last_started().or(self.cursor),
             chunk
                 .iter()
                 .map(|r| SentItem {
@@ -418,9 +481,8 @@ impl RunState<'_> {
         .under_claim(self.claim.token)
     }
 
-    /// Delivers a chunk through the fence, stamped with its grant, and hands it to the
-    /// recorder.
-    async fn deliver(&mut self, chunk: &[Registration], granted_at: Instant) -> Result<(), Stop> {
+    /// Sends a chunk to the fence, stamped with its grant.
+    fn start_delivery(&mut self, chunk: &[Registration], granted_at: Instant) {
         // Stamped with the instant the limiter handed the slots out, which is what it
         // counts (G2): a window of `sent_at` then holds what a window of grants holds,
         // however long this task took to wake on the grant.
@@ -430,18 +492,119 @@ impl RunState<'_> {
             .at(granted_at)
             .trunc_subsecs(SENT_AT_DIGITS);
         let batch = self.batch(chunk, sent_at);
-        let fence = &self.engine.stock_fence;
-        through_fence(self.engine, self.run, &self.claim, || fence.deliver(&batch)).await?;
+        let fence = self.engine.stock_fence.clone();
+        self.deliveries.start(fence, batch, chunk.to_vec(), sent_at);
+        if let Some(left) = &mut self.wave_left {
+            *left -= chunk.len() as i64;
+        }
+    }
+
+    /// A chunk the fence let through: counted, handed to the recorder, and the cursor
+    /// moved past it.
+    fn delivered(&mut self, chunk: &[Registration], sent_at: DateTime<Utc>) {
         self.engine
             .metrics
             .notifications_sent
             .increment(chunk.len() as u64);
         self.recorder.delivered(chunk, sent_at);
-        if let Some(left) = &mut self.wave_left {
-            *left -= chunk.len() as i64;
-        }
         self.cursor = chunk.last().map(|r| r.position).or(self.cursor);
-        Ok(())
+    }
+
+    /// Takes in the fence's answer to the oldest delivery on its way. `false`: it was
+    /// refused for a reason the run fixed, and the run sends again from its cursor.
+    async fn fence_answered(&mut self, answered: Answered) -> Result<bool, Stop> {
+        if let Ok(Delivery::Through(())) = answered.outcome {
+            self.refused_in_a_row = 0;
+            self.delivered(&answered.chunk, answered.sent_at);
+            return Ok(true);
+        }
+        let refused = self.drain(Some(answered)).await;
+        if let Some(Ok(Delivery::ClaimUnknown | Delivery::NotCached | Delivery::OutOfOrder)) =
+            refused
+        {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= DELIVERY_ATTEMPTS {
+                return Err(Stop::Failed(stock_keeps_disappearing()));
+            }
+        }
+        match refused {
+            Some(Err(error)) => return Err(Stop::Failed(error.into())),
+            Some(Ok(Delivery::SoldOut)) => return Err(Stop::SoldOut),
+            Some(Ok(Delivery::Superseded)) => return Err(Stop::Lost),
+            Some(Ok(Delivery::ClaimUnknown)) => {
+                reclaim(self.engine, self.run, &self.claim, self.cursor).await?;
+            }
+            Some(Ok(Delivery::NotCached)) => {
+                self.engine.cache_stock(self.run.product_id, None).await?;
+            }
+            Some(Ok(Delivery::OutOfOrder | Delivery::Through(()))) | None => {}
+        }
+        Ok(false)
+    }
+
+    /// Takes in every answer still to come, after `first` if given. What went through
+    /// is handed to the recorder, with any batch whose answer was lost (an error) but
+    /// which a later one proves delivered (the fence lets a batch through only after
+    /// the one before it); the rest goes back to the wave. Returns the first answer
+    /// that was not "through", if any.
+    async fn drain(&mut self, first: Option<Answered>) -> Option<Result<Delivery, BackendError>> {
+        let mut refused = None;
+        let mut unproven: Vec<(Vec<Registration>, DateTime<Utc>)> = Vec::new();
+        let mut answers = first;
+        loop {
+            let Some(Answered {
+                chunk,
+                sent_at,
+                outcome,
+            }) = answers.take()
+            else {
+                match self.deliveries.next().await {
+                    Some(next) => {
+                        answers = Some(next);
+                        continue;
+                    }
+                    None => break,
+                }
+            };
+            match outcome {
+                Ok(Delivery::Through(())) => {
+                    for (proven, at) in std::mem::take(&mut unproven) {
+                        self.delivered(&proven, at);
+                    }
+                    self.delivered(&chunk, sent_at);
+                }
+                Err(error) => {
+                    refused.get_or_insert(Err(error));
+                    unproven.push((chunk, sent_at));
+                }
+                Ok(outcome) => {
+                    refused.get_or_insert(Ok(outcome));
+                    self.unsent(chunk.len());
+                }
+            }
+        }
+        for (lost, _) in unproven {
+            self.unsent(lost.len());
+        }
+        refused
+    }
+
+    /// Takes every answer still to come; `false` if a batch was refused and the queue
+    /// is to be read again from the cursor.
+    async fn settle_deliveries(&mut self) -> Result<bool, Stop> {
+        while let Some(answered) = self.deliveries.next().await {
+            if !self.fence_answered(answered).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Notifications started and not delivered go back to the wave's quota.
+    fn unsent(&mut self, count: usize) {
+        if let Some(left) = &mut self.wave_left {
+            *left += count as i64;
+        }
     }
 }
 
@@ -464,8 +627,9 @@ where
             Fenced::Through(through) => return Ok(through),
             Fenced::SoldOut => return Err(Stop::SoldOut),
             Fenced::Superseded => return Err(Stop::Lost),
-            Fenced::ClaimUnknown => reclaim(engine, run, claim).await?,
+            Fenced::ClaimUnknown => reclaim(engine, run, claim, None).await?,
             Fenced::NotCached => engine.cache_stock(run.product_id, None).await?,
+            Fenced::OutOfOrder => {}
         }
     }
     Err(Stop::Failed(stock_keeps_disappearing()))
@@ -481,15 +645,21 @@ fn stock_keeps_disappearing() -> Error {
 
 /// The shared side lost the run's newest claim (a flush, a failover, its key expired):
 /// this task registers its claim again, but only once the database shows it still
-/// holds the run; otherwise it no longer owns it (G8).
-async fn reclaim(engine: &Engine, run: RunKey, claim: &RunClaim) -> Result<(), Stop> {
+/// holds the run; otherwise it no longer owns it (G8). Its deliveries follow `after`,
+/// the last one that went through.
+async fn reclaim(
+    engine: &Engine,
+    run: RunKey,
+    claim: &RunClaim,
+    after: Option<i64>,
+) -> Result<(), Stop> {
     tracing::warn!("the run's claim is gone from Redis; proving it against the database");
     if !engine.store.holds_claim(claim).await? {
         return Err(Stop::Lost);
     }
     if !engine
         .stock_fence
-        .claim(run, claim.token)
+        .claim(run, claim.token, after)
         .await
         .map_err(Error::from)?
     {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
+use super::grant::ask_limiter;
 use super::{RunState, SENT_AT_DIGITS, Stop, reclaim, through_fence};
 use crate::domain::{Error, Registration};
 use crate::engine::Engine;
@@ -25,6 +26,7 @@ impl RunState<'_> {
         self.pipeline
             .as_ref()
             .and_then(Pipeline::last_started)
+            .max(self.deliveries.last_started())
             .max(self.cursor)
     }
 
@@ -253,7 +255,7 @@ impl RunState<'_> {
                 .await
                 .map_err(Error::from)?;
             if published == Delivery::ClaimUnknown {
-                reclaim(self.engine, self.run, &self.claim).await?;
+                reclaim(self.engine, self.run, &self.claim, self.cursor).await?;
                 published = self
                     .engine
                     .stock_fence
@@ -377,47 +379,4 @@ fn webhook_task_failed() -> Error {
         false,
         anyhow::anyhow!("a webhook attempt's task failed"),
     ))
-}
-
-/// A call to the limiter that outlives the borrow of the engine, and says when its
-/// slots arrived (they may wait while the run takes answers in).
-pub(super) type Grant = std::pin::Pin<Box<dyn std::future::Future<Output = Granted> + Send>>;
-type Granted = (Result<u32, crate::domain::BackendError>, Instant);
-
-/// Asks the limiter on a task of its own; dropping the grant cancels the call. The
-/// instant that comes with the slots is the one the limiter handed them out at, so
-/// the time the run then takes to start them (however late this task or the run woke)
-/// counts against `grant_tolerance` (G2).
-fn ask_limiter(limiter: &Arc<dyn crate::engine::limiter::SendLimiter>, want: usize) -> Grant {
-    let limiter = limiter.clone();
-    let want = u32::try_from(want).unwrap_or(u32::MAX);
-    let call = tokio::spawn(async move {
-        match limiter.acquire(want).await {
-            Ok(slots) => (Ok(slots.count), slots.at),
-            Err(error) => (Err(error), Instant::now()),
-        }
-    });
-    Box::pin(async move {
-        let mut call = CancelOnDrop(call);
-        match (&mut call.0).await {
-            Ok(granted) => granted,
-            Err(join) => (
-                Err(crate::domain::BackendError::new(
-                    crate::domain::Component::SendLimiter,
-                    false,
-                    anyhow::anyhow!("the call to the limiter failed: {join}"),
-                )),
-                Instant::now(),
-            ),
-        }
-    })
-}
-
-/// Cancels a task when its handle is dropped.
-struct CancelOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for CancelOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

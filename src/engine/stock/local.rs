@@ -91,7 +91,14 @@ impl StockFence for LocalStockFence {
     /// In one process a claim never travels: a run task only delivers while its lease
     /// keeper says its claim may still be the newest (G8), and nothing it sent can
     /// arrive after it stopped.
-    async fn claim(&self, _run: RunKey, _claim: i64) -> Result<bool, BackendError> {
+    /// Nor are deliveries reordered: they are asked for in send order and each takes
+    /// the stripe's read lock, which is granted in the order asked for.
+    async fn claim(
+        &self,
+        _run: RunKey,
+        _claim: i64,
+        _after: Option<i64>,
+    ) -> Result<bool, BackendError> {
         Ok(true)
     }
 

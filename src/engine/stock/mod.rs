@@ -87,6 +87,11 @@ pub enum Fenced<T> {
     /// delivers anything (G8): a delivery of an older claim held on the wire meanwhile
     /// is refused, not let through for want of a newer one to compare with.
     ClaimUnknown,
+    /// The batch does not follow the last one delivered under its claim: one sent
+    /// before it was refused, or has not arrived yet. Nothing went through; the sender
+    /// delivers again from the last batch that went through (G1: a run that has several
+    /// deliveries on their way never puts a later one on the bus before an earlier one).
+    OutOfOrder,
 }
 
 /// What the fence did with a batch: `Through(())`, the batch is on the bus.
@@ -115,11 +120,20 @@ pub trait StockFence: Send + Sync + 'static {
 
     /// Makes `claim` (a run's fencing token) the newest its run has seen, before the
     /// claim's first delivery: from then on a delivery of an older claim does nothing.
-    /// `false`: a newer claim was seen already; the caller no longer owns the run.
-    async fn claim(&self, run: RunKey, claim: i64) -> Result<bool, BackendError>;
+    /// `after` is the queue position of the last notification the run delivered (the
+    /// first batch of the claim follows it). `false`: a newer claim was seen already;
+    /// the caller no longer owns the run.
+    async fn claim(
+        &self,
+        run: RunKey,
+        claim: i64,
+        after: Option<i64>,
+    ) -> Result<bool, BackendError>;
 
     /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
-    /// seen and the cached stock of its product is above zero.
+    /// seen, the cached stock of its product is above zero, and the batch follows the
+    /// last one delivered under its claim (its `prev_position`). Several deliveries of
+    /// a run may be on their way at once, asked for in send order.
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
 
     /// Admits webhook requests of `run` if no newer claim than `claim` was seen and the

@@ -171,12 +171,24 @@ impl StockFence for RedisStockFence {
         Box::new(())
     }
 
-    async fn claim(&self, run: RunKey, claim: i64) -> Result<bool, BackendError> {
+    async fn claim(
+        &self,
+        run: RunKey,
+        claim: i64,
+        after: Option<i64>,
+    ) -> Result<bool, BackendError> {
         let outcome: i64 = CLAIM
             .evalsha_with_reload(
                 &self.client,
-                vec![self.keys.run_claim(run.product_id, run.restock_round)],
-                vec![claim.to_string(), CLAIM_TTL_SECS.to_string()],
+                vec![
+                    self.keys.run_claim(run.product_id, run.restock_round),
+                    self.keys.run_chain(run.product_id, run.restock_round),
+                ],
+                vec![
+                    claim.to_string(),
+                    CLAIM_TTL_SECS.to_string(),
+                    position(after),
+                ],
             )
             .await
             .map_err(|e| backend(BUS, e))?;
@@ -222,7 +234,7 @@ impl StockFence for RedisStockFence {
     }
 
     async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
-        self.put_on_bus(&PUBLISH, None, batch).await
+        self.put_on_bus(&PUBLISH, false, batch).await
     }
 
     async fn wait_for_admissions(&self, product: ProductId) -> Result<(), BackendError> {
@@ -239,38 +251,48 @@ impl StockFence for RedisStockFence {
     }
 
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
-        let stock = self.keys.stock(batch.run.product_id);
-        self.put_on_bus(&DELIVER, Some(stock), batch).await
+        self.put_on_bus(&DELIVER, true, batch).await
     }
 }
 
+/// A queue position as the chain key writes it: `-` for none.
+fn position(at: Option<i64>) -> String {
+    at.map_or_else(|| "-".to_owned(), |p| p.to_string())
+}
+
 impl RedisStockFence {
-    /// Publishes `batch` through `script` (`deliver.lua`, which checks the stock at
-    /// `stock` first, or `publish.lua`): both take the run's claim key last and the
-    /// same arguments, and answer alike (`publish.lua` only 1, -2 or -3).
+    /// Publishes `batch` through `script`: `deliver.lua` (`fenced`), which also checks
+    /// the stock and the chain, or `publish.lua`, which takes only the claim key and
+    /// the first four arguments. Both answer alike (`publish.lua` only 1, -2 or -3).
     async fn put_on_bus(
         &self,
         script: &Script,
-        stock: Option<String>,
+        fenced: bool,
         batch: &SentBatch,
     ) -> Result<Delivery, BackendError> {
         let run = batch.run;
-        let keys: Vec<String> = stock
-            .into_iter()
-            .chain([self.keys.run_claim(run.product_id, run.restock_round)])
-            .collect();
+        let claim_key = self.keys.run_claim(run.product_id, run.restock_round);
         let payload: Bytes = encode_sent(batch);
+        let mut args = vec![
+            Value::from(self.keys.bus_channel()),
+            Value::Bytes(payload),
+            Value::from(batch.claim),
+            Value::from(CLAIM_TTL_SECS),
+        ];
+        let keys = if fenced {
+            let last = batch.items.last().map(|item| item.position);
+            args.push(Value::from(position(batch.prev_position)));
+            args.push(Value::from(position(last.or(batch.prev_position))));
+            vec![
+                self.keys.stock(run.product_id),
+                claim_key,
+                self.keys.run_chain(run.product_id, run.restock_round),
+            ]
+        } else {
+            vec![claim_key]
+        };
         let outcome: i64 = script
-            .evalsha_with_reload(
-                &self.client,
-                keys,
-                vec![
-                    Value::from(self.keys.bus_channel()),
-                    Value::Bytes(payload),
-                    Value::from(batch.claim),
-                    Value::from(CLAIM_TTL_SECS),
-                ],
-            )
+            .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(|e| backend(BUS, e))?;
         Ok(match outcome {
@@ -278,6 +300,7 @@ impl RedisStockFence {
             0 => Delivery::SoldOut,
             -2 => Delivery::Superseded,
             -3 => Delivery::ClaimUnknown,
+            -4 => Delivery::OutOfOrder,
             _ => Delivery::NotCached,
         })
     }
