@@ -11,7 +11,7 @@
 //! cargo run --release --example bench -- memory  --streams 5000
 //! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across]
 //! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
-//! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs 100] [--instances 1]
+//! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs N] [--instances N]
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! ```
 //!
@@ -37,13 +37,16 @@
 //! (`BENCH_LOG=1` shows the instances' warnings).
 //! `limiter` measures the send limiter on a real network: for each added round trip to
 //! Redis (0, 1, 2, 6 and 100 ms, half each way, through the test suite's fault proxy)
-//! it starts the real binary (or `--instances` of them) on Redis through the proxy,
-//! triggers `--runs` runs together with `rate x seconds` users between them, and
-//! reports the utilisation of the limit while every run still had work, the busiest
-//! one-second window of `sent_at`, the slots the limiters gave up
-//! (`restock_send_limiter_dropped_total`), and how long the last run waited for its
-//! first send. Many runs, because each delivery is itself a round trip to Redis (the
-//! stock fence): a single run 100 ms from Redis sends one batch per 100 ms.
+//! it starts the real binary (one instance, then two, or `--instances` of them) on a
+//! fresh Redis prefix through the proxy, triggers one run alone (the common case: one
+//! product restocked) and then 100 runs together (or `--runs` runs), with
+//! `rate x seconds` users between them, and reports the utilisation of the limit while
+//! every run still had work, the busiest one-second window of `sent_at`, the slots the
+//! limiters gave up (`restock_send_limiter_dropped_total`), and the longest any run
+//! waited from its `TriggerRestock` returning to its first send (for the first run on a
+//! fresh prefix, the cold start). Then, with one run alone, it deletes the limiter's
+//! schedule mid-run (a flush, a failover) and reports the longest pause in `sent_at`
+//! after it and the busiest window.
 //! `webhook` delivers `rate x seconds` notifications to an endpoint in the bench that
 //! answers after 0, 50 and 200 ms, and reports the rate and the busiest one-second
 //! window at the endpoint (every request, retries included) and the server's CPU per
@@ -1090,25 +1093,93 @@ fn redis_url() -> String {
 /// Added round trips to Redis the `limiter` mode measures, in milliseconds.
 const ADDED_ROUND_TRIPS: [u64; 5] = [0, 1, 2, 6, 100];
 
-async fn limiter(limit: u32, seconds: u32, runs: u32, instances: u32) -> anyhow::Result<()> {
+async fn limiter(
+    limit: u32,
+    seconds: u32,
+    runs: Option<u32>,
+    instances: Option<u32>,
+) -> anyhow::Result<()> {
+    let runs = runs.map_or(vec![1, 100], |runs| vec![runs]);
+    let instances = instances.map_or(vec![1, 2], |instances| vec![instances]);
     anyhow::ensure!(
-        runs > 0 && instances > 0,
+        !runs.contains(&0) && !instances.contains(&0),
         "--runs and --instances must be positive"
     );
-    let per = (limit * seconds / runs).max(1);
-    println!(
-        "limiter: {instances} instance(s), {runs} runs of {per} users, limit {limit}/s, \
-         Redis through a proxy adding the round trip (half each way)"
-    );
-    for added in ADDED_ROUND_TRIPS {
+    for &instances in &instances {
+        for &runs in &runs {
+            let per = (limit * seconds / runs).max(1);
+            println!(
+                "limiter: {instances} instance(s), {runs} run(s) of {per} users, limit \
+                 {limit}/s, Redis through a proxy adding the round trip (half each way)"
+            );
+            for added in ADDED_ROUND_TRIPS {
+                let proxy = FaultProxy::for_url(&redis_url()).await;
+                proxy.set_delay(Duration::from_micros(added * 500));
+                let cluster = Cluster::start_on(instances, limit, &proxy.url(&redis_url())).await?;
+                let outcome = limiter_run(&cluster, runs, per, limit, added).await;
+                let torn_down = cluster.tear_down().await;
+                outcome?;
+                torn_down?;
+            }
+        }
+    }
+    println!("limiter: the schedule deleted from Redis mid-run, one run alone, limit {limit}/s");
+    for added in ADDED_ROUND_TRIPS.into_iter().filter(|&ms| ms <= 6) {
         let proxy = FaultProxy::for_url(&redis_url()).await;
         proxy.set_delay(Duration::from_micros(added * 500));
-        let cluster = Cluster::start_on(instances, limit, &proxy.url(&redis_url())).await?;
-        let outcome = limiter_run(&cluster, runs, per, limit, added).await;
+        let cluster = Cluster::start_on(1, limit, &proxy.url(&redis_url())).await?;
+        let outcome = lost_schedule_run(&cluster, limit, seconds.max(4), added).await;
         let torn_down = cluster.tear_down().await;
         outcome?;
         torn_down?;
     }
+    Ok(())
+}
+
+/// One run alone; halfway through, its limiter's schedule is deleted from Redis.
+async fn lost_schedule_run(
+    cluster: &Cluster,
+    limit: u32,
+    seconds: u32,
+    added: u64,
+) -> anyhow::Result<()> {
+    let db = &cluster.db;
+    let users: Vec<i64> = (1..=i64::from(limit * seconds)).collect();
+    seed_product(&cluster.instances[0].client, db, 1, 1_000_000, &users).await?;
+    trigger(&cluster.instances[0].client, 1).await?;
+    let half = i64::from(limit * seconds / 2);
+    poll(
+        "half the run recorded",
+        Duration::from_secs(120),
+        || async { Ok((recorded(db).await? >= half).then_some(())) },
+    )
+    .await?;
+    let redis = restock_notifier::redis::connect(&redis_url()).await?;
+    let key = restock_notifier::redis::Keys::new(format!("{}:", cluster.database)).limiter();
+    let deleted: i64 = fred::prelude::KeysInterface::del(&redis, &key).await?;
+    let lost_at = Utc::now();
+    anyhow::ensure!(deleted == 1, "no schedule at {key}");
+    poll("the run completed", Duration::from_secs(120), || async {
+        let runs_now = runs_status(db).await?;
+        Ok(runs_now.iter().all(|(_, s)| s == "COMPLETED").then_some(()))
+    })
+    .await?;
+    let all = sent_times_by_product(db).await?.remove(0).1;
+    let pause = all
+        .windows(2)
+        .filter(|w| w[1] > lost_at)
+        .map(|w| (w[1] - w[0]).as_seconds_f64() * 1e3)
+        .fold(0.0, f64::max);
+    let busiest = busiest_second(&all);
+    println!(
+        "  +{added:>3} ms round trip: longest pause after the loss {pause:.1} ms, busiest 1 s \
+         window {busiest} (limit {limit}): {}",
+        if busiest <= limit as usize {
+            "PASS"
+        } else {
+            "FAIL"
+        },
+    );
     Ok(())
 }
 
@@ -1125,13 +1196,17 @@ async fn limiter_run(
     for &product in &products {
         seed_product(&cluster.instances[0].client, db, product, 1_000_000, &order).await?;
     }
-    // Every run at once, spread over the instances.
+    // Every run at once, spread over the instances; when each call returned.
     let triggered = Instant::now();
-    futures::future::try_join_all(products.iter().map(|&product| {
-        let instance = &cluster.instances[(product as usize - 1) % cluster.instances.len()];
-        trigger(&instance.client, product)
-    }))
-    .await?;
+    let returned: Vec<DateTime<Utc>> =
+        futures::future::try_join_all(products.iter().map(|&product| {
+            let instance = &cluster.instances[(product as usize - 1) % cluster.instances.len()];
+            async move {
+                trigger(&instance.client, product).await?;
+                anyhow::Ok(Utc::now())
+            }
+        }))
+        .await?;
     let expected = Duration::from_secs_f64(f64::from(runs * per) / f64::from(limit));
     poll(
         "every run completed",
@@ -1168,11 +1243,14 @@ async fn limiter_run(
         .context("no run sent")?;
     let (rows, used) = utilisation(&all, first, end, limit);
     let busiest = busiest_second(&all);
-    let firsts: Vec<DateTime<Utc>> = by_product
+    // The longest wait from a TriggerRestock returning to its run's first send.
+    let first_wait = by_product
         .iter()
-        .filter_map(|(_, times)| times.first().copied())
-        .collect();
-    let last_first = firsts.iter().max().copied().unwrap_or(first);
+        .filter_map(|(product, times)| {
+            let returned = returned[usize::try_from(*product).ok()? - 1];
+            Some((*times.first()? - returned).as_seconds_f64())
+        })
+        .fold(f64::MIN, f64::max);
     let mut dropped = 0.0;
     for instance in &cluster.instances {
         dropped += instance
@@ -1182,14 +1260,14 @@ async fn limiter_run(
     println!(
         "  +{added:>3} ms round trip: utilisation {used:.2}% ({rows} sends in {:.2} s), \
          busiest 1 s window {busiest} (limit {limit}): {}, slots dropped {dropped}, \
-         every run's first send within {:.2} s of the first send; wall {wall:.1?}",
+         every run's first send within {:.1} ms of its trigger; wall {wall:.1?}",
         (end - first).as_seconds_f64(),
         if busiest <= limit as usize {
             "PASS"
         } else {
             "FAIL"
         },
-        (last_first - first).as_seconds_f64(),
+        first_wait * 1e3,
     );
     Ok(())
 }
@@ -1527,10 +1605,12 @@ enum Bench {
         rate: u32,
         #[arg(long, default_value_t = 10)]
         seconds: u32,
-        #[arg(long, default_value_t = 100)]
-        runs: u32,
-        #[arg(long, default_value_t = 1)]
-        instances: u32,
+        /// Runs triggered together (default: one alone, then 100).
+        #[arg(long)]
+        runs: Option<u32>,
+        /// Instances (default: one, then two).
+        #[arg(long)]
+        instances: Option<u32>,
     },
     /// Several processes on one database and Redis prefix, one of them killed.
     Cluster {

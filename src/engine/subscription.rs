@@ -90,6 +90,14 @@ impl Engine {
         filter: NotificationFilter,
         resume_after: Option<NotificationId>,
     ) -> Result<NotificationStream, Error> {
+        // Where this stream starts, as a point in the record, read before it listens:
+        // a stream ended before it delivered anything says to resume from here (G11),
+        // which replays whatever was recorded since, a few sent just before it opened
+        // included, and so misses nothing.
+        let started_at = match resume_after {
+            Some(id) => Some(id),
+            None => self.store.last_recorded().await?.map(|r| r.notification.id),
+        };
         // Whatever is sent from now on is in this buffer, and whatever was sent before
         // is, or will be, in the record.
         let live = self.listen_to_bus()?;
@@ -104,7 +112,7 @@ impl Engine {
             replay_from: None,
             covered: HashMap::new(),
             ready: VecDeque::new(),
-            last_delivered: resume_after,
+            last_delivered: started_at,
             ended: false,
         };
         if let Some(id) = resume_after {

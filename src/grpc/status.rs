@@ -102,7 +102,9 @@ fn with_error_info(
 }
 
 /// A `Subscribe` stream the service ends: in words, and as ErrorInfo with the
-/// `resume_after` to subscribe again with (absent when nothing was delivered yet).
+/// `resume_after` to subscribe again with: the last notification delivered, or, before
+/// the first, the point in the record the stream started at (absent only if nothing
+/// had been recorded then).
 impl From<StreamEnd> for Status {
     fn from(end: StreamEnd) -> Self {
         let resume = |last: Option<NotificationId>| match last {

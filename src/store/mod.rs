@@ -261,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
     /// Where a notification was recorded, if it was.
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error>;
 
+    /// The notification recorded last, if any: where a stream that has delivered
+    /// nothing yet resumes (G11).
+    async fn last_recorded(&self) -> Result<Option<Recorded>, Error>;
+
     /// Up to `limit` runs matching `filter` with a key below `before` (all when `None`),
     /// newest first: in descending key order, which is creation order reversed.
     async fn list_runs(

@@ -1038,6 +1038,19 @@ where
         Ok(rows.into_iter().map(Recorded::from).collect())
     }
 
+    /// Served by the primary key, read backwards.
+    async fn last_recorded(&self) -> Result<Option<Recorded>, Error> {
+        let sql = format!(
+            "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
+             ORDER BY id DESC LIMIT 1"
+        );
+        let row: Option<RecordedRow> = sqlx::query_as(&sql)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(D::error)?;
+        Ok(row.map(Recorded::from))
+    }
+
     /// Served by uq_punh_product_round_user.
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
         let sql = format!(

@@ -124,3 +124,62 @@ async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_i
     assert_eq!(run.status(), RunStatus::Completed);
     assert_eq!(app.history(1, 1).await, users);
 }
+
+/// A stream that the service ends before it delivered anything says where to resume
+/// all the same (G11): the point in the record it started at. Subscribing again from
+/// there replays what was recorded meanwhile, so nothing is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ended_before_its_first_notification_says_where_to_resume() {
+    let port = free_port();
+    let redis = OwnRedis::start(port).await;
+    let app = spawn_app_with(Options {
+        send_rate: 400,
+        redis_url: Some(redis.url()),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    // Something recorded before the stream opens: product 1's run.
+    app.set_stock(1, 5).await;
+    app.register_bulk(1, &[7, 8]).await;
+    app.trigger(1, None).await.unwrap();
+    assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
+    let mut stream = app.subscribe_to_product(2).await;
+
+    // The bus goes away before product 2 sends anything.
+    redis.kill();
+    let _redis = OwnRedis::start(port).await;
+    let status = match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+        Ok(Some(Err(status))) => status,
+        other => panic!("the stream did not end with a status: {other:?}"),
+    };
+    let info = stream_end_info(&status, Code::Unavailable, "FEED_INTERRUPTED");
+    let resume_after = info
+        .metadata
+        .get("resume_after")
+        .expect("a resume point although nothing was delivered")
+        .clone();
+    assert_eq!(
+        resume_after, "1-1-8",
+        "where the record stood when it opened"
+    );
+
+    // Product 2 is restocked before the subscriber is back: it misses none of it.
+    let users: Vec<i64> = (1..=30).collect();
+    app.set_stock(2, 5).await;
+    app.register_bulk(2, &users).await;
+    app.trigger(2, None).await.unwrap();
+    assert_eq!(app.wait_until_final(2).await.status(), RunStatus::Completed);
+    let mut again = app
+        .subscribe(SubscribeRequest {
+            product_id: Some(2),
+            resume_after: Some(resume_after),
+            ..Default::default()
+        })
+        .await;
+    let replayed: Vec<i64> = take(&mut again, users.len())
+        .await
+        .iter()
+        .map(|n| n.user_id)
+        .collect();
+    assert_eq!(replayed, users);
+}
