@@ -29,8 +29,8 @@ fn prefix() -> Keys {
 }
 
 /// Two limiters that stand for two instances: in process, one limiter shared; in
-/// Redis, two on one prefix. Each has granted once already: a fresh schedule in Redis
-/// starts after any slots a lost one could have left (G2), most of a second.
+/// Redis, two on one prefix. Each has granted once already, so that both have a clock
+/// mapping and the schedule exists.
 async fn limiters(redis: bool, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
     if !redis {
         let rate = NonZeroU32::new(rate).unwrap();

@@ -31,7 +31,7 @@ pub async fn spawn_cluster(n: usize, options: Options) -> Vec<TestApp> {
 }
 
 /// `sent_at` of every recorded notification of `round` (all rounds when `None`).
-async fn sent_times(app: &TestApp, round: Option<i64>) -> Vec<DateTime<Utc>> {
+pub(crate) async fn sent_times(app: &TestApp, round: Option<i64>) -> Vec<DateTime<Utc>> {
     sqlx::query_scalar(
         "SELECT CAST(UNIX_TIMESTAMP(sent_at) * 1000000 AS SIGNED) \
          FROM product_user_notification_history WHERE restock_round = ? OR ? IS NULL",

@@ -330,3 +330,54 @@ async fn a_run_whose_claim_key_is_lost_registers_it_again_and_finishes() {
     let registered: Option<i64> = client.get(&claim).await.unwrap();
     assert_eq!(registered, Some(1), "the claim was registered again");
 }
+
+/// One run alone (one product restocked, the common case) with Redis `each_way` away
+/// through the test's proxy: it keeps the rate, never above it in any second, and on a
+/// fresh Redis prefix it sends its first notification promptly (G2). The floors are
+/// loose for a shared test machine; the figures belong to `bench limiter`. Before a run
+/// kept asking the limiter while its batches were on their way, one run kept 30% of
+/// the rate with 3 ms each way, and a fresh prefix waited 1.5 s.
+async fn one_run_far_from_redis_keeps_the_rate(each_way: Duration) {
+    let proxy = FaultProxy::for_url(&redis_url()).await;
+    proxy.set_delay(each_way);
+    let rate = 200;
+    let app = spawn_app_with(Options {
+        send_rate: rate,
+        redis_url: Some(proxy.url(&redis_url())),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=600).collect();
+    app.set_stock(1, 5).await;
+    app.register_bulk(1, &users).await;
+    app.trigger(1, None).await.unwrap();
+    let returned = chrono::Utc::now();
+    assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
+    let mut sent = crate::cluster::sent_times(&app, Some(1)).await;
+    sent.sort();
+    assert_eq!(sent.len(), users.len());
+    let first_wait = (sent[0] - returned).as_seconds_f64();
+    assert!(
+        first_wait < 0.5 + 4.0 * each_way.as_secs_f64(),
+        "first send {first_wait:.3} s after the trigger returned"
+    );
+    let span = (sent[sent.len() - 1] - sent[0]).as_seconds_f64();
+    let used = (sent.len() - 1) as f64 / span / f64::from(rate);
+    assert!(used > 0.8, "one run kept {:.1}% of the rate", used * 100.0);
+    assert!(busiest_second(&sent) <= rate as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_run_one_ms_from_redis_keeps_the_rate() {
+    one_run_far_from_redis_keeps_the_rate(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_run_three_ms_from_redis_keeps_the_rate() {
+    one_run_far_from_redis_keeps_the_rate(Duration::from_millis(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_run_fifty_ms_from_redis_keeps_the_rate() {
+    one_run_far_from_redis_keeps_the_rate(Duration::from_millis(50)).await;
+}

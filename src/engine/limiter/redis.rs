@@ -27,7 +27,10 @@
 //! restarts after the reach the instance that finds it missing knew of (its own, and
 //! the schedule's as its last reply said), past any slot an instance may still hold:
 //! losing the key causes no burst and only a short pause. A fresh deployment (no
-//! schedule, nothing heard) waits only its own reach, so its first send is prompt.
+//! schedule heard of, no slot held) waits for nothing, so its first send is prompt.
+//! Idle instances read the schedule every [`PROBE_EVERY`], so the one case this does
+//! not cover is a schedule created and lost again within that time by instances this
+//! one has not heard from.
 //!
 //! Throughput: the next block is asked for while the reserved slots last (one request
 //! in flight), and how early (`lead`) and how far ahead (`horizon`) it reserves grow
@@ -305,6 +308,15 @@ impl RedisSlots {
         }
     }
 
+    /// Where a schedule found missing restarts, after now, µs: past every slot any
+    /// instance may still hold, as far as this one knows: the reach the schedule's last
+    /// reply to it said, and its own if it holds slots (`reach`). An instance that
+    /// heard of no schedule and holds nothing (a fresh deployment) waits for nothing.
+    fn cold(&self, reach: f64) -> f64 {
+        let own = if self.blocks.is_empty() { 0.0 } else { reach };
+        own.max(self.heard_reach)
+    }
+
     fn send(&mut self, estimate: Option<Estimate>, want: u32, lead: f64, horizon: f64) {
         // How far after the script runs this instance may send a slot of this block.
         let reach = lead + horizon + estimate.map_or(0.0, |e| e.lateness) + self.interval;
@@ -327,7 +339,7 @@ impl RedisSlots {
             self.holder.clone(),
             format!("{lateness:.0}"),
             format!("{delta:.0}"),
-            format!("{:.0}", reach.max(self.heard_reach).ceil()),
+            format!("{:.0}", self.cold(reach).ceil()),
             QUANTUM.to_string(),
             format!("{:.0}", micros(TURN)),
             format!("{:.0}", micros(LONGEST_TURN)),

@@ -14,8 +14,9 @@
 --
 -- A block reaches at most lead + horizon after the script runs, so every slot any
 -- instance holds is sent within its declared reach of its request. A lost schedule
--- restarts `cold` after now: the caller's own reach or the largest it heard of from
--- this schedule, whichever is larger (a fresh deployment waits only its own).
+-- restarts `cold` after now: the largest reach the caller heard of from this schedule,
+-- or its own if it holds slots (a fresh deployment, which heard of none, waits for
+-- nothing).
 --
 -- A probe (want 0) reads the clock and the schedule's reach and changes nothing.
 --

@@ -167,9 +167,16 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                     }
                 }
             }
-            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_))) => {
+            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown)) => {
                 // What is still on its way to the bus is recorded if it got there.
                 run.drain(None).await;
+                Err(stop)
+            }
+            Err(stop @ Stop::Failed(_)) => {
+                // A failed commit gave up what was not recorded (a resume delivers it
+                // again under the same ids): what follows it is not recorded either,
+                // or the record would have a gap (G5). It is waited for all the same.
+                while run.deliveries.next().await.is_some() {}
                 Err(stop)
             }
             other => other,
