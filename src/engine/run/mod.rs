@@ -414,6 +414,7 @@ impl RunState<'_> {
                     if !self.fence_answered(answered).await? {
                         return Ok(None);
                     }
+                    self.recorder.poll().await?;
                 } else {
                     self.recorder.wait_for_room().await?;
                 }
@@ -435,6 +436,8 @@ impl RunState<'_> {
                     {
                         return Ok(None);
                     }
+                    // What went through is committed in batches as it comes (G5).
+                    self.recorder.poll().await?;
                 }
                 (granted, at) = async { self.grant.as_mut().expect("asked above").await } => {
                     self.grant = None;
