@@ -88,22 +88,23 @@ const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
 
 /// A turn that follows a gap (a change of holder) lasts at least this many times the
 /// gap, and at least `TURN` (at most `LONGEST_TURN`), before the holder yields to an
-/// instance that waits: instances taking turns lose at most 1/129 of the rate to gaps
+/// instance that waits: instances taking turns lose at most 1/257 of the rate to gaps
 /// (or, with a gap near the cap, a gap per `LONGEST_TURN` of slots), and each waits at
 /// most one turn.
-const QUANTUM: u32 = 128;
+const QUANTUM: u32 = 256;
 
-/// The shortest turn of an instance when instances take turns: near Redis the gaps are
-/// a fraction of a millisecond, and a block of a few slots per gap would still lose a
-/// few percent to them.
-const TURN: Duration = Duration::from_millis(100);
+/// The shortest turn of an instance when instances take turns. On a busy machine near
+/// Redis a gap is 1-3 ms (how late the last holder may send its last slot, which its
+/// measured round trips bound, scheduling delays included): turns of 100 ms lost 1-2%
+/// of the rate to them.
+const TURN: Duration = Duration::from_millis(250);
 
-/// The longest turn. Far from Redis a gap is about half the round trip (how late the
-/// last holder may send its last slot): a turn of a second loses one such gap per
-/// second (about 5% at 100 ms). A run on the other instance waits at most one turn for
-/// its first send. A turn is made of short blocks, so it is not how far ahead anyone
-/// holds slots.
-const LONGEST_TURN: Duration = Duration::from_secs(1);
+/// The longest turn. Far from Redis a gap is about the round trip (the bound on how
+/// late the last holder may send its last slot): a turn of two seconds loses one such
+/// gap per two seconds (5% at 100 ms; turns of a second lost 12-14%). A run on the
+/// other instance waits at most one turn for its first send. A turn is made of short
+/// blocks, so it is not how far ahead anyone holds slots.
+const LONGEST_TURN: Duration = Duration::from_secs(2);
 
 /// How often an idle limiter reads Redis's clock (a probe that reserves nothing), so
 /// that its mapping never runs out of samples (`SAMPLES_KEPT`) and a run that starts

@@ -83,14 +83,20 @@ local turn_over = next - turn >= turn_len
 if previous == holder and claimed and turn_over then
   -- Another instance waits and this one had its turn: its blocks end here.
   again = next
-elseif previous ~= holder and previous ~= '' and not turn_over and next > now + lead then
-  -- Another instance is in its turn and holds slots ahead: wait for the end of it.
-  redis.call('HSET', KEYS[1], 'claim', holder,
-    'claim_until', us(math.max(turn + turn_len - lead - horizon, now) + lead + 10000))
-  again = math.max(turn + turn_len - lead - horizon, now + 1000)
 else
-  if first <= now + lead + horizon then
+  -- Another instance in its turn, holding slots ahead: wait for the end of it.
+  local in_turn = previous ~= holder and previous ~= '' and not turn_over and next > now + lead
+  if in_turn then
+    again = math.max(turn + turn_len - lead - horizon, now + 1000)
+  elseif first <= now + lead + horizon then
     count = math.min(want, math.floor((now + lead + horizon - first) / interval) + 1)
+  end
+  if count == 0 and previous ~= holder and previous ~= '' then
+    -- Waiting for another instance's slots to run out, within its turn or after it:
+    -- the claim makes it end its blocks once its turn is over, else an instance that
+    -- reserves further ahead than this one could keep the schedule out of its reach.
+    redis.call('HSET', KEYS[1], 'claim', holder,
+      'claim_until', us(math.max(again, now) + lead + 10000))
   end
 end
 if count > 0 then
