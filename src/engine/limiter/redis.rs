@@ -149,6 +149,7 @@ impl RedisLimiter {
             last_block: None,
             pending: None,
             heard_reach: 0.0,
+            last_reply: None,
             forgave_stale: false,
             not_before: None,
             why: Why::Waiting,
@@ -243,6 +244,9 @@ struct RedisSlots {
     /// The schedule's reach as its last reply said, µs: where a lost schedule must
     /// restart, at least.
     heard_reach: f64,
+    /// When the last reply came back: an idle limiter probes only if none came for
+    /// [`PROBE_EVERY`] (a probe on the wire holds up the next reservation).
+    last_reply: Option<Instant>,
     /// A reservation that failed after [`STALE_FAILURE`] was let go without failing the
     /// runs waiting now; the next failure in a row is theirs.
     forgave_stale: bool,
@@ -394,6 +398,7 @@ impl RedisSlots {
             .round_trip_seconds
             .record(sample.round_trip / 1e6);
         self.heard_reach = reply.reach;
+        self.last_reply = Some(reply.replied);
         if reply.lost {
             self.why = Why::Lost;
             if warn_due(&mut self.warned_lost, reply.replied) {
@@ -481,6 +486,12 @@ impl SlotSource for RedisSlots {
         if self.pending.is_some() {
             // Its reply is taken in soon, so the mapping is ready.
             return Some(now + Duration::from_millis(20));
+        }
+        if let Some(at) = self.last_reply
+            && now.saturating_duration_since(at) < PROBE_EVERY
+        {
+            // Runs are reserving (or just were): their replies keep the mapping fresh.
+            return Some(at + PROBE_EVERY);
         }
         self.send(None, 0, 0.0, 0.0);
         Some(now + PROBE_EVERY)
