@@ -79,9 +79,13 @@ const MAX_ROUND_TRIP: Duration = Duration::from_millis(250);
 /// reply is back before its first slot is more than a millisecond late.
 const LEAD_MARGIN: Duration = Duration::from_millis(2);
 
-/// How far ahead of the lead a block reaches: the round trip plus 5 ms, at least
-/// 20 ms and at most the cap. The longer it is the fewer requests (near Redis about a
-/// hundred a second), and the more slots a run that ends leaves unused.
+/// How far ahead of the lead a block reaches: one and a half round trips plus 5 ms, at
+/// least 20 ms and at most the cap. Far from Redis one request follows the other, each
+/// a round trip, and each block must outlast the next request's cycle, whatever delays
+/// it (the proxy's, a busy instance's): with a horizon of one round trip plus 5 ms, a
+/// hundred runs 100 ms away kept 91% of the rate. The longer it is the fewer requests
+/// (near Redis about a hundred a second), and the more slots a run that ends leaves
+/// unused.
 const HORIZON_MARGIN: Duration = Duration::from_millis(5);
 const MIN_HORIZON: Duration = Duration::from_millis(20);
 const MAX_HORIZON: Duration = MAX_ROUND_TRIP;
@@ -295,7 +299,7 @@ impl RedisSlots {
         // start that much before the reply is back: near Redis, at once (waiting out a
         // lead there would cost every block a few milliseconds at high rates).
         let lead = (estimate.round_trip + micros(LEAD_MARGIN) - micros(SLACK)).max(0.0);
-        let horizon = (estimate.round_trip + micros(HORIZON_MARGIN))
+        let horizon = (1.5 * estimate.round_trip + micros(HORIZON_MARGIN))
             .clamp(micros(MIN_HORIZON), micros(MAX_HORIZON));
         let reserved_until = self
             .blocks
