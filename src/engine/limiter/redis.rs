@@ -401,7 +401,11 @@ impl RedisSlots {
         self.metrics
             .round_trip_seconds
             .record(sample.round_trip / 1e6);
-        self.heard_reach = reply.reach;
+        if pending.estimate.is_some() || reply.reach > 0.0 {
+            // A probe of a missing schedule hears of no reach: what was heard before
+            // still bounds the slots instances may hold.
+            self.heard_reach = reply.reach;
+        }
         self.last_reply = Some(reply.replied);
         if reply.lost {
             self.why = Why::Lost;

@@ -541,13 +541,16 @@ impl RunState<'_> {
             Some(Err(error)) => return Err(Stop::Failed(error.into())),
             Some(Ok(Delivery::SoldOut)) => return Err(Stop::SoldOut),
             Some(Ok(Delivery::Superseded)) => return Err(Stop::Lost),
-            Some(Ok(Delivery::ClaimUnknown)) => {
+            // A lost chain, or one the shared side holds at another point (a failover
+            // to a replica behind it): proved against the database and started again
+            // from the cursor, with nothing on its way any more.
+            Some(Ok(Delivery::ClaimUnknown | Delivery::OutOfOrder)) => {
                 reclaim(self.engine, self.run, &self.claim, self.cursor).await?;
             }
             Some(Ok(Delivery::NotCached)) => {
                 self.engine.cache_stock(self.run.product_id, None).await?;
             }
-            Some(Ok(Delivery::OutOfOrder | Delivery::Through(()))) | None => {}
+            Some(Ok(Delivery::Through(()))) | None => {}
         }
         Ok(false)
     }

@@ -18,6 +18,8 @@ if not held[1] or held[2] ~= '1' then return -1 end
 if tonumber(held[1]) <= 0 then return 0 end
 local chain = redis.call('GET', KEYS[3])
 if not chain then return -3 end
+-- Sent again (a client retrying after a lost connection): it is on the bus already.
+if chain == ARGV[3] .. ':' .. ARGV[6] and ARGV[5] ~= ARGV[6] then return 1 end
 if chain ~= ARGV[3] .. ':' .. ARGV[5] then return -4 end
 redis.call('SET', KEYS[3], ARGV[3] .. ':' .. ARGV[6], 'EX', tonumber(ARGV[4]))
 redis.call('PUBLISH', ARGV[1], ARGV[2])

@@ -66,7 +66,17 @@ pub struct LocalStockFence {
     stripes: Vec<Arc<RwLock<()>>>,
     cache: Arc<dyn StockCache>,
     bus: Arc<LocalBus>,
+    /// Per run, the claim and queue position of the last batch delivered (G1): a run
+    /// sends a batch before the one before it was answered, and a batch refused (sold
+    /// out, say) must not be overtaken by the next one if the stock came back between.
+    /// A std mutex, held for one map operation. At most [`CHAINS_KEPT`] runs: past
+    /// that the map starts afresh, and a run whose chain is gone registers its claim
+    /// again, as in Redis.
+    chains: Mutex<HashMap<RunKey, (i64, Option<i64>)>>,
 }
+
+/// Runs whose chain the in-process fence keeps, at most: far more than run at once.
+const CHAINS_KEPT: usize = 4_096;
 
 impl LocalStockFence {
     pub fn new(cache: Arc<dyn StockCache>, bus: Arc<LocalBus>) -> Self {
@@ -74,6 +84,7 @@ impl LocalStockFence {
             stripes: (0..STRIPES).map(|_| Arc::new(RwLock::new(()))).collect(),
             cache,
             bus,
+            chains: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,14 +102,18 @@ impl StockFence for LocalStockFence {
     /// In one process a claim never travels: a run task only delivers while its lease
     /// keeper says its claim may still be the newest (G8), and nothing it sent can
     /// arrive after it stopped.
-    /// Nor are deliveries reordered: they are asked for in send order and each takes
-    /// the stripe's read lock, which is granted in the order asked for.
+    /// It starts the run's chain at `after`.
     async fn claim(
         &self,
-        _run: RunKey,
-        _claim: i64,
-        _after: Option<i64>,
+        run: RunKey,
+        claim: i64,
+        after: Option<i64>,
     ) -> Result<bool, BackendError> {
+        let mut chains = self.chains.lock().unwrap();
+        if chains.len() >= CHAINS_KEPT && !chains.contains_key(&run) {
+            chains.clear();
+        }
+        chains.insert(run, (claim, after));
         Ok(true)
     }
 
@@ -135,6 +150,14 @@ impl StockFence for LocalStockFence {
             None => Ok(Delivery::NotCached),
             Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
             Some(_) => {
+                let mut chains = self.chains.lock().unwrap();
+                let Some(chain) = chains.get_mut(&batch.run) else {
+                    return Ok(Delivery::ClaimUnknown);
+                };
+                if *chain != (batch.claim, batch.prev_position) {
+                    return Ok(Delivery::OutOfOrder);
+                }
+                chain.1 = batch.items.last().map(|item| item.position).or(chain.1);
                 self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
                 Ok(Delivery::Through(()))
             }
