@@ -110,6 +110,8 @@ pub(super) struct Recorder {
     metrics: Arc<Metrics>,
     /// What this recorder last added to `restock_unrecorded_sends`.
     reported: usize,
+    /// A commit failed, and what was delivered after it was given up with it.
+    gave_up: bool,
 }
 
 impl Recorder {
@@ -134,6 +136,7 @@ impl Recorder {
             unrecorded_users: HashSet::new(),
             metrics,
             reported: 0,
+            gave_up: false,
         }
     }
 
@@ -178,6 +181,12 @@ impl Recorder {
     /// may still list them.
     pub(super) fn is_unrecorded(&self, user: UserId) -> bool {
         self.unrecorded_users.contains(&user)
+    }
+
+    /// Whether a commit failed and gave up what was delivered after it: nothing
+    /// delivered since may be recorded either, or the record would have a gap (G5).
+    pub(super) fn gave_up(&self) -> bool {
+        self.gave_up
     }
 
     /// Whether anything delivered is not committed yet.
@@ -345,6 +354,7 @@ impl Recorder {
         self.pending.clear();
         self.oldest_pending = None;
         self.unrecorded_users.clear();
+        self.gave_up = true;
         Err(outcome)
     }
 

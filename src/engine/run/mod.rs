@@ -167,16 +167,16 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
                     }
                 }
             }
-            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown)) => {
-                // What is still on its way to the bus is recorded if it got there.
-                run.drain(None).await;
-                Err(stop)
-            }
-            Err(stop @ Stop::Failed(_)) => {
-                // A failed commit gave up what was not recorded (a resume delivers it
-                // again under the same ids): what follows it is not recorded either,
-                // or the record would have a gap (G5). It is waited for all the same.
-                while run.deliveries.next().await.is_some() {}
+            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_))) => {
+                if run.recorder.gave_up() {
+                    // A failed commit gave up what was not recorded (a resume delivers
+                    // it again under the same ids): what follows it is not recorded
+                    // either, or the record would have a gap (G5).
+                    while run.deliveries.next().await.is_some() {}
+                } else {
+                    // What is still on its way to the bus is recorded if it got there.
+                    run.drain(None).await;
+                }
                 Err(stop)
             }
             other => other,
@@ -453,6 +453,18 @@ impl RunState<'_> {
                         self.grant = Some(ask_limiter(&engine.limiter, next));
                     }
                     self.start_delivery(&queue[..count], at);
+                    // The request is made now, not when the run next waits (a page read
+                    // may come first): the set makes it when polled.
+                    let ready = {
+                        let next = std::pin::pin!(self.deliveries.next());
+                        futures::poll!(next)
+                    };
+                    if let std::task::Poll::Ready(Some(answered)) = ready {
+                        if !self.fence_answered(answered).await? {
+                            return Ok(None);
+                        }
+                        self.recorder.poll().await?;
+                    }
                     return Ok(Some(count));
                 }
                 _ = tokio::time::sleep_until(slice_end) => {
