@@ -1,35 +1,16 @@
 //! Bad settings stop the service at start with a message naming the setting.
 
-use std::num::NonZeroU32;
-
-use restock_notifier::config::{Config, LogFormat, MetricsListen, Switch};
+use restock_notifier::config::Config;
 use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 
+use crate::helpers::test_config;
+
 fn config(database_url: &str, redis_url: Option<&str>) -> Config {
     Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: SecretUrl::connection(database_url),
-        db_pool_size: None,
         redis_url: redis_url.map(SecretUrl::connection),
         redis_prefix: "restock-startup-test:".into(),
-        send_rate: NonZeroU32::new(500).unwrap(),
-        api_rate: NonZeroU32::new(500).unwrap(),
-        admin_token: None,
-        log: "info".into(),
-        log_format: LogFormat::Text,
-        console: Switch::On,
-        cors_origins: None,
-        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
-        run_lease: std::time::Duration::from_secs(10),
-        shutdown_drain: std::time::Duration::ZERO,
-        tls_cert: None,
-        tls_key: None,
-        webhook_url: None,
-        webhook_secret: None,
-        webhook_timeout: std::time::Duration::from_secs(10),
-        webhook_attempts: 6,
-        webhook_backoff: std::time::Duration::from_secs(1),
+        ..test_config(database_url)
     }
 }
 

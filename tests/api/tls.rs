@@ -6,10 +6,9 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use restock_notifier::config::{Config, LogFormat, Switch};
+use restock_notifier::config::Config;
 use restock_notifier::grpc::proto;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
-use restock_notifier::redact::SecretUrl;
 use restock_notifier::startup::Application;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -33,28 +32,14 @@ impl TlsApp {
             rand::random::<u64>()
         ));
         let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: SecretUrl::connection(format!("sqlite://{}", database.display())),
-            db_pool_size: None,
-            redis_url: None,
             redis_prefix: "restock-tls-test:".into(),
             send_rate: NonZeroU32::new(1_000).unwrap(),
             api_rate: NonZeroU32::new(1_000).unwrap(),
             admin_token: Some(crate::helpers::ADMIN_TOKEN.into()),
-            log: "info".into(),
-            log_format: LogFormat::Text,
-            console: Switch::On,
-            cors_origins: None,
-            run_lease: Duration::from_secs(10),
-            shutdown_drain: std::time::Duration::ZERO,
             metrics_listen: restock_notifier::config::MetricsListen::Off,
             tls_cert: Some(pki.cert.clone()),
             tls_key: Some(pki.key.clone()),
-            webhook_url: None,
-            webhook_secret: None,
-            webhook_timeout: Duration::from_secs(10),
-            webhook_attempts: 6,
-            webhook_backoff: Duration::from_secs(1),
+            ..crate::helpers::test_config(format!("sqlite://{}", database.display()))
         };
         let app = Application::build(config)
             .await

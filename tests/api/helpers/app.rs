@@ -126,6 +126,36 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(Options::new(backend)).await
 }
 
+/// The service's settings as the tests start it, in one place: the documented defaults,
+/// on `database_url`, listening on port 0 (metrics too), without Redis, TLS, a webhook
+/// or an admin token. A test sets what it is about with `..test_config(url)`.
+pub fn test_config(database_url: impl Into<String>) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: SecretUrl::connection(database_url),
+        db_pool_size: None,
+        redis_url: None,
+        redis_prefix: "restock:".into(),
+        send_rate: NonZeroU32::new(500).unwrap(),
+        api_rate: NonZeroU32::new(500).unwrap(),
+        admin_token: None,
+        log: "info".into(),
+        log_format: LogFormat::Text,
+        console: Switch::On,
+        cors_origins: None,
+        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
+        run_lease: Duration::from_secs(10),
+        shutdown_drain: Duration::ZERO,
+        tls_cert: None,
+        tls_key: None,
+        webhook_url: None,
+        webhook_secret: None,
+        webhook_timeout: Duration::from_secs(10),
+        webhook_attempts: 6,
+        webhook_backoff: Duration::from_secs(1),
+    }
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
     let backend = options.backend;
@@ -138,12 +168,6 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .clone()
         .unwrap_or_else(|| unique("restock-test:") + ":");
     let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: SecretUrl::connection(match &options.mysql_url {
-            Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
-            _ => backend.database_url(&database),
-        }),
-        db_pool_size: None,
         redis_url: match backend {
             Backend::MySql => Some(SecretUrl::connection(
                 options.redis_url.clone().unwrap_or_else(redis_url),
@@ -154,15 +178,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         send_rate: NonZeroU32::new(options.send_rate).unwrap(),
         api_rate: NonZeroU32::new(options.api_rate).unwrap(),
         admin_token: Some(ADMIN_TOKEN.into()),
-        log: "info".into(),
-        log_format: LogFormat::Text,
         console: options.console,
         cors_origins: options.cors_origins.clone(),
-        metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: options.run_lease,
         shutdown_drain: options.shutdown_drain,
-        tls_cert: None,
-        tls_key: None,
         webhook_url: options
             .webhook
             .as_ref()
@@ -177,6 +196,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             .webhook
             .as_ref()
             .map_or(Duration::from_secs(1), |w| w.backoff),
+        ..test_config(match &options.mysql_url {
+            Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
+            _ => backend.database_url(&database),
+        })
     };
     // A test's own engine settings, under the configuration's bounds as in production.
     let settings = options.settings.clone().with_config(&config);
