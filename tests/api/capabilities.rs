@@ -342,17 +342,9 @@ async fn redis_fence_delivers_only_in_stock_and_onto_the_bus() {
     fence_delivers_only_in_stock_and_onto_the_bus(true).await;
 }
 
-/// A lost claim key (a flush, a failover, an expiry) is not "no claim yet" (G8): a
-/// delivery or a publish of an older claim still on the wire is refused, not let
-/// through for want of a newer claim to compare with, and so is the newest claim's own
-/// until it is registered again (after the engine proved it against the database).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
-    let keys = prefix();
-    let (client, _bus) = join_redis_bus(&keys, 64).await;
+/// Caches a confirmed stock of 5 for `product` in Redis, as a stock write would.
+async fn in_stock(client: &fred::prelude::Client, keys: &Keys, product: ProductId) {
     let cache = RedisStockCache::new(client.clone(), keys.clone());
-    let fence = RedisStockFence::new(client.clone(), keys.clone());
-    let product = ProductId::parse(6).unwrap();
     let figure = StockFigure {
         stock: 5,
         version: 1,
@@ -361,6 +353,19 @@ async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
         panic!("a fresh cache takes the offer");
     };
     assert!(cache.confirm(product, figure, nonce).await.unwrap());
+}
+
+/// A lost claim key (a flush, a failover, an expiry) is not "no claim yet" (G8): a
+/// delivery or a publish of an older claim still on the wire is refused, not let
+/// through for want of a newer claim to compare with, and so is the newest claim's own
+/// until it is registered again (after the engine proved it against the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fence_refuses_deliveries_once_the_claim_key_is_lost() {
+    let keys = prefix();
+    let (client, _bus) = join_redis_bus(&keys, 64).await;
+    let fence = RedisStockFence::new(client.clone(), keys.clone());
+    let product = ProductId::parse(6).unwrap();
+    in_stock(&client, &keys, product).await;
     let batch = |claim| {
         SentBatch::new(
             RunKey {
@@ -400,17 +405,9 @@ async fn redis_fence_lets_a_run_s_batches_through_only_in_order() {
     let keys = prefix();
     let (client, bus) = join_redis_bus(&keys, 64).await;
     let mut events = bus.subscribe();
-    let cache = RedisStockCache::new(client.clone(), keys.clone());
     let fence = RedisStockFence::new(client.clone(), keys.clone());
     let product = ProductId::parse(7).unwrap();
-    let figure = StockFigure {
-        stock: 5,
-        version: 1,
-    };
-    let Offered::Pending { nonce } = cache.offer(product, figure).await.unwrap() else {
-        panic!("a fresh cache takes the offer");
-    };
-    assert!(cache.confirm(product, figure, nonce).await.unwrap());
+    in_stock(&client, &keys, product).await;
     let run = RunKey {
         product_id: product,
         restock_round: 1,

@@ -64,16 +64,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_is_back() {
-    let port = free_port();
-    let redis = OwnRedis::start(port).await;
-    let app = spawn_app_with(Options {
+/// The service on MySQL and `redis`, at 400 sends a second.
+async fn app_on(redis: &OwnRedis) -> TestApp {
+    spawn_app_with(Options {
         send_rate: 400,
         redis_url: Some(redis.url()),
         ..Options::new(Backend::MySql)
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_is_back() {
+    let port = free_port();
+    let redis = OwnRedis::start(port).await;
+    let app = app_on(&redis).await;
     let users: Vec<i64> = (1..=1_000).collect();
     app.set_stock(1, 5).await;
     app.register_bulk(1, &users).await;
@@ -132,12 +137,7 @@ async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_i
 async fn a_stream_ended_before_its_first_notification_says_where_to_resume() {
     let port = free_port();
     let redis = OwnRedis::start(port).await;
-    let app = spawn_app_with(Options {
-        send_rate: 400,
-        redis_url: Some(redis.url()),
-        ..Options::new(Backend::MySql)
-    })
-    .await;
+    let app = app_on(&redis).await;
     // Something recorded before the stream opens: product 1's run.
     app.set_stock(1, 5).await;
     app.register_bulk(1, &[7, 8]).await;
