@@ -101,19 +101,13 @@ impl StockFence for LocalStockFence {
 
     /// In one process a claim never travels: a run task only delivers while its lease
     /// keeper says its claim may still be the newest (G8), and nothing it sent can
-    /// arrive after it stopped.
-    /// It starts the run's chain at `after`.
-    async fn claim(
-        &self,
-        run: RunKey,
-        claim: i64,
-        after: Option<i64>,
-    ) -> Result<bool, BackendError> {
+    /// arrive after it stopped. So this only starts the run's chain at `at`.
+    async fn claim(&self, run: RunKey, claim: i64, at: Option<i64>) -> Result<bool, BackendError> {
         let mut chains = self.chains.lock().unwrap();
         if chains.len() >= CHAINS_KEPT && !chains.contains_key(&run) {
             chains.clear();
         }
-        chains.insert(run, (claim, after));
+        chains.insert(run, (claim, at));
         Ok(true)
     }
 

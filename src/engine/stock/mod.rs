@@ -120,15 +120,10 @@ pub trait StockFence: Send + Sync + 'static {
 
     /// Makes `claim` (a run's fencing token) the newest its run has seen, before the
     /// claim's first delivery: from then on a delivery of an older claim does nothing.
-    /// `after` is the queue position of the last notification the run delivered (the
+    /// `at` is the queue position of the last notification the run delivered (the
     /// first batch of the claim follows it). `false`: a newer claim was seen already;
     /// the caller no longer owns the run.
-    async fn claim(
-        &self,
-        run: RunKey,
-        claim: i64,
-        after: Option<i64>,
-    ) -> Result<bool, BackendError>;
+    async fn claim(&self, run: RunKey, claim: i64, at: Option<i64>) -> Result<bool, BackendError>;
 
     /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
     /// seen, the cached stock of its product is above zero, and the batch follows the

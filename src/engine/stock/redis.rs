@@ -171,12 +171,7 @@ impl StockFence for RedisStockFence {
         Box::new(())
     }
 
-    async fn claim(
-        &self,
-        run: RunKey,
-        claim: i64,
-        after: Option<i64>,
-    ) -> Result<bool, BackendError> {
+    async fn claim(&self, run: RunKey, claim: i64, at: Option<i64>) -> Result<bool, BackendError> {
         let outcome: i64 = CLAIM
             .evalsha_with_reload(
                 &self.client,
@@ -184,11 +179,7 @@ impl StockFence for RedisStockFence {
                     self.keys.run_claim(run.product_id, run.restock_round),
                     self.keys.run_chain(run.product_id, run.restock_round),
                 ],
-                vec![
-                    claim.to_string(),
-                    CLAIM_TTL_SECS.to_string(),
-                    position(after),
-                ],
+                vec![claim.to_string(), CLAIM_TTL_SECS.to_string(), position(at)],
             )
             .await
             .map_err(|e| backend(BUS, e))?;
