@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use tokio::time::Instant;
@@ -80,7 +79,8 @@ const DELIVERY_ATTEMPTS: usize = 3;
 /// keep, so a notification reads the same live, replayed, or from another instance.
 const SENT_AT_DIGITS: u16 = 6;
 
-/// Drives a claimed run until it reaches a final state, is handed over, or is lost.
+/// Drives a claimed run until it reaches a final state, is handed over, or is lost:
+/// start, send, wind down what is on its way, then record the outcome.
 pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
     let span = tracing::info_span!(
         "run",
@@ -91,167 +91,55 @@ pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
         tracing::info!(resume_cursor = ?claimed.cursor, "run started");
         engine.metrics.runs_in_progress.increment(1.0);
         let _running = DecrementOnDrop(engine.metrics.runs_in_progress.clone());
-        let claim = claimed.claim;
-        let wave = claimed.run.wave;
-        let mut run = RunState {
-            run: RunKey {
-                product_id: claim.product_id,
-                restock_round: claim.restock_round,
-            },
-            recorder: Recorder::new(
-                engine.store.clone(),
-                claim,
-                engine.settings.recorder.clone(),
-                engine.settings.lease.clone(),
-                claimed.claimed_at,
-                engine.metrics.clone(),
-            ),
-            claim,
-            cursor: claimed.cursor,
-            wave_left: None,
-            pipeline: engine
-                .webhook
-                .clone()
-                .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
-            paused_until: None,
-            grant: None,
-            pass_ahead: None,
-            deliveries: Deliveries::default(),
-            refused_in_a_row: 0,
-            engine: &engine,
-        };
         let started = Instant::now();
-        let notified = async {
-            // G8: from here on, a delivery of an older claim of this run that is still
-            // on its way does nothing.
-            if !engine
-                .stock_fence
-                .claim(run.run, claim.token, run.cursor)
-                .await
-                .map_err(Error::from)?
-            {
-                return Err(Stop::Lost);
-            }
-            if let Some(wave) = wave {
-                run.begin_wave(wave, claimed.run.sent_count).await?;
-            }
-            run.notify_all().await
-        };
-        let notified = notified.await;
-        // G12: what is on the wire is waited for, and what was acknowledged recorded.
-        let notified = match notified {
-            Err(
-                stop
-                @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_) | Stop::Undelivered(_)),
-            ) if run.pipeline.is_some() => {
-                let wait = match (&stop, &engine.webhook) {
-                    (Stop::ShuttingDown, Some(webhook)) => webhook.settings().shutdown_wait,
-                    (_, Some(webhook)) => webhook.settings().timeout,
-                    (_, None) => Duration::ZERO,
-                };
-                match run.wind_down(wait).await {
-                    Ok(()) => Err(stop),
-                    Err(lost @ (Stop::Lost | Stop::LeaseRunOut)) => Err(lost),
-                    Err(
-                        other @ (Stop::SoldOut
-                        | Stop::ShuttingDown
-                        | Stop::Failed(_)
-                        | Stop::Undelivered(_)),
-                    ) => {
-                        tracing::warn!(
-                            error = other.last_error().unwrap_or_default(),
-                            "cannot publish the last acknowledged notifications; a resume \
-                             sends them again under the same ids"
-                        );
-                        Err(stop)
-                    }
-                }
-            }
-            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_))) => {
-                if run.recorder.gave_up() {
-                    // A failed commit gave up what was not recorded (a resume delivers
-                    // it again under the same ids): what follows it is not recorded
-                    // either, or the record would have a gap (G5).
-                    while run.deliveries.next().await.is_some() {}
-                } else {
-                    // What is still on its way to the bus is recorded if it got there.
-                    run.drain(None).await;
-                }
-                Err(stop)
-            }
-            other => other,
-        };
-        let mut last_error = None;
-        let after = match notified {
-            Ok(Done::Queue) => After::Finish(FinalStatus::Completed),
-            Ok(Done::Wave) => After::WaitForWave(
-                wave.map_or(crate::domain::Wave::MIN_INTERVAL, |w| w.wave.interval),
-            ),
-            Err(Stop::SoldOut) => After::Finish(FinalStatus::SoldOut),
-            Err(Stop::ShuttingDown) => After::Release,
-            Err(stop @ (Stop::Failed(_) | Stop::Undelivered(_))) => {
-                last_error = stop.last_error();
-                match &stop {
-                    Stop::Failed(err) => {
-                        tracing::error!(error = ?err, "run failed; resume it with ManualRestock")
-                    }
-                    _ => tracing::error!(
-                        error = last_error.as_deref().unwrap_or_default(),
-                        "webhook delivery failed; resume the run with ManualRestock"
-                    ),
-                }
-                After::Finish(FinalStatus::Error)
-            }
-            Err(Stop::Lost) => return log_lost(),
-            Err(Stop::LeaseRunOut) => return log_lease_run_out(),
-        };
-        let written = match run.recorder.close(after, last_error).await {
-            Ok(written) => written,
-            Err(RecordError::Lost) => return log_lost(),
-            Err(RecordError::LeaseRunOut) => return log_lease_run_out(),
-            Err(RecordError::Failed(err)) => {
-                return tracing::error!(
-                    error = ?err,
-                    "run left IN_PROGRESS: once its lease runs out another instance takes it over"
-                );
-            }
-        };
-        let status = match written {
-            After::Finish(status) => {
-                engine.metrics.run_finished(status);
-                status.status()
-            }
-            _ => RunStatus::InProgress,
-        };
-        match written {
-            After::Release => tracing::info!(
-                "run released on shutdown: another instance, or this one after a restart, \
-                 continues it"
-            ),
-            After::WaitForWave(interval) => tracing::info!(
-                next_wave_in_ms = interval.as_millis() as u64,
-                "wave done; the run waits for its next wave (whichever instance is alive \
-                 then starts it)"
-            ),
-            _ => tracing::info!(
-                %status,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "run ended"
-            ),
-        }
-        // Subscribers waiting for this run's record to catch up learn that it has
-        // (G11). Losing this event only delays them, so a failure is just logged.
-        let ended = BusEvent::RunEnded {
-            run: run.run,
-            status,
-            last_position: run.cursor,
-        };
-        if let Err(err) = engine.bus.publish(ended).await {
-            tracing::warn!(error = ?err, "cannot announce the end of the run");
+        let wave = claimed.run.wave;
+        let mut run = RunState::new(&engine, &claimed);
+        let notified = run.start(wave, claimed.run.sent_count).await;
+        let notified = run.wind_down(notified).await;
+        if let Some((after, last_error)) = outcome(notified, wave) {
+            run.finish(after, last_error, started).await;
         }
     }
     .instrument(span)
     .await
+}
+
+/// What a run's record says once it stopped sending, and why it failed if it did;
+/// `None` if the run is no longer this instance's to record (G8).
+fn outcome(
+    notified: Result<Done, Stop>,
+    wave: Option<WaveState>,
+) -> Option<(After, Option<String>)> {
+    let after = match notified {
+        Ok(Done::Queue) => After::Finish(FinalStatus::Completed),
+        Ok(Done::Wave) => {
+            After::WaitForWave(wave.map_or(crate::domain::Wave::MIN_INTERVAL, |w| w.wave.interval))
+        }
+        Err(Stop::SoldOut) => After::Finish(FinalStatus::SoldOut),
+        Err(Stop::ShuttingDown) => After::Release,
+        Err(stop @ (Stop::Failed(_) | Stop::Undelivered(_))) => {
+            let last_error = stop.last_error();
+            match &stop {
+                Stop::Failed(err) => {
+                    tracing::error!(error = ?err, "run failed; resume it with ManualRestock")
+                }
+                _ => tracing::error!(
+                    error = last_error.as_deref().unwrap_or_default(),
+                    "webhook delivery failed; resume the run with ManualRestock"
+                ),
+            }
+            return Some((After::Finish(FinalStatus::Error), last_error));
+        }
+        Err(Stop::Lost) => {
+            log_lost();
+            return None;
+        }
+        Err(Stop::LeaseRunOut) => {
+            log_lease_run_out();
+            return None;
+        }
+    };
+    Some((after, None))
 }
 
 struct RunState<'a> {
@@ -288,6 +176,141 @@ pub(super) enum Done {
     Queue,
     /// The current wave notified its quota, and users remain for the next.
     Wave,
+}
+
+impl<'a> RunState<'a> {
+    fn new(engine: &'a Arc<Engine>, claimed: &ClaimedRun) -> Self {
+        let claim = claimed.claim;
+        RunState {
+            run: RunKey {
+                product_id: claim.product_id,
+                restock_round: claim.restock_round,
+            },
+            recorder: Recorder::new(
+                engine.store.clone(),
+                claim,
+                engine.settings.recorder.clone(),
+                engine.settings.lease.clone(),
+                claimed.claimed_at,
+                engine.metrics.clone(),
+            ),
+            claim,
+            cursor: claimed.cursor,
+            wave_left: None,
+            pipeline: engine
+                .webhook
+                .clone()
+                .map(|client| Pipeline::new(client, claim.product_id, claim.restock_round)),
+            paused_until: None,
+            grant: None,
+            pass_ahead: None,
+            deliveries: Deliveries::default(),
+            refused_in_a_row: 0,
+            engine,
+        }
+    }
+}
+
+impl RunState<'_> {
+    /// Registers the claim with the fence, starts or continues the wave, and sends.
+    async fn start(&mut self, wave: Option<WaveState>, sent_count: i64) -> Result<Done, Stop> {
+        // G8: from here on, a delivery of an older claim of this run that is still on
+        // its way does nothing.
+        if !self
+            .engine
+            .stock_fence
+            .claim(self.run, self.claim.token, self.cursor)
+            .await
+            .map_err(Error::from)?
+        {
+            return Err(Stop::Lost);
+        }
+        if let Some(wave) = wave {
+            self.begin_wave(wave, sent_count).await?;
+        }
+        self.notify_all().await
+    }
+
+    /// The run stopped sending: what is still on its way is waited for, and what got
+    /// through (or, with a webhook, was acknowledged, G12) is recorded with the outcome.
+    async fn wind_down(&mut self, notified: Result<Done, Stop>) -> Result<Done, Stop> {
+        match notified {
+            Err(
+                stop
+                @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_) | Stop::Undelivered(_)),
+            ) if self.pipeline.is_some() => {
+                self.wind_down_webhook(&stop).await?;
+                Err(stop)
+            }
+            Err(stop @ (Stop::SoldOut | Stop::ShuttingDown | Stop::Failed(_))) => {
+                if self.recorder.gave_up() {
+                    // A failed commit gave up what was not recorded (a resume delivers
+                    // it again under the same ids): what follows it is not recorded
+                    // either, or the record would have a gap (G5).
+                    while self.deliveries.next().await.is_some() {}
+                } else {
+                    // What is still on its way to the bus is recorded if it got there.
+                    self.drain(None).await;
+                }
+                Err(stop)
+            }
+            other => other,
+        }
+    }
+
+    /// Records the outcome, counts and logs it, and tells subscribers the run ended.
+    async fn finish(&mut self, after: After, last_error: Option<String>, started: Instant) {
+        let engine = self.engine;
+        let written = match self.recorder.close(after, last_error).await {
+            Ok(written) => written,
+            Err(RecordError::Lost) => return log_lost(),
+            Err(RecordError::LeaseRunOut) => return log_lease_run_out(),
+            Err(RecordError::Failed(err)) => {
+                return tracing::error!(
+                    error = ?err,
+                    "run left IN_PROGRESS: once its lease runs out another instance takes it over"
+                );
+            }
+        };
+        let status = match written {
+            After::Finish(status) => {
+                engine.metrics.run_finished(status);
+                status.status()
+            }
+            _ => RunStatus::InProgress,
+        };
+        log_written(written, status, started);
+        // Subscribers waiting for this run's record to catch up learn that it has
+        // (G11). Losing this event only delays them, so a failure is just logged.
+        let ended = BusEvent::RunEnded {
+            run: self.run,
+            status,
+            last_position: self.cursor,
+        };
+        if let Err(err) = engine.bus.publish(ended).await {
+            tracing::warn!(error = ?err, "cannot announce the end of the run");
+        }
+    }
+}
+
+/// What the run's record now says, in the log.
+fn log_written(written: After, status: RunStatus, started: Instant) {
+    match written {
+        After::Release => tracing::info!(
+            "run released on shutdown: another instance, or this one after a restart, \
+             continues it"
+        ),
+        After::WaitForWave(interval) => tracing::info!(
+            next_wave_in_ms = interval.as_millis() as u64,
+            "wave done; the run waits for its next wave (whichever instance is alive \
+             then starts it)"
+        ),
+        _ => tracing::info!(
+            %status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "run ended"
+        ),
+    }
 }
 
 impl RunState<'_> {

@@ -278,11 +278,40 @@ impl RunState<'_> {
         Ok(())
     }
 
+    /// The run stopped (`stop`): the requests on the wire are waited for (longer on
+    /// shutdown) and the acknowledged prefix is recorded (G12). Only a run lost
+    /// meanwhile changes the outcome; any other failure is logged, and a resume sends
+    /// what was not recorded again under the same ids.
+    pub(super) async fn wind_down_webhook(&mut self, stop: &Stop) -> Result<(), Stop> {
+        let settings = self
+            .engine
+            .webhook
+            .as_ref()
+            .map(|webhook| webhook.settings());
+        let wait = match (stop, settings) {
+            (Stop::ShuttingDown, Some(settings)) => settings.shutdown_wait,
+            (_, Some(settings)) => settings.timeout,
+            (_, None) => Duration::ZERO,
+        };
+        match self.wind_down_requests(wait).await {
+            Ok(()) => Ok(()),
+            Err(lost @ (Stop::Lost | Stop::LeaseRunOut)) => Err(lost),
+            Err(other) => {
+                tracing::warn!(
+                    error = other.last_error().unwrap_or_default(),
+                    "cannot publish the last acknowledged notifications; a resume \
+                     sends them again under the same ids"
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// The run is stopping: no request or retry starts any more; the answers to those
     /// on the wire are awaited (up to `wait`), and the acknowledged prefix is published
     /// and handed to the recorder. The rest is given up: a resume or the next owner
     /// sends it again, under the same ids.
-    pub(super) async fn wind_down(&mut self, wait: Duration) -> Result<(), Stop> {
+    async fn wind_down_requests(&mut self, wait: Duration) -> Result<(), Stop> {
         let deadline = Instant::now() + wait;
         let pipeline = self
             .pipeline
