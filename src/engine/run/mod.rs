@@ -434,10 +434,9 @@ impl RunState<'_> {
                 // counts), and nothing sent on a lease that could have run out.
                 self.grant = None;
                 if let Some(answered) = self.deliveries.next().await {
-                    if !self.fence_answered(answered).await? {
+                    if !self.take_answer(answered).await? {
                         return Ok(None);
                     }
-                    self.recorder.poll().await?;
                 } else {
                     self.recorder.wait_for_room().await?;
                 }
@@ -455,12 +454,10 @@ impl RunState<'_> {
                 // reaches the recorder in send order, batch by batch.
                 answered = self.deliveries.next(), if on_the_way => {
                     if let Some(answered) = answered
-                        && !self.fence_answered(answered).await?
+                        && !self.take_answer(answered).await?
                     {
                         return Ok(None);
                     }
-                    // What went through is committed in batches as it comes (G5).
-                    self.recorder.poll().await?;
                 }
                 (granted, at) = async { self.grant.as_mut().expect("asked above").await } => {
                     self.grant = None;
@@ -471,24 +468,7 @@ impl RunState<'_> {
                         continue;
                     }
                     let count = granted.min(want);
-                    let next = self.may_start(usize::MAX).saturating_sub(count);
-                    if next > 0 {
-                        self.grant = Some(ask_limiter(&engine.limiter, next));
-                    }
-                    self.start_delivery(&queue[..count], at);
-                    // The request is made now, not when the run next waits (a page read
-                    // may come first): the set makes it when polled.
-                    let ready = {
-                        let next = std::pin::pin!(self.deliveries.next());
-                        futures::poll!(next)
-                    };
-                    if let std::task::Poll::Ready(Some(answered)) = ready {
-                        if !self.fence_answered(answered).await? {
-                            return Ok(None);
-                        }
-                        self.recorder.poll().await?;
-                    }
-                    return Ok(Some(count));
+                    return Ok(self.start_granted(&queue[..count], at).await?.then_some(count));
                 }
                 _ = tokio::time::sleep_until(slice_end) => {
                     // Commits run on tasks of their own: this only notices or starts one.
@@ -496,6 +476,37 @@ impl RunState<'_> {
                 }
             }
         }
+    }
+
+    /// Starts `chunk` on slots granted at `at`, after asking the limiter for the next
+    /// ones (slots that fall due while no call waits are lost, G2). `false`: a delivery
+    /// was refused, and the queue is to be read again from the cursor.
+    async fn start_granted(&mut self, chunk: &[Registration], at: Instant) -> Result<bool, Stop> {
+        let next = self.may_start(usize::MAX).saturating_sub(chunk.len());
+        if next > 0 {
+            self.grant = Some(ask_limiter(&self.engine.limiter, next));
+        }
+        self.start_delivery(chunk, at);
+        // The request is made now, not when the run next waits (a page read may come
+        // first): the set makes it when polled.
+        let ready = {
+            let next = std::pin::pin!(self.deliveries.next());
+            futures::poll!(next)
+        };
+        match ready {
+            std::task::Poll::Ready(Some(answered)) => self.take_answer(answered).await,
+            _ => Ok(true),
+        }
+    }
+
+    /// Takes in an answer of the fence and commits what went through in batches as it
+    /// comes (G5). `false` as for [`Self::fence_answered`].
+    async fn take_answer(&mut self, answered: Answered) -> Result<bool, Stop> {
+        if !self.fence_answered(answered).await? {
+            return Ok(false);
+        }
+        self.recorder.poll().await?;
+        Ok(true)
     }
 
     /// How many of `queued` the run may start now: what the recorder has room for, less
