@@ -69,10 +69,11 @@ impl From<RecordError> for Stop {
     }
 }
 
-/// Deliveries of one batch tried before the run fails: a figure missing from the cache
-/// is loaded from the database, and a lost claim registered again, between tries; twice
-/// is plenty (the figure only goes missing when it expires or a stock write is under
-/// way).
+/// Refusals of the fence in a row that the run fixes before it fails: between tries a
+/// figure missing from the cache is loaded from the database, and a lost claim or a
+/// chain held elsewhere is proved and registered again; twice is plenty (a figure only
+/// goes missing when it expires or a stock write is under way, a chain when Redis lost
+/// or rolled back keys).
 const DELIVERY_ATTEMPTS: usize = 3;
 
 /// Digits of a second kept in `sent_at`: microseconds, what the history and the bus
@@ -698,7 +699,10 @@ fn stock_keeps_disappearing() -> Error {
     Error::Backend(crate::domain::BackendError::new(
         crate::domain::Component::StockCache,
         true,
-        anyhow::anyhow!("the stock figure keeps disappearing from the cache"),
+        anyhow::anyhow!(
+            "the fence keeps refusing the run: its stock figure or claim keeps disappearing \
+             from the cache"
+        ),
     ))
 }
 
