@@ -1,7 +1,8 @@
 //! The one place that decides how the service is deployed, and so which
 //! implementation of each outside capability the engine gets: in process (embedded,
 //! one instance) or shared through Redis (clustered, any number of instances on one
-//! database and Redis prefix). Nothing else branches on it.
+//! database and Redis prefix). It also picks the store and the delivery channel.
+//! Nothing else branches on any of them.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -11,17 +12,24 @@ use secrecy::ExposeSecret as _;
 
 use crate::config::Config;
 use crate::engine::Capabilities;
+use crate::engine::bus::NotificationBus;
 use crate::engine::bus::local::LocalBus;
 use crate::engine::bus::redis::RedisBus;
+use crate::engine::delivery::webhook::pause::{EndpointPause, LocalPause, RedisPause};
+use crate::engine::delivery::webhook::{WebhookChannel, WebhookClient, WebhookSettings};
+use crate::engine::delivery::{Channel, StreamChannel};
+use crate::engine::limiter::SendLimiter;
 use crate::engine::limiter::local::LocalLimiter;
 use crate::engine::limiter::redis::RedisLimiter;
-use crate::engine::stock::StockCache;
 use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
 use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
-use crate::engine::webhook::pause::{LocalPause, RedisPause};
+use crate::engine::stock::{AdmissionFence, StockCache, StockFence};
 use crate::monitoring::Metrics;
 use crate::redact::SecretUrl;
 use crate::redis::Keys;
+use crate::store::Store;
+use crate::store::mysql::MySqlStore;
+use crate::store::sqlite::SqliteStore;
 
 /// How this instance is deployed.
 pub enum Deployment {
@@ -49,60 +57,64 @@ impl Deployment {
         }
     }
 
-    /// The engine's capabilities for this deployment (the webhook, which is the same in
-    /// both, is added by the caller).
-    pub async fn capabilities(
+    /// The engine's capabilities for this deployment, and where notifications go: to
+    /// the webhook endpoint of `webhook` if one is configured, else on the stream only.
+    pub(crate) async fn capabilities(
         &self,
+        webhook: Option<WebhookSettings>,
         send_rate: NonZeroU32,
-        send_window: std::time::Duration,
         subscriber_buffer: usize,
         metrics: &Metrics,
     ) -> anyhow::Result<Capabilities> {
-        // This instance's streams are always fed by an in-process bus; clustered, it is
-        // filled from Redis instead of by this instance's runs directly.
-        let local_bus = Arc::new(LocalBus::new(subscriber_buffer));
-        Ok(match self {
-            Deployment::Embedded => {
-                let stock_cache: Arc<dyn StockCache> = Arc::new(LocalStockCache::default());
-                Capabilities {
-                    stock_fence: Arc::new(LocalStockFence::new(
-                        stock_cache.clone(),
-                        local_bus.clone(),
-                    )),
-                    stock_cache,
-                    limiter: Arc::new(
-                        LocalLimiter::new(send_rate, send_window)
-                            .context("cannot start the send limiter")?,
-                    ),
-                    bus: local_bus,
-                    endpoint_pause: Arc::new(LocalPause::default()),
-                    webhook: None,
-                }
-            }
+        let window = crate::engine::limiter::enforced_window(webhook.is_some());
+        let shared = match self {
+            Deployment::Embedded => Shared::embedded(send_rate, window, subscriber_buffer)?,
             Deployment::Clustered { client, keys, url } => {
                 let subscriber = crate::redis::connect_subscriber(url.expose_secret()).await?;
-                let bus = RedisBus::start(client.clone(), subscriber, keys.clone(), local_bus)
-                    .await
-                    .context("cannot subscribe to the notification bus on REDIS_URL")?;
-                Capabilities {
-                    stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
-                    stock_fence: Arc::new(RedisStockFence::new(client.clone(), keys.clone())),
-                    limiter: Arc::new(
-                        RedisLimiter::new(
-                            client.clone(),
-                            keys,
-                            send_rate,
-                            send_window,
-                            metrics.limiter(),
-                        )
-                        .context("cannot start the send limiter")?,
-                    ),
-                    bus: Arc::new(bus),
-                    endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),
-                    webhook: None,
-                }
+                let ends = Ends {
+                    client,
+                    subscriber,
+                    keys,
+                };
+                Shared::clustered(ends, send_rate, window, subscriber_buffer, metrics).await?
             }
+        };
+        let channel: Arc<dyn Channel> = match webhook {
+            None => Arc::new(StreamChannel),
+            Some(settings) => Arc::new(WebhookChannel::new(
+                WebhookClient::new(settings, metrics.webhook())?,
+                shared.endpoint_pause,
+                shared.admissions,
+            )),
+        };
+        Ok(Capabilities {
+            stock_cache: shared.stock_cache,
+            stock_fence: shared.stock_fence,
+            limiter: shared.limiter,
+            bus: shared.bus,
+            channel,
         })
+    }
+
+    /// The store DATABASE_URL names, by its scheme: MySQL (or MariaDB), or an SQLite
+    /// file.
+    pub async fn store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+        let (url, pool_size) = (&config.database_url, config.db_pool_size);
+        let raw = url.expose_secret();
+        if raw.starts_with("mysql://") || raw.starts_with("mariadb://") {
+            Ok(Arc::new(
+                MySqlStore::connect(raw, config.run_lease, pool_size).await?,
+            ))
+        } else if raw.starts_with("sqlite:") {
+            Ok(Arc::new(
+                SqliteStore::connect_with_readers(raw, pool_size).await?,
+            ))
+        } else {
+            anyhow::bail!(
+                "DATABASE_URL {url:?} has an unsupported scheme: use \
+                 mysql://user:pass@host:port/db or sqlite://path/to/file.db"
+            )
+        }
     }
 
     /// Says at start how the service is deployed, and warns when the settings given
@@ -139,5 +151,76 @@ impl Deployment {
                 "instances on this database and Redis prefix behave as one service"
             ),
         }
+    }
+}
+
+/// The connections a clustered deployment's capabilities share.
+struct Ends<'a> {
+    client: &'a fred::prelude::Client,
+    subscriber: fred::clients::SubscriberClient,
+    keys: &'a Keys,
+}
+
+/// The capabilities one deployment provides, before the channel is chosen.
+struct Shared {
+    stock_cache: Arc<dyn StockCache>,
+    stock_fence: Arc<dyn StockFence>,
+    /// The same fence, as a webhook channel uses it.
+    admissions: Arc<dyn AdmissionFence>,
+    limiter: Arc<dyn SendLimiter>,
+    bus: Arc<dyn NotificationBus>,
+    /// Where a `Retry-After` of a webhook endpoint is shared (G12).
+    endpoint_pause: Arc<dyn EndpointPause>,
+}
+
+impl Shared {
+    fn embedded(
+        send_rate: NonZeroU32,
+        window: std::time::Duration,
+        subscriber_buffer: usize,
+    ) -> anyhow::Result<Self> {
+        let bus = Arc::new(LocalBus::new(subscriber_buffer));
+        let stock_cache: Arc<dyn StockCache> = Arc::new(LocalStockCache::default());
+        let fence = Arc::new(LocalStockFence::new(stock_cache.clone(), bus.clone()));
+        Ok(Shared {
+            stock_cache,
+            stock_fence: fence.clone(),
+            admissions: fence,
+            limiter: Arc::new(
+                LocalLimiter::new(send_rate, window).context("cannot start the send limiter")?,
+            ),
+            bus,
+            endpoint_pause: Arc::new(LocalPause::default()),
+        })
+    }
+
+    async fn clustered(
+        ends: Ends<'_>,
+        send_rate: NonZeroU32,
+        window: std::time::Duration,
+        subscriber_buffer: usize,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Self> {
+        let Ends {
+            client,
+            subscriber,
+            keys,
+        } = ends;
+        // This instance's streams are fed by an in-process bus, filled from Redis.
+        let local_bus = Arc::new(LocalBus::new(subscriber_buffer));
+        let bus = RedisBus::start(client.clone(), subscriber, keys.clone(), local_bus)
+            .await
+            .context("cannot subscribe to the notification bus on REDIS_URL")?;
+        let fence = Arc::new(RedisStockFence::new(client.clone(), keys.clone()));
+        let limiter = RedisLimiter::new(client.clone(), keys, send_rate, window, metrics.limiter())
+            .context("cannot start the send limiter")?;
+        Ok(Shared {
+            stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
+            stock_fence: fence.clone(),
+            admissions: fence,
+            limiter: Arc::new(limiter),
+            bus: Arc::new(bus),
+            endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),
+        })
     }
 }

@@ -17,9 +17,10 @@ pub mod domain;
 /// (`engine::lease`), and one folder per outside capability, each a trait with an
 /// in-process and a Redis implementation: the stock cache and fence (`engine::stock`),
 /// the send limiter (`engine::limiter`) and the notification bus (`engine::bus`).
-/// Also delivery to a webhook endpoint (`engine::webhook`: signed requests,
-/// acknowledged before recorded), `Subscribe` streams (`engine::subscription`), run
-/// watches (`engine::watch`) and the database's clock (`engine::clock`).
+/// Where notifications go is one trait with one implementation per channel
+/// (`engine::delivery`: the stream, and a webhook endpoint with signed requests,
+/// acknowledged before recorded). Also `Subscribe` streams (`engine::subscription`),
+/// run watches (`engine::watch`) and the database's clock (`engine::clock`).
 pub mod engine;
 /// The gRPC face: the two services (`grpc::restock`, `grpc::admin`), proto <-> domain
 /// conversions, the one mapping of errors to status codes (`grpc::status`), the API

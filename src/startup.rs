@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use tonic_health::ServingStatus;
 use crate::config::{Config, CorsOrigins, MetricsListen, Switch};
 use crate::console::ConsoleLayer;
 use crate::deployment::Deployment;
-use crate::engine::webhook::{WebhookClient, WebhookSettings};
+use crate::engine::delivery::webhook::WebhookSettings;
 use crate::engine::{Engine, EngineSettings};
 use crate::grpc::admin::{AdminApi, AdminAuth};
 use crate::grpc::observe::{KnownMethods, ObserveLayer};
@@ -30,10 +29,6 @@ use crate::grpc::proto::restock_service_server::RestockServiceServer;
 use crate::grpc::ratelimit::ApiRateLimit;
 use crate::grpc::restock::RestockApi;
 use crate::monitoring::{Metrics, MetricsServer};
-use crate::redact::SecretUrl;
-use crate::store::Store;
-use crate::store::mysql::MySqlStore;
-use crate::store::sqlite::SqliteStore;
 
 /// How long shutdown waits for runs to record what they sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -100,35 +95,21 @@ impl Application {
             ),
         }
         let webhook = WebhookSettings::from_config(&config)?;
-        let store =
-            connect_store(&config.database_url, config.run_lease, config.db_pool_size).await?;
+        let store = Deployment::store(&config).await?;
         let deployment = Deployment::from_config(&config).await?;
         deployment.log(&config);
         let metrics = match config.metrics_listen {
             MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
             MetricsListen::Off => Metrics::off(),
         };
-        let mut capabilities = deployment
+        let capabilities = deployment
             .capabilities(
+                webhook,
                 config.send_rate,
-                crate::engine::limiter::enforced_window(config.webhook_url.is_some()),
                 settings.subscriber_buffer,
                 &metrics,
             )
             .await?;
-        capabilities.webhook = match webhook {
-            Some(webhook) => {
-                tracing::info!(
-                    url = %webhook.shown_url(),
-                    timeout_ms = webhook.timeout.as_millis() as u64,
-                    attempts = webhook.attempts,
-                    backoff_ms = webhook.backoff.as_millis() as u64,
-                    "delivering to a webhook: a notification counts as sent once it answered 2xx"
-                );
-                Some(Arc::new(WebhookClient::new(webhook, metrics.webhook())?))
-            }
-            None => None,
-        };
         let engine = Engine::new(store, capabilities, settings, metrics.clone());
         let admin_token = match config.admin_token.clone() {
             Some(token) if token.expose_secret().trim().is_empty() => {
@@ -321,27 +302,6 @@ impl Application {
 /// it with it. The library default, 16 KiB, is about one frame: a single 16 kB header
 /// dropped the connection. 64 KiB takes any header a client has reason to send.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
-
-/// Picks the store by the scheme of DATABASE_URL.
-async fn connect_store(
-    url: &SecretUrl,
-    lease: Duration,
-    pool_size: Option<NonZeroU32>,
-) -> anyhow::Result<Arc<dyn Store>> {
-    let raw = url.expose_secret();
-    if raw.starts_with("mysql://") || raw.starts_with("mariadb://") {
-        Ok(Arc::new(MySqlStore::connect(raw, lease, pool_size).await?))
-    } else if raw.starts_with("sqlite:") {
-        Ok(Arc::new(
-            SqliteStore::connect_with_readers(raw, pool_size).await?,
-        ))
-    } else {
-        anyhow::bail!(
-            "DATABASE_URL {url:?} has an unsupported scheme: use mysql://user:pass@host:port/db \
-             or sqlite://path/to/file.db"
-        )
-    }
-}
 
 fn generate_token() -> String {
     use rand::Rng as _;

@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod clock;
+pub(crate) mod delivery;
 pub mod lease;
 pub mod limiter;
 pub mod recorder;
@@ -11,7 +12,6 @@ mod run;
 pub mod stock;
 pub mod subscription;
 pub mod watch;
-pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +27,11 @@ use crate::domain::{
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store, Triggered};
 use bus::{BusEvent, NotificationBus};
+use delivery::Channel;
 use lease::LeaseSettings;
 use limiter::SendLimiter;
 use recorder::RecorderSettings;
 use stock::{Offered, StockCache, StockFence, StockFigure};
-use webhook::WebhookClient;
-use webhook::pause::EndpointPause;
 
 /// How often caching a stock figure is tried before giving up: each try fails only
 /// because a stock write came in between, so a few are plenty.
@@ -125,16 +124,14 @@ impl EngineSettings {
 }
 
 /// The outside capabilities the engine needs, each behind its trait; `Deployment`
-/// picks the implementations (in process, or shared through Redis).
-pub struct Capabilities {
+/// picks the implementations (in process, or shared through Redis), and the channel.
+pub(crate) struct Capabilities {
     pub stock_cache: Arc<dyn StockCache>,
     pub stock_fence: Arc<dyn StockFence>,
     pub limiter: Arc<dyn SendLimiter>,
     pub bus: Arc<dyn NotificationBus>,
-    /// Where a `Retry-After` of the webhook is shared (G12).
-    pub endpoint_pause: Arc<dyn EndpointPause>,
-    /// The webhook endpoint, when one is configured: runs deliver there (G12).
-    pub webhook: Option<Arc<WebhookClient>>,
+    /// Where notifications go: the stream, or a webhook endpoint (G12).
+    pub channel: Arc<dyn Channel>,
 }
 
 pub struct Engine {
@@ -143,8 +140,7 @@ pub struct Engine {
     stock_fence: Arc<dyn StockFence>,
     limiter: Arc<dyn SendLimiter>,
     bus: Arc<dyn NotificationBus>,
-    endpoint_pause: Arc<dyn EndpointPause>,
-    webhook: Option<Arc<WebhookClient>>,
+    channel: Arc<dyn Channel>,
     settings: EngineSettings,
     metrics: Arc<Metrics>,
     /// Cancelled when the service shuts down: runs stop and streams end.
@@ -156,7 +152,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn Store>,
         capabilities: Capabilities,
         settings: EngineSettings,
@@ -168,8 +164,7 @@ impl Engine {
             stock_fence: capabilities.stock_fence,
             limiter: capabilities.limiter,
             bus: capabilities.bus,
-            endpoint_pause: capabilities.endpoint_pause,
-            webhook: capabilities.webhook,
+            channel: capabilities.channel,
             settings,
             metrics,
             shutdown: CancellationToken::new(),
@@ -201,13 +196,9 @@ impl Engine {
             let saved = engine.store.set_stock(product, stock).await?;
             engine.cache_stock(product, Some(figure_of(&saved))).await?;
             if saved.stock <= 0 {
-                // G3, G12: webhook requests admitted before the figure was cached are
-                // on the wire before this returns.
-                engine
-                    .stock_fence
-                    .wait_for_admissions(product)
-                    .await
-                    .map_err(Error::from)?;
+                // G3: what the channel let through before the figure was cached has
+                // started before this returns.
+                engine.channel.sold_out(product).await?;
             }
             Ok(saved)
         })

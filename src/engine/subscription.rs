@@ -471,12 +471,7 @@ mod tests {
             .unwrap();
         let metrics = Metrics::new(500);
         let capabilities = Deployment::Embedded
-            .capabilities(
-                std::num::NonZeroU32::new(500).unwrap(),
-                crate::engine::limiter::ENFORCED_WINDOW,
-                16,
-                &metrics,
-            )
+            .capabilities(None, std::num::NonZeroU32::new(500).unwrap(), 16, &metrics)
             .await
             .unwrap();
         let engine = Engine::new(

@@ -16,7 +16,9 @@ use restock_notifier::engine::limiter::redis::RedisLimiter;
 use restock_notifier::engine::limiter::{ENFORCED_WINDOW, SendLimiter};
 use restock_notifier::engine::stock::local::{LocalStockCache, LocalStockFence};
 use restock_notifier::engine::stock::redis::{RedisStockCache, RedisStockFence};
-use restock_notifier::engine::stock::{Delivery, Offered, StockCache, StockFence, StockFigure};
+use restock_notifier::engine::stock::{
+    AdmissionFence, Delivery, Offered, StockCache, StockFence, StockFigure,
+};
 use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;

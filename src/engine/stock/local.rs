@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::RwLock;
 
-use super::{Admitted, Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard};
+use super::{
+    AdmissionFence, Admitted, Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard,
+};
 use crate::domain::{BackendError, ProductId};
 use crate::engine::bus::local::LocalBus;
 use crate::engine::bus::{BusEvent, RunKey, SentBatch};
@@ -111,6 +113,29 @@ impl StockFence for LocalStockFence {
         Ok(true)
     }
 
+    async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
+        let _no_stock_write = self.stripe(batch.run.product_id).read().await;
+        match self.cache.get(batch.run.product_id).await? {
+            None => Ok(Delivery::NotCached),
+            Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
+            Some(_) => {
+                let mut chains = self.chains.lock().unwrap();
+                let Some(chain) = chains.get_mut(&batch.run) else {
+                    return Ok(Delivery::ClaimUnknown);
+                };
+                if *chain != (batch.claim, batch.prev_position) {
+                    return Ok(Delivery::OutOfOrder);
+                }
+                chain.1 = batch.items.last().map(|item| item.position).or(chain.1);
+                self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
+                Ok(Delivery::Through(()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AdmissionFence for LocalStockFence {
     /// The pass is the stripe's read lock, held until the requests are sent: a stock
     /// write waits for it before it writes anything. In one process a pass cannot be
     /// lost, so `ttl` is the sender's promise alone.
@@ -136,25 +161,5 @@ impl StockFence for LocalStockFence {
     /// The write held the stripe's write lock, so every pass was dropped before it.
     async fn wait_for_admissions(&self, _product: ProductId) -> Result<(), BackendError> {
         Ok(())
-    }
-
-    async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
-        let _no_stock_write = self.stripe(batch.run.product_id).read().await;
-        match self.cache.get(batch.run.product_id).await? {
-            None => Ok(Delivery::NotCached),
-            Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
-            Some(_) => {
-                let mut chains = self.chains.lock().unwrap();
-                let Some(chain) = chains.get_mut(&batch.run) else {
-                    return Ok(Delivery::ClaimUnknown);
-                };
-                if *chain != (batch.claim, batch.prev_position) {
-                    return Ok(Delivery::OutOfOrder);
-                }
-                chain.1 = batch.items.last().map(|item| item.position).or(chain.1);
-                self.bus.send(BusEvent::Sent(Arc::new(batch.clone())));
-                Ok(Delivery::Through(()))
-            }
-        }
     }
 }

@@ -130,7 +130,14 @@ pub trait StockFence: Send + Sync + 'static {
     /// last one delivered under its claim (its `prev_position`). Several deliveries of
     /// a run may be on their way at once, asked for in send order.
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
+}
 
+/// The fence for channels whose sends leave the service before they are streamed (a
+/// webhook, G12): a pass that holds stock writes to 0 back while requests start, and
+/// the publication of what the receiver acknowledged. The same implementations as
+/// [`StockFence`], so a pass and a delivery see one figure and one claim.
+#[async_trait]
+pub trait AdmissionFence: Send + Sync + 'static {
     /// Admits webhook requests of `run` if no newer claim than `claim` was seen and the
     /// cached stock of its product is above zero, as one step no stock write can split.
     /// The pass expires after `ttl` even if never dropped (an instance that died holding

@@ -15,7 +15,9 @@ use fred::prelude::{Client, HashesInterface, KeysInterface, SortedSetsInterface}
 use fred::types::Value;
 use fred::types::scripts::Script;
 
-use super::{Admitted, Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard};
+use super::{
+    AdmissionFence, Admitted, Delivery, Offered, StockCache, StockFence, StockFigure, WriteGuard,
+};
 use crate::domain::{BackendError, ProductId};
 use crate::engine::bus::redis::encode_sent;
 use crate::engine::bus::{RunKey, SentBatch};
@@ -186,6 +188,13 @@ impl StockFence for RedisStockFence {
         Ok(outcome == 1)
     }
 
+    async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
+        self.put_on_bus(&DELIVER, true, batch).await
+    }
+}
+
+#[async_trait]
+impl AdmissionFence for RedisStockFence {
     async fn admit(
         &self,
         run: RunKey,
@@ -239,10 +248,6 @@ impl StockFence for RedisStockFence {
             }
             tokio::time::sleep(ADMISSIONS_POLL).await;
         }
-    }
-
-    async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError> {
-        self.put_on_bus(&DELIVER, true, batch).await
     }
 }
 

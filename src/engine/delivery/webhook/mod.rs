@@ -34,23 +34,80 @@
 //!   `CANCELED_BY_ERROR` with `last_error`, in the same write.
 //! - **Retry-After.** A 429 or 503 with `Retry-After` pauses every request to the
 //!   endpoint, from every instance, until it has passed ([`pause`]).
+//!
+//! The run's side of it is [`outbox`]: the limiter, the fence and the recorder around
+//! the [`pipeline`] of requests.
 
 pub mod client;
+mod outbox;
 pub mod pause;
 pub mod pipeline;
 pub mod sign;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use rand::Rng as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
+use super::{Channel, Outbox};
 use crate::config::Config;
-use crate::domain::NotificationId;
+use crate::domain::{BackendError, NotificationId, ProductId};
+use crate::engine::bus::RunKey;
+use crate::engine::stock::AdmissionFence;
 use crate::redact::SecretUrl;
 pub use client::{Attempt, WebhookClient};
+use pause::EndpointPause;
 pub use sign::SigningKeys;
+
+/// Delivery to a webhook endpoint: a notification is sent once the endpoint answered
+/// 2xx (G12). Cheap to clone: each run's outbox holds one.
+#[derive(Clone)]
+pub struct WebhookChannel {
+    client: Arc<WebhookClient>,
+    /// Where a `Retry-After` of the endpoint is shared.
+    pause: Arc<dyn EndpointPause>,
+    /// Passes for requests about to start, and the publication of acknowledged ones
+    /// (G3, G8).
+    fence: Arc<dyn AdmissionFence>,
+}
+
+impl WebhookChannel {
+    pub fn new(
+        client: WebhookClient,
+        pause: Arc<dyn EndpointPause>,
+        fence: Arc<dyn AdmissionFence>,
+    ) -> Self {
+        let settings = client.settings();
+        tracing::info!(
+            url = %settings.shown_url(),
+            timeout_ms = settings.timeout.as_millis() as u64,
+            attempts = settings.attempts,
+            backoff_ms = settings.backoff.as_millis() as u64,
+            "delivering to a webhook: a notification counts as sent once it answered 2xx"
+        );
+        Self {
+            client: Arc::new(client),
+            pause,
+            fence,
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for WebhookChannel {
+    fn outbox(&self, run: RunKey) -> Box<dyn Outbox> {
+        Box::new(outbox::WebhookOutbox::new(self.clone(), run))
+    }
+
+    /// Every request admitted before the figure was cached is on the wire before this
+    /// returns (G3, G12).
+    async fn sold_out(&self, product: ProductId) -> Result<(), BackendError> {
+        self.fence.wait_for_admissions(product).await
+    }
+}
 
 /// The settings of webhook delivery, from `RESTOCK_WEBHOOK_*`.
 #[derive(Debug, Clone)]

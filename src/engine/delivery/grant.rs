@@ -43,6 +43,15 @@ pub(super) fn ask_limiter(limiter: &Arc<dyn SendLimiter>, want: usize) -> Grant 
     })
 }
 
+/// The slots of `grant` when it is held; never, when not (a branch of a `select!` that
+/// waits for a grant only if one was asked for).
+pub(super) async fn granted(grant: &mut Option<Grant>) -> Granted {
+    match grant {
+        Some(grant) => grant.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Cancels a task when its handle is dropped.
 struct CancelOnDrop<T>(tokio::task::JoinHandle<T>);
 
