@@ -1,5 +1,5 @@
-//! Wiring: `Application::build` connects the stores, builds the engine and the gRPC
-//! server, and binds the listener first, so that port 0 works and the address is known
+//! Wiring: `Application::build` connects the stores, builds the engine, assembles the
+//! gRPC server and binds the listener first, so that port 0 works and the address is known
 //! before anything is served.
 
 use std::future::Future;
@@ -8,15 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::future::BoxFuture;
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::LayerExt as _;
 use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
-use crate::config::{Config, CorsOrigins, MetricsListen, Switch};
+use crate::config::{Config, MetricsListen, Switch};
 use crate::console::ConsoleLayer;
 use crate::deployment::Deployment;
 use crate::engine::delivery::webhook::WebhookSettings;
@@ -53,20 +56,16 @@ const ADMIN_TOKEN_BYTES: usize = 24;
 const METRICS_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Application {
-    listener: TcpListener,
     local_addr: SocketAddr,
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
-    admin_token: SecretString,
-    api_rate: std::num::NonZeroU32,
+    health: HealthReporter,
     shutdown_drain: Duration,
-    console: Switch,
-    cors_origins: Option<CorsOrigins>,
-    /// The gRPC server builder.
-    server: tonic::transport::Server,
-    /// TLS in front of every connection, when it is configured.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The gRPC server, assembled and bound: it serves once polled, until
+    /// `stop_serving` is cancelled, and then waits for the calls still open.
+    server: Server,
+    stop_serving: CancellationToken,
 }
 
 impl Application {
@@ -79,52 +78,9 @@ impl Application {
     /// from `EngineSettings::with_config` so that the configuration's bounds hold.
     pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
         let tls = crate::tls::acceptor(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
-        let server = tonic::transport::Server::builder()
-            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
-            // Browsers speak gRPC-web over HTTP/1.1 (or HTTP/2 when offered over TLS).
-            .accept_http1(true);
-        match &config.tls_cert {
-            Some(cert) => tracing::info!(
-                tls = true,
-                cert = %cert.display(),
-                "gRPC over TLS only: plaintext connections are refused"
-            ),
-            None => tracing::info!(
-                tls = false,
-                "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
-            ),
-        }
-        let webhook = WebhookSettings::from_config(&config)?;
-        let store = Deployment::store(&config).await?;
-        let deployment = Deployment::from_config(&config).await?;
-        deployment.log(&config);
-        let metrics = match config.metrics_listen {
-            MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
-            MetricsListen::Off => Metrics::off(),
-        };
-        let capabilities = deployment
-            .capabilities(
-                webhook,
-                config.send_rate,
-                settings.subscriber_buffer,
-                &metrics,
-            )
-            .await?;
-        let engine = Engine::new(store, capabilities, settings, metrics.clone());
-        let admin_token = match config.admin_token.clone() {
-            Some(token) if token.expose_secret().trim().is_empty() => {
-                anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
-            }
-            Some(token) => token,
-            None => {
-                let token = generate_token();
-                tracing::warn!(
-                    admin_token = %token,
-                    "RESTOCK_ADMIN_TOKEN is not set: generated this admin token for this run"
-                );
-                token.into()
-            }
-        };
+        log_transport(&config);
+        let (engine, metrics) = start_engine(&config, settings).await?;
+        let admin_token = admin_token(&config)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on RESTOCK_LISTEN {}", config.listen))?;
@@ -133,19 +89,23 @@ impl Application {
             MetricsListen::On(addr) => Some(MetricsServer::bind(addr).await?),
             MetricsListen::Off => None,
         };
+        let services = Services {
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            admin_token,
+        };
+        let stop_serving = CancellationToken::new();
+        let (server, health) = serve(&config, services, listener, tls, stop_serving.clone())?;
+        report_health(&health, ServingStatus::Serving).await;
         Ok(Self {
-            listener,
             local_addr,
             engine,
             metrics,
             metrics_server,
-            admin_token,
-            api_rate: config.api_rate,
+            health,
             shutdown_drain: config.shutdown_drain,
-            console: config.console,
-            cors_origins: config.cors_origins,
             server,
-            tls,
+            stop_serving,
         })
     }
 
@@ -171,105 +131,19 @@ impl Application {
             .await
             .context("cannot read the database's clock")?;
         engine.spawn_takeover();
-        let stop_metrics = tokio_util::sync::CancellationToken::new();
+        let stop_metrics = CancellationToken::new();
         let metrics_served = self
             .metrics_server
             .map(|server| tokio::spawn(server.serve(self.metrics.clone(), stop_metrics.clone())));
-
-        let (health, health_service) = tonic_health::server::health_reporter();
-        report_health(&health, ServingStatus::Serving).await;
-
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-
-        let limit = ApiRateLimit::new(self.api_rate);
-        let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
-        // The token is checked before anything else, the rate limit included (the
-        // limiter only wraps services that answer with plain bodies).
-        let admin = InterceptorLayer::new(AdminAuth::new(self.admin_token.expose_secret()))
-            .named_layer(limit.wrap(RestockAdminServiceServer::new(AdminApi::new(
-                engine.clone(),
-            ))));
-
-        let stopping = engine.clone();
-        let drain = self.shutdown_drain;
-        let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new calls, ending streams, stopping runs");
-            // Before the listener closes, so that load balancers stop sending calls here
-            // first.
-            report_health(&health, ServingStatus::NotServing).await;
-            if !drain.is_zero() {
-                tracing::info!(
-                    drain_ms = drain.as_millis() as u64,
-                    "health says NOT_SERVING; still serving while load balancers drain"
-                );
-                tokio::time::sleep(drain).await;
-            }
-            // Ends every Subscribe stream and stops the runs, so the server's drain
-            // below does not wait on streams that would never end by themselves.
-            stopping.begin_shutdown();
-            let _ = began.send(());
-        };
-
-        // No Nagle: a notification is one small frame, and holding it back for the
-        // previous one's ACK would add tens of milliseconds to every stream.
-        let incoming = TcpIncoming::from(self.listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(TCP_KEEPALIVE));
-        let observe = ObserveLayer::new(
-            self.metrics.clone(),
-            KnownMethods::from_descriptor_sets(&[
-                proto::FILE_DESCRIPTOR_SET,
-                tonic_health::pb::FILE_DESCRIPTOR_SET,
-                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            ]),
-        );
-        match self.console {
-            Switch::On => tracing::info!(
-                path = "/",
-                "operator console served on the gRPC address (RESTOCK_CONSOLE=off turns it off)"
-            ),
-            Switch::Off => tracing::info!("operator console off"),
-        }
-        let cors = self.cors_origins.as_ref().map(crate::grpc::cors::layer);
-        let router = self
-            .server
-            // Outermost: a preflight is answered here, before the API rate limit could
-            // count it, and the listed origins' pages can read every answer.
-            .layer(tower::util::option_layer(cors))
-            // The page's own requests never reach the router, the limit or the metrics.
-            .layer(ConsoleLayer::new(self.console == Switch::On))
-            // gRPC-web in, gRPC inside: every service, its rate limit and the admin
-            // token check see a gRPC-web call as any other call.
-            .layer(tonic_web::GrpcWebLayer::new())
-            .layer(observe)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(restock)
-            .add_service(admin);
-        let server = match self.tls {
-            Some(acceptor) => futures::future::Either::Left(
-                router
-                    .serve_with_incoming_shutdown(crate::tls::incoming(incoming, acceptor), signal),
-            ),
-            None => futures::future::Either::Right(
-                router.serve_with_incoming_shutdown(incoming, signal),
-            ),
-        };
-        let calls_overstay = async {
-            match shutdown_began.await {
-                Ok(()) => tokio::time::sleep(CLOSE_GRACE).await,
-                // The server ended before shutdown began: the other branch has it.
-                Err(_) => std::future::pending().await,
-            }
+        let stopping = Stopping {
+            engine: engine.clone(),
+            health: self.health,
+            drain: self.shutdown_drain,
+            stop_serving: self.stop_serving.clone(),
         };
         let served = tokio::select! {
-            served = server => served.context("the gRPC server failed"),
-            () = calls_overstay => {
+            served = self.server => served.context("the gRPC server failed"),
+            () = stopping.run(shutdown) => {
                 tracing::warn!(
                     grace_ms = CLOSE_GRACE.as_millis() as u64,
                     "calls still open after shutdown began (a health Watch, say); closing \
@@ -280,20 +154,203 @@ impl Application {
         };
         engine.shutdown(SHUTDOWN_GRACE).await;
         stop_metrics.cancel();
-        if let Some(mut served) = metrics_served
-            && tokio::time::timeout(METRICS_CLOSE_GRACE, &mut served)
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                grace_ms = METRICS_CLOSE_GRACE.as_millis() as u64,
-                "a /metrics connection is still open after the grace; leaving it"
-            );
-            served.abort();
-        }
+        close_metrics(metrics_served).await;
         tracing::info!("stopped");
         served
     }
+}
+
+/// What is served on the gRPC address.
+struct Services {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    admin_token: SecretString,
+}
+
+/// The gRPC server, as [`serve`] assembled it.
+type Server = BoxFuture<'static, Result<(), tonic::transport::Error>>;
+
+/// Assembles the router (every service, its layers) on `listener`, behind TLS when it
+/// is configured: a server that serves once polled, until `stop` is cancelled, and the
+/// health it reports.
+fn serve(
+    config: &Config,
+    services: Services,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) -> anyhow::Result<(Server, HealthReporter)> {
+    let Services {
+        engine,
+        metrics,
+        admin_token,
+    } = services;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let limit = ApiRateLimit::new(config.api_rate);
+    let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
+    // The token is checked before anything else, the rate limit included (the limiter
+    // only wraps services that answer with plain bodies).
+    let admin = InterceptorLayer::new(AdminAuth::new(admin_token.expose_secret()))
+        .named_layer(limit.wrap(RestockAdminServiceServer::new(AdminApi::new(engine))));
+    log_console(config.console);
+    let cors = config.cors_origins.as_ref().map(crate::grpc::cors::layer);
+    let router = tonic::transport::Server::builder()
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        // Browsers speak gRPC-web over HTTP/1.1 (or HTTP/2 when offered over TLS).
+        .accept_http1(true)
+        // Outermost: a preflight is answered here, before the API rate limit could count
+        // it, and the listed origins' pages can read every answer.
+        .layer(tower::util::option_layer(cors))
+        // The page's own requests never reach the router, the limit or the metrics.
+        .layer(ConsoleLayer::new(config.console == Switch::On))
+        // gRPC-web in, gRPC inside: every service, its rate limit and the admin token
+        // check see a gRPC-web call as any other call.
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(ObserveLayer::new(metrics, known_methods()))
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(restock)
+        .add_service(admin);
+    // No Nagle: a notification is one small frame, and holding it back for the previous
+    // one's ACK would add tens of milliseconds to every stream.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let stopped = stop.cancelled_owned();
+    let server: Server = match tls {
+        Some(acceptor) => Box::pin(
+            router.serve_with_incoming_shutdown(crate::tls::incoming(incoming, acceptor), stopped),
+        ),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, stopped)),
+    };
+    Ok((server, reporter))
+}
+
+/// The service's shutdown, once its signal came: health first, the drain, then the
+/// streams and runs, then the server.
+struct Stopping {
+    engine: Arc<Engine>,
+    health: HealthReporter,
+    drain: Duration,
+    stop_serving: CancellationToken,
+}
+
+impl Stopping {
+    /// Waits for `shutdown`, stops serving, and resolves [`CLOSE_GRACE`] later: calls
+    /// still open then (a caller's stream that never ends by itself, such as a load
+    /// balancer's health `Watch`) must not keep the process from stopping.
+    async fn run(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        tracing::info!("shutting down: no new calls, ending streams, stopping runs");
+        // Before the listener closes, so that load balancers stop sending calls here
+        // first.
+        report_health(&self.health, ServingStatus::NotServing).await;
+        if !self.drain.is_zero() {
+            tracing::info!(
+                drain_ms = self.drain.as_millis() as u64,
+                "health says NOT_SERVING; still serving while load balancers drain"
+            );
+            tokio::time::sleep(self.drain).await;
+        }
+        // Ends every Subscribe stream and stops the runs, so the server's drain does not
+        // wait on streams that would never end by themselves.
+        self.engine.begin_shutdown();
+        self.stop_serving.cancel();
+        tokio::time::sleep(CLOSE_GRACE).await;
+    }
+}
+
+/// Waits up to [`METRICS_CLOSE_GRACE`] for `/metrics` to close its connections.
+async fn close_metrics(served: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(mut served) = served
+        && tokio::time::timeout(METRICS_CLOSE_GRACE, &mut served)
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            grace_ms = METRICS_CLOSE_GRACE.as_millis() as u64,
+            "a /metrics connection is still open after the grace; leaving it"
+        );
+        served.abort();
+    }
+}
+
+/// The engine for `config`: its store, deployment and delivery channel.
+async fn start_engine(
+    config: &Config,
+    settings: EngineSettings,
+) -> anyhow::Result<(Arc<Engine>, Arc<Metrics>)> {
+    let webhook = WebhookSettings::from_config(config)?;
+    let store = Deployment::store(config).await?;
+    let deployment = Deployment::from_config(config).await?;
+    deployment.log(config);
+    let metrics = match config.metrics_listen {
+        MetricsListen::On(_) => Metrics::new(config.send_rate.get()),
+        MetricsListen::Off => Metrics::off(),
+    };
+    let capabilities = deployment
+        .capabilities(
+            webhook,
+            config.send_rate,
+            settings.subscriber_buffer,
+            &metrics,
+        )
+        .await?;
+    let engine = Engine::new(store, capabilities, settings, metrics.clone());
+    Ok((engine, metrics))
+}
+
+/// The admin token of `config`, or one generated for this run (and logged).
+fn admin_token(config: &Config) -> anyhow::Result<SecretString> {
+    match config.admin_token.clone() {
+        Some(token) if token.expose_secret().trim().is_empty() => {
+            anyhow::bail!("RESTOCK_ADMIN_TOKEN is set but empty; set a secret or unset it")
+        }
+        Some(token) => Ok(token),
+        None => {
+            let token = generate_token();
+            tracing::warn!(
+                admin_token = %token,
+                "RESTOCK_ADMIN_TOKEN is not set: generated this admin token for this run"
+            );
+            Ok(token.into())
+        }
+    }
+}
+
+fn log_transport(config: &Config) {
+    match &config.tls_cert {
+        Some(cert) => tracing::info!(
+            tls = true,
+            cert = %cert.display(),
+            "gRPC over TLS only: plaintext connections are refused"
+        ),
+        None => tracing::info!(
+            tls = false,
+            "gRPC in plaintext: set RESTOCK_TLS_CERT and RESTOCK_TLS_KEY to serve over TLS"
+        ),
+    }
+}
+
+fn log_console(console: Switch) {
+    match console {
+        Switch::On => tracing::info!(
+            path = "/",
+            "operator console served on the gRPC address (RESTOCK_CONSOLE=off turns it off)"
+        ),
+        Switch::Off => tracing::info!("operator console off"),
+    }
+}
+
+/// Every method the server knows, for the metrics' `method` label.
+fn known_methods() -> KnownMethods {
+    KnownMethods::from_descriptor_sets(&[
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
 }
 
 /// The largest header block a call may send. HTTP/2 (h2) refuses a larger one for that
