@@ -97,6 +97,26 @@ pub struct WebhookMetrics {
 }
 
 impl WebhookMetrics {
+    /// The webhook's handles, registered with `recorder`.
+    fn registered(recorder: &PrometheusRecorder) -> Self {
+        let requests = |code: &'static str| {
+            recorder.register_counter(
+                &Key::from_parts(WEBHOOK_REQUESTS, vec![Label::new("code", code)]),
+                &META,
+            )
+        };
+        WebhookMetrics {
+            answered_2xx: requests("2xx"),
+            answered_3xx: requests("3xx"),
+            answered_4xx: requests("4xx"),
+            answered_5xx: requests("5xx"),
+            timeout: requests("timeout"),
+            error: requests("error"),
+            request_seconds: recorder.register_histogram(&Key::from_name(WEBHOOK_SECONDS), &META),
+            in_flight: recorder.register_gauge(&Key::from_name(WEBHOOK_IN_FLIGHT), &META),
+        }
+    }
+
     /// Handles that record nothing.
     pub fn off() -> Self {
         Self {
@@ -153,25 +173,12 @@ impl Metrics {
 
     /// A fresh set, every metric at zero, with `restock_send_rate_limit` at `send_rate`.
     pub fn new(send_rate: u32) -> Arc<Self> {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(RECORD_BATCH.into()), RECORD_BUCKETS)
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(GRPC_SECONDS.into()), GRPC_BUCKETS)
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full(LIMITER_ROUND_TRIP.into()),
-                    ROUND_TRIP_BUCKETS,
-                )
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(WEBHOOK_SECONDS.into()), WEBHOOK_BUCKETS)
-            })
-            .expect("the bucket lists are not empty")
-            .build_recorder();
+        let recorder = prometheus_recorder();
         describe(&recorder);
         let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
+        let histogram =
+            |name: &'static str| recorder.register_histogram(&Key::from_name(name), &META);
         let finished = |status: &'static str| {
             recorder.register_counter(
                 &Key::from_parts(FINISHED, vec![Label::new("status", status)]),
@@ -179,52 +186,23 @@ impl Metrics {
             )
         };
         gauge(RATE_LIMIT).set(f64::from(send_rate));
-        let notifications_sent = counter(SENT);
-        let runs_in_progress = gauge(IN_PROGRESS);
-        let finished_completed = finished("completed");
-        let finished_sold_out = finished("canceled_by_sold_out");
-        let finished_error = finished("canceled_by_error");
-        let runs_taken_over = counter(TAKEN_OVER);
-        let subscribers = gauge(SUBSCRIBERS);
-        let subscribers_lagged = counter(LAGGED);
-        let record_batch_seconds =
-            recorder.register_histogram(&Key::from_name(RECORD_BATCH), &META);
-        let unrecorded_sends = gauge(UNRECORDED);
-        let limiter = LimiterMetrics {
-            dropped: counter(LIMITER_DROPPED),
-            round_trip_seconds: recorder
-                .register_histogram(&Key::from_name(LIMITER_ROUND_TRIP), &META),
-        };
-        let requests = |code: &'static str| {
-            recorder.register_counter(
-                &Key::from_parts(WEBHOOK_REQUESTS, vec![Label::new("code", code)]),
-                &META,
-            )
-        };
-        let webhook = WebhookMetrics {
-            answered_2xx: requests("2xx"),
-            answered_3xx: requests("3xx"),
-            answered_4xx: requests("4xx"),
-            answered_5xx: requests("5xx"),
-            timeout: requests("timeout"),
-            error: requests("error"),
-            request_seconds: recorder.register_histogram(&Key::from_name(WEBHOOK_SECONDS), &META),
-            in_flight: gauge(WEBHOOK_IN_FLIGHT),
-        };
         let metrics = Self {
+            notifications_sent: counter(SENT),
+            runs_in_progress: gauge(IN_PROGRESS),
+            finished_completed: finished("completed"),
+            finished_sold_out: finished("canceled_by_sold_out"),
+            finished_error: finished("canceled_by_error"),
+            runs_taken_over: counter(TAKEN_OVER),
+            subscribers: gauge(SUBSCRIBERS),
+            subscribers_lagged: counter(LAGGED),
+            record_batch_seconds: histogram(RECORD_BATCH),
+            unrecorded_sends: gauge(UNRECORDED),
+            limiter: LimiterMetrics {
+                dropped: counter(LIMITER_DROPPED),
+                round_trip_seconds: histogram(LIMITER_ROUND_TRIP),
+            },
+            webhook: WebhookMetrics::registered(&recorder),
             recorder: Some(recorder),
-            notifications_sent,
-            runs_in_progress,
-            finished_completed,
-            finished_sold_out,
-            finished_error,
-            runs_taken_over,
-            subscribers,
-            subscribers_lagged,
-            record_batch_seconds,
-            unrecorded_sends,
-            limiter,
-            webhook,
         };
         Arc::new(metrics)
     }
@@ -282,69 +260,124 @@ impl Metrics {
     }
 }
 
-fn describe(recorder: &PrometheusRecorder) {
-    let counter = |name: &'static str, text: &'static str| {
-        recorder.describe_counter(name.into(), None, text.into());
-    };
-    let gauge = |name: &'static str, text: &'static str| {
-        recorder.describe_gauge(name.into(), None, text.into());
-    };
-    let histogram = |name: &'static str, text: &'static str| {
-        recorder.describe_histogram(name.into(), Some(Unit::Seconds), text.into());
-    };
-    counter(SENT, "Notifications delivered by runs on this instance.");
-    gauge(
+/// The Prometheus recorder, with the buckets of each histogram.
+fn prometheus_recorder() -> PrometheusRecorder {
+    [
+        (RECORD_BATCH, RECORD_BUCKETS),
+        (GRPC_SECONDS, GRPC_BUCKETS),
+        (LIMITER_ROUND_TRIP, ROUND_TRIP_BUCKETS),
+        (WEBHOOK_SECONDS, WEBHOOK_BUCKETS),
+    ]
+    .into_iter()
+    .try_fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
+        builder.set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+    })
+    .expect("the bucket lists are not empty")
+    .build_recorder()
+}
+
+/// What kind of metric a description is for.
+enum Kind {
+    Counter,
+    Gauge,
+    /// In seconds, as every histogram here.
+    Histogram,
+}
+
+/// Every metric with its help text, as `/metrics` shows it.
+const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::Counter,
+        SENT,
+        "Notifications delivered by runs on this instance.",
+    ),
+    (
+        Kind::Gauge,
         RATE_LIMIT,
         "The configured RESTOCK_SEND_RATE: notifications per second, shared by all instances.",
-    );
-    gauge(IN_PROGRESS, "Runs this instance is driving now.");
-    counter(
+    ),
+    (
+        Kind::Gauge,
+        IN_PROGRESS,
+        "Runs this instance is driving now.",
+    ),
+    (
+        Kind::Counter,
         FINISHED,
         "Runs this instance brought to a final state, by status.",
-    );
-    counter(
+    ),
+    (
+        Kind::Counter,
         TAKEN_OVER,
         "Runs this instance took over from an instance whose lease ran out.",
-    );
-    gauge(SUBSCRIBERS, "Subscribe streams open on this instance.");
-    counter(LAGGED, "Subscribe streams ended because they fell behind.");
-    histogram(
+    ),
+    (
+        Kind::Gauge,
+        SUBSCRIBERS,
+        "Subscribe streams open on this instance.",
+    ),
+    (
+        Kind::Counter,
+        LAGGED,
+        "Subscribe streams ended because they fell behind.",
+    ),
+    (
+        Kind::Histogram,
         RECORD_BATCH,
         "Time to commit one batch of history rows with the run's cursor.",
-    );
-    gauge(
+    ),
+    (
+        Kind::Gauge,
         UNRECORDED,
         "Notifications delivered by this instance's runs but not yet committed (G10).",
-    );
-    counter(
+    ),
+    (
+        Kind::Counter,
         LIMITER_DROPPED,
         "Send slots this instance's limiter gave up: it could not hand them out in time.",
-    );
-    counter(
+    ),
+    (
+        Kind::Counter,
         WEBHOOK_REQUESTS,
         "Webhook requests, retries included, by how they ended: 2xx, 3xx, 4xx, 5xx, \
          timeout or error (connection).",
-    );
-    histogram(
+    ),
+    (
+        Kind::Histogram,
         WEBHOOK_SECONDS,
         "Time from the start of one webhook request to its answer.",
-    );
-    gauge(
+    ),
+    (
+        Kind::Gauge,
         WEBHOOK_IN_FLIGHT,
         "Webhook requests this instance has started and not yet seen answered.",
-    );
-    histogram(
+    ),
+    (
+        Kind::Histogram,
         LIMITER_ROUND_TRIP,
         "Round trip of one send limiter reservation in Redis.",
-    );
-    counter(
+    ),
+    (
+        Kind::Counter,
         GRPC_HANDLED,
         "gRPC calls completed on the server, by service, method and status code.",
-    );
-    histogram(
+    ),
+    (
+        Kind::Histogram,
         GRPC_SECONDS,
         "Time from the start of a gRPC call to its end, streams included.",
-    );
+    ),
+];
+
+fn describe(recorder: &PrometheusRecorder) {
+    for (kind, name, text) in DESCRIPTIONS {
+        let (name, text) = ((*name).into(), (*text).into());
+        match kind {
+            Kind::Counter => recorder.describe_counter(name, None, text),
+            Kind::Gauge => recorder.describe_gauge(name, None, text),
+            Kind::Histogram => recorder.describe_histogram(name, Some(Unit::Seconds), text),
+        }
+    }
 }
 
 /// The `/metrics` endpoint, bound and ready to serve.

@@ -14,6 +14,8 @@ use crate::engine::subscription::StreamEnd;
 use crate::engine::watch::WatchEnd;
 
 impl From<Error> for Status {
+    /// One arm per domain outcome, each with the code and the words a caller reads:
+    /// the one place they are decided, so it is as long as the list of outcomes.
     fn from(err: Error) -> Self {
         match err {
             Error::InvalidArgument(invalid) => Status::invalid_argument(invalid_message(&invalid)),

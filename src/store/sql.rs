@@ -468,6 +468,36 @@ where
             tx.rollback().await.map_err(D::error)?;
             return Ok(Triggered::Replayed(run));
         }
+        let round = Self::next_round(&mut tx, product, &current).await?;
+        let claimed_at = Instant::now();
+        let run_id = Self::insert_run(&mut tx, product, round, request, lease).await?;
+        if let Some(key) = &request.idempotency_key {
+            Self::store_key(&mut tx, product, key, round).await?;
+        }
+        let queue_end = Self::queue_end(&mut tx, run_id).await?;
+        let run = Self::run_by_id(&mut tx, run_id).await?;
+        tx.commit().await.map_err(D::error)?;
+        Ok(Triggered::Started(ClaimedRun {
+            claim: RunClaim {
+                run_id,
+                product_id: product,
+                restock_round: round,
+                token: FIRST_CLAIM,
+                queue_end,
+            },
+            claimed_at,
+            cursor: None,
+            run,
+        }))
+    }
+
+    /// The round a new run of `product` takes, with the product's round moved on to it;
+    /// refused while a run of the product is in progress, or while it is out of stock.
+    async fn next_round(
+        tx: &mut Transaction<'static, D::DB>,
+        product: ProductId,
+        current: &Product,
+    ) -> Result<i64, Error> {
         // A run in progress is the first thing to tell: with `stock: 0` during a run,
         // the caller learns the run goes on, not merely that the stock is out. Any run
         // of the product in progress refuses, whichever its round: the question G7
@@ -478,7 +508,7 @@ where
              WHERE product_id = ? AND status = 'IN_PROGRESS'",
         )
         .bind(product.get())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await
         .map_err(D::error)?;
         if let Some(round) = in_progress {
@@ -502,11 +532,21 @@ where
             .bind(round)
             .bind(D::stamp(Utc::now(), TimeDelta::zero()))
             .bind(product.get())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(D::error)?;
-        let token = FIRST_CLAIM;
-        let claimed_at = Instant::now();
+        Ok(round)
+    }
+
+    /// Inserts the run of `round`, claimed by this caller with the first claim token;
+    /// returns its id.
+    async fn insert_run(
+        tx: &mut Transaction<'static, D::DB>,
+        product: ProductId,
+        round: i64,
+        request: &TriggerRequest,
+        lease: Duration,
+    ) -> Result<i64, Error> {
         let now = Utc::now();
         // queue_size is counted from ix_pun_queue alone (product_id, is_active, ...),
         // under the product's lock, the one registrations take: none slips between
@@ -526,8 +566,8 @@ where
         let inserted = sqlx::query(&sql)
             .bind(product.get())
             .bind(round)
-            .bind(token)
-            .bind(token)
+            .bind(FIRST_CLAIM)
+            .bind(FIRST_CLAIM)
             .bind(D::instant(now, delta(lease)))
             .bind(D::stamp(now, TimeDelta::zero()))
             .bind(D::stamp(now, TimeDelta::zero()))
@@ -535,34 +575,14 @@ where
             .bind(request.wave.map(|w| w.interval.as_millis() as i64))
             .bind(product.get())
             .bind(product.get())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await;
-        let run_id = match inserted {
-            Ok(done) => D::last_insert_id(&done),
+        match inserted {
+            Ok(done) => Ok(D::last_insert_id(&done)),
             // G7: the unique index on in-progress runs is the last line of defence.
-            Err(e) if is_unique_violation(&e) => {
-                return Err(Error::RunInProgress { product, round });
-            }
-            Err(e) => return Err(D::error(e)),
-        };
-        if let Some(key) = &request.idempotency_key {
-            Self::store_key(&mut tx, product, key, round).await?;
+            Err(e) if is_unique_violation(&e) => Err(Error::RunInProgress { product, round }),
+            Err(e) => Err(D::error(e)),
         }
-        let queue_end = Self::queue_end(&mut tx, run_id).await?;
-        let run = Self::run_by_id(&mut tx, run_id).await?;
-        tx.commit().await.map_err(D::error)?;
-        Ok(Triggered::Started(ClaimedRun {
-            claim: RunClaim {
-                run_id,
-                product_id: product,
-                restock_round: round,
-                token,
-                queue_end,
-            },
-            claimed_at,
-            cursor: None,
-            run,
-        }))
     }
 
     async fn try_resume_run(
@@ -633,6 +653,62 @@ where
         let claimed = Self::claim(&mut tx, row, lease).await?;
         tx.commit().await.map_err(D::error)?;
         Ok(Some(claimed))
+    }
+
+    /// The conditional update of G5 and G8: the run's cursor moved past `sent`, its
+    /// count, status and lease as `after` says, if `claim` still holds an unexpired
+    /// lease. Nothing updated means the claim was lost.
+    async fn move_run_on(
+        tx: &mut Transaction<'static, D::DB>,
+        claim: &RunClaim,
+        sent: &[SentNotification],
+        after: After,
+        lease: Duration,
+        last_error: Option<&str>,
+    ) -> Result<<D::DB as sqlx::Database>::QueryResult, Error> {
+        let last = sent.last().map(|s| s.registration);
+        // The lease runs `lease_for` from now, or ends (NULL) with a final state.
+        let (status, lease_for, next_wave_in, keep_claim) = match after {
+            After::Renew => (RunStatus::InProgress, Some(lease), None, true),
+            After::Release => (RunStatus::InProgress, Some(Duration::ZERO), None, false),
+            After::Finish(status) => (status.status(), None, None, false),
+            After::WaitForWave(interval) => {
+                (RunStatus::InProgress, Some(interval), Some(interval), false)
+            }
+        };
+        let now = Utc::now();
+        let sql = format!(
+            "UPDATE product_notification_history SET \
+             last_sent_user_id = COALESCE(?, last_sent_user_id), \
+             last_sent_position = COALESCE(?, last_sent_position), \
+             sent_count = sent_count + ?, status = ?, \
+             lease_until = CASE WHEN ? THEN {at} ELSE NULL END, \
+             next_wave_at = CASE WHEN ? THEN {stamp} ELSE NULL END, \
+             claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, \
+             updated_at = {stamp}, last_error = ? \
+             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
+               AND lease_until > {at}",
+            at = D::INSTANT,
+            stamp = D::STAMP
+        );
+        sqlx::query(&sql)
+            .bind(last.map(|r| r.user_id.get()))
+            .bind(last.map(|r| r.position))
+            .bind(sent.len() as i64)
+            .bind(status.as_str())
+            .bind(lease_for.is_some())
+            .bind(D::instant(now, delta(lease_for.unwrap_or_default())))
+            .bind(next_wave_in.is_some())
+            .bind(D::stamp(now, delta(next_wave_in.unwrap_or_default())))
+            .bind(keep_claim)
+            .bind(D::stamp(now, TimeDelta::zero()))
+            .bind(last_error)
+            .bind(claim.run_id)
+            .bind(claim.token)
+            .bind(D::instant(now, TimeDelta::zero()))
+            .execute(&mut **tx)
+            .await
+            .map_err(D::error)
     }
 
     /// Inserts one statement of history rows.
@@ -865,49 +941,7 @@ where
                 Err(e) => return Err(D::error(e)),
             }
         }
-        let last = sent.last().map(|s| s.registration);
-        // The lease runs `lease_for` from now, or ends (NULL) with a final state.
-        let (status, lease_for, next_wave_in, keep_claim) = match after {
-            After::Renew => (RunStatus::InProgress, Some(lease), None, true),
-            After::Release => (RunStatus::InProgress, Some(Duration::ZERO), None, false),
-            After::Finish(status) => (status.status(), None, None, false),
-            After::WaitForWave(interval) => {
-                (RunStatus::InProgress, Some(interval), Some(interval), false)
-            }
-        };
-        let now = Utc::now();
-        let sql = format!(
-            "UPDATE product_notification_history SET \
-             last_sent_user_id = COALESCE(?, last_sent_user_id), \
-             last_sent_position = COALESCE(?, last_sent_position), \
-             sent_count = sent_count + ?, status = ?, \
-             lease_until = CASE WHEN ? THEN {at} ELSE NULL END, \
-             next_wave_at = CASE WHEN ? THEN {stamp} ELSE NULL END, \
-             claim_token = CASE WHEN ? THEN claim_token ELSE NULL END, \
-             updated_at = {stamp}, last_error = ? \
-             WHERE id = ? AND claim_token = ? AND status = 'IN_PROGRESS' \
-               AND lease_until > {at}",
-            at = D::INSTANT,
-            stamp = D::STAMP
-        );
-        let updated = sqlx::query(&sql)
-            .bind(last.map(|r| r.user_id.get()))
-            .bind(last.map(|r| r.position))
-            .bind(sent.len() as i64)
-            .bind(status.as_str())
-            .bind(lease_for.is_some())
-            .bind(D::instant(now, delta(lease_for.unwrap_or_default())))
-            .bind(next_wave_in.is_some())
-            .bind(D::stamp(now, delta(next_wave_in.unwrap_or_default())))
-            .bind(keep_claim)
-            .bind(D::stamp(now, TimeDelta::zero()))
-            .bind(last_error)
-            .bind(claim.run_id)
-            .bind(claim.token)
-            .bind(D::instant(now, TimeDelta::zero()))
-            .execute(&mut *tx)
-            .await
-            .map_err(D::error)?;
+        let updated = Self::move_run_on(&mut tx, claim, sent, after, lease, last_error).await?;
         if D::rows_affected(&updated) == 0 {
             tx.rollback().await.ok();
             return Ok(Claimed::Lost);

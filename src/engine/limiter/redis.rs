@@ -354,39 +354,11 @@ impl RedisSlots {
             format!("{:.0}", micros(LONGEST_TURN)),
             format!("{:.0}", reach.ceil()),
         ];
-        let (client, key) = (self.client.clone(), self.key.clone());
         // A task of its own, so the slots already reserved are dealt out while the
         // request is on the wire.
-        let reply = self.runtime.spawn(async move {
-            let asked = Instant::now();
-            let (now, first, count, lost, again, reach): (
-                String,
-                String,
-                String,
-                String,
-                String,
-                String,
-            ) = RESERVE
-                .evalsha_with_reload(&client, vec![key], args)
-                .await
-                .map_err(|e| backend(STORE, e))?;
-            let replied = Instant::now();
-            let parse = |s: &str| {
-                s.parse::<f64>().map_err(|e| {
-                    BackendError::on_redis(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
-                })
-            };
-            Ok(Reply {
-                asked,
-                replied,
-                now: parse(&now)?,
-                first: parse(&first)?,
-                count: count.parse().unwrap_or(0),
-                lost: lost == "1",
-                again: parse(&again)?,
-                reach: parse(&reach)?,
-            })
-        });
+        let reply = self
+            .runtime
+            .spawn(reserve(self.client.clone(), self.key.clone(), args));
         self.pending = Some(Pending {
             sent: Instant::now(),
             reply,
@@ -588,4 +560,30 @@ impl RedisSlots {
             Err(error) => Err(error),
         }
     }
+}
+
+/// Runs the reservation script with `args` on `key`, and parses its reply.
+async fn reserve(client: Client, key: String, args: Vec<String>) -> Result<Reply, BackendError> {
+    let asked = Instant::now();
+    let (now, first, count, lost, again, reach): (String, String, String, String, String, String) =
+        RESERVE
+            .evalsha_with_reload(&client, vec![key], args)
+            .await
+            .map_err(|e| backend(STORE, e))?;
+    let replied = Instant::now();
+    let parse = |s: &str| {
+        s.parse::<f64>().map_err(|e| {
+            BackendError::on_redis(STORE, false, anyhow::anyhow!("bad reply {s:?}: {e}"))
+        })
+    };
+    Ok(Reply {
+        asked,
+        replied,
+        now: parse(&now)?,
+        first: parse(&first)?,
+        count: count.parse().unwrap_or(0),
+        lost: lost == "1",
+        again: parse(&again)?,
+        reach: parse(&reach)?,
+    })
 }

@@ -92,30 +92,9 @@ impl WebhookClient {
 
     async fn exchange(&self, attempt: &Attempt, pass: Arc<Admission>, send_by: Instant) -> Answer {
         let deadline = Instant::now() + self.settings.timeout;
-        // Unix seconds of this attempt: receivers refuse a timestamp far from their
-        // clock, so a retry is signed anew.
-        let timestamp = chrono::Utc::now().timestamp();
-        let signature = self
-            .settings
-            .keys
-            .signature(&attempt.id, timestamp, &attempt.body);
         let (written, on_written) = oneshot::channel();
-        let request = http::Request::post(self.settings.url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(
-                USER_AGENT,
-                concat!("restock-notifier/", env!("CARGO_PKG_VERSION")),
-            )
-            .header("webhook-id", &attempt.id)
-            .header("webhook-timestamp", timestamp)
-            .header("webhook-signature", signature)
-            .body(WrittenBody {
-                inner: Full::new(attempt.body.clone()),
-                written: Some(written),
-            });
-        let request = match request {
-            Ok(request) => request,
-            Err(_) => return Answer::Unreachable,
+        let Ok(request) = self.request(attempt, written) else {
+            return Answer::Unreachable;
         };
         let exchange = async {
             let response = self.client.request(request).await?;
@@ -152,6 +131,35 @@ impl WebhookClient {
                 () = tokio::time::sleep_until(deadline) => return Answer::TimedOut,
             }
         }
+    }
+
+    /// The signed POST of `attempt`, which says on `written` once its body is on the
+    /// wire.
+    fn request(
+        &self,
+        attempt: &Attempt,
+        written: oneshot::Sender<()>,
+    ) -> http::Result<http::Request<WrittenBody>> {
+        // Unix seconds of this attempt: receivers refuse a timestamp far from their
+        // clock, so a retry is signed anew.
+        let timestamp = chrono::Utc::now().timestamp();
+        let signature = self
+            .settings
+            .keys
+            .signature(&attempt.id, timestamp, &attempt.body);
+        http::Request::post(self.settings.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(
+                USER_AGENT,
+                concat!("restock-notifier/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", &attempt.id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", signature)
+            .body(WrittenBody {
+                inner: Full::new(attempt.body.clone()),
+                written: Some(written),
+            })
     }
 }
 
