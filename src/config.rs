@@ -122,53 +122,9 @@ pub struct Config {
     #[arg(long, env = "RESTOCK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
-    /// Webhook endpoint (`http://` or `https://`) that receives every notification as a
-    /// signed Standard Webhooks POST; a notification counts as sent only once it
-    /// answered 2xx (G12). Without it, notifications go to `Subscribe` streams only.
-    /// Credentials and the query string are kept out of logs.
-    #[arg(
-        long,
-        env = "RESTOCK_WEBHOOK_URL",
-        hide_env_values = true,
-        value_parser = endpoint_url
-    )]
-    pub webhook_url: Option<SecretUrl>,
-
-    /// Signing secrets of the webhook, required with RESTOCK_WEBHOOK_URL: one or more
-    /// `whsec_<base64 of 24 to 64 bytes>`, separated by spaces; every request is signed
-    /// with each (so a receiver can rotate its secret). Parsed at start, not here, so
-    /// that a malformed one is never echoed in a message.
-    #[arg(long, env = "RESTOCK_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<SecretString>,
-
-    /// How long one webhook request may take, connection included (100ms to 60s).
-    #[arg(
-        long,
-        env = "RESTOCK_WEBHOOK_TIMEOUT",
-        default_value = "10s",
-        value_parser = WEBHOOK_TIMEOUT
-    )]
-    pub webhook_timeout: Duration,
-
-    /// Attempts per notification, the first included, before the run ends
-    /// CANCELED_BY_ERROR (1 to 20).
-    #[arg(
-        long,
-        env = "RESTOCK_WEBHOOK_ATTEMPTS",
-        default_value = "6",
-        value_parser = WEBHOOK_ATTEMPTS
-    )]
-    pub webhook_attempts: u32,
-
-    /// Delay before the first retry of a webhook request; it doubles with every retry,
-    /// up to 60 s, with jitter (10ms to 60s).
-    #[arg(
-        long,
-        env = "RESTOCK_WEBHOOK_BACKOFF",
-        default_value = "1s",
-        value_parser = WEBHOOK_BACKOFF
-    )]
-    pub webhook_backoff: Duration,
+    /// Delivery to a webhook endpoint: RESTOCK_WEBHOOK_*.
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
 
     /// The operator console, a web page at `/` on the gRPC address that talks to the
     /// service over gRPC-web: `on` or `off` (no page; gRPC-web calls are still served).
@@ -188,6 +144,68 @@ pub struct Config {
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, env = "RESTOCK_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// The webhook's settings (RESTOCK_WEBHOOK_*), checked together at start by the
+/// webhook's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookConfig {
+    /// Webhook endpoint (`http://` or `https://`) that receives every notification as a
+    /// signed Standard Webhooks POST; a notification counts as sent only once it
+    /// answered 2xx (G12). Without it, notifications go to `Subscribe` streams only.
+    /// Credentials and the query string are kept out of logs.
+    #[arg(
+        id = "webhook_url",
+        long = "webhook-url",
+        env = "RESTOCK_WEBHOOK_URL",
+        hide_env_values = true,
+        value_parser = endpoint_url
+    )]
+    pub url: Option<SecretUrl>,
+
+    /// Signing secrets of the webhook, required with RESTOCK_WEBHOOK_URL: one or more
+    /// `whsec_<base64 of 24 to 64 bytes>`, separated by spaces; every request is signed
+    /// with each (so a receiver can rotate its secret). Parsed at start, not here, so
+    /// that a malformed one is never echoed in a message.
+    #[arg(
+        id = "webhook_secret",
+        long = "webhook-secret",
+        env = "RESTOCK_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub secret: Option<SecretString>,
+
+    /// How long one webhook request may take, connection included (100ms to 60s).
+    #[arg(
+        id = "webhook_timeout",
+        long = "webhook-timeout",
+        env = "RESTOCK_WEBHOOK_TIMEOUT",
+        default_value = "10s",
+        value_parser = WEBHOOK_TIMEOUT
+    )]
+    pub timeout: Duration,
+
+    /// Attempts per notification, the first included, before the run ends
+    /// CANCELED_BY_ERROR (1 to 20).
+    #[arg(
+        id = "webhook_attempts",
+        long = "webhook-attempts",
+        env = "RESTOCK_WEBHOOK_ATTEMPTS",
+        default_value = "6",
+        value_parser = WEBHOOK_ATTEMPTS
+    )]
+    pub attempts: u32,
+
+    /// Delay before the first retry of a webhook request; it doubles with every retry,
+    /// up to 60 s, with jitter (10ms to 60s).
+    #[arg(
+        id = "webhook_backoff",
+        long = "webhook-backoff",
+        env = "RESTOCK_WEBHOOK_BACKOFF",
+        default_value = "1s",
+        value_parser = WEBHOOK_BACKOFF
+    )]
+    pub backoff: Duration,
 }
 
 /// Reads DATABASE_URL and REDIS_URL; whether they are usable is checked where they are
@@ -466,7 +484,7 @@ mod tests {
                 .map(NonZeroU32::get)
         };
         assert_eq!((pool("1"), pool("1000")), (Some(1), Some(1_000)));
-        assert_eq!(accepted("webhook-attempts", "20").webhook_attempts, 20);
+        assert_eq!(accepted("webhook-attempts", "20").webhook.attempts, 20);
         let bad_rates = ["0", "-1", "1000001", "2000000000", "1.5", "", "many"];
         refused("send-rate", "RESTOCK_SEND_RATE", &bad_rates);
         let bad_api_rates = ["0", "1000001", "2000000000", "99999999999"];
@@ -519,9 +537,9 @@ mod tests {
         let drain = |raw| accepted("shutdown-drain", raw).shutdown_drain;
         assert_eq!(drain("0s"), Duration::ZERO);
         assert_eq!(drain("1500ms"), Duration::from_millis(1_500));
-        let timeout = accepted("webhook-timeout", "100ms").webhook_timeout;
+        let timeout = accepted("webhook-timeout", "100ms").webhook.timeout;
         assert_eq!(timeout, Duration::from_millis(100));
-        let backoff = accepted("webhook-backoff", "10ms").webhook_backoff;
+        let backoff = accepted("webhook-backoff", "10ms").webhook.backoff;
         assert_eq!(backoff, Duration::from_millis(10));
         let bad_leases = [
             "10",

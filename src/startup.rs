@@ -281,7 +281,7 @@ async fn start_engine(
     config: &Config,
     settings: EngineSettings,
 ) -> anyhow::Result<(Arc<Engine>, Arc<Metrics>)> {
-    let webhook = WebhookSettings::from_config(config)?;
+    let webhook = WebhookSettings::from_config(&config.webhook)?;
     let store = Deployment::store(config).await?;
     let deployment = Deployment::from_config(config).await?;
     deployment.log(config);

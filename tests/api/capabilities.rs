@@ -23,8 +23,14 @@ use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
-use crate::helpers::{busiest_second, join_redis_bus, redis_url};
+use crate::helpers::{Implementation, busiest_second, join_redis_bus, redis_url};
 use crate::proxy::FaultProxy;
+
+crate::on_each_implementation!(
+    limiter_never_exceeds_the_rate,
+    limiter_serves_waiting_runs_in_turn,
+    fence_delivers_only_in_stock_and_onto_the_bus,
+);
 
 fn prefix() -> Keys {
     Keys::new(format!("restock-test:{:016x}:", rand::random::<u64>()))
@@ -33,8 +39,8 @@ fn prefix() -> Keys {
 /// Two limiters that stand for two instances: in process, one limiter shared; in
 /// Redis, two on one prefix. Each has granted once already, so that both have a clock
 /// mapping and the schedule exists.
-async fn limiters(redis: bool, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
-    if !redis {
+async fn limiters(implementation: Implementation, rate: u32) -> [Arc<dyn SendLimiter>; 2] {
+    if implementation == Implementation::InProcess {
         let rate = NonZeroU32::new(rate).unwrap();
         let shared: Arc<dyn SendLimiter> =
             Arc::new(LocalLimiter::new(rate, ENFORCED_WINDOW).unwrap());
@@ -89,23 +95,13 @@ async fn grants(limiters: &[Arc<dyn SendLimiter>], want: u32, span: Duration) ->
 /// rate in any second (G2). How much of the rate is used is not a figure for a test on
 /// a busy machine: the limiter's own tests measure it in paused time, and the
 /// benchmark (`bench -- limiter`) against Redis.
-async fn limiter_never_exceeds_the_rate(redis: bool) {
+async fn limiter_never_exceeds_the_rate(implementation: Implementation) {
     let rate = 100;
     let span = Duration::from_millis(2_500);
-    let all = grants(&limiters(redis, rate).await, 7, span).await;
+    let all = grants(&limiters(implementation, rate).await, 7, span).await;
     let busiest = busiest_second(&all);
     assert!(busiest <= rate as usize, "{busiest} grants in one second");
     assert!(!all.is_empty(), "nothing granted in {span:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_limiter_never_exceeds_the_rate() {
-    limiter_never_exceeds_the_rate(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_limiter_shared_by_two_instances_never_exceeds_the_rate() {
-    limiter_never_exceeds_the_rate(true).await;
 }
 
 /// Two instances, each `each_way` from Redis: never above the rate (G2). How much of
@@ -169,8 +165,8 @@ async fn redis_limiter_schedule_lost_mid_run_causes_no_burst() {
 /// 200 runs waiting on one instance at 500/s are served in turn, however their timers
 /// fire: between the moment a run starts waiting and its first slot, no other run is
 /// granted more than twice (its turn, and one it was already queued for).
-async fn limiter_serves_waiting_runs_in_turn(redis: bool) {
-    let [limiter, _] = limiters(redis, 500).await;
+async fn limiter_serves_waiting_runs_in_turn(implementation: Implementation) {
+    let [limiter, _] = limiters(implementation, 500).await;
     let end = Instant::now() + Duration::from_millis(2_500);
     let runs: Vec<_> = (0..200)
         .map(|_| {
@@ -204,25 +200,15 @@ async fn limiter_serves_waiting_runs_in_turn(redis: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_limiter_serves_waiting_runs_in_turn() {
-    limiter_serves_waiting_runs_in_turn(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_limiter_serves_waiting_runs_in_turn() {
-    limiter_serves_waiting_runs_in_turn(true).await;
-}
-
 /// A stock cache, a fence and a bus that belong together.
 async fn fence(
-    redis: bool,
+    implementation: Implementation,
 ) -> (
     Arc<dyn StockCache>,
     Arc<dyn StockFence>,
     Arc<dyn NotificationBus>,
 ) {
-    if !redis {
+    if implementation == Implementation::InProcess {
         let bus = Arc::new(LocalBus::new(64));
         let cache: Arc<dyn StockCache> = Arc::new(LocalStockCache::default());
         let fence = Arc::new(LocalStockFence::new(cache.clone(), bus.clone()));
@@ -237,8 +223,8 @@ async fn fence(
     )
 }
 
-async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
-    let (cache, fence, bus) = fence(redis).await;
+async fn fence_delivers_only_in_stock_and_onto_the_bus(implementation: Implementation) {
+    let (cache, fence, bus) = fence(implementation).await;
     let mut events = bus.subscribe();
     let product = ProductId::parse(5).unwrap();
     let batch = SentBatch::new(
@@ -274,7 +260,7 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
         version: 1,
     };
     let offer = offered(3, 1).await.unwrap();
-    if redis {
+    if implementation != Implementation::InProcess {
         // Offered but not confirmed: not trusted yet.
         assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
     }
@@ -300,7 +286,7 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
     // An older figure never replaces a newer one, confirmed or not.
     assert_eq!(offered(7, 1).await.unwrap(), Offered::Newer);
     assert_eq!(cache.get(product).await.unwrap(), Some(0));
-    if redis {
+    if implementation != Implementation::InProcess {
         // After the cache lost the figure, an older one arriving late is written but
         // never confirmed: its offer is replaced by the newer one read again.
         cache.invalidate(product).await.unwrap();
@@ -332,16 +318,6 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(redis: bool) {
     }
     let nothing = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
     assert!(nothing.is_err(), "nothing more on the bus: {nothing:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn local_fence_delivers_only_in_stock_and_onto_the_bus() {
-    fence_delivers_only_in_stock_and_onto_the_bus(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_fence_delivers_only_in_stock_and_onto_the_bus() {
-    fence_delivers_only_in_stock_and_onto_the_bus(true).await;
 }
 
 /// Caches a confirmed stock of 5 for `product` in Redis, as a stock write would.

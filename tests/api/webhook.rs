@@ -19,13 +19,7 @@ async fn app_delivering_to(
     configure: impl FnOnce(&mut Options),
 ) -> TestApp {
     let mut options = Options::new(backend);
-    options.webhook = Some(WebhookOptions {
-        url: receiver.url.clone(),
-        secret: secrets.join(" "),
-        timeout: Duration::from_secs(5),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    });
+    options.webhook = Some(WebhookOptions::to(&receiver.url, &secrets.join(" ")));
     configure(&mut options);
     spawn_app_with(options).await
 }
@@ -276,13 +270,7 @@ async fn a_retry_after_pauses_every_request_to_the_endpoint_from_every_instance(
     let receiver = Receiver::start(&secrets, Duration::ZERO).await;
     let mut options = Options::new(backend);
     options.send_rate = 100;
-    options.webhook = Some(WebhookOptions {
-        url: receiver.url.clone(),
-        secret: secrets[0].clone(),
-        timeout: Duration::from_secs(5),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    });
+    options.webhook = Some(WebhookOptions::to(&receiver.url, &secrets[0]));
     let apps = instances(backend, options).await;
     let users: Vec<i64> = (1..=150).collect();
     for product in [1, 2] {
@@ -339,13 +327,7 @@ async fn no_request_starts_once_a_sold_out_stock_write_has_returned_on_another_i
     let receiver = Receiver::start(&secrets, Duration::from_millis(50)).await;
     let mut options = Options::new(backend);
     options.send_rate = 500;
-    options.webhook = Some(WebhookOptions {
-        url: receiver.url.clone(),
-        secret: secrets[0].clone(),
-        timeout: Duration::from_secs(5),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    });
+    options.webhook = Some(WebhookOptions::to(&receiver.url, &secrets[0]));
     let apps = instances(backend, options).await;
     let users: Vec<i64> = (1..=2_000).collect();
     apps[0].set_stock(1, 10).await;

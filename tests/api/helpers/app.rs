@@ -6,7 +6,9 @@ use std::sync::Once;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use restock_notifier::config::{Config, CorsOrigins, LogFormat, MetricsListen, Switch};
+use restock_notifier::config::{
+    Config, CorsOrigins, LogFormat, MetricsListen, Switch, WebhookConfig,
+};
 use restock_notifier::engine::EngineSettings;
 use restock_notifier::grpc::proto::restock_admin_service_client::RestockAdminServiceClient;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
@@ -73,7 +75,7 @@ pub struct Options {
     pub cors_origins: Option<CorsOrigins>,
 }
 
-/// The webhook settings of a test's server.
+/// The webhook settings of a test's server: RESTOCK_WEBHOOK_* as a test sets them.
 #[derive(Clone)]
 pub struct WebhookOptions {
     pub url: String,
@@ -81,6 +83,30 @@ pub struct WebhookOptions {
     pub timeout: Duration,
     pub attempts: u32,
     pub backoff: Duration,
+}
+
+impl WebhookOptions {
+    /// Delivery to `url` signed with `secret`: 5 s a request, 3 attempts, retries
+    /// 10 ms apart, so that a test of retries takes milliseconds.
+    pub fn to(url: &str, secret: &str) -> Self {
+        Self {
+            url: url.into(),
+            secret: secret.into(),
+            timeout: Duration::from_secs(5),
+            attempts: 3,
+            backoff: Duration::from_millis(10),
+        }
+    }
+
+    fn config(&self) -> WebhookConfig {
+        WebhookConfig {
+            url: Some(SecretUrl::endpoint(self.url.clone())),
+            secret: Some(self.secret.clone().into()),
+            timeout: self.timeout,
+            attempts: self.attempts,
+            backoff: self.backoff,
+        }
+    }
 }
 
 impl Options {
@@ -126,6 +152,17 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(Options::new(backend)).await
 }
 
+/// No webhook, and its documented defaults.
+fn no_webhook() -> WebhookConfig {
+    WebhookConfig {
+        url: None,
+        secret: None,
+        timeout: Duration::from_secs(10),
+        attempts: 6,
+        backoff: Duration::from_secs(1),
+    }
+}
+
 /// The service's settings as the tests start it, in one place: the documented defaults,
 /// on `database_url`, listening on port 0 (metrics too), without Redis, TLS, a webhook
 /// or an admin token. A test sets what it is about with `..test_config(url)`.
@@ -148,11 +185,7 @@ pub fn test_config(database_url: impl Into<String>) -> Config {
         shutdown_drain: Duration::ZERO,
         tls_cert: None,
         tls_key: None,
-        webhook_url: None,
-        webhook_secret: None,
-        webhook_timeout: Duration::from_secs(10),
-        webhook_attempts: 6,
-        webhook_backoff: Duration::from_secs(1),
+        webhook: no_webhook(),
     }
 }
 
@@ -182,20 +215,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         cors_origins: options.cors_origins.clone(),
         run_lease: options.run_lease,
         shutdown_drain: options.shutdown_drain,
-        webhook_url: options
+        webhook: options
             .webhook
             .as_ref()
-            .map(|w| SecretUrl::endpoint(w.url.clone())),
-        webhook_secret: options.webhook.as_ref().map(|w| w.secret.clone().into()),
-        webhook_timeout: options
-            .webhook
-            .as_ref()
-            .map_or(Duration::from_secs(10), |w| w.timeout),
-        webhook_attempts: options.webhook.as_ref().map_or(6, |w| w.attempts),
-        webhook_backoff: options
-            .webhook
-            .as_ref()
-            .map_or(Duration::from_secs(1), |w| w.backoff),
+            .map_or_else(no_webhook, WebhookOptions::config),
         ..test_config(match &options.mysql_url {
             Some(server) if backend == Backend::MySql => format!("{server}/{database}"),
             _ => backend.database_url(&database),

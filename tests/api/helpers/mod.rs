@@ -18,6 +18,40 @@ pub use redis::*;
 pub use tls::*;
 pub use windows::*;
 
+/// An implementation of the engine's capabilities (stock cache and fence, limiter,
+/// bus): what a contract suite of `capabilities.rs` runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Implementation {
+    /// In process: the embedded deployment's.
+    InProcess,
+    /// On one Redis, two handles on one prefix standing for two instances.
+    Redis,
+}
+
+/// Generates, for each named `async fn(Implementation)`, one test per implementation:
+/// `in_process::name` and `redis::name`. A new implementation is one more module here.
+#[macro_export]
+macro_rules! on_each_implementation {
+    ($($name:ident),+ $(,)?) => {
+        mod in_process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Implementation::InProcess).await;
+                }
+            )+
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Implementation::Redis).await;
+                }
+            )+
+        }
+    };
+}
+
 /// Generates, for each named `async fn(Backend)`, one test per backend: `mysql::name`
 /// and `embedded::name`.
 #[macro_export]

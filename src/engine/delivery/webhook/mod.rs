@@ -53,7 +53,7 @@ use rand::Rng as _;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{Channel, Outbox};
-use crate::config::Config;
+use crate::config::WebhookConfig;
 use crate::domain::{BackendError, NotificationId, ProductId};
 use crate::engine::bus::RunKey;
 use crate::engine::stock::AdmissionFence;
@@ -166,8 +166,8 @@ pub enum SettingsError {
 impl WebhookSettings {
     /// The settings, if an endpoint is configured. A URL without a secret, a secret
     /// without a URL, a scheme other than http(s) or a malformed secret is refused.
-    pub fn from_config(config: &Config) -> Result<Option<Self>, SettingsError> {
-        let (url, secret) = match (&config.webhook_url, &config.webhook_secret) {
+    pub fn from_config(config: &WebhookConfig) -> Result<Option<Self>, SettingsError> {
+        let (url, secret) = match (&config.url, &config.secret) {
             (None, None) => return Ok(None),
             (None, Some(_)) => return Err(SettingsError::NoUrl),
             (Some(_), None) => return Err(SettingsError::NoSecret),
@@ -176,7 +176,11 @@ impl WebhookSettings {
         Ok(Some(Self::new(url, secret, config)?))
     }
 
-    fn new(url: &SecretUrl, secret: &SecretString, config: &Config) -> Result<Self, SettingsError> {
+    fn new(
+        url: &SecretUrl,
+        secret: &SecretString,
+        config: &WebhookConfig,
+    ) -> Result<Self, SettingsError> {
         let refused = || SettingsError::Url(url.to_string());
         let uri: http::Uri = url.expose_secret().trim().parse().map_err(|_| refused())?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
@@ -185,9 +189,9 @@ impl WebhookSettings {
         Ok(Self {
             url: uri,
             keys: SigningKeys::parse(secret)?,
-            timeout: config.webhook_timeout,
-            attempts: config.webhook_attempts,
-            backoff: config.webhook_backoff,
+            timeout: config.timeout,
+            attempts: config.attempts,
+            backoff: config.backoff,
             max_backoff: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
             admission_ttl: Duration::from_secs(2),
