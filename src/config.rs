@@ -155,7 +155,6 @@ pub struct WebhookConfig {
     /// answered 2xx (G12). Without it, notifications go to `Subscribe` streams only.
     /// Credentials and the query string are kept out of logs.
     #[arg(
-        id = "webhook_url",
         long = "webhook-url",
         env = "RESTOCK_WEBHOOK_URL",
         hide_env_values = true,
@@ -168,7 +167,6 @@ pub struct WebhookConfig {
     /// with each (so a receiver can rotate its secret). Parsed at start, not here, so
     /// that a malformed one is never echoed in a message.
     #[arg(
-        id = "webhook_secret",
         long = "webhook-secret",
         env = "RESTOCK_WEBHOOK_SECRET",
         hide_env_values = true
@@ -177,7 +175,6 @@ pub struct WebhookConfig {
 
     /// How long one webhook request may take, connection included (100ms to 60s).
     #[arg(
-        id = "webhook_timeout",
         long = "webhook-timeout",
         env = "RESTOCK_WEBHOOK_TIMEOUT",
         default_value = "10s",
@@ -188,7 +185,6 @@ pub struct WebhookConfig {
     /// Attempts per notification, the first included, before the run ends
     /// CANCELED_BY_ERROR (1 to 20).
     #[arg(
-        id = "webhook_attempts",
         long = "webhook-attempts",
         env = "RESTOCK_WEBHOOK_ATTEMPTS",
         default_value = "6",
@@ -199,7 +195,6 @@ pub struct WebhookConfig {
     /// Delay before the first retry of a webhook request; it doubles with every retry,
     /// up to 60 s, with jitter (10ms to 60s).
     #[arg(
-        id = "webhook_backoff",
         long = "webhook-backoff",
         env = "RESTOCK_WEBHOOK_BACKOFF",
         default_value = "1s",

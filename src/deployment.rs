@@ -12,18 +12,16 @@ use secrecy::ExposeSecret as _;
 
 use crate::config::Config;
 use crate::engine::Capabilities;
-use crate::engine::bus::NotificationBus;
 use crate::engine::bus::local::LocalBus;
 use crate::engine::bus::redis::RedisBus;
+use crate::engine::delivery::StreamChannel;
 use crate::engine::delivery::webhook::pause::{EndpointPause, LocalPause, RedisPause};
 use crate::engine::delivery::webhook::{WebhookChannel, WebhookClient, WebhookSettings};
-use crate::engine::delivery::{Channel, StreamChannel};
-use crate::engine::limiter::SendLimiter;
 use crate::engine::limiter::local::LocalLimiter;
 use crate::engine::limiter::redis::RedisLimiter;
 use crate::engine::stock::local::{LocalStockCache, LocalStockFence};
 use crate::engine::stock::redis::{RedisStockCache, RedisStockFence};
-use crate::engine::stock::{AdmissionFence, StockCache, StockFence};
+use crate::engine::stock::{AdmissionFence, StockCache};
 use crate::monitoring::Metrics;
 use crate::redact::SecretUrl;
 use crate::redis::Keys;
@@ -79,21 +77,15 @@ impl Deployment {
                 Shared::clustered(ends, send_rate, window, subscriber_buffer, metrics).await?
             }
         };
-        let channel: Arc<dyn Channel> = match webhook {
-            None => Arc::new(StreamChannel),
-            Some(settings) => Arc::new(WebhookChannel::new(
+        let mut capabilities = shared.capabilities;
+        if let Some(settings) = webhook {
+            capabilities.channel = Arc::new(WebhookChannel::new(
                 WebhookClient::new(settings, metrics.webhook())?,
                 shared.endpoint_pause,
                 shared.admissions,
-            )),
-        };
-        Ok(Capabilities {
-            stock_cache: shared.stock_cache,
-            stock_fence: shared.stock_fence,
-            limiter: shared.limiter,
-            bus: shared.bus,
-            channel,
-        })
+            ));
+        }
+        Ok(capabilities)
     }
 
     /// The store DATABASE_URL names, by its scheme: MySQL (or MariaDB), or an SQLite
@@ -161,14 +153,12 @@ struct Ends<'a> {
     keys: &'a Keys,
 }
 
-/// The capabilities one deployment provides, before the channel is chosen.
+/// The capabilities one deployment provides, delivering on the stream until a channel
+/// is chosen, and what a webhook channel would share through it.
 struct Shared {
-    stock_cache: Arc<dyn StockCache>,
-    stock_fence: Arc<dyn StockFence>,
-    /// The same fence, as a webhook channel uses it.
+    capabilities: Capabilities,
+    /// The capabilities' stock fence, as a webhook channel uses it.
     admissions: Arc<dyn AdmissionFence>,
-    limiter: Arc<dyn SendLimiter>,
-    bus: Arc<dyn NotificationBus>,
     /// Where a `Retry-After` of a webhook endpoint is shared (G12).
     endpoint_pause: Arc<dyn EndpointPause>,
 }
@@ -182,14 +172,17 @@ impl Shared {
         let bus = Arc::new(LocalBus::new(subscriber_buffer));
         let stock_cache: Arc<dyn StockCache> = Arc::new(LocalStockCache::default());
         let fence = Arc::new(LocalStockFence::new(stock_cache.clone(), bus.clone()));
+        let limiter =
+            LocalLimiter::new(send_rate, window).context("cannot start the send limiter")?;
         Ok(Shared {
-            stock_cache,
-            stock_fence: fence.clone(),
+            capabilities: Capabilities {
+                stock_cache,
+                stock_fence: fence.clone(),
+                limiter: Arc::new(limiter),
+                bus,
+                channel: Arc::new(StreamChannel),
+            },
             admissions: fence,
-            limiter: Arc::new(
-                LocalLimiter::new(send_rate, window).context("cannot start the send limiter")?,
-            ),
-            bus,
             endpoint_pause: Arc::new(LocalPause::default()),
         })
     }
@@ -215,11 +208,14 @@ impl Shared {
         let limiter = RedisLimiter::new(client.clone(), keys, send_rate, window, metrics.limiter())
             .context("cannot start the send limiter")?;
         Ok(Shared {
-            stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
-            stock_fence: fence.clone(),
+            capabilities: Capabilities {
+                stock_cache: Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
+                stock_fence: fence.clone(),
+                limiter: Arc::new(limiter),
+                bus: Arc::new(bus),
+                channel: Arc::new(StreamChannel),
+            },
             admissions: fence,
-            limiter: Arc::new(limiter),
-            bus: Arc::new(bus),
             endpoint_pause: Arc::new(RedisPause::new(client.clone(), keys.clone())),
         })
     }
