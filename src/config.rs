@@ -12,6 +12,7 @@ use clap::builder::TypedValueParser;
 use clap::{Arg, Command, Parser, ValueEnum};
 use secrecy::SecretString;
 
+use crate::callers::TrustedProxies;
 use crate::redact::SecretUrl;
 
 /// The URLs and the admin token are secret types, so `Debug` never shows a password or
@@ -69,7 +70,8 @@ pub struct Config {
     )]
     pub send_rate: NonZeroU32,
 
-    /// API requests per second per client IP, the burst the same (1 to 1000000).
+    /// API requests per second per caller (per client address for a call without
+    /// credentials), the burst the same (1 to 1000000).
     #[arg(
         long,
         env = "RESTOCK_API_RATE",
@@ -82,6 +84,22 @@ pub struct Config {
     /// logged once.
     #[arg(long, env = "RESTOCK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<SecretString>,
+
+    /// TOML file of the callers: their names, client certificate identities, SHA-256s
+    /// of bearer tokens, and roles (read, write, admin). Without it the API is open,
+    /// and admin calls need the admin token. Read again on SIGHUP.
+    #[arg(long, env = "RESTOCK_CALLERS")]
+    pub callers: Option<PathBuf>,
+
+    /// Proxies whose `x-forwarded-for` is believed for the client's address, comma
+    /// separated: addresses or networks (`10.0.0.0/8`). Empty: none.
+    #[arg(
+        long,
+        env = "RESTOCK_TRUSTED_PROXIES",
+        default_value = "",
+        value_parser = trusted_proxies
+    )]
+    pub trusted_proxies: TrustedProxies,
 
     /// How long a run's owner may go without renewing its lease before another instance
     /// takes the run over (G8): a number and a unit, `ms`, `s` or `m` (500ms to 10m).
@@ -121,6 +139,12 @@ pub struct Config {
     /// PEM file of the private key of RESTOCK_TLS_CERT.
     #[arg(long, env = "RESTOCK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+
+    /// PEM file of the CA certificates client certificates must chain to: with it, a
+    /// client must present one (mutual TLS), and its identity names its caller in
+    /// RESTOCK_CALLERS. Needs RESTOCK_TLS_CERT.
+    #[arg(long, env = "RESTOCK_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Delivery to a webhook endpoint: RESTOCK_WEBHOOK_*.
     #[command(flatten)]
@@ -201,6 +225,10 @@ pub struct WebhookConfig {
         value_parser = WEBHOOK_BACKOFF
     )]
     pub backoff: Duration,
+}
+
+fn trusted_proxies(raw: &str) -> Result<TrustedProxies, String> {
+    TrustedProxies::parse(raw)
 }
 
 /// Reads DATABASE_URL and REDIS_URL; whether they are usable is checked where they are

@@ -1,6 +1,9 @@
 //! restock-notifier: tells users, in registration order and at a bounded rate, that a
 //! product they asked about is back in stock.
 
+/// Who calls the service: the callers of `RESTOCK_CALLERS`, their identities and roles,
+/// read at start and again on SIGHUP.
+pub mod callers;
 /// Settings: one `Config`, every field a flag and an environment variable.
 pub mod config;
 /// The operator console: the web page's files, embedded (with a gzip copy of each),

@@ -40,6 +40,7 @@ const WEBHOOK_REQUESTS: &str = "restock_webhook_requests_total";
 const WEBHOOK_SECONDS: &str = "restock_webhook_request_seconds";
 const WEBHOOK_IN_FLIGHT: &str = "restock_webhook_in_flight";
 const GRPC_HANDLED: &str = "grpc_server_handled_total";
+const AUTH_DENIED: &str = "restock_auth_denied_total";
 const GRPC_SECONDS: &str = "grpc_server_handling_seconds";
 
 /// Buckets of the latency histograms, in seconds: from a fast unary call (a
@@ -217,6 +218,25 @@ impl Metrics {
         self.webhook.clone()
     }
 
+    /// Counts a call the authorization layer refused: for want of credentials it could
+    /// tell (`unauthenticated`), or of a role.
+    pub fn auth_denied(&self, unauthenticated: bool) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let reason = if unauthenticated {
+            "unauthenticated"
+        } else {
+            "permission_denied"
+        };
+        recorder
+            .register_counter(
+                &Key::from_parts(AUTH_DENIED, vec![Label::new("reason", reason)]),
+                &META,
+            )
+            .increment(1);
+    }
+
     /// Counts a run this instance brought to a final state.
     pub fn run_finished(&self, status: FinalStatus) {
         match status {
@@ -366,6 +386,12 @@ const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         Kind::Histogram,
         GRPC_SECONDS,
         "Time from the start of a gRPC call to its end, streams included.",
+    ),
+    (
+        Kind::Counter,
+        AUTH_DENIED,
+        "Calls refused by authorization: unauthenticated (no or unknown credentials) or \
+         permission_denied (a caller without the role).",
     ),
 ];
 

@@ -13,18 +13,18 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
-use tonic::service::LayerExt as _;
-use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::callers::Callers;
 use crate::config::{Config, MetricsListen, Switch};
 use crate::console::ConsoleLayer;
 use crate::deployment::Deployment;
 use crate::engine::delivery::webhook::WebhookSettings;
 use crate::engine::{Engine, EngineSettings};
-use crate::grpc::admin::{AdminApi, AdminAuth};
+use crate::grpc::admin::AdminApi;
+use crate::grpc::authz::AuthzLayer;
 use crate::grpc::observe::{KnownMethods, ObserveLayer};
 use crate::grpc::proto;
 use crate::grpc::proto::restock_admin_service_server::RestockAdminServiceServer;
@@ -77,10 +77,14 @@ impl Application {
     /// As `build`, with the engine's settings as given: tests shrink some, starting
     /// from `EngineSettings::with_config` so that the configuration's bounds hold.
     pub async fn build_with(config: Config, settings: EngineSettings) -> anyhow::Result<Self> {
-        let tls = crate::tls::acceptor(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        let tls = crate::tls::acceptor(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            config.tls_client_ca.as_deref(),
+        )?;
         log_transport(&config);
         let (engine, metrics) = start_engine(&config, settings).await?;
-        let admin_token = admin_token(&config)?;
+        let callers = load_callers(&config)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on RESTOCK_LISTEN {}", config.listen))?;
@@ -92,7 +96,7 @@ impl Application {
         let services = Services {
             engine: engine.clone(),
             metrics: metrics.clone(),
-            admin_token,
+            callers,
         };
         let stop_serving = CancellationToken::new();
         let (server, health) = serve(&config, services, listener, tls, stop_serving.clone())?;
@@ -164,7 +168,7 @@ impl Application {
 struct Services {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
-    admin_token: SecretString,
+    callers: Arc<Callers>,
 }
 
 /// The gRPC server, as [`serve`] assembled it.
@@ -183,15 +187,13 @@ fn serve(
     let Services {
         engine,
         metrics,
-        admin_token,
+        callers,
     } = services;
     let (reporter, health) = tonic_health::server::health_reporter();
     let limit = ApiRateLimit::new(config.api_rate);
     let restock = limit.wrap(RestockServiceServer::new(RestockApi::new(engine.clone())));
-    // The token is checked before anything else, the rate limit included (the limiter
-    // only wraps services that answer with plain bodies).
-    let admin = InterceptorLayer::new(AdminAuth::new(admin_token.expose_secret()))
-        .named_layer(limit.wrap(RestockAdminServiceServer::new(AdminApi::new(engine))));
+    let admin = limit.wrap(RestockAdminServiceServer::new(AdminApi::new(engine)));
+    let authz = AuthzLayer::new(callers, config.trusted_proxies.clone(), metrics.clone());
     log_console(config.console);
     let cors = config.cors_origins.as_ref().map(crate::grpc::cors::layer);
     let router = tonic::transport::Server::builder()
@@ -207,6 +209,9 @@ fn serve(
         // check see a gRPC-web call as any other call.
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(ObserveLayer::new(metrics, known_methods()))
+        // Who the caller is and whether it may call the method, before any handler
+        // and before the API rate limit, which counts per caller.
+        .layer(authz)
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -299,6 +304,28 @@ async fn start_engine(
         .await?;
     let engine = Engine::new(store, capabilities, settings, metrics.clone());
     Ok((engine, metrics))
+}
+
+/// The callers of RESTOCK_CALLERS, read again on SIGHUP; without it, the open API,
+/// with a warning.
+fn load_callers(config: &Config) -> anyhow::Result<Arc<Callers>> {
+    let callers = Arc::new(Callers::load(
+        config.callers.as_deref(),
+        admin_token(config)?,
+    )?);
+    match &config.callers {
+        Some(file) => {
+            tracing::info!(callers = %file.display(), "callers known: every call is authorized by role");
+            callers
+                .reload_on_hangup()
+                .context("cannot install the SIGHUP handler")?;
+        }
+        None => tracing::warn!(
+            "RESTOCK_CALLERS is not set: the API is open to anyone who can reach it (admin \
+             calls need the admin token); set it to name callers and their roles"
+        ),
+    }
+    Ok(callers)
 }
 
 /// The admin token of `config`, or one generated for this run (and logged).

@@ -38,8 +38,16 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// TLS when both files are given, plaintext (`None`) when neither is. One without the
 /// other is a mistake, not a request for plaintext.
-pub fn acceptor(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<TlsAcceptor>> {
+pub fn acceptor(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<Option<TlsAcceptor>> {
     let (cert, key) = match (cert, key) {
+        (None, None) if client_ca.is_some() => anyhow::bail!(
+            "RESTOCK_TLS_CLIENT_CA is set without RESTOCK_TLS_CERT and RESTOCK_TLS_KEY: \
+             client certificates are asked for over TLS only"
+        ),
         (None, None) => return Ok(None),
         (Some(cert), Some(key)) => (cert, key),
         (Some(_), None) => anyhow::bail!(
@@ -66,15 +74,43 @@ pub fn acceptor(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Optio
         .with_context(unusable)?;
     let private_key = PrivateKeyDer::from_pem_slice(&key_pem).with_context(unusable)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .context("TLS protocol versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, provider)?),
+    };
+    let mut config = builder
         // Checks that the key is the certificate's.
         .with_single_cert(chain, private_key)
         .with_context(unusable)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Mutual TLS: every client must present a certificate that chains to one of the CA
+/// certificates of `ca`; which caller it is is decided per call, by its identity.
+fn client_verifier(
+    ca: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let pem = read_pem("RESTOCK_TLS_CLIENT_CA", ca, "CERTIFICATE-----")?;
+    let unusable = || {
+        format!(
+            "RESTOCK_TLS_CLIENT_CA {} holds no usable CA certificate",
+            ca.display()
+        )
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(cert.with_context(unusable)?)
+            .with_context(unusable)?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .with_context(unusable)
 }
 
 /// The connections of `tcp`, each once its TLS handshake is done. Handshakes run side
@@ -178,7 +214,7 @@ mod tests {
         let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        let acceptor = acceptor(Some(&cert_path), Some(&key_path))
+        let acceptor = acceptor(Some(&cert_path), Some(&key_path), None)
             .unwrap()
             .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

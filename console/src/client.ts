@@ -1,10 +1,36 @@
 // The one transport of the page: gRPC-web to the service that served it (same origin,
-// so no CORS), and the clients of its two services.
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+// so no CORS), and the clients of its two services. With a caller policy, every call
+// carries the caller's token, asked for when a call answers UNAUTHENTICATED and kept
+// in this tab's sessionStorage only.
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { RestockAdminService, RestockService, RunStatus } from "./gen/restock/v1/restock_pb";
 
-const transport = createGrpcWebTransport({ baseUrl: window.location.origin });
+const API_TOKEN_KEY = "restock.apiToken";
+
+/** Sends the API token, if one was given, on every call that names no other. */
+const withApiToken: Interceptor = (next) => (request) => {
+  const token = sessionStorage.getItem(API_TOKEN_KEY);
+  if (token && !request.header.has("authorization")) {
+    request.header.set("authorization", `Bearer ${token}`);
+  }
+  return next(request);
+};
+
+const transport = createGrpcWebTransport({
+  baseUrl: window.location.origin,
+  interceptors: [withApiToken],
+});
+
+/** Keeps `token` for every later call of this tab. */
+export function useApiToken(token: string): void {
+  sessionStorage.setItem(API_TOKEN_KEY, token.trim());
+}
+
+/** Whether a failure says the call needs credentials the page did not send. */
+export function isUnauthenticated(error: unknown): boolean {
+  return ConnectError.from(error).code === Code.Unauthenticated;
+}
 
 export const restock = createClient(RestockService, transport);
 export const admin = createClient(RestockAdminService, transport);

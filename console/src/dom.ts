@@ -1,6 +1,6 @@
 // Small DOM helpers. Elements are found by their data-testid, the page's contract.
 import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
-import { describe } from "./client";
+import { describe, isUnauthenticated } from "./client";
 
 export function byTestId<T extends Element = HTMLElement>(id: string, root: ParentNode = document): T {
   const found = root.querySelector<T & Element>(`[data-testid="${id}"]`);
@@ -12,11 +12,13 @@ export function setText(id: string, text: string): void {
   byTestId(id).textContent = text;
 }
 
-/** Shows a failed call as `Call: CODE: message` in data-testid="error". */
+/** Shows a failed call as `Call: CODE: message` in data-testid="error"; a call that
+ *  needs credentials also shows where to give a token. */
 export function showError(call: string, error: unknown): void {
   const box = byTestId("error");
   box.textContent = `${call}: ${describe(error)}`;
   box.hidden = false;
+  if (isUnauthenticated(error)) byTestId("api-token-form").hidden = false;
 }
 
 export function showProblem(text: string): void {

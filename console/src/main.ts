@@ -2,7 +2,7 @@
 // notifications, the actions), and the runs of every product below. The product
 // followed is kept in the address (#product=42), so a link opens it.
 import { Actions } from "./actions";
-import { parseId } from "./client";
+import { parseId, useApiToken } from "./client";
 import { byTestId, showProblem } from "./dom";
 import { Feed } from "./feed";
 import { RunStatus } from "./gen/restock/v1/restock_pb";
@@ -45,6 +45,14 @@ document.getElementById("follow-form")?.addEventListener("submit", (event) => {
   const product = parseId(input.value);
   if (product === undefined) return showProblem("Watch: enter a product id, a whole number of 1 or more.");
   follow(product);
+});
+
+// The token a call asked for: kept, then the page starts again with it, every view and
+// stream included.
+document.getElementById("api-token-form")?.addEventListener("submit", (event) => {
+  event.preventDefault();
+  useApiToken(byTestId<HTMLInputElement>("api-token").value);
+  window.location.reload();
 });
 
 const linked = /^#product=([0-9]+)$/.exec(window.location.hash);

@@ -280,6 +280,32 @@ const scenarios = {
     );
   },
 
+  // A service with a caller policy: the page's first calls answer UNAUTHENTICATED and
+  // the token field shows; with a reader's token the page works, the feed included,
+  // and setting the stock is refused PERMISSION_DENIED, naming the role it needs.
+  async token({ product, reader }) {
+    const response = await page.goto(`${url}#product=${product}`);
+    if (response?.status() !== 200) fail(`GET / answered ${response?.status()}`);
+    await until("the token field", async () => await id("api-token").isVisible());
+    await until("UNAUTHENTICATED shown", async () => (await text("error")).includes("UNAUTHENTICATED"));
+    await shot("token-asked");
+
+    await id("api-token").fill(reader);
+    await id("api-token-use").click();
+    await until("the run shown with the token", async () => (await text("run-status")) === "COMPLETED");
+    await until("the feed subscribed", async () => !(await text("feed-status")).includes("Not subscribed"));
+    if (await id("error").isVisible()) fail(`an error with the token: ${await text("error")}`);
+    if (await id("api-token").isVisible()) fail("the token field still shows");
+
+    await id("stock").fill("3");
+    await id("set-stock").click();
+    await until("PERMISSION_DENIED naming the role", async () => {
+      const error = await text("error");
+      return error.includes("PERMISSION_DENIED") && error.includes("write");
+    });
+    await shot("token-denied");
+  },
+
   // The service started with RESTOCK_CONSOLE=off serves no page.
   async off() {
     const response = await page.goto(url);

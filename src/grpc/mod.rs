@@ -5,10 +5,13 @@
 //! (`wire`), and CORS for gRPC-web calls from other origins (`cors`).
 
 pub mod admin;
+pub mod audit;
+pub mod authz;
 pub mod cors;
 pub mod observe;
 pub mod ratelimit;
 pub mod restock;
+mod revoke;
 mod status;
 pub mod wire;
 
@@ -38,6 +41,44 @@ pub(crate) fn peer_addr(extensions: &http::Extensions) -> Option<std::net::Socke
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(|tls| tls.get_ref().remote_addr())
         })
+}
+
+/// The identities of the client certificate of a mutual TLS connection, in the order
+/// they name the caller: its URI SANs, else its DNS SANs, else its subject CN. Empty
+/// without a client certificate.
+pub(crate) fn peer_identities(extensions: &http::Extensions) -> Vec<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+    let Some(certs) = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+    else {
+        return vec![];
+    };
+    let Some(Ok((_, leaf))) = certs.first().map(|der| X509Certificate::from_der(der)) else {
+        return vec![];
+    };
+    let (mut uris, mut names) = (vec![], vec![]);
+    if let Ok(Some(san)) = leaf.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(uri) => uris.push(uri.to_string()),
+                GeneralName::DNSName(dns) => names.push(dns.to_string()),
+                _ => {}
+            }
+        }
+    }
+    if !uris.is_empty() {
+        return uris;
+    }
+    if !names.is_empty() {
+        return names;
+    }
+    leaf.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .take(1)
+        .collect()
 }
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {

@@ -1,6 +1,7 @@
-//! The API rate limit: tower_governor keyed on the client's IP, answering over-limit
-//! calls with gRPC `RESOURCE_EXHAUSTED` (never an HTTP 429). It wraps the restock
-//! services only; health checks are never limited.
+//! The API rate limit: tower_governor keyed on the caller when the authorization layer
+//! knows it, else on the client's address (behind a trusted proxy, the one it forwarded
+//! for), answering over-limit calls with gRPC `RESOURCE_EXHAUSTED` (never an HTTP 429).
+//! It wraps the restock services only; health checks are never limited.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -8,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::body::Body;
+
+use super::authz::{CallerOf, ClientAddr};
 use tonic::server::NamedService;
 use tonic::service::{LayerExt as _, Layered};
 
@@ -15,18 +18,35 @@ use tower_governor::GovernorError;
 use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
 use tower_governor::key_extractor::KeyExtractor;
 
-/// Keys requests on the peer IP that tonic records in the request extensions.
-/// (tower_governor's own `PeerIpKeyExtractor` looks for axum's connect info, which
-/// tonic does not set.)
+/// Whose budget a call spends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Client {
+    /// A caller the authorization layer knows: its budget, wherever it calls from
+    /// (two callers behind one sidecar have one each).
+    Caller(Arc<str>),
+    /// A call without credentials: its client's address.
+    Address(IpAddr),
+}
+
+/// Keys requests on what the authorization layer recorded, else on the peer address
+/// that tonic records. (tower_governor's own `PeerIpKeyExtractor` looks for axum's
+/// connect info, which tonic does not set.)
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp;
 
 impl KeyExtractor for ClientIp {
-    type Key = IpAddr;
+    type Key = Client;
 
     fn extract<T>(&self, req: &http::Request<T>) -> Result<Self::Key, GovernorError> {
-        super::peer_addr(req.extensions())
-            .map(|addr| addr.ip())
+        let extensions = req.extensions();
+        if let Some(CallerOf(Some(caller))) = extensions.get::<CallerOf>() {
+            return Ok(Client::Caller(caller.name.as_str().into()));
+        }
+        if let Some(ClientAddr(addr)) = extensions.get::<ClientAddr>() {
+            return Ok(Client::Address(*addr));
+        }
+        super::peer_addr(extensions)
+            .map(|addr| Client::Address(addr.ip()))
             .ok_or(GovernorError::UnableToExtractKey)
     }
 }
@@ -72,7 +92,7 @@ impl ApiRateLimit {
                 let status = match err {
                     GovernorError::TooManyRequests { wait_time, .. } => {
                         tonic::Status::resource_exhausted(format!(
-                            "API rate limit of {rate} requests per second per client exceeded; \
+                            "API rate limit of {rate} requests per second per caller exceeded; \
                              retry in {}s",
                             wait_time.max(1)
                         ))

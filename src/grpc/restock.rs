@@ -5,6 +5,8 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
+use super::audit;
+use super::authz::CallerOf;
 use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
@@ -36,18 +38,12 @@ impl RestockService for RestockApi {
         &self,
         request: Request<proto::TriggerRestockRequest>,
     ) -> Result<Response<proto::RestockRun>, Status> {
+        let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let product = ProductId::parse(req.product_id)?;
-        let request = TriggerRequest {
-            stock: req.stock.map(parse_stock).transpose()?,
-            wave: req
-                .wave
-                .map(|w| Wave::parse(w.per_unit, w.interval.map(|d| (d.seconds, d.nanos))))
-                .transpose()?,
-            idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
-        };
-        let run = self.engine.trigger_restock(product, request).await?;
-        Ok(Response::new(run.into()))
+        let raw = req.product_id;
+        let answer = self.trigger(req).await;
+        audit::call(caller.as_ref(), "TriggerRestock", Some(raw), None, &answer);
+        answer
     }
 
     type SubscribeStream = NotificationStream;
@@ -78,33 +74,59 @@ impl RestockService for RestockApi {
         &self,
         request: Request<proto::RegisterAlertRequest>,
     ) -> Result<Response<proto::Alert>, Status> {
+        let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let product = ProductId::parse(req.product_id)?;
-        let user = UserId::parse(req.user_id)?;
-        let alert = self.engine.register_alert(product, user).await?;
-        Ok(Response::new(alert.into()))
+        let answer = async {
+            let product = ProductId::parse(req.product_id)?;
+            let user = UserId::parse(req.user_id)?;
+            let alert = self.engine.register_alert(product, user).await?;
+            Ok(Response::new(alert.into()))
+        }
+        .await;
+        let (product, user) = (Some(req.product_id), Some(req.user_id));
+        audit::call(caller.as_ref(), "RegisterAlert", product, user, &answer);
+        answer
     }
 
     async fn cancel_alert(
         &self,
         request: Request<proto::CancelAlertRequest>,
     ) -> Result<Response<proto::Alert>, Status> {
+        let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let product = ProductId::parse(req.product_id)?;
-        let user = UserId::parse(req.user_id)?;
-        let alert = self.engine.cancel_alert(product, user).await?;
-        Ok(Response::new(alert.into()))
+        let answer = async {
+            let product = ProductId::parse(req.product_id)?;
+            let user = UserId::parse(req.user_id)?;
+            let alert = self.engine.cancel_alert(product, user).await?;
+            Ok(Response::new(alert.into()))
+        }
+        .await;
+        let (product, user) = (Some(req.product_id), Some(req.user_id));
+        audit::call(caller.as_ref(), "CancelAlert", product, user, &answer);
+        answer
     }
 
     async fn set_stock(
         &self,
         request: Request<proto::SetStockRequest>,
     ) -> Result<Response<proto::Product>, Status> {
+        let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let product = ProductId::parse(req.product_id)?;
-        let stock = parse_stock(req.stock)?;
-        let product = self.engine.set_stock(product, stock).await?;
-        Ok(Response::new(product.into()))
+        let answer = async {
+            let product = ProductId::parse(req.product_id)?;
+            let stock = parse_stock(req.stock)?;
+            let product = self.engine.set_stock(product, stock).await?;
+            Ok(Response::new(product.into()))
+        }
+        .await;
+        audit::call(
+            caller.as_ref(),
+            "SetStock",
+            Some(req.product_id),
+            None,
+            &answer,
+        );
+        answer
     }
 
     async fn get_restock_run(
@@ -145,5 +167,25 @@ impl RestockService for RestockApi {
         let from = PageToken::decode(&req.page_token, &filter)?;
         let page = self.engine.list_runs(filter, page_size, from).await?;
         Ok(Response::new(page.into()))
+    }
+}
+
+impl RestockApi {
+    /// `TriggerRestock`, once its caller is known.
+    async fn trigger(
+        &self,
+        req: proto::TriggerRestockRequest,
+    ) -> Result<Response<proto::RestockRun>, Status> {
+        let product = ProductId::parse(req.product_id)?;
+        let request = TriggerRequest {
+            stock: req.stock.map(parse_stock).transpose()?,
+            wave: req
+                .wave
+                .map(|w| Wave::parse(w.per_unit, w.interval.map(|d| (d.seconds, d.nanos))))
+                .transpose()?,
+            idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
+        };
+        let run = self.engine.trigger_restock(product, request).await?;
+        Ok(Response::new(run.into()))
     }
 }

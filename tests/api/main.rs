@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerts;
+mod callers;
 mod capabilities;
 mod cluster;
 mod console;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use restock_notifier::grpc::proto;
 use restock_notifier::grpc::proto::restock_service_client::RestockServiceClient;
+use sha2::Digest as _;
 use sqlx::AnyPool;
 use tokio::sync::Mutex;
 
@@ -20,6 +21,15 @@ use crate::helpers::*;
 
 /// One browser at a time: Chromium is heavy, and the rest of the suite runs meanwhile.
 static BROWSER: Mutex<()> = Mutex::const_new(());
+
+/// `message` with the admin token: the helpers' calls work with or without a caller
+/// policy (the admin token is a caller with every role).
+fn as_admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
 
 /// How long a scenario may take, browser start included.
 const SCENARIO_PATIENCE: Duration = Duration::from_secs(240);
@@ -233,22 +243,46 @@ impl Service {
     /// Creates `product` (stock as given) with `users` registered in that order.
     async fn product(&self, product: i64, stock: i64, users: &[i64]) {
         let mut client = self.client().await;
-        client
-            .set_stock(proto::SetStockRequest {
-                product_id: product,
-                stock,
-            })
-            .await
-            .expect("SetStock");
+        let request = proto::SetStockRequest {
+            product_id: product,
+            stock,
+        };
+        client.set_stock(as_admin(request)).await.expect("SetStock");
         for &user in users {
+            let request = proto::RegisterAlertRequest {
+                product_id: product,
+                user_id: user,
+            };
             client
-                .register_alert(proto::RegisterAlertRequest {
-                    product_id: product,
-                    user_id: user,
-                })
+                .register_alert(as_admin(request))
                 .await
                 .expect("RegisterAlert");
         }
+    }
+
+    /// Triggers a restock of `product` and waits until its run completed.
+    async fn trigger(&self, product: i64) {
+        let mut client = self.client().await;
+        let request = proto::TriggerRestockRequest {
+            product_id: product,
+            ..Default::default()
+        };
+        client
+            .trigger_restock(as_admin(request))
+            .await
+            .expect("TriggerRestock");
+        for _ in 0..600 {
+            let request = proto::GetRestockRunRequest {
+                product_id: product,
+                restock_round: None,
+            };
+            let run = client.get_restock_run(as_admin(request)).await.unwrap();
+            if run.into_inner().status == proto::RunStatus::Completed as i32 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the run of product {product} did not complete");
     }
 
     /// Makes the database refuse to record `user` once: the run that reaches it ends
@@ -364,6 +398,38 @@ async fn with_the_console_off_no_page_is_served_to_a_browser() {
     require_browser_tools();
     let mut service = Service::start(Backend::Embedded, &[("RESTOCK_CONSOLE", "off")]).await;
     run_scenario("off", &mut service, serde_json::json!({})).await;
+}
+
+/// With a caller policy, the page asks for a token when a call answers
+/// UNAUTHENTICATED, sends it on every call, and shows PERMISSION_DENIED like any error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_asks_for_a_token_when_the_service_knows_its_callers() {
+    require_browser_tools();
+    let reader = "console-reader-token";
+    let digest: String = sha2::Sha256::digest(reader.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let callers = std::env::temp_dir().join(unique("restock-console-callers-") + ".toml");
+    std::fs::write(
+        &callers,
+        format!(
+            "[[caller]]\nname = \"support\"\ntoken_sha256 = [\"{digest}\"]\nroles = [\"read\"]\n"
+        ),
+    )
+    .unwrap();
+    let path = callers.display().to_string();
+    let mut service =
+        Service::start(Backend::Embedded, &[("RESTOCK_CALLERS", path.as_str())]).await;
+    service.product(1, 5, &users(1, 3)).await;
+    service.trigger(1).await;
+    let params = serde_json::json!({
+        "product": 1,
+        "reader": reader,
+        "screenshots": screenshots("embedded-token"),
+    });
+    run_scenario("token", &mut service, params).await;
+    let _ = std::fs::remove_file(callers);
 }
 
 /// Over TLS (RESTOCK_TLS_CERT and RESTOCK_TLS_KEY), the browser loads the page and

@@ -6,6 +6,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use restock_notifier::callers::TrustedProxies;
 use restock_notifier::config::{
     Config, CorsOrigins, LogFormat, MetricsListen, Switch, WebhookConfig,
 };
@@ -73,6 +74,10 @@ pub struct Options {
     pub console: Switch,
     /// RESTOCK_CORS_ORIGINS.
     pub cors_origins: Option<CorsOrigins>,
+    /// RESTOCK_CALLERS.
+    pub callers: Option<std::path::PathBuf>,
+    /// RESTOCK_TRUSTED_PROXIES.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The webhook settings of a test's server: RESTOCK_WEBHOOK_* as a test sets them.
@@ -125,6 +130,8 @@ impl Options {
             webhook: None,
             console: Switch::On,
             cors_origins: None,
+            callers: None,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -176,6 +183,8 @@ pub fn test_config(database_url: impl Into<String>) -> Config {
         send_rate: NonZeroU32::new(500).unwrap(),
         api_rate: NonZeroU32::new(500).unwrap(),
         admin_token: None,
+        callers: None,
+        trusted_proxies: Default::default(),
         log: "info".into(),
         log_format: LogFormat::Text,
         console: Switch::On,
@@ -185,6 +194,7 @@ pub fn test_config(database_url: impl Into<String>) -> Config {
         shutdown_drain: Duration::ZERO,
         tls_cert: None,
         tls_key: None,
+        tls_client_ca: None,
         webhook: no_webhook(),
     }
 }
@@ -213,6 +223,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         admin_token: Some(ADMIN_TOKEN.into()),
         console: options.console,
         cors_origins: options.cors_origins.clone(),
+        callers: options.callers.clone(),
+        trusted_proxies: options.trusted_proxies.clone(),
         run_lease: options.run_lease,
         shutdown_drain: options.shutdown_drain,
         webhook: options

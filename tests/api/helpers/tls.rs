@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, SanType,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// A CA and a server certificate it signed for localhost and 127.0.0.1, as PEM files in
@@ -14,6 +17,8 @@ pub struct Pki {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA, to sign client certificates with (none for a self-signed server).
+    issuer: Option<CertifiedIssuer<'static, KeyPair>>,
 }
 
 impl Pki {
@@ -31,7 +36,27 @@ impl Pki {
             .distinguished_name
             .push(DnType::CommonName, "localhost");
         let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
-        Self::written(Some(&ca.pem()), &server_cert.pem(), &server_key)
+        let mut pki = Self::written(Some(&ca.pem()), &server_cert.pem(), &server_key);
+        pki.issuer = Some(ca);
+        pki
+    }
+
+    /// A client certificate this CA signed, for client authentication, with `uri` as
+    /// its URI SAN (if given) and `cn` as its subject CN: (certificate, key) in PEM.
+    pub fn client(&self, uri: Option<&str>, cn: &str) -> (String, String) {
+        let issuer = self
+            .issuer
+            .as_ref()
+            .expect("a CA signs client certificates");
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(uri) = uri {
+            params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 
     /// A self-signed certificate for localhost and 127.0.0.1, with no CA: `ca` is the
@@ -59,6 +84,7 @@ impl Pki {
             cert: dir.join("server.pem"),
             key: dir.join("server.key"),
             dir,
+            issuer: None,
         };
         if let Some(ca) = ca {
             std::fs::write(&pki.ca, ca).unwrap();
@@ -86,9 +112,22 @@ pub async fn tls_channel(
     ca_pem: Vec<u8>,
     domain: &str,
 ) -> Result<Channel, String> {
-    let tls = ClientTlsConfig::new()
+    tls_channel_as(addr, ca_pem, domain, None).await
+}
+
+/// As [`tls_channel`], presenting `identity` (certificate and key, in PEM) if given.
+pub async fn tls_channel_as(
+    addr: SocketAddr,
+    ca_pem: Vec<u8>,
+    domain: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(domain);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
     Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
