@@ -226,6 +226,17 @@ async fn each_role_may_call_exactly_its_methods() {
     assert_eq!(unknown.await.unwrap_err().code(), Code::Unauthenticated);
     let shut_out = client.list_restock_runs(with_token(list(), Some(READER)));
     assert_eq!(shut_out.await.unwrap_err().code(), Code::ResourceExhausted);
+
+    let samples = app.scrape().await;
+    let denied = |reason: &str| {
+        samples
+            .get(&format!("restock_auth_denied_total{{reason=\"{reason}\"}}"))
+            .copied()
+    };
+    // Read may not call 5 methods, write 1; 9 + 1 + 1 calls went without credentials
+    // a caller has (the last one shut out).
+    assert_eq!(denied("permission_denied"), Some(6.0));
+    assert_eq!(denied("unauthenticated"), Some(11.0));
     assert_eq!(
         READ_METHODS.len() + WRITE_METHODS.len() + 1,
         restock_notifier::grpc::authz::METHODS.len(),
