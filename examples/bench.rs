@@ -13,6 +13,7 @@
 //! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs N] [--instances N]
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
+//! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -51,6 +52,11 @@
 //! answers after 0, 50 and 200 ms, and reports the rate and the busiest one-second
 //! window at the endpoint (every request, retries included) and the server's CPU per
 //! delivery.
+//! `auth` measures what the authorization layer costs a call: two processes of the
+//! binary, one without a caller policy and one with RESTOCK_CALLERS (a reader by its
+//! token), answer `--calls` GetRestockRun calls each, `--concurrency` at a time, in
+//! turns over three rounds; it reports calls per second, p50/p99 latency and server CPU
+//! per call for each, and their ratio.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -1621,6 +1627,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         instances: u32,
     },
+    /// The cost of the authorization layer on a GetRestockRun call.
+    Auth {
+        #[arg(long, default_value_t = 20_000)]
+        calls: u32,
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+    },
     /// Delivery to a webhook endpoint.
     Webhook {
         #[arg(long, default_value_t = 500)]
@@ -1664,7 +1677,128 @@ async fn main() -> anyhow::Result<()> {
             instances,
         } => cluster(users, rate, instances).await,
         Bench::Webhook { rate, seconds } => webhook(rate, seconds).await,
+        Bench::Auth { calls, concurrency } => auth(calls, concurrency).await,
     }
+}
+
+/// The bearer token of the reader the `auth` bench's policy knows.
+const AUTH_TOKEN: &str = "bench-reader-token";
+
+async fn auth(calls: u32, concurrency: u32) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    let digest: String = sha2::Sha256::digest(AUTH_TOKEN.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let file =
+        std::env::temp_dir().join(format!("restock-bench-callers-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "[[caller]]\nname = \"bench\"\ntoken_sha256 = [\"{digest}\"]\nroles = [\"read\"]\n"
+        ),
+    )?;
+    let env = [("RESTOCK_CALLERS".to_string(), file.display().to_string())];
+    let open = Cluster::launch(1, 500, &redis_url(), true, &[]).await?;
+    let known = Cluster::launch(1, 500, &redis_url(), true, &env).await?;
+    let outcome = auth_turns(&open, &known, calls, concurrency).await;
+    let (a, b) = (open.tear_down().await, known.tear_down().await);
+    let _ = std::fs::remove_file(&file);
+    outcome.and(a).and(b)
+}
+
+async fn auth_turns(
+    open: &Cluster,
+    known: &Cluster,
+    calls: u32,
+    concurrency: u32,
+) -> anyhow::Result<()> {
+    println!(
+        "auth: {calls} GetRestockRun calls (of a product with no run: NOT_FOUND, one \
+         indexed read), {concurrency} at a time, in turns"
+    );
+    let mut totals = [(0.0, 0.0, 0.0, 0.0); 2];
+    for round in 1..=3 {
+        for (i, (cluster, token)) in [(open, None), (known, Some(AUTH_TOKEN))]
+            .into_iter()
+            .enumerate()
+        {
+            let server = &cluster.instances[0];
+            let cpu_before = server.cpu_time()?;
+            let (per_second, p50, p99) = get_calls(server, calls, concurrency, token).await?;
+            let cpu = (server.cpu_time()? - cpu_before).as_secs_f64() * 1e6 / f64::from(calls);
+            let name = if token.is_some() {
+                "with a policy "
+            } else {
+                "without policy"
+            };
+            println!(
+                "  round {round}, {name}: {per_second:.0} calls/s, p50 {p50:.3} ms, p99 {p99:.3} ms, \
+                 server CPU {cpu:.1} µs per call"
+            );
+            let t = &mut totals[i];
+            *t = (t.0 + per_second, t.1 + p50, t.2 + p99, t.3 + cpu);
+        }
+    }
+    let [o, k] = totals;
+    println!(
+        "  with a policy / without, over the three rounds: throughput {:.3}, p50 {:.3}, \
+         p99 {:.3}, server CPU per call {:.3}",
+        k.0 / o.0,
+        k.1 / o.1,
+        k.2 / o.2,
+        k.3 / o.3
+    );
+    Ok(())
+}
+
+/// `calls` GetRestockRun calls of product 1, `concurrency` at a time: calls per second,
+/// p50 and p99 latency in milliseconds.
+async fn get_calls(
+    server: &Instance,
+    calls: u32,
+    concurrency: u32,
+    token: Option<&'static str>,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let started = Instant::now();
+    let per_task = calls / concurrency;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = server.client.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_task as usize);
+                for _ in 0..per_task {
+                    let mut request = tonic::Request::new(proto::GetRestockRunRequest {
+                        product_id: 1,
+                        restock_round: None,
+                    });
+                    if let Some(token) = token {
+                        let value = format!("Bearer {token}").parse()?;
+                        request.metadata_mut().insert("authorization", value);
+                    }
+                    let at = Instant::now();
+                    match client.get_restock_run(request).await {
+                        Ok(_) => {}
+                        Err(status) if status.code() == tonic::Code::NotFound => {}
+                        Err(status) => anyhow::bail!("GetRestockRun answered {status:?}"),
+                    }
+                    latencies.push(at.elapsed().as_secs_f64() * 1e3);
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok((
+        all.len() as f64 / elapsed,
+        percentile(&all, 50),
+        percentile(&all, 99),
+    ))
 }
 
 /// Drops a benchmark's database.
