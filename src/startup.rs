@@ -208,7 +208,11 @@ fn serve(
         // gRPC-web in, gRPC inside: every service, its rate limit and the admin token
         // check see a gRPC-web call as any other call.
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(ObserveLayer::new(metrics, known_methods()))
+        .layer(ObserveLayer::new(
+            metrics,
+            known_methods(),
+            config.trusted_proxies.clone(),
+        ))
         // Who the caller is and whether it may call the method, before any handler
         // and before the API rate limit, which counts per caller.
         .layer(authz)

@@ -140,6 +140,9 @@ where
         }
         match self.layer.decide(&request, role, client) {
             Ok(caller) => {
+                if let Some(span) = request.extensions().get::<super::observe::RequestSpan>() {
+                    span.0.record("caller", caller.name());
+                }
                 let revocable = caller.0.clone().filter(|_| is_stream(request.uri().path()));
                 request.extensions_mut().insert(caller);
                 let answer = self.inner.call(request);
@@ -153,6 +156,9 @@ where
                 }
             }
             Err((status, caller)) => {
+                if let Some(span) = request.extensions().get::<super::observe::RequestSpan>() {
+                    span.0.record("caller", caller.name());
+                }
                 if role >= Role::Write {
                     super::audit::denied(&caller, request.uri().path(), &status);
                 }

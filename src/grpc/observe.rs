@@ -21,6 +21,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
+use crate::callers::TrustedProxies;
 use crate::monitoring::Metrics;
 
 /// Every (service, method) this server serves, read from the descriptors it is built
@@ -59,17 +60,24 @@ impl KnownMethods {
     }
 }
 
+/// The call's `request` span, in the request's extensions: the authorization layer
+/// records the caller in it.
+#[derive(Clone)]
+pub struct RequestSpan(pub tracing::Span);
+
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
     known: Arc<KnownMethods>,
+    proxies: Arc<TrustedProxies>,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Arc<Metrics>, known: KnownMethods) -> Self {
+    pub fn new(metrics: Arc<Metrics>, known: KnownMethods, proxies: TrustedProxies) -> Self {
         Self {
             metrics,
             known: Arc::new(known),
+            proxies: Arc::new(proxies),
         }
     }
 }
@@ -105,15 +113,19 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let started = Instant::now();
         let path = request.uri().path();
         let (service, method) = self.layer.known.labels(path);
         let peer = peer(&request);
+        // Behind a trusted proxy, the client it forwarded for.
+        let client = peer.map(|p| self.layer.proxies.client_of(p.ip(), request.headers()));
         let span = tracing::info_span!(
             "request",
             method = %path,
             peer = %peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            client = %client.map_or_else(|| "-".to_string(), |c| c.to_string()),
+            caller = tracing::field::Empty,
             code = tracing::field::Empty,
             latency_ms = tracing::field::Empty,
         );
@@ -126,6 +138,7 @@ where
             code: None,
             ended: false,
         };
+        request.extensions_mut().insert(RequestSpan(span.clone()));
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let response = response.await?;
