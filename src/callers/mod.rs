@@ -8,6 +8,7 @@
 pub mod proxies;
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -61,6 +62,22 @@ impl Caller {
         self.roles.iter().any(|held| *held >= role)
     }
 }
+
+/// The caller of a request, once the authorization layer let it through: `None` for an anonymous
+/// call to an open API (no `RESTOCK_CALLERS`).
+#[derive(Debug, Clone)]
+pub struct CallerOf(pub Option<Arc<Caller>>);
+
+impl CallerOf {
+    /// The caller's name for logs and audit lines: `anonymous` without one.
+    pub fn name(&self) -> &str {
+        self.0.as_ref().map_or("anonymous", |c| c.name.as_str())
+    }
+}
+
+/// The client's address: the peer's, or the one a trusted proxy forwarded for.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
 
 /// The name of the caller that `RESTOCK_ADMIN_TOKEN` stands for.
 pub const ADMIN_TOKEN_CALLER: &str = "admin-token";

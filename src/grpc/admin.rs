@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::audit;
-use super::authz::CallerOf;
 use super::proto::{self, restock_admin_service_server::RestockAdminService};
+use crate::callers::CallerOf;
 use crate::domain::ProductId;
 use crate::engine::Engine;
 

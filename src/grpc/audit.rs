@@ -4,7 +4,7 @@
 
 use tonic::{Code, Status};
 
-use super::authz::CallerOf;
+use crate::callers::CallerOf;
 
 /// The target audit lines are logged on, so that they can be routed apart.
 pub const TARGET: &str = "restock::audit";

@@ -16,7 +16,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::callers::{Caller, Callers, Role, TrustedProxies};
+use crate::callers::{Caller, CallerOf, Callers, ClientAddr, Role, TrustedProxies};
 use crate::monitoring::Metrics;
 
 /// What a method needs.
@@ -60,22 +60,6 @@ pub fn access(path: &str) -> Option<Access> {
         .find(|(method, _)| *method == path)
         .map(|(_, role)| Access::Role(*role))
 }
-
-/// The caller of a request, once the layer let it through: `None` for an anonymous
-/// call to an open API (no `RESTOCK_CALLERS`).
-#[derive(Debug, Clone)]
-pub struct CallerOf(pub Option<Arc<Caller>>);
-
-impl CallerOf {
-    /// The caller's name for logs and audit lines: `anonymous` without one.
-    pub fn name(&self) -> &str {
-        self.0.as_ref().map_or("anonymous", |c| c.name.as_str())
-    }
-}
-
-/// The client's address: the peer's, or the one a trusted proxy forwarded for.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub IpAddr);
 
 /// The layer, with the policy it checks against.
 #[derive(Clone)]

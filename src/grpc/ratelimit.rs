@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tonic::body::Body;
 
-use super::authz::{CallerOf, ClientAddr};
+use crate::callers::{CallerOf, ClientAddr};
 use tonic::server::NamedService;
 use tonic::service::{LayerExt as _, Layered};
 

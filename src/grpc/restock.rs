@@ -6,10 +6,10 @@ use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use super::audit;
-use super::authz::CallerOf;
 use super::parse_run_status;
 use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
+use crate::callers::CallerOf;
 use crate::domain::{
     IdempotencyKey, NotificationFilter, NotificationId, PageToken, ProductId, RunFilter,
     TriggerRequest, UserId, Wave, parse_page_size, parse_round, parse_stock,
