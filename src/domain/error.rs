@@ -71,6 +71,10 @@ pub enum Invalid {
     NotAPageToken(String),
     /// `page_token` was made for a listing with another filter.
     PageTokenOfAnotherFilter,
+    /// A ListProducts page token made for the other order.
+    PageTokenOfAnotherOrder,
+    /// An order_by that is not a ProductOrder.
+    UnknownProductOrder(i32),
     /// `wave.per_unit` is 0.
     WavePerUnitZero,
     /// `wave.interval` is missing, negative or out of its range; in milliseconds when
@@ -110,6 +114,8 @@ impl fmt::Display for Invalid {
             Invalid::NegativePageSize(got) => write!(f, "page_size {got}"),
             Invalid::NotAPageToken(s) => write!(f, "page_token {s:?}"),
             Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
+            Invalid::PageTokenOfAnotherOrder => write!(f, "page_token for another order"),
+            Invalid::UnknownProductOrder(got) => write!(f, "order_by {got}"),
             Invalid::WavePerUnitZero => write!(f, "wave.per_unit 0"),
             Invalid::WaveInterval(ms) => write!(f, "wave.interval {ms:?} ms"),
             Invalid::EmptyIdempotencyKey => write!(f, "idempotency_key (empty)"),

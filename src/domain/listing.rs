@@ -149,6 +149,82 @@ fn status_of_code(code: u8) -> Option<RunStatus> {
     })
 }
 
+/// The order of the demand report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProductOrder {
+    /// Most users waiting first; among equals, the highest id first.
+    #[default]
+    WaitingDesc,
+    /// By id, ascending.
+    Id,
+}
+
+/// Where a page of products ended: the last product's users waiting and id, for the
+/// order it was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProductPageToken {
+    order: ProductOrder,
+    waiting: i64,
+    id: i64,
+}
+
+/// Bytes of a product page token: a version, the order, the waiting count, the id.
+const PRODUCT_TOKEN_LEN: usize = 18;
+
+impl ProductPageToken {
+    pub fn new(order: ProductOrder, waiting: i64, id: i64) -> Self {
+        Self { order, waiting, id }
+    }
+
+    /// The last product of the previous page: (users waiting, id).
+    pub fn after(&self) -> (i64, i64) {
+        (self.waiting, self.id)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut bytes = [0u8; PRODUCT_TOKEN_LEN];
+        bytes[0] = VERSION;
+        bytes[1] = match self.order {
+            ProductOrder::WaitingDesc => 1,
+            ProductOrder::Id => 2,
+        };
+        bytes[2..10].copy_from_slice(&self.waiting.to_be_bytes());
+        bytes[10..18].copy_from_slice(&self.id.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The token a client sent, for a listing in `order`; `None` for the first page.
+    pub fn decode(token: &str, order: ProductOrder) -> Result<Option<Self>, Error> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let malformed = || Error::InvalidArgument(Invalid::NotAPageToken(Invalid::quote(token)));
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
+        let bytes: [u8; PRODUCT_TOKEN_LEN] = bytes.try_into().map_err(|_| malformed())?;
+        let made_for = match (bytes[0], bytes[1]) {
+            (VERSION, 1) => ProductOrder::WaitingDesc,
+            (VERSION, 2) => ProductOrder::Id,
+            _ => return Err(malformed()),
+        };
+        let waiting = i64::from_be_bytes(bytes[2..10].try_into().expect("8 bytes"));
+        let id = i64::from_be_bytes(bytes[10..18].try_into().expect("8 bytes"));
+        if waiting < 0 || id <= 0 {
+            return Err(malformed());
+        }
+        if made_for != order {
+            return Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherOrder));
+        }
+        Ok(Some(Self { order, waiting, id }))
+    }
+}
+
+/// A page of the demand report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductPage {
+    pub products: Vec<super::Product>,
+    pub next: Option<ProductPageToken>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +234,26 @@ mod tests {
             status,
             product_id: product.map(|p| ProductId::parse(p).unwrap()),
         }
+    }
+
+    #[test]
+    fn a_product_token_round_trips_and_keeps_its_order() {
+        for order in [ProductOrder::WaitingDesc, ProductOrder::Id] {
+            let token = ProductPageToken::new(order, 12, 34);
+            let decoded = ProductPageToken::decode(&token.encode(), order).unwrap();
+            assert_eq!(decoded, Some(token));
+        }
+        let waiting = ProductPageToken::new(ProductOrder::WaitingDesc, 1, 2).encode();
+        assert!(matches!(
+            ProductPageToken::decode(&waiting, ProductOrder::Id),
+            Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherOrder))
+        ));
+        let run = PageToken::new(RunFilter::default(), 5).encode();
+        assert!(ProductPageToken::decode(&run, ProductOrder::Id).is_err());
+        assert!(matches!(
+            ProductPageToken::decode("", ProductOrder::Id),
+            Ok(None)
+        ));
     }
 
     #[test]

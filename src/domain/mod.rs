@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 
 pub use error::{BackendError, Component, Error, Invalid, NotResumable};
 pub use listing::{
-    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, RunFilter, RunPage, parse_page_size,
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, ProductOrder, ProductPage, ProductPageToken,
+    RunFilter, RunPage, parse_page_size,
 };
 pub use trigger::{IdempotencyKey, TriggerRequest};
 
@@ -136,6 +137,8 @@ pub struct Product {
     /// Bumped by every write of the stock, so figures read at different moments can be
     /// ordered (G3). Internal: not part of the API.
     pub stock_version: i64,
+    /// Users waiting: the product's active alerts, kept with every alert change.
+    pub waiting: i64,
 }
 
 /// A user's alert for a product.

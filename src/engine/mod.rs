@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::domain::{
-    Alert, Error, PageToken, Product, ProductId, Run, RunFilter, RunPage, TriggerRequest, UserId,
+    Alert, Error, PageToken, Product, ProductId, ProductOrder, ProductPage, ProductPageToken, Run,
+    RunFilter, RunPage, TriggerRequest, UserId,
 };
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store, Triggered};
@@ -387,6 +388,36 @@ impl Engine {
             runs: listed.into_iter().map(|l| l.run).collect(),
             next,
         })
+    }
+
+    /// A product, with its users waiting.
+    pub async fn product(&self, product: ProductId) -> Result<Product, Error> {
+        self.store
+            .product(product)
+            .await?
+            .ok_or(Error::UnknownProduct(product))
+    }
+
+    /// One page of the demand report in `order`, starting after `from` (the token of
+    /// the previous page; the first page when `None`).
+    pub async fn list_products(
+        &self,
+        order: ProductOrder,
+        page_size: u32,
+        from: Option<ProductPageToken>,
+    ) -> Result<ProductPage, Error> {
+        // One more than the page holds says whether there is a next page.
+        let mut products = self
+            .store
+            .list_products(order, from.map(|t| t.after()), page_size + 1)
+            .await?;
+        let more = products.len() > page_size as usize;
+        products.truncate(page_size as usize);
+        let next = match products.last() {
+            Some(last) if more => Some(ProductPageToken::new(order, last.waiting, last.id.get())),
+            _ => None,
+        };
+        Ok(ProductPage { products, next })
     }
 
     /// The bus, for a stream: subscribed to before the stream reads anything, so that

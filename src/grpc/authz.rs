@@ -39,6 +39,8 @@ pub const METHODS: &[(&str, Role)] = &[
     ("/restock.v1.RestockService/WatchRestockRun", Role::Read),
     ("/restock.v1.RestockService/ListRestockRuns", Role::Read),
     ("/restock.v1.RestockService/Subscribe", Role::Read),
+    ("/restock.v1.RestockService/GetProduct", Role::Read),
+    ("/restock.v1.RestockService/ListProducts", Role::Read),
     ("/restock.v1.RestockAdminService/ManualRestock", Role::Admin),
 ];
 

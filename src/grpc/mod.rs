@@ -170,6 +170,7 @@ impl From<domain::Product> for proto::Product {
             product_id: product.id.get(),
             restock_round: product.restock_round,
             stock: product.stock,
+            waiting: product.waiting,
         }
     }
 }

@@ -11,8 +11,9 @@ use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::callers::CallerOf;
 use crate::domain::{
-    IdempotencyKey, NotificationFilter, NotificationId, PageToken, ProductId, RunFilter,
-    TriggerRequest, UserId, Wave, parse_page_size, parse_round, parse_stock,
+    Error, IdempotencyKey, Invalid, NotificationFilter, NotificationId, PageToken, ProductId,
+    ProductOrder, ProductPageToken, RunFilter, TriggerRequest, UserId, Wave, parse_page_size,
+    parse_round, parse_stock,
 };
 use crate::engine::Engine;
 
@@ -152,6 +153,40 @@ impl RestockService for RestockApi {
         let stream = self.engine.watch_run(product, round).await?;
         let stream = stream.map(|item| item.map(Into::into).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_product(
+        &self,
+        request: Request<proto::GetProductRequest>,
+    ) -> Result<Response<proto::Product>, Status> {
+        let product = ProductId::parse(request.into_inner().product_id)?;
+        let product = self.engine.product(product).await?;
+        Ok(Response::new(product.into()))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<proto::ListProductsRequest>,
+    ) -> Result<Response<proto::ListProductsResponse>, Status> {
+        let req = request.into_inner();
+        let order = match proto::ProductOrder::try_from(req.order_by) {
+            Ok(proto::ProductOrder::Unspecified | proto::ProductOrder::WaitingDesc) => {
+                ProductOrder::WaitingDesc
+            }
+            Ok(proto::ProductOrder::Id) => ProductOrder::Id,
+            Err(_) => {
+                return Err(
+                    Error::InvalidArgument(Invalid::UnknownProductOrder(req.order_by)).into(),
+                );
+            }
+        };
+        let page_size = parse_page_size(req.page_size)?;
+        let from = ProductPageToken::decode(&req.page_token, order)?;
+        let page = self.engine.list_products(order, page_size, from).await?;
+        Ok(Response::new(proto::ListProductsResponse {
+            products: page.products.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
+        }))
     }
 
     async fn list_restock_runs(

@@ -222,6 +222,14 @@ fn invalid_message(invalid: &Invalid) -> String {
              status or product_id; send the same filter as for the previous page, or start \
              again without page_token"
             .to_string(),
+        Invalid::PageTokenOfAnotherOrder => "page_token belongs to a listing in another \
+             order_by; send the same order_by as for the previous page, or start again \
+             without page_token"
+            .to_string(),
+        Invalid::UnknownProductOrder(got) => format!(
+            "order_by {got} is not a product order; use PRODUCT_ORDER_WAITING_DESC (the \
+             default: most users waiting first) or PRODUCT_ORDER_ID"
+        ),
         Invalid::EmptyIdempotencyKey => "idempotency_key is empty; leave it unset, or pass \
              a key that names this restock (a UUID, say) and send the same key with every \
              retry"

@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{
     Alert, BackendError, Component, Error, NotResumable, Notification, NotificationFilter,
-    NotificationId, Product, ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest,
-    UserId,
+    NotificationId, Product, ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus,
+    TriggerRequest, UserId,
 };
 
 /// History rows per INSERT statement. A batch is written in statements of this many
@@ -267,6 +267,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` runs matching `filter` with a key below `before` (all when `None`),
     /// newest first: in descending key order, which is creation order reversed.
+    /// Up to `limit` products in `order`, after `after` (the previous page's last
+    /// product: its users waiting and id); served by ix_product_waiting or the
+    /// primary key.
+    async fn list_products(
+        &self,
+        order: ProductOrder,
+        after: Option<(i64, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Product>, Error>;
+
     async fn list_runs(
         &self,
         filter: RunFilter,

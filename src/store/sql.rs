@@ -46,7 +46,7 @@ use super::{
 };
 use crate::domain::{
     Alert, Error, IdempotencyKey, NotResumable, NotificationFilter, NotificationId, Product,
-    ProductId, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
+    ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
 /// How often a transaction that lost a deadlock is run in all before its error is
@@ -385,6 +385,37 @@ where
         Ok(row.into())
     }
 
+    /// Cancels an active alert, with one user fewer waiting, under the product's lock
+    /// (the lock registrations take first too, so the two never wait on each other).
+    async fn try_cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+        let mut tx = self.begin().await?;
+        if Self::lock_product(&mut tx, product).await?.is_none() {
+            return Err(Error::UnknownAlert { product, user });
+        }
+        let sql = format!(
+            "UPDATE product_user_notification SET is_active = FALSE, updated_at = {} \
+             WHERE product_id = ? AND user_id = ? AND is_active = TRUE",
+            D::STAMP
+        );
+        let cancelled = sqlx::query(&sql)
+            .bind(D::stamp(Utc::now(), TimeDelta::zero()))
+            .bind(product.get())
+            .bind(user.get())
+            .execute(&mut *tx)
+            .await
+            .map_err(D::error)?;
+        if D::rows_affected(&cancelled) == 1 {
+            sqlx::query("UPDATE product SET waiting = waiting - 1 WHERE id = ?")
+                .bind(product.get())
+                .execute(&mut *tx)
+                .await
+                .map_err(D::error)?;
+        }
+        let alert = Self::alert(&mut tx, product, user).await?;
+        tx.commit().await.map_err(D::error)?;
+        alert.ok_or(Error::UnknownAlert { product, user })
+    }
+
     async fn try_register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
         let mut tx = self.begin().await?;
         Self::lock_product(&mut tx, product)
@@ -402,12 +433,15 @@ where
             .await
             .map_err(D::error)?;
         if active != Some(true) {
-            // G1: a new position behind every earlier registration, the back of the queue.
-            sqlx::query("UPDATE product SET alert_seq = alert_seq + 1 WHERE id = ?")
-                .bind(product.get())
-                .execute(&mut *tx)
-                .await
-                .map_err(D::error)?;
+            // G1: a new position behind every earlier registration, the back of the queue;
+            // and one more user waiting, under the product's lock.
+            sqlx::query(
+                "UPDATE product SET alert_seq = alert_seq + 1, waiting = waiting + 1 WHERE id = ?",
+            )
+            .bind(product.get())
+            .execute(&mut *tx)
+            .await
+            .map_err(D::error)?;
             let position: i64 = sqlx::query_scalar("SELECT alert_seq FROM product WHERE id = ?")
                 .bind(product.get())
                 .fetch_one(&mut *tx)
@@ -770,22 +804,7 @@ where
     }
 
     async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
-        let mut tx = self.begin().await?;
-        let sql = format!(
-            "UPDATE product_user_notification SET is_active = FALSE, updated_at = {} \
-             WHERE product_id = ? AND user_id = ? AND is_active = TRUE",
-            D::STAMP
-        );
-        sqlx::query(&sql)
-            .bind(D::stamp(Utc::now(), TimeDelta::zero()))
-            .bind(product.get())
-            .bind(user.get())
-            .execute(&mut *tx)
-            .await
-            .map_err(D::error)?;
-        let alert = Self::alert(&mut tx, product, user).await?;
-        tx.commit().await.map_err(D::error)?;
-        alert.ok_or(Error::UnknownAlert { product, user })
+        retry_deadlocks::<D, _, _, _>(|| self.try_cancel_alert(product, user)).await
     }
 
     async fn start_run(
@@ -1108,6 +1127,47 @@ where
     /// itself, MariaDB reads a product's runs through uq_pnh_product_round and sorts
     /// them once the page is larger than its estimate of their number, and a frequent
     /// status through the primary key, filtering as it goes.
+    async fn list_products(
+        &self,
+        order: ProductOrder,
+        after: Option<(i64, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Product>, Error> {
+        let (index, after_sql, order_sql) = match order {
+            // Read backwards along (waiting, id): the most users waiting first.
+            ProductOrder::WaitingDesc => (
+                Some("ix_product_waiting"),
+                " WHERE waiting < ? OR (waiting = ? AND id < ?)",
+                " ORDER BY waiting DESC, id DESC",
+            ),
+            // The primary key.
+            ProductOrder::Id => (None, " WHERE id > ?", " ORDER BY id"),
+        };
+        let mut sql = format!(
+            "SELECT {PRODUCT_COLUMNS} FROM product{}",
+            index.map(D::use_index).unwrap_or_default()
+        );
+        if after.is_some() {
+            sql.push_str(after_sql);
+        }
+        sql.push_str(order_sql);
+        sql.push_str(" LIMIT ?");
+        let mut query = sqlx::query_as::<_, ProductRow>(&sql);
+        match (order, after) {
+            (ProductOrder::WaitingDesc, Some((waiting, id))) => {
+                query = query.bind(waiting).bind(waiting).bind(id);
+            }
+            (ProductOrder::Id, Some((_, id))) => query = query.bind(id),
+            (_, None) => {}
+        }
+        let rows = query
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(D::error)?;
+        Ok(rows.into_iter().map(Product::from).collect())
+    }
+
     async fn list_runs(
         &self,
         filter: RunFilter,

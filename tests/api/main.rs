@@ -14,6 +14,7 @@ mod idempotency;
 mod manual_restock;
 mod metrics;
 mod network;
+mod products;
 #[path = "../support/proxy.rs"]
 mod proxy;
 mod rate_limit;

@@ -52,7 +52,9 @@ impl TestApp {
             });
             q.build().execute(&mut *conn).await.unwrap();
         }
-        sqlx::query("UPDATE product SET alert_seq = ? WHERE id = ?")
+        // A fresh product's alerts, counted as the service counts them.
+        sqlx::query("UPDATE product SET alert_seq = ?, waiting = ? WHERE id = ?")
+            .bind(users.len() as i64)
             .bind(users.len() as i64)
             .bind(product)
             .execute(&mut *conn)
