@@ -14,6 +14,7 @@
 //! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs N] [--instances N]
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
+//! cargo run --release --example bench -- demand  [--products 100000]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -57,6 +58,10 @@
 //! token), answer `--calls` GetRestockRun calls each, `--concurrency` at a time, in
 //! turns over three rounds; it reports calls per second, p50/p99 latency and server CPU
 //! per call for each, and their ratio.
+//! `demand` fills a database with `--products` products whose users waiting are spread
+//! from 0 to 10,000, then walks the whole demand report (`ListProducts`, 50 a page,
+//! following the page tokens) and reports the latency of each page (p50, p99, the
+//! deepest page) and MySQL's plan of the query.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -121,7 +126,8 @@ async fn seed_product(
             .await
             .with_context(|| format!("registrations of product {product}"))?;
     }
-    sqlx::query("UPDATE product SET alert_seq = ? WHERE id = ?")
+    sqlx::query("UPDATE product SET alert_seq = ?, waiting = ? WHERE id = ?")
+        .bind(users.len() as i64)
         .bind(users.len() as i64)
         .bind(product)
         .execute(db)
@@ -1634,6 +1640,11 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         concurrency: u32,
     },
+    /// The demand report over many products.
+    Demand {
+        #[arg(long, default_value_t = 100_000)]
+        products: u32,
+    },
     /// Delivery to a webhook endpoint.
     Webhook {
         #[arg(long, default_value_t = 500)]
@@ -1678,7 +1689,78 @@ async fn main() -> anyhow::Result<()> {
         } => cluster(users, rate, instances).await,
         Bench::Webhook { rate, seconds } => webhook(rate, seconds).await,
         Bench::Auth { calls, concurrency } => auth(calls, concurrency).await,
+        Bench::Demand { products } => demand(products).await,
     }
+}
+
+async fn demand(products: u32) -> anyhow::Result<()> {
+    let cluster = Cluster::launch(1, 500, &redis_url(), true, &[]).await?;
+    let outcome = demand_walk(&cluster, products).await;
+    cluster.tear_down().await.and(outcome)
+}
+
+async fn demand_walk(cluster: &Cluster, products: u32) -> anyhow::Result<()> {
+    let ids: Vec<i64> = (1..=i64::from(products)).collect();
+    for chunk in ids.chunks(5_000) {
+        let mut q = sqlx::QueryBuilder::new("INSERT INTO product (id, stock, waiting) ");
+        // A spread of demand, with many ties (as real catalogues have).
+        q.push_values(chunk, |mut row, id| {
+            row.push_bind(*id)
+                .push_bind(1)
+                .push_bind((id * 7_919) % 10_001);
+        });
+        q.build().execute(&cluster.db).await?;
+    }
+    let plan: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query(
+        "EXPLAIN SELECT id FROM product FORCE INDEX (ix_product_waiting) \
+         WHERE waiting < 5000 OR (waiting = 5000 AND id < 100) \
+         ORDER BY waiting DESC, id DESC LIMIT 51",
+    )
+    .fetch_all(&cluster.db)
+    .await
+    .map(|rows: Vec<sqlx::mysql::MySqlRow>| {
+        use sqlx::Row as _;
+        rows.iter()
+            .map(|r| {
+                (
+                    r.try_get("type").ok(),
+                    r.try_get("key").ok(),
+                    r.try_get("Extra").ok(),
+                )
+            })
+            .collect()
+    })?;
+    println!("demand: {products} products; MySQL's plan of a next page: {plan:?}");
+    let mut client = cluster.instances[0].client.clone();
+    let (mut token, mut latencies, mut seen) = (String::new(), vec![], 0usize);
+    loop {
+        let at = Instant::now();
+        let page = client
+            .list_products(proto::ListProductsRequest {
+                order_by: proto::ProductOrder::WaitingDesc as i32,
+                page_size: 50,
+                page_token: token,
+            })
+            .await?
+            .into_inner();
+        latencies.push(at.elapsed().as_secs_f64() * 1e3);
+        seen += page.products.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let deepest = *latencies.last().unwrap_or(&0.0);
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  walked {} pages ({seen} products): p50 {:.2} ms, p99 {:.2} ms, last page {:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 50),
+        percentile(&latencies, 99),
+        deepest
+    );
+    anyhow::ensure!(seen == products as usize, "the walk saw {seen} products");
+    Ok(())
 }
 
 /// The bearer token of the reader the `auth` bench's policy knows.
