@@ -38,6 +38,14 @@ use stock::{Offered, StockCache, StockFence, StockFigure};
 /// because a stock write came in between, so a few are plenty.
 const CACHE_STOCK_ATTEMPTS: usize = 5;
 
+/// A page cut from `listed`, read one longer than `page_size`, and whether another
+/// page follows: so the last page never hands out a token that leads to an empty one.
+fn one_page<T>(mut listed: Vec<T>, page_size: u32) -> (Vec<T>, bool) {
+    let more = listed.len() > page_size as usize;
+    listed.truncate(page_size as usize);
+    (listed, more)
+}
+
 /// A product's stock as the cache holds it.
 fn figure_of(product: &Product) -> StockFigure {
     StockFigure {
@@ -372,18 +380,15 @@ impl Engine {
         page_size: u32,
         from: Option<PageToken>,
     ) -> Result<RunPage, Error> {
-        // One run more than the page holds says whether there is a next page, so the
-        // last page never hands out a token that leads to an empty one.
-        let mut listed = self
+        let listed = self
             .store
             .list_runs(filter, from.map(|t| t.after()), page_size + 1)
             .await?;
-        let more = listed.len() > page_size as usize;
-        listed.truncate(page_size as usize);
-        let next = match listed.last() {
-            Some(last) if more => Some(PageToken::new(filter, last.key)),
-            _ => None,
-        };
+        let (listed, more) = one_page(listed, page_size);
+        let next = listed
+            .last()
+            .filter(|_| more)
+            .map(|last| PageToken::new(filter, last.key));
         Ok(RunPage {
             runs: listed.into_iter().map(|l| l.run).collect(),
             next,
@@ -406,17 +411,15 @@ impl Engine {
         page_size: u32,
         from: Option<ProductPageToken>,
     ) -> Result<ProductPage, Error> {
-        // One more than the page holds says whether there is a next page.
-        let mut products = self
+        let products = self
             .store
             .list_products(order, from.map(|t| t.after()), page_size + 1)
             .await?;
-        let more = products.len() > page_size as usize;
-        products.truncate(page_size as usize);
-        let next = match products.last() {
-            Some(last) if more => Some(ProductPageToken::new(order, last.waiting, last.id.get())),
-            _ => None,
-        };
+        let (products, more) = one_page(products, page_size);
+        let next = products
+            .last()
+            .filter(|_| more)
+            .map(|last| ProductPageToken::new(order, last.waiting, last.id.get()));
         Ok(ProductPage { products, next })
     }
 
