@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file restock/v1/restock.proto.
  */
 export const file_restock_v1_restock: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIlgKF0xpc3RSZXN0b2NrUnVuc1Jlc3BvbnNlEiQKBHJ1bnMYASADKAsyFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKFE1hbnVhbFJlc3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMilgMKClJlc3RvY2tSdW4SEgoKcHJvZHVjdF9pZBgBIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAIgASgDEiUKBnN0YXR1cxgDIAEoDjIVLnJlc3RvY2sudjEuUnVuU3RhdHVzEh4KEWxhc3Rfc2VudF91c2VyX2lkGAQgASgDSACIAQESEgoKc2VudF9jb3VudBgFIAEoAxIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxuZXh0X3dhdmVfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KBHdhdmUYCSABKAsyEC5yZXN0b2NrLnYxLldhdmUSFwoKbGFzdF9lcnJvchgKIAEoCUgBiAEBEhIKCnF1ZXVlX3NpemUYCyABKANCFAoSX2xhc3Rfc2VudF91c2VyX2lkQg0KC19sYXN0X2Vycm9yIkUKBFdhdmUSEAoIcGVyX3VuaXQYASABKA0SKwoIaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ioQEKDE5vdGlmaWNhdGlvbhIXCg9ub3RpZmljYXRpb25faWQYASABKAkSEgoKcHJvZHVjdF9pZBgCIAEoAxIPCgd1c2VyX2lkGAMgASgDEhUKDXJlc3RvY2tfcm91bmQYBCABKAMSKwoHc2VudF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHbWVzc2FnZRgGIAEoCSKcAQoFQWxlcnQSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDEg4KBmFjdGl2ZRgDIAEoCBIuCgpjcmVhdGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJDCgdQcm9kdWN0EhIKCnByb2R1Y3RfaWQYASABKAMSFQoNcmVzdG9ja19yb3VuZBgCIAEoAxINCgVzdG9jaxgDIAEoAyqkAQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZSVU5fU1RBVFVTX0lOX1BST0dSRVNTEAESIwofUlVOX1NUQVRVU19DQU5DRUxFRF9CWV9TT0xEX09VVBACEiAKHFJVTl9TVEFUVVNfQ0FOQ0VMRURfQllfRVJST1IQAxIYChRSVU5fU1RBVFVTX0NPTVBMRVRFRBAEMuIECg5SZXN0b2NrU2VydmljZRJLCg5UcmlnZ2VyUmVzdG9jaxIhLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuEkUKCVN1YnNjcmliZRIcLnJlc3RvY2sudjEuU3Vic2NyaWJlUmVxdWVzdBoYLnJlc3RvY2sudjEuTm90aWZpY2F0aW9uMAESRAoNUmVnaXN0ZXJBbGVydBIgLnJlc3RvY2sudjEuUmVnaXN0ZXJBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EkAKC0NhbmNlbEFsZXJ0Eh4ucmVzdG9jay52MS5DYW5jZWxBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EjwKCFNldFN0b2NrEhsucmVzdG9jay52MS5TZXRTdG9ja1JlcXVlc3QaEy5yZXN0b2NrLnYxLlByb2R1Y3QSSQoNR2V0UmVzdG9ja1J1bhIgLnJlc3RvY2sudjEuR2V0UmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4STwoPV2F0Y2hSZXN0b2NrUnVuEiIucmVzdG9jay52MS5XYXRjaFJlc3RvY2tSdW5SZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuMAESWgoPTGlzdFJlc3RvY2tSdW5zEiIucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXF1ZXN0GiMucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXNwb25zZTJgChNSZXN0b2NrQWRtaW5TZXJ2aWNlEkkKDU1hbnVhbFJlc3RvY2sSIC5yZXN0b2NrLnYxLk1hbnVhbFJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJYChdMaXN0UmVzdG9ja1J1bnNSZXNwb25zZRIkCgRydW5zGAEgAygLMhYucmVzdG9jay52MS5SZXN0b2NrUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChRNYW51YWxSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDIpYDCgpSZXN0b2NrUnVuEhIKCnByb2R1Y3RfaWQYASABKAMSFQoNcmVzdG9ja19yb3VuZBgCIAEoAxIlCgZzdGF0dXMYAyABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1cxIeChFsYXN0X3NlbnRfdXNlcl9pZBgEIAEoA0gAiAEBEhIKCnNlbnRfY291bnQYBSABKAMSLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbmV4dF93YXZlX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIeCgR3YXZlGAkgASgLMhAucmVzdG9jay52MS5XYXZlEhcKCmxhc3RfZXJyb3IYCiABKAlIAYgBARISCgpxdWV1ZV9zaXplGAsgASgDQhQKEl9sYXN0X3NlbnRfdXNlcl9pZEINCgtfbGFzdF9lcnJvciJFCgRXYXZlEhAKCHBlcl91bml0GAEgASgNEisKCGludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqEBCgxOb3RpZmljYXRpb24SFwoPbm90aWZpY2F0aW9uX2lkGAEgASgJEhIKCnByb2R1Y3RfaWQYAiABKAMSDwoHdXNlcl9pZBgDIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAQgASgDEisKB3NlbnRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB21lc3NhZ2UYBiABKAkinAEKBUFsZXJ0EhIKCnByb2R1Y3RfaWQYASABKAMSDwoHdXNlcl9pZBgCIAEoAxIOCgZhY3RpdmUYAyABKAgSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVAoHUHJvZHVjdBISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSDQoFc3RvY2sYAyABKAMSDwoHd2FpdGluZxgFIAEoAyqkAQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZSVU5fU1RBVFVTX0lOX1BST0dSRVNTEAESIwofUlVOX1NUQVRVU19DQU5DRUxFRF9CWV9TT0xEX09VVBACEiAKHFJVTl9TVEFUVVNfQ0FOQ0VMRURfQllfRVJST1IQAxIYChRSVU5fU1RBVFVTX0NPTVBMRVRFRBAEKmMKDFByb2R1Y3RPcmRlchIdChlQUk9EVUNUX09SREVSX1VOU1BFQ0lGSUVEEAASHgoaUFJPRFVDVF9PUkRFUl9XQUlUSU5HX0RFU0MQARIUChBQUk9EVUNUX09SREVSX0lEEAIy9wUKDlJlc3RvY2tTZXJ2aWNlEksKDlRyaWdnZXJSZXN0b2NrEiEucmVzdG9jay52MS5UcmlnZ2VyUmVzdG9ja1JlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SRQoJU3Vic2NyaWJlEhwucmVzdG9jay52MS5TdWJzY3JpYmVSZXF1ZXN0GhgucmVzdG9jay52MS5Ob3RpZmljYXRpb24wARJECg1SZWdpc3RlckFsZXJ0EiAucmVzdG9jay52MS5SZWdpc3RlckFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSQAoLQ2FuY2VsQWxlcnQSHi5yZXN0b2NrLnYxLkNhbmNlbEFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSPAoIU2V0U3RvY2sSGy5yZXN0b2NrLnYxLlNldFN0b2NrUmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJJCg1HZXRSZXN0b2NrUnVuEiAucmVzdG9jay52MS5HZXRSZXN0b2NrUnVuUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhJPCg9XYXRjaFJlc3RvY2tSdW4SIi5yZXN0b2NrLnYxLldhdGNoUmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4wARJaCg9MaXN0UmVzdG9ja1J1bnMSIi5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1JlcXVlc3QaIy5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1Jlc3BvbnNlEkAKCkdldFByb2R1Y3QSHS5yZXN0b2NrLnYxLkdldFByb2R1Y3RSZXF1ZXN0GhMucmVzdG9jay52MS5Qcm9kdWN0ElEKDExpc3RQcm9kdWN0cxIfLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVxdWVzdBogLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVzcG9uc2UyYAoTUmVzdG9ja0FkbWluU2VydmljZRJJCg1NYW51YWxSZXN0b2NrEiAucmVzdG9jay52MS5NYW51YWxSZXN0b2NrUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message restock.v1.TriggerRestockRequest
@@ -254,6 +254,79 @@ export const ListRestockRunsRequestSchema: GenMessage<ListRestockRunsRequest> = 
   messageDesc(file_restock_v1_restock, 7);
 
 /**
+ * @generated from message restock.v1.GetProductRequest
+ */
+export type GetProductRequest = Message<"restock.v1.GetProductRequest"> & {
+  /**
+   * @generated from field: int64 product_id = 1;
+   */
+  productId: bigint;
+};
+
+/**
+ * Describes the message restock.v1.GetProductRequest.
+ * Use `create(GetProductRequestSchema)` to create a new message.
+ */
+export const GetProductRequestSchema: GenMessage<GetProductRequest> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 8);
+
+/**
+ * @generated from message restock.v1.ListProductsRequest
+ */
+export type ListProductsRequest = Message<"restock.v1.ListProductsRequest"> & {
+  /**
+   * @generated from field: restock.v1.ProductOrder order_by = 1;
+   */
+  orderBy: ProductOrder;
+
+  /**
+   * Products per page: 50 when 0, at most 1000 (a larger value is read as 1000).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, with the same order_by; empty for the
+   * first page.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message restock.v1.ListProductsRequest.
+ * Use `create(ListProductsRequestSchema)` to create a new message.
+ */
+export const ListProductsRequestSchema: GenMessage<ListProductsRequest> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 9);
+
+/**
+ * @generated from message restock.v1.ListProductsResponse
+ */
+export type ListProductsResponse = Message<"restock.v1.ListProductsResponse"> & {
+  /**
+   * @generated from field: repeated restock.v1.Product products = 1;
+   */
+  products: Product[];
+
+  /**
+   * Pass as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message restock.v1.ListProductsResponse.
+ * Use `create(ListProductsResponseSchema)` to create a new message.
+ */
+export const ListProductsResponseSchema: GenMessage<ListProductsResponse> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 10);
+
+/**
  * @generated from message restock.v1.ListRestockRunsResponse
  */
 export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsResponse"> & {
@@ -275,7 +348,7 @@ export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsRespons
  * Use `create(ListRestockRunsResponseSchema)` to create a new message.
  */
 export const ListRestockRunsResponseSchema: GenMessage<ListRestockRunsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 8);
+  messageDesc(file_restock_v1_restock, 11);
 
 /**
  * @generated from message restock.v1.ManualRestockRequest
@@ -292,7 +365,7 @@ export type ManualRestockRequest = Message<"restock.v1.ManualRestockRequest"> & 
  * Use `create(ManualRestockRequestSchema)` to create a new message.
  */
 export const ManualRestockRequestSchema: GenMessage<ManualRestockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 9);
+  messageDesc(file_restock_v1_restock, 12);
 
 /**
  * @generated from message restock.v1.RestockRun
@@ -373,7 +446,7 @@ export type RestockRun = Message<"restock.v1.RestockRun"> & {
  * Use `create(RestockRunSchema)` to create a new message.
  */
 export const RestockRunSchema: GenMessage<RestockRun> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 10);
+  messageDesc(file_restock_v1_restock, 13);
 
 /**
  * Notify in waves that follow the stock: each wave notifies up to per_unit x the stock
@@ -404,7 +477,7 @@ export type Wave = Message<"restock.v1.Wave"> & {
  * Use `create(WaveSchema)` to create a new message.
  */
 export const WaveSchema: GenMessage<Wave> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 11);
+  messageDesc(file_restock_v1_restock, 14);
 
 /**
  * @generated from message restock.v1.Notification
@@ -448,7 +521,7 @@ export type Notification = Message<"restock.v1.Notification"> & {
  * Use `create(NotificationSchema)` to create a new message.
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 12);
+  messageDesc(file_restock_v1_restock, 15);
 
 /**
  * @generated from message restock.v1.Alert
@@ -485,7 +558,7 @@ export type Alert = Message<"restock.v1.Alert"> & {
  * Use `create(AlertSchema)` to create a new message.
  */
 export const AlertSchema: GenMessage<Alert> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 13);
+  messageDesc(file_restock_v1_restock, 16);
 
 /**
  * @generated from message restock.v1.Product
@@ -505,6 +578,13 @@ export type Product = Message<"restock.v1.Product"> & {
    * @generated from field: int64 stock = 3;
    */
   stock: bigint;
+
+  /**
+   * Users waiting: the product's active alerts (kept exact with every alert change).
+   *
+   * @generated from field: int64 waiting = 5;
+   */
+  waiting: bigint;
 };
 
 /**
@@ -512,7 +592,7 @@ export type Product = Message<"restock.v1.Product"> & {
  * Use `create(ProductSchema)` to create a new message.
  */
 export const ProductSchema: GenMessage<Product> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 14);
+  messageDesc(file_restock_v1_restock, 17);
 
 /**
  * @generated from enum restock.v1.RunStatus
@@ -549,6 +629,40 @@ export enum RunStatus {
  */
 export const RunStatusSchema: GenEnum<RunStatus> = /*@__PURE__*/
   enumDesc(file_restock_v1_restock, 0);
+
+/**
+ * The order of ListProducts.
+ *
+ * @generated from enum restock.v1.ProductOrder
+ */
+export enum ProductOrder {
+  /**
+   * The default: PRODUCT_ORDER_WAITING_DESC.
+   *
+   * @generated from enum value: PRODUCT_ORDER_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Most users waiting first; among equals, the highest product id first.
+   *
+   * @generated from enum value: PRODUCT_ORDER_WAITING_DESC = 1;
+   */
+  WAITING_DESC = 1,
+
+  /**
+   * By product id, ascending.
+   *
+   * @generated from enum value: PRODUCT_ORDER_ID = 2;
+   */
+  ID = 2,
+}
+
+/**
+ * Describes the enum restock.v1.ProductOrder.
+ */
+export const ProductOrderSchema: GenEnum<ProductOrder> = /*@__PURE__*/
+  enumDesc(file_restock_v1_restock, 1);
 
 /**
  * Called by backend services (inventory, catalog) and by streaming subscribers.
@@ -642,6 +756,27 @@ export const RestockService: GenService<{
     methodKind: "unary";
     input: typeof ListRestockRunsRequestSchema;
     output: typeof ListRestockRunsResponseSchema;
+  },
+  /**
+   * A product: its stock, round and users waiting. NOT_FOUND for an unknown product.
+   *
+   * @generated from rpc restock.v1.RestockService.GetProduct
+   */
+  getProduct: {
+    methodKind: "unary";
+    input: typeof GetProductRequestSchema;
+    output: typeof ProductSchema;
+  },
+  /**
+   * The demand report: products with the most users waiting first (or by id),
+   * keyset-paged.
+   *
+   * @generated from rpc restock.v1.RestockService.ListProducts
+   */
+  listProducts: {
+    methodKind: "unary";
+    input: typeof ListProductsRequestSchema;
+    output: typeof ListProductsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_restock_v1_restock, 0);
