@@ -12,8 +12,8 @@ pub mod console;
 /// Embedded or clustered: which implementation of each capability the engine gets.
 pub mod deployment;
 /// Plain types and rules: ids, run states and their transitions, notifications, what a
-/// `TriggerRestock` asks for (waves, idempotency keys), run listings and their page
-/// tokens, and the errors a caller can act on. No tonic, no sqlx.
+/// `TriggerRestock` asks for (waves, idempotency keys), run and product listings and
+/// their page tokens, and the errors a caller can act on. No tonic, no sqlx.
 pub mod domain;
 /// The notification run: the run loop (`engine::run`), the recorder that commits its
 /// batches and owns its lease (`engine::recorder`), run ownership and the takeover loop
@@ -26,9 +26,10 @@ pub mod domain;
 /// run watches (`engine::watch`) and the database's clock (`engine::clock`).
 pub mod engine;
 /// The gRPC face: the two services (`grpc::restock`, `grpc::admin`), proto <-> domain
-/// conversions, the one mapping of errors to status codes (`grpc::status`), the API
-/// rate limit, the observe layer (`grpc::observe`) and notifications encoded once for
-/// every stream (`grpc::wire`).
+/// conversions, the one mapping of errors to status codes (`grpc::status`), who may
+/// call what (`grpc::authz`: the method -> role table and its layer; `grpc::audit`),
+/// the API rate limit, the observe layer (`grpc::observe`) and notifications encoded
+/// once for every stream (`grpc::wire`).
 pub mod grpc;
 /// Prometheus metrics and their `/metrics` endpoint.
 pub mod monitoring;

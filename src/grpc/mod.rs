@@ -1,8 +1,9 @@
 //! The gRPC face of the service: generated code, the two services (`restock`,
 //! `admin`), proto <-> domain conversion, the one place where errors become status
-//! codes (`status`), the API rate limit (`ratelimit`), the layer that measures and
-//! traces every call (`observe`), notifications encoded once for every stream
-//! (`wire`), and CORS for gRPC-web calls from other origins (`cors`).
+//! codes (`status`), who may call what (`authz`, with streams ended on revocation in
+//! `revoke` and the audit log in `audit`), the API rate limit (`ratelimit`), the layer
+//! that measures and traces every call (`observe`), notifications encoded once for
+//! every stream (`wire`), and CORS for gRPC-web calls from other origins (`cors`).
 
 pub mod admin;
 pub mod audit;
