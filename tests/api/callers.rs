@@ -165,6 +165,25 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
             ),
         ),
         (
+            "GetProduct",
+            code(
+                client
+                    .get_product(with_token(
+                        proto::GetProductRequest { product_id: 1 },
+                        token,
+                    ))
+                    .await,
+            ),
+        ),
+        (
+            "ListProducts",
+            code(
+                client
+                    .list_products(with_token(proto::ListProductsRequest::default(), token))
+                    .await,
+            ),
+        ),
+        (
             "ManualRestock",
             code(
                 admin
@@ -178,11 +197,13 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
     ]
 }
 
-const READ_METHODS: [&str; 4] = [
+const READ_METHODS: [&str; 6] = [
     "GetRestockRun",
     "WatchRestockRun",
     "ListRestockRuns",
     "Subscribe",
+    "GetProduct",
+    "ListProducts",
 ];
 const WRITE_METHODS: [&str; 4] = ["SetStock", "RegisterAlert", "CancelAlert", "TriggerRestock"];
 
@@ -215,28 +236,41 @@ async fn each_role_may_call_exactly_its_methods() {
     for (method, code) in codes(app.channel.clone(), Some(ADMIN_TOKEN)).await {
         assert!(allowed(code), "admin may call {method}: {code:?}");
     }
-    // Nine calls without credentials, then a tenth with a token nobody holds: each is
-    // UNAUTHENTICATED, and past ten failures the address is shut out for a while.
-    for (method, code) in codes(app.channel.clone(), None).await {
-        assert_eq!(code, Code::Unauthenticated, "{method} without credentials");
-    }
+    // A token nobody holds, then every RPC without credentials: each UNAUTHENTICATED
+    // until ten failures from this address shut it out for a while, the right token
+    // too.
     let mut client = RestockServiceClient::new(app.channel.clone());
     let list = || proto::ListRestockRunsRequest::default();
     let unknown = client.list_restock_runs(with_token(list(), Some("not-a-known-token")));
     assert_eq!(unknown.await.unwrap_err().code(), Code::Unauthenticated);
+    for (i, (method, code)) in codes(app.channel.clone(), None)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let failure = i + 2;
+        let expected = if failure <= 10 {
+            Code::Unauthenticated
+        } else {
+            Code::ResourceExhausted
+        };
+        assert_eq!(
+            code, expected,
+            "{method} without credentials, failure {failure}"
+        );
+    }
     let shut_out = client.list_restock_runs(with_token(list(), Some(READER)));
     assert_eq!(shut_out.await.unwrap_err().code(), Code::ResourceExhausted);
-
     let samples = app.scrape().await;
     let denied = |reason: &str| {
         samples
             .get(&format!("restock_auth_denied_total{{reason=\"{reason}\"}}"))
             .copied()
     };
-    // Read may not call 5 methods, write 1; 9 + 1 + 1 calls went without credentials
-    // a caller has (the last one shut out).
+    // Read may not call 5 methods, write 1; 1 + 11 + 1 calls went without credentials
+    // a caller has (the shut-out ones included).
     assert_eq!(denied("permission_denied"), Some(6.0));
-    assert_eq!(denied("unauthenticated"), Some(11.0));
+    assert_eq!(denied("unauthenticated"), Some(13.0));
     assert_eq!(
         READ_METHODS.len() + WRITE_METHODS.len() + 1,
         restock_notifier::grpc::authz::METHODS.len(),
