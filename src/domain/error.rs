@@ -73,6 +73,8 @@ pub enum Invalid {
     PageTokenOfAnotherFilter,
     /// A ListProducts page token made for the other order.
     PageTokenOfAnotherOrder,
+    /// ListAlerts without a product_id or a user_id.
+    NoAlertFilter,
     /// An order_by that is not a ProductOrder.
     UnknownProductOrder(i32),
     /// `wave.per_unit` is 0.
@@ -116,6 +118,7 @@ impl fmt::Display for Invalid {
             Invalid::PageTokenOfAnotherFilter => write!(f, "page_token for another filter"),
             Invalid::PageTokenOfAnotherOrder => write!(f, "page_token for another order"),
             Invalid::UnknownProductOrder(got) => write!(f, "order_by {got}"),
+            Invalid::NoAlertFilter => write!(f, "no product_id or user_id"),
             Invalid::WavePerUnitZero => write!(f, "wave.per_unit 0"),
             Invalid::WaveInterval(ms) => write!(f, "wave.interval {ms:?} ms"),
             Invalid::EmptyIdempotencyKey => write!(f, "idempotency_key (empty)"),

@@ -225,6 +225,128 @@ pub struct ProductPage {
     pub next: Option<ProductPageToken>,
 }
 
+/// Which alerts `ListAlerts` lists: a product's (registration order), a user's (the
+/// newest first), or the one of both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertFilter {
+    pub product_id: Option<ProductId>,
+    pub user_id: Option<super::UserId>,
+    pub active_only: bool,
+}
+
+impl AlertFilter {
+    /// A filter with a product, a user or both; neither is refused.
+    pub fn new(
+        product_id: Option<ProductId>,
+        user_id: Option<super::UserId>,
+        active_only: bool,
+    ) -> Result<Self, Error> {
+        if product_id.is_none() && user_id.is_none() {
+            return Err(Error::InvalidArgument(Invalid::NoAlertFilter));
+        }
+        Ok(Self {
+            product_id,
+            user_id,
+            active_only,
+        })
+    }
+}
+
+/// Where a page of alerts ended: the last alert's queue position (a product's alerts)
+/// or row id (a user's), for the filter it was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertPageToken {
+    filter: AlertFilter,
+    after: i64,
+}
+
+/// Bytes of an alert page token: a version, a kind, flags, product, user, position.
+const ALERT_TOKEN_LEN: usize = 27;
+/// The kind byte of an alert page token, so a token of another listing is refused.
+const ALERT_TOKEN_KIND: u8 = 3;
+const HAS_USER: u8 = 0b100;
+const ACTIVE_ONLY: u8 = 0b1000;
+
+impl AlertPageToken {
+    pub fn new(filter: AlertFilter, after: i64) -> Self {
+        Self { filter, after }
+    }
+
+    pub fn after(&self) -> i64 {
+        self.after
+    }
+
+    pub fn encode(&self) -> String {
+        let mut bytes = [0u8; ALERT_TOKEN_LEN];
+        bytes[0] = VERSION;
+        bytes[1] = ALERT_TOKEN_KIND;
+        if let Some(product) = self.filter.product_id {
+            bytes[2] |= HAS_PRODUCT;
+            bytes[3..11].copy_from_slice(&product.get().to_be_bytes());
+        }
+        if let Some(user) = self.filter.user_id {
+            bytes[2] |= HAS_USER;
+            bytes[11..19].copy_from_slice(&user.get().to_be_bytes());
+        }
+        if self.filter.active_only {
+            bytes[2] |= ACTIVE_ONLY;
+        }
+        bytes[19..27].copy_from_slice(&self.after.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The token a client sent, for a listing with `filter`; `None` for the first page.
+    pub fn decode(token: &str, filter: &AlertFilter) -> Result<Option<Self>, Error> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let malformed = || Error::InvalidArgument(Invalid::NotAPageToken(Invalid::quote(token)));
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
+        let bytes: [u8; ALERT_TOKEN_LEN] = bytes.try_into().map_err(|_| malformed())?;
+        let flags = bytes[2];
+        if bytes[0] != VERSION
+            || bytes[1] != ALERT_TOKEN_KIND
+            || flags & !(HAS_PRODUCT | HAS_USER | ACTIVE_ONLY) != 0
+        {
+            return Err(malformed());
+        }
+        let id = |range: std::ops::Range<usize>| {
+            i64::from_be_bytes(bytes[range].try_into().expect("8 bytes"))
+        };
+        let product_id = match flags & HAS_PRODUCT {
+            0 => None,
+            _ => Some(ProductId::parse(id(3..11)).map_err(|_| malformed())?),
+        };
+        let user_id = match flags & HAS_USER {
+            0 => None,
+            _ => Some(super::UserId::parse(id(11..19)).map_err(|_| malformed())?),
+        };
+        let after = id(19..27);
+        let made_for = AlertFilter {
+            product_id,
+            user_id,
+            active_only: flags & ACTIVE_ONLY != 0,
+        };
+        if after <= 0 || (product_id.is_none() && user_id.is_none()) {
+            return Err(malformed());
+        }
+        if made_for != *filter {
+            return Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherFilter));
+        }
+        Ok(Some(Self {
+            filter: made_for,
+            after,
+        }))
+    }
+}
+
+/// A page of alerts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertPage {
+    pub alerts: Vec<super::Alert>,
+    pub next: Option<AlertPageToken>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +356,28 @@ mod tests {
             status,
             product_id: product.map(|p| ProductId::parse(p).unwrap()),
         }
+    }
+
+    #[test]
+    fn an_alert_token_round_trips_with_its_filter() {
+        let product = Some(ProductId::parse(7).unwrap());
+        let user = Some(crate::domain::UserId::parse(9).unwrap());
+        for (p, u, active) in [
+            (product, None, true),
+            (None, user, false),
+            (product, user, true),
+        ] {
+            let filter = AlertFilter::new(p, u, active).unwrap();
+            let token = AlertPageToken::new(filter, 42);
+            let decoded = AlertPageToken::decode(&token.encode(), &filter).unwrap();
+            assert_eq!(decoded, Some(token));
+            let other = AlertFilter::new(p, u, !active).unwrap();
+            assert!(matches!(
+                AlertPageToken::decode(&token.encode(), &other),
+                Err(Error::InvalidArgument(Invalid::PageTokenOfAnotherFilter))
+            ));
+        }
+        assert!(AlertFilter::new(None, None, false).is_err());
     }
 
     #[test]

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 pub use error::{BackendError, Component, Error, Invalid, NotResumable};
 pub use listing::{
-    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken, ProductOrder, ProductPage, ProductPageToken,
-    RunFilter, RunPage, parse_page_size,
+    AlertFilter, AlertPage, AlertPageToken, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken,
+    ProductOrder, ProductPage, ProductPageToken, RunFilter, RunPage, parse_page_size,
 };
 pub use trigger::{IdempotencyKey, TriggerRequest};
 

@@ -22,8 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::domain::{
-    Alert, Error, PageToken, Product, ProductId, ProductOrder, ProductPage, ProductPageToken, Run,
-    RunFilter, RunPage, TriggerRequest, UserId,
+    Alert, AlertFilter, AlertPage, AlertPageToken, Error, PageToken, Product, ProductId,
+    ProductOrder, ProductPage, ProductPageToken, Run, RunFilter, RunPage, TriggerRequest, UserId,
 };
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store, Triggered};
@@ -391,6 +391,29 @@ impl Engine {
             .map(|last| PageToken::new(filter, last.key));
         Ok(RunPage {
             runs: listed.into_iter().map(|l| l.run).collect(),
+            next,
+        })
+    }
+
+    /// One page of alerts matching `filter`, starting after `from` (the token of the
+    /// previous page; the first page when `None`).
+    pub async fn list_alerts(
+        &self,
+        filter: AlertFilter,
+        page_size: u32,
+        from: Option<AlertPageToken>,
+    ) -> Result<AlertPage, Error> {
+        let listed = self
+            .store
+            .list_alerts(filter, from.map(|t| t.after()), page_size + 1)
+            .await?;
+        let (listed, more) = one_page(listed, page_size);
+        let next = listed
+            .last()
+            .filter(|_| more)
+            .map(|(key, _)| AlertPageToken::new(filter, *key));
+        Ok(AlertPage {
+            alerts: listed.into_iter().map(|(_, alert)| alert).collect(),
             next,
         })
     }

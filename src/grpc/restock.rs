@@ -11,9 +11,9 @@ use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::callers::CallerOf;
 use crate::domain::{
-    Error, IdempotencyKey, Invalid, NotificationFilter, NotificationId, PageToken, ProductId,
-    ProductOrder, ProductPageToken, RunFilter, TriggerRequest, UserId, Wave, parse_page_size,
-    parse_round, parse_stock,
+    AlertFilter, AlertPageToken, Error, IdempotencyKey, Invalid, NotificationFilter,
+    NotificationId, PageToken, ProductId, ProductOrder, ProductPageToken, RunFilter,
+    TriggerRequest, UserId, Wave, parse_page_size, parse_round, parse_stock,
 };
 use crate::engine::Engine;
 
@@ -153,6 +153,25 @@ impl RestockService for RestockApi {
         let stream = self.engine.watch_run(product, round).await?;
         let stream = stream.map(|item| item.map(Into::into).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<proto::ListAlertsRequest>,
+    ) -> Result<Response<proto::ListAlertsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = AlertFilter::new(
+            req.product_id.map(ProductId::parse).transpose()?,
+            req.user_id.map(UserId::parse).transpose()?,
+            req.active_only,
+        )?;
+        let page_size = parse_page_size(req.page_size)?;
+        let from = AlertPageToken::decode(&req.page_token, &filter)?;
+        let page = self.engine.list_alerts(filter, page_size, from).await?;
+        Ok(Response::new(proto::ListAlertsResponse {
+            alerts: page.alerts.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(|t| t.encode()).unwrap_or_default(),
+        }))
     }
 
     async fn get_product(

@@ -226,6 +226,9 @@ fn invalid_message(invalid: &Invalid) -> String {
              order_by; send the same order_by as for the previous page, or start again \
              without page_token"
             .to_string(),
+        Invalid::NoAlertFilter => "ListAlerts needs a product_id (its alerts in \
+             registration order), a user_id (their alerts, the newest first), or both"
+            .to_string(),
         Invalid::UnknownProductOrder(got) => format!(
             "order_by {got} is not a product order; use PRODUCT_ORDER_WAITING_DESC (the \
              default: most users waiting first) or PRODUCT_ORDER_ID"

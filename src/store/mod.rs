@@ -14,9 +14,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    Alert, BackendError, Component, Error, NotResumable, Notification, NotificationFilter,
-    NotificationId, Product, ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus,
-    TriggerRequest, UserId,
+    Alert, AlertFilter, BackendError, Component, Error, NotResumable, Notification,
+    NotificationFilter, NotificationId, Product, ProductId, ProductOrder, Registration, Run,
+    RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
 /// History rows per INSERT statement. A batch is written in statements of this many
@@ -267,6 +267,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` runs matching `filter` with a key below `before` (all when `None`),
     /// newest first: in descending key order, which is creation order reversed.
+    /// Up to `limit` alerts matching `filter` after `after`, each with its key: a
+    /// product's in registration order (the key is the queue position), a user's the
+    /// newest first (the key is the row id). Served by ix_pun_queue (active only),
+    /// ix_pun_product_position or ix_pun_user.
+    async fn list_alerts(
+        &self,
+        filter: AlertFilter,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, Alert)>, Error>;
+
     /// Up to `limit` products in `order`, after `after` (the previous page's last
     /// product: its users waiting and id); served by ix_product_waiting or the
     /// primary key.

@@ -58,6 +58,20 @@ pub struct AlertRow {
     updated_at: DateTime<Utc>,
 }
 
+/// An alert as `list_alerts` reads it, with the key its page is ordered by.
+#[derive(sqlx::FromRow)]
+pub struct ListedAlertRow {
+    listed_key: i64,
+    #[sqlx(flatten)]
+    alert: AlertRow,
+}
+
+impl ListedAlertRow {
+    pub fn into_listed(self) -> (i64, Alert) {
+        (self.listed_key, self.alert.into())
+    }
+}
+
 impl From<AlertRow> for Alert {
     fn from(row: AlertRow) -> Self {
         Alert {

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use super::dialect::{Dialect, delta};
 use super::rows::{
-    AlertRow, ClaimableRow, ListedRunRow, PRODUCT_COLUMNS, ProductRow, ProgressRow,
+    AlertRow, ClaimableRow, ListedAlertRow, ListedRunRow, PRODUCT_COLUMNS, ProductRow, ProgressRow,
     RECORDED_COLUMNS, RUN_COLUMNS, RecordedRow, RegistrationRow, RunRow, status,
 };
 use super::{
@@ -45,8 +45,9 @@ use super::{
     driver_error,
 };
 use crate::domain::{
-    Alert, Error, IdempotencyKey, NotResumable, NotificationFilter, NotificationId, Product,
-    ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus, TriggerRequest, UserId,
+    Alert, AlertFilter, Error, IdempotencyKey, NotResumable, NotificationFilter, NotificationId,
+    Product, ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus, TriggerRequest,
+    UserId,
 };
 
 /// How often a transaction that lost a deadlock is run in all before its error is
@@ -1127,6 +1128,56 @@ where
     /// itself, MariaDB reads a product's runs through uq_pnh_product_round and sorts
     /// them once the page is larger than its estimate of their number, and a frequent
     /// status through the primary key, filtering as it goes.
+    async fn list_alerts(
+        &self,
+        filter: AlertFilter,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, Alert)>, Error> {
+        let (index, key, order) = match (filter.product_id, filter.user_id) {
+            (Some(_), None) if filter.active_only => ("ix_pun_queue", "position", "ASC"),
+            (Some(_), None) => ("ix_pun_product_position", "position", "ASC"),
+            // A user's alerts (with a product: the one of them, among the user's few).
+            (None, _) | (Some(_), Some(_)) => ("ix_pun_user", "id", "DESC"),
+        };
+        let mut conditions = vec![];
+        if filter.product_id.is_some() {
+            conditions.push("product_id = ?".to_string());
+        }
+        if filter.user_id.is_some() {
+            conditions.push("user_id = ?".to_string());
+        }
+        if filter.active_only {
+            conditions.push("is_active = TRUE".to_string());
+        }
+        if after.is_some() {
+            let compare = if order == "ASC" { ">" } else { "<" };
+            conditions.push(format!("{key} {compare} ?"));
+        }
+        let sql = format!(
+            "SELECT {key} AS listed_key, product_id, user_id, is_active, created_at, updated_at \
+             FROM product_user_notification{} WHERE {} ORDER BY {key} {order} LIMIT ?",
+            D::use_index(index),
+            conditions.join(" AND ")
+        );
+        let mut query = sqlx::query_as::<_, ListedAlertRow>(&sql);
+        if let Some(product) = filter.product_id {
+            query = query.bind(product.get());
+        }
+        if let Some(user) = filter.user_id {
+            query = query.bind(user.get());
+        }
+        if let Some(after) = after {
+            query = query.bind(after);
+        }
+        let rows = query
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(D::error)?;
+        Ok(rows.into_iter().map(ListedAlertRow::into_listed).collect())
+    }
+
     async fn list_products(
         &self,
         order: ProductOrder,

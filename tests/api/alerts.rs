@@ -1,5 +1,7 @@
 //! Registering and cancelling alerts.
 
+use restock_notifier::grpc::proto;
+
 use crate::helpers::*;
 
 async fn register_is_idempotent_and_cancel_then_register_moves_to_the_back(backend: Backend) {
@@ -45,4 +47,106 @@ async fn register_is_idempotent_and_cancel_then_register_moves_to_the_back(backe
     assert_eq!(rows, 2);
 }
 
-on_each_backend!(register_is_idempotent_and_cancel_then_register_moves_to_the_back,);
+async fn list_alerts(
+    app: &TestApp,
+    product: Option<i64>,
+    user: Option<i64>,
+    active_only: bool,
+    page_size: i32,
+    token: &str,
+) -> Result<proto::ListAlertsResponse, tonic::Status> {
+    app.client
+        .clone()
+        .list_alerts(proto::ListAlertsRequest {
+            product_id: product,
+            user_id: user,
+            active_only,
+            page_size,
+            page_token: token.to_string(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Every page of a listing, as (product, user) pairs.
+async fn every_alert(
+    app: &TestApp,
+    product: Option<i64>,
+    user: Option<i64>,
+    active_only: bool,
+) -> Vec<Vec<(i64, i64)>> {
+    let (mut pages, mut token) = (vec![], String::new());
+    loop {
+        let page = list_alerts(app, product, user, active_only, 2, &token)
+            .await
+            .unwrap();
+        pages.push(
+            page.alerts
+                .iter()
+                .map(|a| (a.product_id, a.user_id))
+                .collect(),
+        );
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn alerts_are_listed_by_product_in_queue_order_and_by_user_newest_first(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for product in [1, 2, 3] {
+        app.set_stock(product, 1).await;
+    }
+    for user in [7, 8, 9] {
+        app.register(1, user).await;
+    }
+    app.cancel(1, 7).await;
+    app.register(1, 7).await;
+    app.cancel(1, 8).await;
+    // User 9's alerts, registered for 1, then 3, then 2.
+    app.register(3, 9).await;
+    app.register(2, 9).await;
+
+    // Product 1: 8 (cancelled) keeps its place, 7 went to the back.
+    let every = every_alert(&app, Some(1), None, false).await;
+    assert_eq!(every, vec![vec![(1, 8), (1, 9)], vec![(1, 7)]]);
+    let waiting = every_alert(&app, Some(1), None, true).await;
+    assert_eq!(waiting, vec![vec![(1, 9), (1, 7)]]);
+    // User 9: the newest first.
+    let theirs = every_alert(&app, None, Some(9), false).await;
+    assert_eq!(theirs, vec![vec![(2, 9), (3, 9)], vec![(1, 9)]]);
+    let one = every_alert(&app, Some(1), Some(8), true).await;
+    assert_eq!(
+        one,
+        vec![Vec::<(i64, i64)>::new()],
+        "cancelled, and only active asked"
+    );
+    let one = every_alert(&app, Some(1), Some(8), false).await;
+    assert_eq!(one, vec![vec![(1, 8)]]);
+
+    let first = list_alerts(&app, Some(1), None, false, 2, "")
+        .await
+        .unwrap();
+    let refused = [
+        list_alerts(&app, None, None, false, 2, "").await,
+        list_alerts(&app, Some(1), None, true, 2, &first.next_page_token).await,
+        list_alerts(&app, Some(2), None, false, 2, &first.next_page_token).await,
+        list_alerts(&app, Some(0), None, false, 2, "").await,
+        list_alerts(&app, None, Some(-1), false, 2, "").await,
+        list_alerts(&app, Some(1), None, false, -5, "").await,
+        list_alerts(&app, Some(1), None, false, 2, "AQ").await,
+    ];
+    for (i, answer) in refused.into_iter().enumerate() {
+        assert_eq!(
+            answer.unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "case {i}"
+        );
+    }
+}
+
+on_each_backend!(
+    register_is_idempotent_and_cancel_then_register_moves_to_the_back,
+    alerts_are_listed_by_product_in_queue_order_and_by_user_newest_first,
+);

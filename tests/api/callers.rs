@@ -184,6 +184,20 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
             ),
         ),
         (
+            "ListAlerts",
+            code(
+                client
+                    .list_alerts(with_token(
+                        proto::ListAlertsRequest {
+                            product_id: Some(1),
+                            ..Default::default()
+                        },
+                        token,
+                    ))
+                    .await,
+            ),
+        ),
+        (
             "ManualRestock",
             code(
                 admin
@@ -197,13 +211,14 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
     ]
 }
 
-const READ_METHODS: [&str; 6] = [
+const READ_METHODS: [&str; 7] = [
     "GetRestockRun",
     "WatchRestockRun",
     "ListRestockRuns",
     "Subscribe",
     "GetProduct",
     "ListProducts",
+    "ListAlerts",
 ];
 const WRITE_METHODS: [&str; 4] = ["SetStock", "RegisterAlert", "CancelAlert", "TriggerRestock"];
 
@@ -267,10 +282,10 @@ async fn each_role_may_call_exactly_its_methods() {
             .get(&format!("restock_auth_denied_total{{reason=\"{reason}\"}}"))
             .copied()
     };
-    // Read may not call 5 methods, write 1; 1 + 11 + 1 calls went without credentials
+    // Read may not call 5 methods, write 1; 1 + 12 + 1 calls went without credentials
     // a caller has (the shut-out ones included).
     assert_eq!(denied("permission_denied"), Some(6.0));
-    assert_eq!(denied("unauthenticated"), Some(13.0));
+    assert_eq!(denied("unauthenticated"), Some(14.0));
     assert_eq!(
         READ_METHODS.len() + WRITE_METHODS.len() + 1,
         restock_notifier::grpc::authz::METHODS.len(),

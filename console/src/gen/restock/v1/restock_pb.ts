@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file restock/v1/restock.proto.
  */
 export const file_restock_v1_restock: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJYChdMaXN0UmVzdG9ja1J1bnNSZXNwb25zZRIkCgRydW5zGAEgAygLMhYucmVzdG9jay52MS5SZXN0b2NrUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChRNYW51YWxSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDIpYDCgpSZXN0b2NrUnVuEhIKCnByb2R1Y3RfaWQYASABKAMSFQoNcmVzdG9ja19yb3VuZBgCIAEoAxIlCgZzdGF0dXMYAyABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1cxIeChFsYXN0X3NlbnRfdXNlcl9pZBgEIAEoA0gAiAEBEhIKCnNlbnRfY291bnQYBSABKAMSLgoKc3RhcnRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMbmV4dF93YXZlX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIeCgR3YXZlGAkgASgLMhAucmVzdG9jay52MS5XYXZlEhcKCmxhc3RfZXJyb3IYCiABKAlIAYgBARISCgpxdWV1ZV9zaXplGAsgASgDQhQKEl9sYXN0X3NlbnRfdXNlcl9pZEINCgtfbGFzdF9lcnJvciJFCgRXYXZlEhAKCHBlcl91bml0GAEgASgNEisKCGludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqEBCgxOb3RpZmljYXRpb24SFwoPbm90aWZpY2F0aW9uX2lkGAEgASgJEhIKCnByb2R1Y3RfaWQYAiABKAMSDwoHdXNlcl9pZBgDIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAQgASgDEisKB3NlbnRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB21lc3NhZ2UYBiABKAkinAEKBUFsZXJ0EhIKCnByb2R1Y3RfaWQYASABKAMSDwoHdXNlcl9pZBgCIAEoAxIOCgZhY3RpdmUYAyABKAgSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVAoHUHJvZHVjdBISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSDQoFc3RvY2sYAyABKAMSDwoHd2FpdGluZxgFIAEoAyqkAQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZSVU5fU1RBVFVTX0lOX1BST0dSRVNTEAESIwofUlVOX1NUQVRVU19DQU5DRUxFRF9CWV9TT0xEX09VVBACEiAKHFJVTl9TVEFUVVNfQ0FOQ0VMRURfQllfRVJST1IQAxIYChRSVU5fU1RBVFVTX0NPTVBMRVRFRBAEKmMKDFByb2R1Y3RPcmRlchIdChlQUk9EVUNUX09SREVSX1VOU1BFQ0lGSUVEEAASHgoaUFJPRFVDVF9PUkRFUl9XQUlUSU5HX0RFU0MQARIUChBQUk9EVUNUX09SREVSX0lEEAIy9wUKDlJlc3RvY2tTZXJ2aWNlEksKDlRyaWdnZXJSZXN0b2NrEiEucmVzdG9jay52MS5UcmlnZ2VyUmVzdG9ja1JlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SRQoJU3Vic2NyaWJlEhwucmVzdG9jay52MS5TdWJzY3JpYmVSZXF1ZXN0GhgucmVzdG9jay52MS5Ob3RpZmljYXRpb24wARJECg1SZWdpc3RlckFsZXJ0EiAucmVzdG9jay52MS5SZWdpc3RlckFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSQAoLQ2FuY2VsQWxlcnQSHi5yZXN0b2NrLnYxLkNhbmNlbEFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSPAoIU2V0U3RvY2sSGy5yZXN0b2NrLnYxLlNldFN0b2NrUmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJJCg1HZXRSZXN0b2NrUnVuEiAucmVzdG9jay52MS5HZXRSZXN0b2NrUnVuUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhJPCg9XYXRjaFJlc3RvY2tSdW4SIi5yZXN0b2NrLnYxLldhdGNoUmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4wARJaCg9MaXN0UmVzdG9ja1J1bnMSIi5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1JlcXVlc3QaIy5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1Jlc3BvbnNlEkAKCkdldFByb2R1Y3QSHS5yZXN0b2NrLnYxLkdldFByb2R1Y3RSZXF1ZXN0GhMucmVzdG9jay52MS5Qcm9kdWN0ElEKDExpc3RQcm9kdWN0cxIfLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVxdWVzdBogLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVzcG9uc2UyYAoTUmVzdG9ja0FkbWluU2VydmljZRJJCg1NYW51YWxSZXN0b2NrEiAucmVzdG9jay52MS5NYW51YWxSZXN0b2NrUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKZAQoRTGlzdEFsZXJ0c1JlcXVlc3QSFwoKcHJvZHVjdF9pZBgBIAEoA0gAiAEBEhQKB3VzZXJfaWQYAiABKANIAYgBARITCgthY3RpdmVfb25seRgDIAEoCBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCUINCgtfcHJvZHVjdF9pZEIKCghfdXNlcl9pZCJQChJMaXN0QWxlcnRzUmVzcG9uc2USIQoGYWxlcnRzGAEgAygLMhEucmVzdG9jay52MS5BbGVydBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoXTGlzdFJlc3RvY2tSdW5zUmVzcG9uc2USJAoEcnVucxgBIAMoCzIWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoUTWFudWFsUmVzdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAyKWAwoKUmVzdG9ja1J1bhISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSJQoGc3RhdHVzGAMgASgOMhUucmVzdG9jay52MS5SdW5TdGF0dXMSHgoRbGFzdF9zZW50X3VzZXJfaWQYBCABKANIAIgBARISCgpzZW50X2NvdW50GAUgASgDEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDG5leHRfd2F2ZV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHgoEd2F2ZRgJIAEoCzIQLnJlc3RvY2sudjEuV2F2ZRIXCgpsYXN0X2Vycm9yGAogASgJSAGIAQESEgoKcXVldWVfc2l6ZRgLIAEoA0IUChJfbGFzdF9zZW50X3VzZXJfaWRCDQoLX2xhc3RfZXJyb3IiRQoEV2F2ZRIQCghwZXJfdW5pdBgBIAEoDRIrCghpbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKhAQoMTm90aWZpY2F0aW9uEhcKD25vdGlmaWNhdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgDEg8KB3VzZXJfaWQYAyABKAMSFQoNcmVzdG9ja19yb3VuZBgEIAEoAxIrCgdzZW50X2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdtZXNzYWdlGAYgASgJIpwBCgVBbGVydBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMSDgoGYWN0aXZlGAMgASgIEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlQKB1Byb2R1Y3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAIgASgDEg0KBXN0b2NrGAMgASgDEg8KB3dhaXRpbmcYBSABKAMqpAEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWUlVOX1NUQVRVU19JTl9QUk9HUkVTUxABEiMKH1JVTl9TVEFUVVNfQ0FOQ0VMRURfQllfU09MRF9PVVQQAhIgChxSVU5fU1RBVFVTX0NBTkNFTEVEX0JZX0VSUk9SEAMSGAoUUlVOX1NUQVRVU19DT01QTEVURUQQBCpjCgxQcm9kdWN0T3JkZXISHQoZUFJPRFVDVF9PUkRFUl9VTlNQRUNJRklFRBAAEh4KGlBST0RVQ1RfT1JERVJfV0FJVElOR19ERVNDEAESFAoQUFJPRFVDVF9PUkRFUl9JRBACMsQGCg5SZXN0b2NrU2VydmljZRJLCg5UcmlnZ2VyUmVzdG9jaxIhLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuEkUKCVN1YnNjcmliZRIcLnJlc3RvY2sudjEuU3Vic2NyaWJlUmVxdWVzdBoYLnJlc3RvY2sudjEuTm90aWZpY2F0aW9uMAESRAoNUmVnaXN0ZXJBbGVydBIgLnJlc3RvY2sudjEuUmVnaXN0ZXJBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EkAKC0NhbmNlbEFsZXJ0Eh4ucmVzdG9jay52MS5DYW5jZWxBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EjwKCFNldFN0b2NrEhsucmVzdG9jay52MS5TZXRTdG9ja1JlcXVlc3QaEy5yZXN0b2NrLnYxLlByb2R1Y3QSSQoNR2V0UmVzdG9ja1J1bhIgLnJlc3RvY2sudjEuR2V0UmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4STwoPV2F0Y2hSZXN0b2NrUnVuEiIucmVzdG9jay52MS5XYXRjaFJlc3RvY2tSdW5SZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuMAESWgoPTGlzdFJlc3RvY2tSdW5zEiIucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXF1ZXN0GiMucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXNwb25zZRJACgpHZXRQcm9kdWN0Eh0ucmVzdG9jay52MS5HZXRQcm9kdWN0UmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJRCgxMaXN0UHJvZHVjdHMSHy5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1JlcXVlc3QaIC5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1Jlc3BvbnNlEksKCkxpc3RBbGVydHMSHS5yZXN0b2NrLnYxLkxpc3RBbGVydHNSZXF1ZXN0Gh4ucmVzdG9jay52MS5MaXN0QWxlcnRzUmVzcG9uc2UyYAoTUmVzdG9ja0FkbWluU2VydmljZRJJCg1NYW51YWxSZXN0b2NrEiAucmVzdG9jay52MS5NYW51YWxSZXN0b2NrUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message restock.v1.TriggerRestockRequest
@@ -327,6 +327,76 @@ export const ListProductsResponseSchema: GenMessage<ListProductsResponse> = /*@_
   messageDesc(file_restock_v1_restock, 10);
 
 /**
+ * @generated from message restock.v1.ListAlertsRequest
+ */
+export type ListAlertsRequest = Message<"restock.v1.ListAlertsRequest"> & {
+  /**
+   * At least one of product_id and user_id.
+   *
+   * @generated from field: optional int64 product_id = 1;
+   */
+  productId?: bigint;
+
+  /**
+   * @generated from field: optional int64 user_id = 2;
+   */
+  userId?: bigint;
+
+  /**
+   * Only active alerts (the users waiting).
+   *
+   * @generated from field: bool active_only = 3;
+   */
+  activeOnly: boolean;
+
+  /**
+   * Alerts per page: 50 when 0, at most 1000 (a larger value is read as 1000).
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, with the same filter; empty for the
+   * first page.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message restock.v1.ListAlertsRequest.
+ * Use `create(ListAlertsRequestSchema)` to create a new message.
+ */
+export const ListAlertsRequestSchema: GenMessage<ListAlertsRequest> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 11);
+
+/**
+ * @generated from message restock.v1.ListAlertsResponse
+ */
+export type ListAlertsResponse = Message<"restock.v1.ListAlertsResponse"> & {
+  /**
+   * @generated from field: repeated restock.v1.Alert alerts = 1;
+   */
+  alerts: Alert[];
+
+  /**
+   * Pass as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message restock.v1.ListAlertsResponse.
+ * Use `create(ListAlertsResponseSchema)` to create a new message.
+ */
+export const ListAlertsResponseSchema: GenMessage<ListAlertsResponse> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 12);
+
+/**
  * @generated from message restock.v1.ListRestockRunsResponse
  */
 export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsResponse"> & {
@@ -348,7 +418,7 @@ export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsRespons
  * Use `create(ListRestockRunsResponseSchema)` to create a new message.
  */
 export const ListRestockRunsResponseSchema: GenMessage<ListRestockRunsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 11);
+  messageDesc(file_restock_v1_restock, 13);
 
 /**
  * @generated from message restock.v1.ManualRestockRequest
@@ -365,7 +435,7 @@ export type ManualRestockRequest = Message<"restock.v1.ManualRestockRequest"> & 
  * Use `create(ManualRestockRequestSchema)` to create a new message.
  */
 export const ManualRestockRequestSchema: GenMessage<ManualRestockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 12);
+  messageDesc(file_restock_v1_restock, 14);
 
 /**
  * @generated from message restock.v1.RestockRun
@@ -446,7 +516,7 @@ export type RestockRun = Message<"restock.v1.RestockRun"> & {
  * Use `create(RestockRunSchema)` to create a new message.
  */
 export const RestockRunSchema: GenMessage<RestockRun> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 13);
+  messageDesc(file_restock_v1_restock, 15);
 
 /**
  * Notify in waves that follow the stock: each wave notifies up to per_unit x the stock
@@ -477,7 +547,7 @@ export type Wave = Message<"restock.v1.Wave"> & {
  * Use `create(WaveSchema)` to create a new message.
  */
 export const WaveSchema: GenMessage<Wave> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 14);
+  messageDesc(file_restock_v1_restock, 16);
 
 /**
  * @generated from message restock.v1.Notification
@@ -521,7 +591,7 @@ export type Notification = Message<"restock.v1.Notification"> & {
  * Use `create(NotificationSchema)` to create a new message.
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 15);
+  messageDesc(file_restock_v1_restock, 17);
 
 /**
  * @generated from message restock.v1.Alert
@@ -558,7 +628,7 @@ export type Alert = Message<"restock.v1.Alert"> & {
  * Use `create(AlertSchema)` to create a new message.
  */
 export const AlertSchema: GenMessage<Alert> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 16);
+  messageDesc(file_restock_v1_restock, 18);
 
 /**
  * @generated from message restock.v1.Product
@@ -592,7 +662,7 @@ export type Product = Message<"restock.v1.Product"> & {
  * Use `create(ProductSchema)` to create a new message.
  */
 export const ProductSchema: GenMessage<Product> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 17);
+  messageDesc(file_restock_v1_restock, 19);
 
 /**
  * @generated from enum restock.v1.RunStatus
@@ -777,6 +847,17 @@ export const RestockService: GenService<{
     methodKind: "unary";
     input: typeof ListProductsRequestSchema;
     output: typeof ListProductsResponseSchema;
+  },
+  /**
+   * Alerts of a product (registration order) or of a user (newest first), or both;
+   * keyset-paged.
+   *
+   * @generated from rpc restock.v1.RestockService.ListAlerts
+   */
+  listAlerts: {
+    methodKind: "unary";
+    input: typeof ListAlertsRequestSchema;
+    output: typeof ListAlertsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_restock_v1_restock, 0);
