@@ -1,6 +1,7 @@
 //! Plain types and rules of the restock domain: ids, run states, notifications and the
 //! errors a caller can act on. Nothing here knows about gRPC, SQL or Redis.
 
+mod alert_status;
 mod error;
 mod listing;
 mod trigger;
@@ -10,6 +11,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
+pub use alert_status::{AlertOutcome, AlertStatus, RoundFacts};
 pub use error::{BackendError, Component, Error, Invalid, NotResumable};
 pub use listing::{
     AlertFilter, AlertPage, AlertPageToken, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken,

@@ -22,8 +22,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::domain::{
-    Alert, AlertFilter, AlertPage, AlertPageToken, Error, PageToken, Product, ProductId,
-    ProductOrder, ProductPage, ProductPageToken, Run, RunFilter, RunPage, TriggerRequest, UserId,
+    Alert, AlertFilter, AlertPage, AlertPageToken, AlertStatus, Error, PageToken, Product,
+    ProductId, ProductOrder, ProductPage, ProductPageToken, Run, RunFilter, RunPage,
+    TriggerRequest, UserId,
 };
 use crate::monitoring::Metrics;
 use crate::store::{ClaimedRun, Store, Triggered};
@@ -393,6 +394,18 @@ impl Engine {
             runs: listed.into_iter().map(|l| l.run).collect(),
             next,
         })
+    }
+
+    /// Where the alert of `user` for `product` stands and what became of it.
+    pub async fn alert_status(
+        &self,
+        product: ProductId,
+        user: UserId,
+    ) -> Result<AlertStatus, Error> {
+        self.store
+            .alert_status(product, user)
+            .await?
+            .ok_or(Error::UnknownAlert { product, user })
     }
 
     /// One page of alerts matching `filter`, starting after `from` (the token of the

@@ -42,6 +42,7 @@ pub const METHODS: &[(&str, Role)] = &[
     ("/restock.v1.RestockService/GetProduct", Role::Read),
     ("/restock.v1.RestockService/ListProducts", Role::Read),
     ("/restock.v1.RestockService/ListAlerts", Role::Read),
+    ("/restock.v1.RestockService/GetAlert", Role::Read),
     ("/restock.v1.RestockAdminService/ManualRestock", Role::Admin),
 ];
 

@@ -165,6 +165,33 @@ impl From<domain::Alert> for proto::Alert {
     }
 }
 
+impl From<domain::AlertStatus> for proto::AlertStatus {
+    fn from(status: domain::AlertStatus) -> Self {
+        let outcome = |outcome: domain::AlertOutcome| {
+            (match outcome {
+                domain::AlertOutcome::Notified => proto::AlertOutcome::Notified,
+                domain::AlertOutcome::Pending => proto::AlertOutcome::Pending,
+                domain::AlertOutcome::NotReached => proto::AlertOutcome::NotReached,
+                domain::AlertOutcome::RegisteredAfter => proto::AlertOutcome::RegisteredAfter,
+                domain::AlertOutcome::Inactive => proto::AlertOutcome::Inactive,
+            }) as i32
+        };
+        proto::AlertStatus {
+            alert: Some(status.alert.into()),
+            position: status.position,
+            users_ahead: status.users_ahead,
+            last_notified_round: status.last_notified.map(|(round, _)| round),
+            last_notified_at: status.last_notified.map(|(_, at)| timestamp(at)),
+            latest_round: status
+                .latest_round
+                .map(|(restock_round, o)| proto::RoundOutcome {
+                    restock_round,
+                    outcome: outcome(o),
+                }),
+        }
+    }
+}
+
 impl From<domain::Product> for proto::Product {
     fn from(product: domain::Product) -> Self {
         proto::Product {

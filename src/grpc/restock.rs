@@ -155,6 +155,17 @@ impl RestockService for RestockApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn get_alert(
+        &self,
+        request: Request<proto::GetAlertRequest>,
+    ) -> Result<Response<proto::AlertStatus>, Status> {
+        let req = request.into_inner();
+        let product = ProductId::parse(req.product_id)?;
+        let user = UserId::parse(req.user_id)?;
+        let status = self.engine.alert_status(product, user).await?;
+        Ok(Response::new(status.into()))
+    }
+
     async fn list_alerts(
         &self,
         request: Request<proto::ListAlertsRequest>,

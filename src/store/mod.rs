@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{
-    Alert, AlertFilter, BackendError, Component, Error, NotResumable, Notification,
+    Alert, AlertFilter, AlertStatus, BackendError, Component, Error, NotResumable, Notification,
     NotificationFilter, NotificationId, Product, ProductId, ProductOrder, Registration, Run,
     RunFilter, RunStatus, TriggerRequest, UserId,
 };
@@ -267,6 +267,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` runs matching `filter` with a key below `before` (all when `None`),
     /// newest first: in descending key order, which is creation order reversed.
+    /// Where the alert of `user` for `product` stands, and what the product's latest
+    /// round did with it (`None`: never registered), read in one snapshot. Served by
+    /// the unique keys, ix_pun_queue (the users ahead) and ix_punh_product_user.
+    async fn alert_status(
+        &self,
+        product: ProductId,
+        user: UserId,
+    ) -> Result<Option<AlertStatus>, Error>;
+
     /// Up to `limit` alerts matching `filter` after `after`, each with its key: a
     /// product's in registration order (the key is the queue position), a user's the
     /// newest first (the key is the row id). Served by ix_pun_queue (active only),

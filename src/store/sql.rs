@@ -45,9 +45,9 @@ use super::{
     driver_error,
 };
 use crate::domain::{
-    Alert, AlertFilter, Error, IdempotencyKey, NotResumable, NotificationFilter, NotificationId,
-    Product, ProductId, ProductOrder, Registration, Run, RunFilter, RunStatus, TriggerRequest,
-    UserId,
+    Alert, AlertFilter, AlertOutcome, AlertStatus, Error, IdempotencyKey, NotResumable,
+    NotificationFilter, NotificationId, Product, ProductId, ProductOrder, Registration, RoundFacts,
+    Run, RunFilter, RunStatus, TriggerRequest, UserId,
 };
 
 /// How often a transaction that lost a deadlock is run in all before its error is
@@ -1128,6 +1128,80 @@ where
     /// itself, MariaDB reads a product's runs through uq_pnh_product_round and sorts
     /// them once the page is larger than its estimate of their number, and a frequent
     /// status through the primary key, filtering as it goes.
+    async fn alert_status(
+        &self,
+        product: ProductId,
+        user: UserId,
+    ) -> Result<Option<AlertStatus>, Error> {
+        let mut tx = self.reader.begin().await.map_err(D::error)?;
+        let row: Option<ListedAlertRow> = sqlx::query_as(
+            "SELECT position AS listed_key, product_id, user_id, is_active, created_at, \
+             updated_at FROM product_user_notification WHERE product_id = ? AND user_id = ?",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(D::error)?;
+        let Some((position, alert)) = row.map(ListedAlertRow::into_listed) else {
+            return Ok(None);
+        };
+        let users_ahead: i64 = if alert.active {
+            let sql = format!(
+                "SELECT COUNT(*) FROM product_user_notification{} \
+                 WHERE product_id = ? AND is_active = TRUE AND position < ?",
+                D::use_index("ix_pun_queue")
+            );
+            sqlx::query_scalar(&sql)
+                .bind(product.get())
+                .bind(position)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(D::error)?
+        } else {
+            0
+        };
+        let last_notified: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT restock_round, sent_at FROM product_user_notification_history \
+             WHERE product_id = ? AND user_id = ? ORDER BY restock_round DESC LIMIT 1",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(D::error)?;
+        let latest: Option<(i64, String, Option<i64>)> = sqlx::query_as(
+            "SELECT restock_round, status, queue_end_position \
+             FROM product_notification_history WHERE product_id = ? \
+             ORDER BY restock_round DESC LIMIT 1",
+        )
+        .bind(product.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(D::error)?;
+        tx.commit().await.map_err(D::error)?;
+        let latest_round = match latest {
+            Some((round, status, queue_end)) => {
+                let facts = RoundFacts {
+                    notified_in_round: last_notified.is_some_and(|(r, _)| r == round),
+                    alert_active: alert.active,
+                    alert_position: position,
+                    round_queue_end: queue_end,
+                    round_status: super::rows::status(&status)?,
+                };
+                Some((round, AlertOutcome::of(facts)))
+            }
+            None => None,
+        };
+        Ok(Some(AlertStatus {
+            position: if alert.active { users_ahead + 1 } else { 0 },
+            users_ahead,
+            alert,
+            last_notified,
+            latest_round,
+        }))
+    }
+
     async fn list_alerts(
         &self,
         filter: AlertFilter,

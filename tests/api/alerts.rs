@@ -146,7 +146,105 @@ async fn alerts_are_listed_by_product_in_queue_order_and_by_user_newest_first(ba
     }
 }
 
+async fn alert_status(app: &TestApp, product: i64, user: i64) -> proto::AlertStatus {
+    app.client
+        .clone()
+        .get_alert(proto::GetAlertRequest {
+            product_id: product,
+            user_id: user,
+        })
+        .await
+        .expect("GetAlert")
+        .into_inner()
+}
+
+fn outcome(status: &proto::AlertStatus) -> Option<(i64, proto::AlertOutcome)> {
+    status
+        .latest_round
+        .as_ref()
+        .map(|r| (r.restock_round, r.outcome()))
+}
+
+async fn get_alert_tells_why_a_user_was_or_was_not_notified(backend: Backend) {
+    use proto::AlertOutcome::*;
+    let app = spawn_app(backend).await;
+    app.set_stock(1, 5).await;
+    for user in 1..=5 {
+        app.register(1, user).await;
+    }
+    let before = alert_status(&app, 1, 3).await;
+    assert_eq!((before.position, before.users_ahead), (3, 2));
+    assert_eq!(
+        (before.latest_round, before.last_notified_round),
+        (None, None)
+    );
+
+    // Round 1 notifies everyone; user 6 registers after it started.
+    app.trigger(1, None).await.unwrap();
+    app.wait_until_final(1).await;
+    app.register(1, 6).await;
+    let three = alert_status(&app, 1, 3).await;
+    assert_eq!(outcome(&three), Some((1, Notified)));
+    assert_eq!(three.last_notified_round, Some(1));
+    assert!(three.last_notified_at.is_some());
+    assert_eq!(
+        outcome(&alert_status(&app, 1, 6).await),
+        Some((1, RegisteredAfter))
+    );
+
+    // Round 2 fails at user 4 (the database refuses to record it), after user 5
+    // cancelled: the users its record holds were notified, the other active ones were
+    // not reached (a failed commit may take a few before user 4 with it).
+    crate::manual_restock::fail_recording_of(&app, 4).await;
+    app.cancel(1, 5).await;
+    app.trigger(1, None).await.unwrap();
+    app.wait_until_final(1).await;
+    let recorded = app.history(1, 2).await;
+    assert!(!recorded.contains(&4), "{recorded:?}");
+    for user in 1..=4 {
+        let expected = if recorded.contains(&user) {
+            Notified
+        } else {
+            NotReached
+        };
+        assert_eq!(
+            outcome(&alert_status(&app, 1, user).await),
+            Some((2, expected)),
+            "user {user}"
+        );
+    }
+    let five = alert_status(&app, 1, 5).await;
+    assert_eq!(outcome(&five), Some((2, Inactive)));
+    assert_eq!((five.position, five.users_ahead), (0, 0));
+    assert_eq!(five.last_notified_round, Some(1), "notified in round 1");
+    let six = alert_status(&app, 1, 6).await;
+    assert_eq!(outcome(&six), Some((2, NotReached)));
+    assert_eq!((six.position, six.users_ahead), (5, 4));
+
+    let mut client = app.client.clone();
+    let ask = |product, user| proto::GetAlertRequest {
+        product_id: product,
+        user_id: user,
+    };
+    let code = |answer: Result<tonic::Response<proto::AlertStatus>, tonic::Status>| {
+        answer.unwrap_err().code()
+    };
+    assert_eq!(
+        code(client.get_alert(ask(1, 99)).await),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        code(client.get_alert(ask(0, 1)).await),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(client.get_alert(ask(1, -1)).await),
+        tonic::Code::InvalidArgument
+    );
+}
+
 on_each_backend!(
     register_is_idempotent_and_cancel_then_register_moves_to_the_back,
+    get_alert_tells_why_a_user_was_or_was_not_notified,
     alerts_are_listed_by_product_in_queue_order_and_by_user_newest_first,
 );

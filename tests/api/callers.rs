@@ -198,6 +198,20 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
             ),
         ),
         (
+            "GetAlert",
+            code(
+                client
+                    .get_alert(with_token(
+                        proto::GetAlertRequest {
+                            product_id: 1,
+                            user_id: 1,
+                        },
+                        token,
+                    ))
+                    .await,
+            ),
+        ),
+        (
             "ManualRestock",
             code(
                 admin
@@ -211,7 +225,7 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
     ]
 }
 
-const READ_METHODS: [&str; 7] = [
+const READ_METHODS: [&str; 8] = [
     "GetRestockRun",
     "WatchRestockRun",
     "ListRestockRuns",
@@ -219,6 +233,7 @@ const READ_METHODS: [&str; 7] = [
     "GetProduct",
     "ListProducts",
     "ListAlerts",
+    "GetAlert",
 ];
 const WRITE_METHODS: [&str; 4] = ["SetStock", "RegisterAlert", "CancelAlert", "TriggerRestock"];
 
@@ -282,10 +297,10 @@ async fn each_role_may_call_exactly_its_methods() {
             .get(&format!("restock_auth_denied_total{{reason=\"{reason}\"}}"))
             .copied()
     };
-    // Read may not call 5 methods, write 1; 1 + 12 + 1 calls went without credentials
+    // Read may not call 5 methods, write 1; 1 + 13 + 1 calls went without credentials
     // a caller has (the shut-out ones included).
     assert_eq!(denied("permission_denied"), Some(6.0));
-    assert_eq!(denied("unauthenticated"), Some(14.0));
+    assert_eq!(denied("unauthenticated"), Some(15.0));
     assert_eq!(
         READ_METHODS.len() + WRITE_METHODS.len() + 1,
         restock_notifier::grpc::authz::METHODS.len(),

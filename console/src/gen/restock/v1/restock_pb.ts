@@ -17,7 +17,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file restock/v1/restock.proto.
  */
 export const file_restock_v1_restock: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKZAQoRTGlzdEFsZXJ0c1JlcXVlc3QSFwoKcHJvZHVjdF9pZBgBIAEoA0gAiAEBEhQKB3VzZXJfaWQYAiABKANIAYgBARITCgthY3RpdmVfb25seRgDIAEoCBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCUINCgtfcHJvZHVjdF9pZEIKCghfdXNlcl9pZCJQChJMaXN0QWxlcnRzUmVzcG9uc2USIQoGYWxlcnRzGAEgAygLMhEucmVzdG9jay52MS5BbGVydBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoXTGlzdFJlc3RvY2tSdW5zUmVzcG9uc2USJAoEcnVucxgBIAMoCzIWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoUTWFudWFsUmVzdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAyKWAwoKUmVzdG9ja1J1bhISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSJQoGc3RhdHVzGAMgASgOMhUucmVzdG9jay52MS5SdW5TdGF0dXMSHgoRbGFzdF9zZW50X3VzZXJfaWQYBCABKANIAIgBARISCgpzZW50X2NvdW50GAUgASgDEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDG5leHRfd2F2ZV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHgoEd2F2ZRgJIAEoCzIQLnJlc3RvY2sudjEuV2F2ZRIXCgpsYXN0X2Vycm9yGAogASgJSAGIAQESEgoKcXVldWVfc2l6ZRgLIAEoA0IUChJfbGFzdF9zZW50X3VzZXJfaWRCDQoLX2xhc3RfZXJyb3IiRQoEV2F2ZRIQCghwZXJfdW5pdBgBIAEoDRIrCghpbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKhAQoMTm90aWZpY2F0aW9uEhcKD25vdGlmaWNhdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgDEg8KB3VzZXJfaWQYAyABKAMSFQoNcmVzdG9ja19yb3VuZBgEIAEoAxIrCgdzZW50X2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdtZXNzYWdlGAYgASgJIpwBCgVBbGVydBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMSDgoGYWN0aXZlGAMgASgIEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlQKB1Byb2R1Y3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAIgASgDEg0KBXN0b2NrGAMgASgDEg8KB3dhaXRpbmcYBSABKAMqpAEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWUlVOX1NUQVRVU19JTl9QUk9HUkVTUxABEiMKH1JVTl9TVEFUVVNfQ0FOQ0VMRURfQllfU09MRF9PVVQQAhIgChxSVU5fU1RBVFVTX0NBTkNFTEVEX0JZX0VSUk9SEAMSGAoUUlVOX1NUQVRVU19DT01QTEVURUQQBCpjCgxQcm9kdWN0T3JkZXISHQoZUFJPRFVDVF9PUkRFUl9VTlNQRUNJRklFRBAAEh4KGlBST0RVQ1RfT1JERVJfV0FJVElOR19ERVNDEAESFAoQUFJPRFVDVF9PUkRFUl9JRBACMsQGCg5SZXN0b2NrU2VydmljZRJLCg5UcmlnZ2VyUmVzdG9jaxIhLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuEkUKCVN1YnNjcmliZRIcLnJlc3RvY2sudjEuU3Vic2NyaWJlUmVxdWVzdBoYLnJlc3RvY2sudjEuTm90aWZpY2F0aW9uMAESRAoNUmVnaXN0ZXJBbGVydBIgLnJlc3RvY2sudjEuUmVnaXN0ZXJBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EkAKC0NhbmNlbEFsZXJ0Eh4ucmVzdG9jay52MS5DYW5jZWxBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EjwKCFNldFN0b2NrEhsucmVzdG9jay52MS5TZXRTdG9ja1JlcXVlc3QaEy5yZXN0b2NrLnYxLlByb2R1Y3QSSQoNR2V0UmVzdG9ja1J1bhIgLnJlc3RvY2sudjEuR2V0UmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4STwoPV2F0Y2hSZXN0b2NrUnVuEiIucmVzdG9jay52MS5XYXRjaFJlc3RvY2tSdW5SZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuMAESWgoPTGlzdFJlc3RvY2tSdW5zEiIucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXF1ZXN0GiMucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXNwb25zZRJACgpHZXRQcm9kdWN0Eh0ucmVzdG9jay52MS5HZXRQcm9kdWN0UmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJRCgxMaXN0UHJvZHVjdHMSHy5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1JlcXVlc3QaIC5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1Jlc3BvbnNlEksKCkxpc3RBbGVydHMSHS5yZXN0b2NrLnYxLkxpc3RBbGVydHNSZXF1ZXN0Gh4ucmVzdG9jay52MS5MaXN0QWxlcnRzUmVzcG9uc2UyYAoTUmVzdG9ja0FkbWluU2VydmljZRJJCg1NYW51YWxSZXN0b2NrEiAucmVzdG9jay52MS5NYW51YWxSZXN0b2NrUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEimwEKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiOwoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIjkKEkNhbmNlbEFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMiNAoPU2V0U3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDQoFc3RvY2sYAiABKAMiWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI2Cg9HZXRBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIlAKDFJvdW5kT3V0Y29tZRIVCg1yZXN0b2NrX3JvdW5kGAEgASgDEikKB291dGNvbWUYAiABKA4yGC5yZXN0b2NrLnYxLkFsZXJ0T3V0Y29tZSL2AQoLQWxlcnRTdGF0dXMSIAoFYWxlcnQYASABKAsyES5yZXN0b2NrLnYxLkFsZXJ0EhAKCHBvc2l0aW9uGAIgASgDEhMKC3VzZXJzX2FoZWFkGAMgASgDEiAKE2xhc3Rfbm90aWZpZWRfcm91bmQYBCABKANIAIgBARI0ChBsYXN0X25vdGlmaWVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgxsYXRlc3Rfcm91bmQYBiABKAsyGC5yZXN0b2NrLnYxLlJvdW5kT3V0Y29tZUIWChRfbGFzdF9ub3RpZmllZF9yb3VuZCKZAQoRTGlzdEFsZXJ0c1JlcXVlc3QSFwoKcHJvZHVjdF9pZBgBIAEoA0gAiAEBEhQKB3VzZXJfaWQYAiABKANIAYgBARITCgthY3RpdmVfb25seRgDIAEoCBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCUINCgtfcHJvZHVjdF9pZEIKCghfdXNlcl9pZCJQChJMaXN0QWxlcnRzUmVzcG9uc2USIQoGYWxlcnRzGAEgAygLMhEucmVzdG9jay52MS5BbGVydBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoXTGlzdFJlc3RvY2tSdW5zUmVzcG9uc2USJAoEcnVucxgBIAMoCzIWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoUTWFudWFsUmVzdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAyKWAwoKUmVzdG9ja1J1bhISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSJQoGc3RhdHVzGAMgASgOMhUucmVzdG9jay52MS5SdW5TdGF0dXMSHgoRbGFzdF9zZW50X3VzZXJfaWQYBCABKANIAIgBARISCgpzZW50X2NvdW50GAUgASgDEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDG5leHRfd2F2ZV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHgoEd2F2ZRgJIAEoCzIQLnJlc3RvY2sudjEuV2F2ZRIXCgpsYXN0X2Vycm9yGAogASgJSAGIAQESEgoKcXVldWVfc2l6ZRgLIAEoA0IUChJfbGFzdF9zZW50X3VzZXJfaWRCDQoLX2xhc3RfZXJyb3IiRQoEV2F2ZRIQCghwZXJfdW5pdBgBIAEoDRIrCghpbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKhAQoMTm90aWZpY2F0aW9uEhcKD25vdGlmaWNhdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgDEg8KB3VzZXJfaWQYAyABKAMSFQoNcmVzdG9ja19yb3VuZBgEIAEoAxIrCgdzZW50X2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdtZXNzYWdlGAYgASgJIpwBCgVBbGVydBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMSDgoGYWN0aXZlGAMgASgIEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlQKB1Byb2R1Y3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAIgASgDEg0KBXN0b2NrGAMgASgDEg8KB3dhaXRpbmcYBSABKAMqpAEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWUlVOX1NUQVRVU19JTl9QUk9HUkVTUxABEiMKH1JVTl9TVEFUVVNfQ0FOQ0VMRURfQllfU09MRF9PVVQQAhIgChxSVU5fU1RBVFVTX0NBTkNFTEVEX0JZX0VSUk9SEAMSGAoUUlVOX1NUQVRVU19DT01QTEVURUQQBCpjCgxQcm9kdWN0T3JkZXISHQoZUFJPRFVDVF9PUkRFUl9VTlNQRUNJRklFRBAAEh4KGlBST0RVQ1RfT1JERVJfV0FJVElOR19ERVNDEAESFAoQUFJPRFVDVF9PUkRFUl9JRBACKsMBCgxBbGVydE91dGNvbWUSHQoZQUxFUlRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkFMRVJUX09VVENPTUVfTk9USUZJRUQQARIZChVBTEVSVF9PVVRDT01FX1BFTkRJTkcQAhIdChlBTEVSVF9PVVRDT01FX05PVF9SRUFDSEVEEAMSIgoeQUxFUlRfT1VUQ09NRV9SRUdJU1RFUkVEX0FGVEVSEAQSGgoWQUxFUlRfT1VUQ09NRV9JTkFDVElWRRAFMoYHCg5SZXN0b2NrU2VydmljZRJLCg5UcmlnZ2VyUmVzdG9jaxIhLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuEkUKCVN1YnNjcmliZRIcLnJlc3RvY2sudjEuU3Vic2NyaWJlUmVxdWVzdBoYLnJlc3RvY2sudjEuTm90aWZpY2F0aW9uMAESRAoNUmVnaXN0ZXJBbGVydBIgLnJlc3RvY2sudjEuUmVnaXN0ZXJBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EkAKC0NhbmNlbEFsZXJ0Eh4ucmVzdG9jay52MS5DYW5jZWxBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EjwKCFNldFN0b2NrEhsucmVzdG9jay52MS5TZXRTdG9ja1JlcXVlc3QaEy5yZXN0b2NrLnYxLlByb2R1Y3QSSQoNR2V0UmVzdG9ja1J1bhIgLnJlc3RvY2sudjEuR2V0UmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4STwoPV2F0Y2hSZXN0b2NrUnVuEiIucmVzdG9jay52MS5XYXRjaFJlc3RvY2tSdW5SZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuMAESWgoPTGlzdFJlc3RvY2tSdW5zEiIucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXF1ZXN0GiMucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXNwb25zZRJACgpHZXRQcm9kdWN0Eh0ucmVzdG9jay52MS5HZXRQcm9kdWN0UmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJRCgxMaXN0UHJvZHVjdHMSHy5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1JlcXVlc3QaIC5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1Jlc3BvbnNlEksKCkxpc3RBbGVydHMSHS5yZXN0b2NrLnYxLkxpc3RBbGVydHNSZXF1ZXN0Gh4ucmVzdG9jay52MS5MaXN0QWxlcnRzUmVzcG9uc2USQAoIR2V0QWxlcnQSGy5yZXN0b2NrLnYxLkdldEFsZXJ0UmVxdWVzdBoXLnJlc3RvY2sudjEuQWxlcnRTdGF0dXMyYAoTUmVzdG9ja0FkbWluU2VydmljZRJJCg1NYW51YWxSZXN0b2NrEiAucmVzdG9jay52MS5NYW51YWxSZXN0b2NrUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message restock.v1.TriggerRestockRequest
@@ -327,6 +327,100 @@ export const ListProductsResponseSchema: GenMessage<ListProductsResponse> = /*@_
   messageDesc(file_restock_v1_restock, 10);
 
 /**
+ * @generated from message restock.v1.GetAlertRequest
+ */
+export type GetAlertRequest = Message<"restock.v1.GetAlertRequest"> & {
+  /**
+   * @generated from field: int64 product_id = 1;
+   */
+  productId: bigint;
+
+  /**
+   * @generated from field: int64 user_id = 2;
+   */
+  userId: bigint;
+};
+
+/**
+ * Describes the message restock.v1.GetAlertRequest.
+ * Use `create(GetAlertRequestSchema)` to create a new message.
+ */
+export const GetAlertRequestSchema: GenMessage<GetAlertRequest> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 11);
+
+/**
+ * @generated from message restock.v1.RoundOutcome
+ */
+export type RoundOutcome = Message<"restock.v1.RoundOutcome"> & {
+  /**
+   * @generated from field: int64 restock_round = 1;
+   */
+  restockRound: bigint;
+
+  /**
+   * @generated from field: restock.v1.AlertOutcome outcome = 2;
+   */
+  outcome: AlertOutcome;
+};
+
+/**
+ * Describes the message restock.v1.RoundOutcome.
+ * Use `create(RoundOutcomeSchema)` to create a new message.
+ */
+export const RoundOutcomeSchema: GenMessage<RoundOutcome> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 12);
+
+/**
+ * @generated from message restock.v1.AlertStatus
+ */
+export type AlertStatus = Message<"restock.v1.AlertStatus"> & {
+  /**
+   * @generated from field: restock.v1.Alert alert = 1;
+   */
+  alert?: Alert;
+
+  /**
+   * 1-based among the product's active alerts in registration order; 0 if inactive.
+   *
+   * @generated from field: int64 position = 2;
+   */
+  position: bigint;
+
+  /**
+   * Active alerts ahead of this one.
+   *
+   * @generated from field: int64 users_ahead = 3;
+   */
+  usersAhead: bigint;
+
+  /**
+   * The last round that notified the user, and when.
+   *
+   * @generated from field: optional int64 last_notified_round = 4;
+   */
+  lastNotifiedRound?: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp last_notified_at = 5;
+   */
+  lastNotifiedAt?: Timestamp;
+
+  /**
+   * The product's latest round and what it did with the alert; unset before the first.
+   *
+   * @generated from field: restock.v1.RoundOutcome latest_round = 6;
+   */
+  latestRound?: RoundOutcome;
+};
+
+/**
+ * Describes the message restock.v1.AlertStatus.
+ * Use `create(AlertStatusSchema)` to create a new message.
+ */
+export const AlertStatusSchema: GenMessage<AlertStatus> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 13);
+
+/**
  * @generated from message restock.v1.ListAlertsRequest
  */
 export type ListAlertsRequest = Message<"restock.v1.ListAlertsRequest"> & {
@@ -370,7 +464,7 @@ export type ListAlertsRequest = Message<"restock.v1.ListAlertsRequest"> & {
  * Use `create(ListAlertsRequestSchema)` to create a new message.
  */
 export const ListAlertsRequestSchema: GenMessage<ListAlertsRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 11);
+  messageDesc(file_restock_v1_restock, 14);
 
 /**
  * @generated from message restock.v1.ListAlertsResponse
@@ -394,7 +488,7 @@ export type ListAlertsResponse = Message<"restock.v1.ListAlertsResponse"> & {
  * Use `create(ListAlertsResponseSchema)` to create a new message.
  */
 export const ListAlertsResponseSchema: GenMessage<ListAlertsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 12);
+  messageDesc(file_restock_v1_restock, 15);
 
 /**
  * @generated from message restock.v1.ListRestockRunsResponse
@@ -418,7 +512,7 @@ export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsRespons
  * Use `create(ListRestockRunsResponseSchema)` to create a new message.
  */
 export const ListRestockRunsResponseSchema: GenMessage<ListRestockRunsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 13);
+  messageDesc(file_restock_v1_restock, 16);
 
 /**
  * @generated from message restock.v1.ManualRestockRequest
@@ -435,7 +529,7 @@ export type ManualRestockRequest = Message<"restock.v1.ManualRestockRequest"> & 
  * Use `create(ManualRestockRequestSchema)` to create a new message.
  */
 export const ManualRestockRequestSchema: GenMessage<ManualRestockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 14);
+  messageDesc(file_restock_v1_restock, 17);
 
 /**
  * @generated from message restock.v1.RestockRun
@@ -516,7 +610,7 @@ export type RestockRun = Message<"restock.v1.RestockRun"> & {
  * Use `create(RestockRunSchema)` to create a new message.
  */
 export const RestockRunSchema: GenMessage<RestockRun> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 15);
+  messageDesc(file_restock_v1_restock, 18);
 
 /**
  * Notify in waves that follow the stock: each wave notifies up to per_unit x the stock
@@ -547,7 +641,7 @@ export type Wave = Message<"restock.v1.Wave"> & {
  * Use `create(WaveSchema)` to create a new message.
  */
 export const WaveSchema: GenMessage<Wave> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 16);
+  messageDesc(file_restock_v1_restock, 19);
 
 /**
  * @generated from message restock.v1.Notification
@@ -591,7 +685,7 @@ export type Notification = Message<"restock.v1.Notification"> & {
  * Use `create(NotificationSchema)` to create a new message.
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 17);
+  messageDesc(file_restock_v1_restock, 20);
 
 /**
  * @generated from message restock.v1.Alert
@@ -628,7 +722,7 @@ export type Alert = Message<"restock.v1.Alert"> & {
  * Use `create(AlertSchema)` to create a new message.
  */
 export const AlertSchema: GenMessage<Alert> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 18);
+  messageDesc(file_restock_v1_restock, 21);
 
 /**
  * @generated from message restock.v1.Product
@@ -662,7 +756,7 @@ export type Product = Message<"restock.v1.Product"> & {
  * Use `create(ProductSchema)` to create a new message.
  */
 export const ProductSchema: GenMessage<Product> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 19);
+  messageDesc(file_restock_v1_restock, 22);
 
 /**
  * @generated from enum restock.v1.RunStatus
@@ -733,6 +827,59 @@ export enum ProductOrder {
  */
 export const ProductOrderSchema: GenEnum<ProductOrder> = /*@__PURE__*/
   enumDesc(file_restock_v1_restock, 1);
+
+/**
+ * What the product's latest round did with an alert.
+ *
+ * @generated from enum restock.v1.AlertOutcome
+ */
+export enum AlertOutcome {
+  /**
+   * @generated from enum value: ALERT_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The user was notified in that round.
+   *
+   * @generated from enum value: ALERT_OUTCOME_NOTIFIED = 1;
+   */
+  NOTIFIED = 1,
+
+  /**
+   * The round is in progress and has not reached the user yet.
+   *
+   * @generated from enum value: ALERT_OUTCOME_PENDING = 2;
+   */
+  PENDING = 2,
+
+  /**
+   * The round ended (sold out, or failed) before it reached the user.
+   *
+   * @generated from enum value: ALERT_OUTCOME_NOT_REACHED = 3;
+   */
+  NOT_REACHED = 3,
+
+  /**
+   * Registered, or registered again, after the round started: waits for the next one.
+   *
+   * @generated from enum value: ALERT_OUTCOME_REGISTERED_AFTER = 4;
+   */
+  REGISTERED_AFTER = 4,
+
+  /**
+   * Cancelled before the round reached it.
+   *
+   * @generated from enum value: ALERT_OUTCOME_INACTIVE = 5;
+   */
+  INACTIVE = 5,
+}
+
+/**
+ * Describes the enum restock.v1.AlertOutcome.
+ */
+export const AlertOutcomeSchema: GenEnum<AlertOutcome> = /*@__PURE__*/
+  enumDesc(file_restock_v1_restock, 2);
 
 /**
  * Called by backend services (inventory, catalog) and by streaming subscribers.
@@ -858,6 +1005,18 @@ export const RestockService: GenService<{
     methodKind: "unary";
     input: typeof ListAlertsRequestSchema;
     output: typeof ListAlertsResponseSchema;
+  },
+  /**
+   * "Why was (or wasn't) this user notified?": where the alert stands in the queue, the
+   * last round that notified the user, and what the product's latest round did with
+   * the alert. NOT_FOUND if the user never registered for the product.
+   *
+   * @generated from rpc restock.v1.RestockService.GetAlert
+   */
+  getAlert: {
+    methodKind: "unary";
+    input: typeof GetAlertRequestSchema;
+    output: typeof AlertStatusSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_restock_v1_restock, 0);
