@@ -61,7 +61,8 @@
 //! `demand` fills a database with `--products` products whose users waiting are spread
 //! from 0 to 10,000, then walks the whole demand report (`ListProducts`, 50 a page,
 //! following the page tokens) and reports the latency of each page (p50, p99, the
-//! deepest page) and MySQL's plan of the query.
+//! deepest page) and MySQL's plan of the query; then GetAlert for the user at position
+//! 900,000 of a product with a million users waiting.
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
@@ -1760,6 +1761,48 @@ async fn demand_walk(cluster: &Cluster, products: u32) -> anyhow::Result<()> {
         deepest
     );
     anyhow::ensure!(seen == products as usize, "the walk saw {seen} products");
+    alert_lookup(cluster, ALERT_QUEUE).await
+}
+
+/// Users waiting for the product of the GetAlert measurement.
+const ALERT_QUEUE: i64 = 1_000_000;
+
+/// GetAlert for a user at position 900,000 of a product with a million users waiting:
+/// the users ahead are counted from ix_pun_queue on every call.
+async fn alert_lookup(cluster: &Cluster, queue: i64) -> anyhow::Result<()> {
+    let product = i64::from(u32::MAX);
+    let users: Vec<i64> = (1..=queue).collect();
+    seed_product(
+        &cluster.instances[0].client,
+        &cluster.db,
+        product,
+        1,
+        &users,
+    )
+    .await?;
+    let mut client = cluster.instances[0].client.clone();
+    let user = queue * 9 / 10;
+    let mut latencies = vec![];
+    let mut answer = None;
+    for _ in 0..50 {
+        let at = Instant::now();
+        let status = client
+            .get_alert(proto::GetAlertRequest {
+                product_id: product,
+                user_id: user,
+            })
+            .await?
+            .into_inner();
+        latencies.push(at.elapsed().as_secs_f64() * 1e3);
+        answer = Some((status.position, status.users_ahead));
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  GetAlert at position {user} of {queue}: {answer:?} (position, users ahead); \
+         p50 {:.1} ms, p99 {:.1} ms over 50 calls",
+        percentile(&latencies, 50),
+        percentile(&latencies, 99)
+    );
     Ok(())
 }
 
