@@ -2,7 +2,9 @@
 // notifications, the actions), and the runs of every product below. The product
 // followed is kept in the address (#product=42), so a link opens it.
 import { Actions } from "./actions";
+import { AlertLookup } from "./alert";
 import { parseId, useApiToken } from "./client";
+import { DemandTable } from "./demand";
 import { byTestId, showProblem } from "./dom";
 import { Feed } from "./feed";
 import { RunStatus } from "./gen/restock/v1/restock_pb";
@@ -39,6 +41,8 @@ function current(): bigint | undefined {
 
 new Actions(current, () => run.poke());
 new RunsTable(follow);
+new DemandTable(follow);
+new AlertLookup(current);
 
 document.getElementById("follow-form")?.addEventListener("submit", (event) => {
   event.preventDefault();

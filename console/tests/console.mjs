@@ -306,6 +306,35 @@ const scenarios = {
     await shot("token-denied");
   },
 
+  // The demand report lists the products with the most users waiting first, and the
+  // alert lookup says, in words and as the enum value, what the latest round did with
+  // a user, and where the user stands.
+  async demand({ product, expected, notified, after }) {
+    const response = await page.goto(`${url}#product=${product}`);
+    if (response?.status() !== 200) fail(`GET / answered ${response?.status()}`);
+    await until("the demand report, most waiting first", async () => {
+      const rows = await id("demand-row").evaluateAll((trs) =>
+        trs.map((tr) => [Number(tr.dataset.productId), Number(tr.dataset.waiting)]),
+      );
+      return same(rows, expected);
+    });
+    await shot("demand");
+
+    const lookUp = async (user, outcome, position) => {
+      await id("alert-user-id").fill(String(user));
+      await id("alert-lookup").click();
+      await until(`user ${user}: ${outcome}`, async () => {
+        const shown = await id("alert-outcome").getAttribute("data-outcome");
+        return shown === outcome && (await text("alert-position")) === String(position);
+      });
+      const words = await text("alert-outcome");
+      if (!words.startsWith("Round ")) fail(`the outcome is not in words: ${words}`);
+    };
+    await lookUp(notified, "ALERT_OUTCOME_NOTIFIED", 1);
+    await lookUp(after.user, "ALERT_OUTCOME_REGISTERED_AFTER", after.position);
+    await shot("alert-lookup");
+  },
+
   // The service started with RESTOCK_CONSOLE=off serves no page.
   async off() {
     const response = await page.goto(url);

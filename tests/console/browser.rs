@@ -400,6 +400,28 @@ async fn with_the_console_off_no_page_is_served_to_a_browser() {
     run_scenario("off", &mut service, serde_json::json!({})).await;
 }
 
+/// The demand report and the alert lookup: products with the most users waiting
+/// first, and what the latest round did with a user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_demand_and_looks_up_an_alert() {
+    require_browser_tools();
+    let mut service = Service::start(Backend::Embedded, &[("RESTOCK_SEND_RATE", "1000")]).await;
+    service.product(1, 5, &users(101, 3)).await;
+    service.product(2, 5, &users(201, 1)).await;
+    service.product(3, 5, &users(301, 2)).await;
+    service.trigger(1).await;
+    // Registered after round 1 started: behind its queue.
+    service.product(1, 5, &[104]).await;
+    let params = serde_json::json!({
+        "product": 1,
+        "expected": [[1, 4], [3, 2], [2, 1]],
+        "notified": 101,
+        "after": { "user": 104, "position": 4 },
+        "screenshots": screenshots("embedded-demand"),
+    });
+    run_scenario("demand", &mut service, params).await;
+}
+
 /// With a caller policy, the page asks for a token when a call answers
 /// UNAUTHENTICATED, sends it on every call, and shows PERMISSION_DENIED like any error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
