@@ -149,6 +149,8 @@ pub struct Alert {
     pub product_id: ProductId,
     pub user_id: UserId,
     pub active: bool,
+    /// Used up by the notification that reaches it.
+    pub once: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -286,8 +286,13 @@ impl Engine {
         ))
     }
 
-    pub async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
-        self.store.register_alert(product, user).await
+    pub async fn register_alert(
+        &self,
+        product: ProductId,
+        user: UserId,
+        once: bool,
+    ) -> Result<Alert, Error> {
+        self.store.register_alert(product, user, once).await
     }
 
     pub async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {

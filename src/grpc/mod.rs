@@ -159,6 +159,7 @@ impl From<domain::Alert> for proto::Alert {
             product_id: alert.product_id.get(),
             user_id: alert.user_id.get(),
             active: alert.active,
+            once: alert.once,
             created_at: Some(timestamp(alert.created_at)),
             updated_at: Some(timestamp(alert.updated_at)),
         }

@@ -80,7 +80,7 @@ impl RestockService for RestockApi {
         let answer = async {
             let product = ProductId::parse(req.product_id)?;
             let user = UserId::parse(req.user_id)?;
-            let alert = self.engine.register_alert(product, user).await?;
+            let alert = self.engine.register_alert(product, user, req.once).await?;
             Ok(Response::new(alert.into()))
         }
         .await;

@@ -147,7 +147,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Registers an alert; re-activating a cancelled one moves it to the back of the
     /// queue, an active one keeps its place. `NotFound` for an unknown product.
-    async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error>;
+    async fn register_alert(
+        &self,
+        product: ProductId,
+        user: UserId,
+        once: bool,
+    ) -> Result<Alert, Error>;
 
     /// Deactivates an alert. `NotFound` if it was never registered.
     async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error>;

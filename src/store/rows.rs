@@ -54,6 +54,7 @@ pub struct AlertRow {
     product_id: i64,
     user_id: i64,
     is_active: bool,
+    once: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -78,6 +79,7 @@ impl From<AlertRow> for Alert {
             product_id: ProductId::from_stored(row.product_id),
             user_id: UserId::from_stored(row.user_id),
             active: row.is_active,
+            once: row.once,
             created_at: row.created_at,
             updated_at: row.updated_at,
         }

@@ -282,7 +282,7 @@ where
         user: UserId,
     ) -> Result<Option<Alert>, Error> {
         let row: Option<AlertRow> = sqlx::query_as(
-            "SELECT product_id, user_id, is_active, created_at, updated_at \
+            "SELECT product_id, user_id, is_active, once, created_at, updated_at \
              FROM product_user_notification WHERE product_id = ? AND user_id = ?",
         )
         .bind(product.get())
@@ -417,7 +417,12 @@ where
         alert.ok_or(Error::UnknownAlert { product, user })
     }
 
-    async fn try_register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
+    async fn try_register_alert(
+        &self,
+        product: ProductId,
+        user: UserId,
+        once: bool,
+    ) -> Result<Alert, Error> {
         let mut tx = self.begin().await?;
         Self::lock_product(&mut tx, product)
             .await?
@@ -451,22 +456,24 @@ where
             let now = Utc::now();
             let reactivate = format!(
                 "UPDATE product_user_notification SET is_active = TRUE, position = ?, \
-                 updated_at = {} WHERE product_id = ? AND user_id = ?",
+                 once = ?, updated_at = {} WHERE product_id = ? AND user_id = ?",
                 D::STAMP
             );
             let insert = format!(
                 "INSERT INTO product_user_notification \
-                 (position, created_at, updated_at, product_id, user_id) \
-                 VALUES (?, {stamp}, {stamp}, ?, ?)",
+                 (position, once, created_at, updated_at, product_id, user_id) \
+                 VALUES (?, ?, {stamp}, {stamp}, ?, ?)",
                 stamp = D::STAMP
             );
             let query = if active.is_some() {
                 sqlx::query(&reactivate)
                     .bind(position)
+                    .bind(once)
                     .bind(D::stamp(now, TimeDelta::zero()))
             } else {
                 sqlx::query(&insert)
                     .bind(position)
+                    .bind(once)
                     .bind(D::stamp(now, TimeDelta::zero()))
                     .bind(D::stamp(now, TimeDelta::zero()))
             };
@@ -747,6 +754,51 @@ where
     }
 
     /// Inserts one statement of history rows.
+    /// One-shot alerts (G5): those of `sent` are used up in the transaction that
+    /// records their notifications, so no later round, resume or new owner of the run
+    /// notifies them again, and the users waiting drop by as many. The product's row is
+    /// locked first, the order registrations take, and only when the batch holds one.
+    async fn use_up_once(
+        tx: &mut Transaction<'static, D::DB>,
+        claim: &RunClaim,
+        sent: &[SentNotification],
+    ) -> Result<(), sqlx::Error> {
+        let users = vec!["?"; sent.len()].join(", ");
+        let which =
+            format!("product_id = ? AND once = TRUE AND is_active = TRUE AND user_id IN ({users})");
+        let check = format!("SELECT COUNT(*) FROM product_user_notification WHERE {which}");
+        let mut count = sqlx::query_scalar::<_, i64>(&check).bind(claim.product_id.get());
+        for s in sent {
+            count = count.bind(s.registration.user_id.get());
+        }
+        if count.fetch_one(&mut **tx).await? == 0 {
+            return Ok(());
+        }
+        let lock = format!("SELECT id FROM product WHERE id = ?{}", D::LOCK);
+        sqlx::query(&lock)
+            .bind(claim.product_id.get())
+            .execute(&mut **tx)
+            .await?;
+        let update = format!(
+            "UPDATE product_user_notification SET is_active = FALSE, updated_at = {} \
+             WHERE {which}",
+            D::STAMP
+        );
+        let mut used = sqlx::query(&update)
+            .bind(D::stamp(Utc::now(), TimeDelta::zero()))
+            .bind(claim.product_id.get());
+        for s in sent {
+            used = used.bind(s.registration.user_id.get());
+        }
+        let used = D::rows_affected(&used.execute(&mut **tx).await?) as i64;
+        sqlx::query("UPDATE product SET waiting = waiting - ? WHERE id = ?")
+            .bind(used)
+            .bind(claim.product_id.get())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn insert_history(
         tx: &mut Transaction<'static, D::DB>,
         claim: &RunClaim,
@@ -800,8 +852,13 @@ where
         Ok(row.map(Product::from))
     }
 
-    async fn register_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
-        retry_deadlocks::<D, _, _, _>(|| self.try_register_alert(product, user)).await
+    async fn register_alert(
+        &self,
+        product: ProductId,
+        user: UserId,
+        once: bool,
+    ) -> Result<Alert, Error> {
+        retry_deadlocks::<D, _, _, _>(|| self.try_register_alert(product, user, once)).await
     }
 
     async fn cancel_alert(&self, product: ProductId, user: UserId) -> Result<Alert, Error> {
@@ -949,7 +1006,11 @@ where
         // Statements of a fixed number of rows: each length is prepared once per
         // connection and then reused, as a batch of any length would not be.
         for rows in sent.chunks(HISTORY_ROWS_PER_INSERT) {
-            match Self::insert_history(&mut tx, claim, rows).await {
+            let inserted = match Self::insert_history(&mut tx, claim, rows).await {
+                Ok(()) => Self::use_up_once(&mut tx, claim, rows).await,
+                Err(e) => Err(e),
+            };
+            match inserted {
                 Ok(()) => {}
                 // A user already recorded in this round: a new owner of the run
                 // recorded it (G6's unique key). Then this claim is the one that lost,
@@ -1135,8 +1196,9 @@ where
     ) -> Result<Option<AlertStatus>, Error> {
         let mut tx = self.reader.begin().await.map_err(D::error)?;
         let row: Option<ListedAlertRow> = sqlx::query_as(
-            "SELECT position AS listed_key, product_id, user_id, is_active, created_at, \
-             updated_at FROM product_user_notification WHERE product_id = ? AND user_id = ?",
+            "SELECT position AS listed_key, product_id, user_id, is_active, once, \
+             created_at, updated_at FROM product_user_notification \
+             WHERE product_id = ? AND user_id = ?",
         )
         .bind(product.get())
         .bind(user.get())
@@ -1229,7 +1291,8 @@ where
             conditions.push(format!("{key} {compare} ?"));
         }
         let sql = format!(
-            "SELECT {key} AS listed_key, product_id, user_id, is_active, created_at, updated_at \
+            "SELECT {key} AS listed_key, product_id, user_id, is_active, once, created_at, \
+             updated_at \
              FROM product_user_notification{} WHERE {} ORDER BY {key} {order} LIMIT ?",
             D::use_index(index),
             conditions.join(" AND ")

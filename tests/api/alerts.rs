@@ -243,8 +243,81 @@ async fn get_alert_tells_why_a_user_was_or_was_not_notified(backend: Backend) {
     );
 }
 
+async fn register_once(app: &TestApp, product: i64, user: i64) -> proto::Alert {
+    app.client
+        .clone()
+        .register_alert(proto::RegisterAlertRequest {
+            product_id: product,
+            user_id: user,
+            once: true,
+        })
+        .await
+        .expect("RegisterAlert")
+        .into_inner()
+}
+
+async fn a_one_shot_alert_is_used_up_by_its_notification_even_across_a_resume(backend: Backend) {
+    use proto::AlertOutcome::*;
+    let app = spawn_app(backend).await;
+    app.set_stock(1, 5).await;
+    assert!(register_once(&app, 1, 1).await.once);
+    app.register(1, 2).await;
+    register_once(&app, 1, 3).await;
+    app.register(1, 4).await;
+
+    // Round 1 fails at user 4: users 1-3 may be recorded (and 1 and 3 used up in the
+    // same transaction), then ManualRestock finishes the round.
+    crate::manual_restock::fail_recording_of(&app, 4).await;
+    app.trigger(1, None).await.unwrap();
+    app.wait_until_final(1).await;
+    crate::manual_restock::heal(&app).await;
+    let recorded = app.history(1, 1).await;
+    for user in [1, 3] {
+        let status = alert_status(&app, 1, user).await;
+        let used = recorded.contains(&user);
+        assert_eq!(status.alert.unwrap().active, !used, "user {user}");
+    }
+    app.manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
+    app.wait_until_final(1).await;
+    assert_eq!(
+        app.history(1, 1).await,
+        vec![1, 2, 3, 4],
+        "each once, in order"
+    );
+    for user in [1, 3] {
+        let status = alert_status(&app, 1, user).await;
+        assert!(
+            !status.alert.as_ref().unwrap().active,
+            "user {user} used up"
+        );
+        assert_eq!(status.position, 0);
+    }
+    let product = app
+        .client
+        .clone()
+        .get_product(proto::GetProductRequest { product_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(product.waiting, 2, "the two one-shot alerts no longer wait");
+
+    // Round 2 tells the other two only; the one-shot alerts were used before it.
+    app.trigger(1, None).await.unwrap();
+    app.wait_until_final(1).await;
+    assert_eq!(app.history(1, 2).await, vec![2, 4]);
+    assert_eq!(
+        outcome(&alert_status(&app, 1, 1).await),
+        Some((2, Inactive))
+    );
+    // Registering again makes it wait once more, at the back.
+    let again = register_once(&app, 1, 1).await;
+    assert!(again.active && again.once);
+    assert_eq!(alert_status(&app, 1, 1).await.position, 3);
+}
+
 on_each_backend!(
     register_is_idempotent_and_cancel_then_register_moves_to_the_back,
+    a_one_shot_alert_is_used_up_by_its_notification_even_across_a_resume,
     get_alert_tells_why_a_user_was_or_was_not_notified,
     alerts_are_listed_by_product_in_queue_order_and_by_user_newest_first,
 );

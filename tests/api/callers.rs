@@ -88,6 +88,7 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
     let alert = proto::RegisterAlertRequest {
         product_id: 1,
         user_id: 1,
+        once: false,
     };
     let cancel = proto::CancelAlertRequest {
         product_id: 1,

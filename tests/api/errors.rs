@@ -23,6 +23,7 @@ async fn invalid_arguments_are_refused(backend: Backend) {
             c.register_alert(proto::RegisterAlertRequest {
                 product_id: product,
                 user_id: user,
+                once: false,
             })
             .await,
             Code::InvalidArgument,
@@ -71,6 +72,7 @@ async fn unknown_products_rounds_and_alerts_are_not_found(backend: Backend) {
         c.register_alert(proto::RegisterAlertRequest {
             product_id: 9,
             user_id: 1,
+            once: false,
         })
         .await,
         Code::NotFound,

@@ -81,6 +81,7 @@ async fn waiting_stays_exact_under_concurrent_registrations_and_cancels(backend:
                 let register = proto::RegisterAlertRequest {
                     product_id: 1,
                     user_id: user,
+                    once: false,
                 };
                 client.register_alert(register).await.unwrap();
             }

@@ -83,7 +83,7 @@ impl Fresh {
         self.store.set_stock(product, stock).await.unwrap();
         for &u in users {
             self.store
-                .register_alert(product, UserId::parse(u).unwrap())
+                .register_alert(product, UserId::parse(u).unwrap(), false)
                 .await
                 .unwrap();
         }
@@ -181,7 +181,11 @@ async fn set_stock_creates_the_product_and_bumps_its_version_on_every_write(back
 async fn register_alert_needs_a_known_product(backend: Backend) {
     let t = fresh(backend).await;
     let product = ProductId::parse(1).unwrap();
-    let refused = t.store.register_alert(product, user(1)).await.unwrap_err();
+    let refused = t
+        .store
+        .register_alert(product, user(1), false)
+        .await
+        .unwrap_err();
     assert!(
         matches!(refused, Error::UnknownProduct(p) if p == product),
         "{refused:?}"
@@ -191,7 +195,11 @@ async fn register_alert_needs_a_known_product(backend: Backend) {
 async fn an_active_alert_registered_again_keeps_its_place(backend: Backend) {
     let t = fresh(backend).await;
     let product = t.product(1, 5, &[1, 2]).await;
-    let again = t.store.register_alert(product, user(1)).await.unwrap();
+    let again = t
+        .store
+        .register_alert(product, user(1), false)
+        .await
+        .unwrap();
     assert!(again.active);
     let run = t.start(product, TriggerRequest::default()).await;
     assert_eq!(users(&t.queue(&run.claim).await), [1, 2]);
@@ -204,7 +212,7 @@ async fn a_cancelled_alert_registered_again_goes_to_the_back(backend: Backend) {
     assert!(!cancelled.active);
     assert!(
         t.store
-            .register_alert(product, user(1))
+            .register_alert(product, user(1), false)
             .await
             .unwrap()
             .active
@@ -713,8 +721,14 @@ async fn next_registrations_pages_after_the_cursor_and_skips_users_recorded_in_t
     // User 1, recorded, registers again during the round: at the back, and left out.
     t.record(&run.claim, &page[..1], After::Renew).await;
     t.store.cancel_alert(product, user(1)).await.unwrap();
-    t.store.register_alert(product, user(1)).await.unwrap();
-    t.store.register_alert(product, user(5)).await.unwrap();
+    t.store
+        .register_alert(product, user(1), false)
+        .await
+        .unwrap();
+    t.store
+        .register_alert(product, user(5), false)
+        .await
+        .unwrap();
     let mut rest = vec![];
     let mut cursor = Some(page[0].position);
     loop {

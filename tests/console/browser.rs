@@ -252,6 +252,7 @@ impl Service {
             let request = proto::RegisterAlertRequest {
                 product_id: product,
                 user_id: user,
+                once: false,
             };
             client
                 .register_alert(as_admin(request))

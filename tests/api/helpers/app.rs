@@ -337,6 +337,7 @@ impl TestApp {
             .register_alert(proto::RegisterAlertRequest {
                 product_id: product,
                 user_id: user,
+                once: false,
             })
             .await
             .expect("RegisterAlert")
