@@ -419,6 +419,54 @@ async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history()
     eprintln!("taken over {taken_over_after:?} after kill -9");
 }
 
+/// One-shot alerts across a takeover: every alert is used up by the one notification
+/// recorded for it, whichever instance recorded it, and none is notified twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_alerts_are_used_up_exactly_once_across_a_takeover() {
+    let survivor = spawn_app_with(Options {
+        send_rate: 200,
+        run_lease: Duration::from_secs(2),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=1_500).collect();
+    survivor.set_stock(1, 10).await;
+    survivor.register_bulk(1, &users).await;
+    // Every alert one-shot, as RegisterAlert with once would have made it (written in
+    // bulk, as the registrations are).
+    sqlx::query("UPDATE product_user_notification SET once = TRUE WHERE product_id = 1")
+        .execute(&survivor.db)
+        .await
+        .unwrap();
+    let mut owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
+    owner.trigger(1).await;
+    survivor.wait_for_history(1, 1, 300).await;
+    owner.service.signal("KILL");
+    owner.service.wait();
+    let run = survivor.wait_until_final(1).await;
+    assert_eq!(run.status(), RunStatus::Completed);
+    assert_eq!(
+        survivor.history(1, 1).await,
+        users,
+        "each user once, in order"
+    );
+    let still_active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM product_user_notification WHERE product_id = 1 AND is_active = TRUE",
+    )
+    .fetch_one(&survivor.db)
+    .await
+    .unwrap();
+    assert_eq!(still_active, 0, "every one-shot alert used up");
+    let product = survivor
+        .client
+        .clone()
+        .get_product(restock_notifier::grpc::proto::GetProductRequest { product_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(product.waiting, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
     let survivor = spawn_app_with(Options {
