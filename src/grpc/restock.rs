@@ -77,16 +77,11 @@ impl RestockService for RestockApi {
     ) -> Result<Response<proto::Alert>, Status> {
         let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let answer = async {
-            let product = ProductId::parse(req.product_id)?;
-            let user = UserId::parse(req.user_id)?;
-            let alert = self.engine.register_alert(product, user, req.once).await?;
-            Ok(Response::new(alert.into()))
-        }
-        .await;
-        let (product, user) = (Some(req.product_id), Some(req.user_id));
-        audit::call(caller.as_ref(), "RegisterAlert", product, user, &answer);
-        answer
+        let ids = (req.product_id, req.user_id);
+        change_alert(caller, "RegisterAlert", ids, |product, user| {
+            self.engine.register_alert(product, user, req.once)
+        })
+        .await
     }
 
     async fn cancel_alert(
@@ -95,16 +90,11 @@ impl RestockService for RestockApi {
     ) -> Result<Response<proto::Alert>, Status> {
         let caller = request.extensions().get::<CallerOf>().cloned();
         let req = request.into_inner();
-        let answer = async {
-            let product = ProductId::parse(req.product_id)?;
-            let user = UserId::parse(req.user_id)?;
-            let alert = self.engine.cancel_alert(product, user).await?;
-            Ok(Response::new(alert.into()))
-        }
-        .await;
-        let (product, user) = (Some(req.product_id), Some(req.user_id));
-        audit::call(caller.as_ref(), "CancelAlert", product, user, &answer);
-        answer
+        let ids = (req.product_id, req.user_id);
+        change_alert(caller, "CancelAlert", ids, |product, user| {
+            self.engine.cancel_alert(product, user)
+        })
+        .await
     }
 
     async fn set_stock(
@@ -253,4 +243,24 @@ impl RestockApi {
         let run = self.engine.trigger_restock(product, request).await?;
         Ok(Response::new(run.into()))
     }
+}
+
+/// RegisterAlert and CancelAlert: the ids parsed, `change` made, and the call audited
+/// with the ids as the caller sent them.
+async fn change_alert<Fut>(
+    caller: Option<CallerOf>,
+    method: &str,
+    (product, user): (i64, i64),
+    change: impl FnOnce(ProductId, UserId) -> Fut,
+) -> Result<Response<proto::Alert>, Status>
+where
+    Fut: std::future::Future<Output = Result<crate::domain::Alert, Error>>,
+{
+    let answer = async {
+        let alert = change(ProductId::parse(product)?, UserId::parse(user)?).await?;
+        Ok(Response::new(alert.into()))
+    }
+    .await;
+    audit::call(caller.as_ref(), method, Some(product), Some(user), &answer);
+    answer
 }
