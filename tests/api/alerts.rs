@@ -243,26 +243,13 @@ async fn get_alert_tells_why_a_user_was_or_was_not_notified(backend: Backend) {
     );
 }
 
-async fn register_once(app: &TestApp, product: i64, user: i64) -> proto::Alert {
-    app.client
-        .clone()
-        .register_alert(proto::RegisterAlertRequest {
-            product_id: product,
-            user_id: user,
-            once: true,
-        })
-        .await
-        .expect("RegisterAlert")
-        .into_inner()
-}
-
 async fn a_one_shot_alert_is_used_up_by_its_notification_even_across_a_resume(backend: Backend) {
     use proto::AlertOutcome::*;
     let app = spawn_app(backend).await;
     app.set_stock(1, 5).await;
-    assert!(register_once(&app, 1, 1).await.once);
+    assert!(app.register_with(1, 1, true).await.once);
     app.register(1, 2).await;
-    register_once(&app, 1, 3).await;
+    app.register_with(1, 3, true).await;
     app.register(1, 4).await;
 
     // Round 1 fails at user 4: users 1-3 may be recorded (and 1 and 3 used up in the
@@ -310,7 +297,7 @@ async fn a_one_shot_alert_is_used_up_by_its_notification_even_across_a_resume(ba
         Some((2, Inactive))
     );
     // Registering again makes it wait once more, at the back.
-    let again = register_once(&app, 1, 1).await;
+    let again = app.register_with(1, 1, true).await;
     assert!(again.active && again.once);
     assert_eq!(alert_status(&app, 1, 1).await.position, 3);
 }

@@ -368,11 +368,29 @@ async fn claim_token(app: &TestApp) -> Option<i64> {
         .unwrap()
 }
 
+/// The instance that survives a kill: 200/s and a 2 s lease, on MySQL.
+async fn survivor() -> TestApp {
+    spawn_app_with(Options {
+        send_rate: 200,
+        run_lease: Duration::from_secs(2),
+        ..Options::new(Backend::MySql)
+    })
+    .await
+}
+
 /// Starts a run of 1,500 users on a separate process at 200/s and returns once it has
-/// recorded a few hundred; `survivor` shares its database and Redis prefix.
-async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instance {
+/// recorded a few hundred; `survivor` shares its database and Redis prefix. With
+/// `one_shot`, every alert is one-shot (as RegisterAlert with once makes it, written
+/// in bulk as the registrations are).
+async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64], one_shot: bool) -> Instance {
     survivor.set_stock(1, 10).await;
     survivor.register_bulk(1, users).await;
+    if one_shot {
+        sqlx::query("UPDATE product_user_notification SET once = TRUE WHERE product_id = 1")
+            .execute(&survivor.db)
+            .await
+            .unwrap();
+    }
     let owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
     owner.trigger(1).await;
     survivor.wait_for_history(1, 1, 300).await;
@@ -381,14 +399,9 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64]) -> Instan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history() {
-    let survivor = spawn_app_with(Options {
-        send_rate: 200,
-        run_lease: Duration::from_secs(2),
-        ..Options::new(Backend::MySql)
-    })
-    .await;
+    let survivor = survivor().await;
     let users: Vec<i64> = (1..=1_500).collect();
-    let mut owner = run_on_a_separate_instance(&survivor, &users).await;
+    let mut owner = run_on_a_separate_instance(&survivor, &users, false).await;
     let token = claim_token(&survivor).await;
     owner.service.signal("KILL");
     owner.service.wait();
@@ -423,24 +436,9 @@ async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history()
 /// recorded for it, whichever instance recorded it, and none is notified twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shot_alerts_are_used_up_exactly_once_across_a_takeover() {
-    let survivor = spawn_app_with(Options {
-        send_rate: 200,
-        run_lease: Duration::from_secs(2),
-        ..Options::new(Backend::MySql)
-    })
-    .await;
+    let survivor = survivor().await;
     let users: Vec<i64> = (1..=1_500).collect();
-    survivor.set_stock(1, 10).await;
-    survivor.register_bulk(1, &users).await;
-    // Every alert one-shot, as RegisterAlert with once would have made it (written in
-    // bulk, as the registrations are).
-    sqlx::query("UPDATE product_user_notification SET once = TRUE WHERE product_id = 1")
-        .execute(&survivor.db)
-        .await
-        .unwrap();
-    let mut owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
-    owner.trigger(1).await;
-    survivor.wait_for_history(1, 1, 300).await;
+    let mut owner = run_on_a_separate_instance(&survivor, &users, true).await;
     owner.service.signal("KILL");
     owner.service.wait();
     let run = survivor.wait_until_final(1).await;
@@ -476,7 +474,7 @@ async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
     })
     .await;
     let users: Vec<i64> = (1..=1_500).collect();
-    let mut owner = run_on_a_separate_instance(&survivor, &users).await;
+    let mut owner = run_on_a_separate_instance(&survivor, &users, false).await;
     owner.service.signal("TERM");
     let exit = owner.service.wait();
     assert!(exit.success(), "a clean exit on SIGTERM: {exit:?}");

@@ -332,12 +332,17 @@ impl TestApp {
     }
 
     pub async fn register(&self, product: i64, user: i64) -> proto::Alert {
+        self.register_with(product, user, false).await
+    }
+
+    /// RegisterAlert, one-shot if `once`.
+    pub async fn register_with(&self, product: i64, user: i64, once: bool) -> proto::Alert {
         self.client
             .clone()
             .register_alert(proto::RegisterAlertRequest {
                 product_id: product,
                 user_id: user,
-                once: false,
+                once,
             })
             .await
             .expect("RegisterAlert")
