@@ -111,6 +111,7 @@ async fn seed_product(
         .set_stock(proto::SetStockRequest {
             product_id: product,
             stock,
+            ..Default::default()
         })
         .await
         .with_context(|| format!("SetStock of product {product}"))?;

@@ -33,9 +33,13 @@ pub enum Error {
     /// The product's restock round is at its largest value: it cannot start another.
     #[error("product {0} has used every restock round")]
     RoundsExhausted(ProductId),
-    /// The product's stock is zero or less.
-    #[error("product {product} is out of stock ({stock})")]
-    OutOfStock { product: ProductId, stock: i64 },
+    /// The product's stock is below its threshold (`min_stock`, 1 unless set).
+    #[error("product {product} is out of stock ({stock}, threshold {min_stock})")]
+    OutOfStock {
+        product: ProductId,
+        stock: i64,
+        min_stock: i64,
+    },
     /// The latest run cannot be resumed (G6): it completed or sold out.
     #[error("round {round} of product {product} cannot be resumed ({why:?})")]
     NothingToResume {

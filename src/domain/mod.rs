@@ -72,6 +72,19 @@ pub fn parse_stock(raw: i64) -> Result<i64, Error> {
     }
 }
 
+/// Validates a product's threshold for alerts: at least 1 (a threshold of 0 would
+/// notify users of a product with nothing in stock).
+pub fn parse_min_stock(raw: i64) -> Result<i64, Error> {
+    if raw > 0 {
+        Ok(raw)
+    } else {
+        Err(Error::InvalidArgument(Invalid::NotPositive {
+            field: "min_stock",
+            got: raw,
+        }))
+    }
+}
+
 /// Validates a restock round asked for by a caller.
 pub fn parse_round(raw: i64) -> Result<i64, Error> {
     if raw > 0 {
@@ -139,8 +152,23 @@ pub struct Product {
     /// Bumped by every write of the stock, so figures read at different moments can be
     /// ordered (G3). Internal: not part of the API.
     pub stock_version: i64,
+    /// The threshold for alerts: below it the product counts as sold out (G3).
+    pub min_stock: i64,
     /// Users waiting: the product's active alerts, kept with every alert change.
     pub waiting: i64,
+}
+
+impl Product {
+    /// Whether the stock reaches the threshold: a trigger is refused and a run stops
+    /// otherwise (G3).
+    pub fn in_stock(&self) -> bool {
+        in_stock(self.stock, self.min_stock)
+    }
+}
+
+/// The one rule of what counts as in stock: at least the product's threshold (G3).
+pub fn in_stock(stock: i64, min_stock: i64) -> bool {
+    stock >= min_stock
 }
 
 /// A user's alert for a product.

@@ -51,6 +51,7 @@ fn one_page<T>(mut listed: Vec<T>, page_size: u32) -> (Vec<T>, bool) {
 fn figure_of(product: &Product) -> StockFigure {
     StockFigure {
         stock: product.stock,
+        min_stock: product.min_stock,
         version: product.stock_version,
     }
 }
@@ -192,20 +193,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Sets a product's stock. Once this returns, every later delivery of any instance
-    /// sees the new figure (G3).
+    /// Sets a product's stock, and its threshold if `min_stock` is given. Once this
+    /// returns, every later delivery of any instance sees the new figure (G3).
     pub async fn set_stock(
         self: &Arc<Self>,
         product: ProductId,
         stock: i64,
+        min_stock: Option<i64>,
     ) -> Result<Product, Error> {
         let engine = self.clone();
         run_to_completion(async move {
             let _exclusive = engine.stock_fence.lock_for_write(product).await;
             engine.uncache_stock(product).await?;
-            let saved = engine.store.set_stock(product, stock).await?;
+            let saved = engine.store.set_stock(product, stock, min_stock).await?;
             engine.cache_stock(product, Some(figure_of(&saved))).await?;
-            if saved.stock <= 0 {
+            if !saved.in_stock() {
                 // G3: what the channel let through before the figure was cached has
                 // started before this returns.
                 engine.channel.sold_out(product).await?;
@@ -280,6 +282,7 @@ impl Engine {
         Ok(self.store.product(product).await?.map_or(
             StockFigure {
                 stock: 0,
+                min_stock: 1,
                 version: 0,
             },
             |p| figure_of(&p),

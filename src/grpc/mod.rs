@@ -199,6 +199,7 @@ impl From<domain::Product> for proto::Product {
             product_id: product.id.get(),
             restock_round: product.restock_round,
             stock: product.stock,
+            min_stock: product.min_stock,
             waiting: product.waiting,
         }
     }

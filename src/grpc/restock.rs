@@ -13,7 +13,7 @@ use crate::callers::CallerOf;
 use crate::domain::{
     AlertFilter, AlertPageToken, Error, IdempotencyKey, Invalid, NotificationFilter,
     NotificationId, PageToken, ProductId, ProductOrder, ProductPageToken, RunFilter,
-    TriggerRequest, UserId, Wave, parse_page_size, parse_round, parse_stock,
+    TriggerRequest, UserId, Wave, parse_min_stock, parse_page_size, parse_round, parse_stock,
 };
 use crate::engine::Engine;
 
@@ -106,7 +106,8 @@ impl RestockService for RestockApi {
         let answer = async {
             let product = ProductId::parse(req.product_id)?;
             let stock = parse_stock(req.stock)?;
-            let product = self.engine.set_stock(product, stock).await?;
+            let min_stock = req.min_stock.map(parse_min_stock).transpose()?;
+            let product = self.engine.set_stock(product, stock, min_stock).await?;
             Ok(Response::new(product.into()))
         }
         .await;

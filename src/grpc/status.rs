@@ -45,9 +45,22 @@ impl From<Error> for Status {
                 "product {product} has used every restock round (the round counter is at its \
                  largest value) and cannot be restocked again; use a new product id"
             )),
-            Error::OutOfStock { product, stock } => Status::failed_precondition(format!(
+            Error::OutOfStock {
+                product,
+                stock,
+                min_stock: 1,
+            } => Status::failed_precondition(format!(
                 "product {product} is out of stock (stock {stock}); set a positive stock with \
                  SetStock, or with the `stock` field of TriggerRestock"
+            )),
+            Error::OutOfStock {
+                product,
+                stock,
+                min_stock,
+            } => Status::failed_precondition(format!(
+                "product {product} has stock {stock}, below its min_stock of {min_stock}, so it \
+                 counts as sold out; set a stock of at least {min_stock} with SetStock (or the \
+                 `stock` field of TriggerRestock), or lower min_stock with SetStock"
             )),
             Error::NothingToResume {
                 product,

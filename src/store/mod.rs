@@ -140,8 +140,14 @@ pub struct RunProgress {
 /// Storage of the service. Every method is one transaction.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates the product if new, and sets its stock.
-    async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error>;
+    /// Creates the product if new, and sets its stock, and its threshold for alerts
+    /// if `min_stock` is given (a new product's is 1; otherwise it is kept).
+    async fn set_stock(
+        &self,
+        product: ProductId,
+        stock: i64,
+        min_stock: Option<i64>,
+    ) -> Result<Product, Error>;
 
     async fn product(&self, product: ProductId) -> Result<Option<Product>, Error>;
 
@@ -334,15 +340,15 @@ pub struct Recorded {
 pub(crate) const FIRST_CLAIM: i64 = 1;
 
 /// G6: only a `CANCELED_BY_ERROR` run of a product in stock is resumed.
-pub(crate) fn check_resumable(
-    product: ProductId,
-    round: i64,
-    status: RunStatus,
-    stock: i64,
-) -> Result<(), Error> {
+pub(crate) fn check_resumable(current: &Product, status: RunStatus) -> Result<(), Error> {
+    let (product, round) = (current.id, current.restock_round);
     let why = match status {
-        RunStatus::CanceledByError if stock <= 0 => {
-            return Err(Error::OutOfStock { product, stock });
+        RunStatus::CanceledByError if !current.in_stock() => {
+            return Err(Error::OutOfStock {
+                product,
+                stock: current.stock,
+                min_stock: current.min_stock,
+            });
         }
         RunStatus::CanceledByError => return Ok(()),
         RunStatus::InProgress => return Err(Error::RunInProgress { product, round }),

@@ -21,7 +21,7 @@ pub const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user
 pub const RECORDED_COLUMNS: &str = "id, product_id, user_id, restock_round, sent_at, position";
 
 /// Columns of `product` that make a [`ProductRow`].
-pub const PRODUCT_COLUMNS: &str = "id, restock_round, stock, stock_version, waiting";
+pub const PRODUCT_COLUMNS: &str = "id, restock_round, stock, stock_version, min_stock, waiting";
 
 /// A stored status; a value outside the table's CHECK is a failure of the store.
 pub fn status(raw: &str) -> Result<RunStatus, Error> {
@@ -34,6 +34,7 @@ pub struct ProductRow {
     restock_round: i64,
     stock: i64,
     stock_version: i64,
+    min_stock: i64,
     waiting: i64,
 }
 
@@ -44,6 +45,7 @@ impl From<ProductRow> for Product {
             restock_round: row.restock_round,
             stock: row.stock,
             stock_version: row.stock_version,
+            min_stock: row.min_stock,
             waiting: row.waiting,
         }
     }

@@ -137,27 +137,31 @@ where
         .map_err(D::error)
     }
 
-    /// Creates the product if new and sets its stock. Every write of the stock bumps
-    /// its version (G3).
+    /// Creates the product if new and sets its stock, and its threshold if given (a
+    /// new product's is 1). Every write of either bumps the version (G3).
     async fn upsert_stock(
         tx: &mut Transaction<'static, D::DB>,
         product: ProductId,
         stock: i64,
+        min_stock: Option<i64>,
     ) -> Result<(), Error> {
         let now = Utc::now();
         let sql = format!(
-            "INSERT INTO product (id, stock, stock_version, created_at, updated_at) \
-             VALUES (?, ?, 1, {stamp}, {stamp}){upsert}stock = ?, \
-             stock_version = stock_version + 1, updated_at = {stamp}",
+            "INSERT INTO product (id, stock, min_stock, stock_version, created_at, updated_at) \
+             VALUES (?, ?, COALESCE(?, 1), 1, {stamp}, {stamp}){upsert}stock = ?, \
+             min_stock = COALESCE(?, min_stock), stock_version = stock_version + 1, \
+             updated_at = {stamp}",
             stamp = D::STAMP,
             upsert = D::on_conflict("id"),
         );
         sqlx::query(&sql)
             .bind(product.get())
             .bind(stock)
+            .bind(min_stock)
             .bind(D::stamp(now, TimeDelta::zero()))
             .bind(D::stamp(now, TimeDelta::zero()))
             .bind(stock)
+            .bind(min_stock)
             .bind(D::stamp(now, TimeDelta::zero()))
             .execute(&mut **tx)
             .await
@@ -373,9 +377,14 @@ where
         Ok(held.is_some())
     }
 
-    async fn try_set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
+    async fn try_set_stock(
+        &self,
+        product: ProductId,
+        stock: i64,
+        min_stock: Option<i64>,
+    ) -> Result<Product, Error> {
         let mut tx = self.begin().await?;
-        Self::upsert_stock(&mut tx, product, stock).await?;
+        Self::upsert_stock(&mut tx, product, stock, min_stock).await?;
         let sql = format!("SELECT {PRODUCT_COLUMNS} FROM product WHERE id = ?");
         let row: ProductRow = sqlx::query_as(&sql)
             .bind(product.get())
@@ -497,7 +506,7 @@ where
     ) -> Result<Triggered, Error> {
         let mut tx = self.begin().await?;
         if let Some(stock) = request.stock {
-            Self::upsert_stock(&mut tx, product, stock).await?;
+            Self::upsert_stock(&mut tx, product, stock, None).await?;
         }
         let current = Self::lock_product(&mut tx, product)
             .await?
@@ -556,10 +565,11 @@ where
         if let Some(round) = in_progress {
             return Err(Error::RunInProgress { product, round });
         }
-        if current.stock <= 0 {
+        if !current.in_stock() {
             return Err(Error::OutOfStock {
                 product,
                 stock: current.stock,
+                min_stock: current.min_stock,
             });
         }
         let round = current
@@ -654,12 +664,7 @@ where
                 why: NotResumable::NeverRestocked,
             });
         };
-        check_resumable(
-            product,
-            current.restock_round,
-            status(&row.status)?,
-            current.stock,
-        )?;
+        check_resumable(&current, status(&row.status)?)?;
         let claimed = Self::claim(&mut tx, row, lease).await?;
         tx.commit().await.map_err(D::error)?;
         Ok(claimed)
@@ -838,8 +843,13 @@ where
     for<'q> String: Decode<'q, D::DB> + Type<D::DB>,
     for<'q> DateTime<Utc>: Encode<'q, D::DB> + Decode<'q, D::DB> + Type<D::DB>,
 {
-    async fn set_stock(&self, product: ProductId, stock: i64) -> Result<Product, Error> {
-        retry_deadlocks::<D, _, _, _>(|| self.try_set_stock(product, stock)).await
+    async fn set_stock(
+        &self,
+        product: ProductId,
+        stock: i64,
+        min_stock: Option<i64>,
+    ) -> Result<Product, Error> {
+        retry_deadlocks::<D, _, _, _>(|| self.try_set_stock(product, stock, min_stock)).await
     }
 
     async fn product(&self, product: ProductId) -> Result<Option<Product>, Error> {

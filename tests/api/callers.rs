@@ -84,6 +84,7 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
     let product = proto::SetStockRequest {
         product_id: 1,
         stock: 5,
+        ..Default::default()
     };
     let alert = proto::RegisterAlertRequest {
         product_id: 1,
@@ -318,6 +319,7 @@ async fn a_denied_call_names_the_role_it_needs_and_health_stays_open() {
             proto::SetStockRequest {
                 product_id: 1,
                 stock: 1,
+                ..Default::default()
             },
             Some(READER),
         ))
@@ -435,6 +437,7 @@ async fn sighup_revokes_a_token_and_ends_its_stream_and_keeps_a_bad_file_out() {
             proto::SetStockRequest {
                 product_id: 7,
                 stock: 3,
+                ..Default::default()
             },
             Some(WRITER),
         ))
@@ -528,6 +531,7 @@ async fn a_client_certificate_names_its_caller_and_others_are_refused() {
         let request = proto::SetStockRequest {
             product_id: 3,
             stock: 2,
+            ..Default::default()
         };
         RestockServiceClient::new(channel)
             .set_stock(with_token(request, token))
@@ -564,6 +568,7 @@ async fn a_client_certificate_names_its_caller_and_others_are_refused() {
         let request = proto::SetStockRequest {
             product_id: 3,
             stock: 2,
+            ..Default::default()
         };
         let mut client = RestockServiceClient::new(channel);
         let status = client

@@ -244,7 +244,13 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(implementation: Implement
     let claim = batch.claim;
     assert!(fence.claim(batch.run, claim, None).await.unwrap());
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
-    let offered = |stock, version| cache.offer(product, StockFigure { stock, version });
+    let figure = |stock, min_stock, version| StockFigure {
+        stock,
+        min_stock,
+        version,
+    };
+    let offered = |figure: StockFigure| cache.offer(product, figure);
+    let stock_held = || async { cache.get(product).await.unwrap().map(|f| f.stock) };
     let confirmed = |figure: StockFigure, offered: Offered| {
         let cache = cache.clone();
         async move {
@@ -255,63 +261,55 @@ async fn fence_delivers_only_in_stock_and_onto_the_bus(implementation: Implement
             }
         }
     };
-    let three = StockFigure {
-        stock: 3,
-        version: 1,
+    let write = |written: StockFigure| {
+        let (fence, cache) = (fence.clone(), cache.clone());
+        async move {
+            let _write = fence.lock_for_write(product).await;
+            cache.invalidate(product).await.unwrap();
+            let offer = cache.offer(product, written).await.unwrap();
+            assert!(confirmed(written, offer).await);
+        }
     };
-    let offer = offered(3, 1).await.unwrap();
+    let three = figure(3, 1, 1);
+    let offer = offered(three).await.unwrap();
     if implementation != Implementation::InProcess {
         // Offered but not confirmed: not trusted yet.
         assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
     }
     assert!(confirmed(three, offer).await);
-    assert_eq!(cache.get(product).await.unwrap(), Some(3));
+    assert_eq!(stock_held().await, Some(3));
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Through(()));
     let got = tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(*got, BusEvent::Sent(Arc::new(batch.clone())));
-    let zero = StockFigure {
-        stock: 0,
-        version: 2,
-    };
-    {
-        let _write = fence.lock_for_write(product).await;
-        cache.invalidate(product).await.unwrap();
-        let offer = offered(0, 2).await.unwrap();
-        assert!(confirmed(zero, offer).await);
-    }
+    // Stock left, but below the product's threshold: sold out all the same.
+    write(figure(4, 5, 2)).await;
+    assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::SoldOut);
+    let zero = figure(0, 1, 3);
+    write(zero).await;
     assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::SoldOut);
     // An older figure never replaces a newer one, confirmed or not.
-    assert_eq!(offered(7, 1).await.unwrap(), Offered::Newer);
-    assert_eq!(cache.get(product).await.unwrap(), Some(0));
+    assert_eq!(offered(figure(7, 1, 1)).await.unwrap(), Offered::Newer);
+    assert_eq!(stock_held().await, Some(0));
     if implementation != Implementation::InProcess {
         // After the cache lost the figure, an older one arriving late is written but
         // never confirmed: its offer is replaced by the newer one read again.
         cache.invalidate(product).await.unwrap();
-        let late = offered(7, 1).await.unwrap();
+        let seven = figure(7, 1, 1);
+        let late = offered(seven).await.unwrap();
         assert!(matches!(late, Offered::Pending { .. }));
         assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::NotCached);
-        let again = offered(0, 2).await.unwrap();
+        let again = offered(zero).await.unwrap();
         assert!(confirmed(zero, again).await);
-        let seven = StockFigure {
-            stock: 7,
-            version: 1,
-        };
         assert!(
             confirmed(seven, late).await,
             "a stale confirm finds a newer confirmed figure and changes nothing"
         );
-        assert_eq!(cache.get(product).await.unwrap(), Some(0));
+        assert_eq!(stock_held().await, Some(0));
         // A delivery of an older claim does nothing once a newer one was seen.
-        cache.invalidate(product).await.unwrap();
-        let four = StockFigure {
-            stock: 4,
-            version: 3,
-        };
-        let offer = offered(4, 3).await.unwrap();
-        assert!(confirmed(four, offer).await);
+        write(figure(4, 1, 4)).await;
         assert!(fence.claim(batch.run, claim + 1, None).await.unwrap());
         assert_eq!(fence.deliver(&batch).await.unwrap(), Delivery::Superseded);
         assert!(!fence.claim(batch.run, claim, None).await.unwrap());
@@ -325,6 +323,7 @@ async fn in_stock(client: &fred::prelude::Client, keys: &Keys, product: ProductI
     let cache = RedisStockCache::new(client.clone(), keys.clone());
     let figure = StockFigure {
         stock: 5,
+        min_stock: 1,
         version: 1,
     };
     let Offered::Pending { nonce } = cache.offer(product, figure).await.unwrap() else {

@@ -94,8 +94,11 @@ async fn a_subscriber_on_one_instance_gets_every_notification_of_a_run_on_anothe
     assert_eq!(got, users, "in send order, nothing missing, nothing twice");
 }
 
+/// G3 across instances: a stock write that leaves the product sold out (0, stock below
+/// its threshold, or a threshold raised above the stock), made on one instance, stops a
+/// run on another before it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_stock_zero_on_one_instance_stops_a_run_on_another_at_once() {
+async fn a_sold_out_stock_write_on_one_instance_stops_a_run_on_another_at_once() {
     let apps = spawn_cluster(
         2,
         Options {
@@ -107,12 +110,21 @@ async fn set_stock_zero_on_one_instance_stops_a_run_on_another_at_once() {
     let users: Vec<i64> = (1..=2_000).collect();
     apps[0].set_stock(1, 10).await;
     apps[0].register_bulk(1, &users).await;
-    // Stopped at several moments of a run: early, and a little later each time.
-    for (round, after) in [(1, 5usize), (2, 60), (3, 150)] {
+    // Stopped at several moments of a run, early and a little later each time, by
+    // each kind of write: (round, notifications seen first, stock, min_stock).
+    for (round, after, stock, min_stock) in [
+        (1, 5usize, 0, None),
+        (2, 60, 0, None),
+        (3, 150, 4, Some(5)),
+        (4, 40, 10, Some(11)),
+    ] {
         let mut watch = apps[0].subscribe_to_product(1).await;
         apps[0].trigger(1, Some(10)).await.unwrap();
         take(&mut watch, after).await;
-        apps[1].set_stock(1, 0).await;
+        apps[1]
+            .set_stock_with(1, stock, min_stock)
+            .await
+            .expect("SetStock");
         let returned = Utc::now();
         let run = apps[0].wait_until_final(1).await;
         assert_eq!(run.restock_round, round);
@@ -121,7 +133,7 @@ async fn set_stock_zero_on_one_instance_stops_a_run_on_another_at_once() {
         let late = sent.iter().filter(|&&t| t > returned).count();
         assert_eq!(
             late, 0,
-            "round {round}: {late} sent after SetStock(0) returned"
+            "round {round}: {late} sent after SetStock({stock}, {min_stock:?}) returned"
         );
         let history = apps[0].history(1, round).await;
         assert!(history.len() >= after);

@@ -153,6 +153,7 @@ async fn a_grpc_web_call_over_http1_is_served_like_any_call(backend: Backend) {
         proto::SetStockRequest {
             product_id: 5,
             stock: 9,
+            ..Default::default()
         },
         &[],
     )
@@ -169,6 +170,7 @@ async fn a_grpc_web_call_over_http1_is_served_like_any_call(backend: Backend) {
         proto::SetStockRequest {
             product_id: 0,
             stock: 1,
+            ..Default::default()
         },
         &[],
     )

@@ -32,7 +32,7 @@ async fn two_processes_on_one_sqlite_file_cannot_both_start_a_run() {
     let a = SqliteStore::connect(&url).await.unwrap();
     let b = SqliteStore::connect(&url).await.unwrap();
     let product = ProductId::parse(1).unwrap();
-    a.set_stock(product, 5).await.unwrap();
+    a.set_stock(product, 5, None).await.unwrap();
 
     let lease = Duration::from_secs(10);
     let attempts = (0..20).map(|i| {
@@ -144,6 +144,7 @@ async fn a_read_only_database_is_unavailable_not_internal() {
         .set_stock(restock_notifier::grpc::proto::SetStockRequest {
             product_id: 1,
             stock: 7,
+            ..Default::default()
         })
         .await
         .unwrap_err();

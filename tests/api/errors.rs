@@ -13,6 +13,7 @@ async fn invalid_arguments_are_refused(backend: Backend) {
             c.set_stock(proto::SetStockRequest {
                 product_id: product,
                 stock,
+                ..Default::default()
             })
             .await,
             Code::InvalidArgument,

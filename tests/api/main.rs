@@ -13,6 +13,7 @@ mod errors;
 mod idempotency;
 mod manual_restock;
 mod metrics;
+mod min_stock;
 mod network;
 mod products;
 #[path = "../support/proxy.rs"]

@@ -22,6 +22,7 @@ async fn over_the_api_limit_calls_get_resource_exhausted_while_health_answers(ba
             .set_stock(proto::SetStockRequest {
                 product_id: 1,
                 stock: 1,
+                ..Default::default()
             })
             .await
         {

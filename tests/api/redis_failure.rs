@@ -101,6 +101,7 @@ async fn redis_dying_mid_run_cancels_it_and_manual_restock_finishes_once_redis_i
         .set_stock(proto::SetStockRequest {
             product_id: 1,
             stock: 6,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -178,6 +178,7 @@ async fn during_the_drain_health_is_not_serving_and_calls_are_still_served(backe
             .set_stock(restock_notifier::grpc::proto::SetStockRequest {
                 product_id: 3,
                 stock: 1,
+                ..Default::default()
             })
             .await
             .expect("SetStock served during the drain");

@@ -80,7 +80,7 @@ impl Fresh {
     /// A product with `stock` and `users` registered in this order.
     async fn product(&self, id: i64, stock: i64, users: &[i64]) -> ProductId {
         let product = ProductId::parse(id).unwrap();
-        self.store.set_stock(product, stock).await.unwrap();
+        self.store.set_stock(product, stock, None).await.unwrap();
         for &u in users {
             self.store
                 .register_alert(product, UserId::parse(u).unwrap(), false)
@@ -168,13 +168,25 @@ async fn set_stock_creates_the_product_and_bumps_its_version_on_every_write(back
     let t = fresh(backend).await;
     let product = ProductId::parse(7).unwrap();
     assert_eq!(t.store.product(product).await.unwrap(), None);
-    let created = t.store.set_stock(product, 5).await.unwrap();
+    let created = t.store.set_stock(product, 5, None).await.unwrap();
     assert_eq!(
-        (created.stock, created.stock_version, created.restock_round),
-        (5, 1, 0)
+        (
+            created.stock,
+            created.min_stock,
+            created.stock_version,
+            created.restock_round
+        ),
+        (5, 1, 1, 0)
     );
-    let updated = t.store.set_stock(product, 0).await.unwrap();
-    assert_eq!((updated.stock, updated.stock_version), (0, 2));
+    // A threshold is a write of the figure too: it bumps the version, and stays until
+    // set again.
+    let raised = t.store.set_stock(product, 5, Some(3)).await.unwrap();
+    assert_eq!((raised.min_stock, raised.stock_version), (3, 2));
+    let updated = t.store.set_stock(product, 0, None).await.unwrap();
+    assert_eq!(
+        (updated.stock, updated.min_stock, updated.stock_version),
+        (0, 3, 3)
+    );
     assert_eq!(t.store.product(product).await.unwrap(), Some(updated));
 }
 
@@ -449,7 +461,7 @@ async fn resume_run_refuses_what_is_not_a_failed_run_in_stock(backend: Backend) 
     let run = t.start(product, TriggerRequest::default()).await;
     t.record(&run.claim, &[], After::Finish(FinalStatus::Error))
         .await;
-    t.store.set_stock(product, 0).await.unwrap();
+    t.store.set_stock(product, 0, None).await.unwrap();
     let refused = t.store.resume_run(product, LEASE).await.unwrap_err();
     assert!(
         matches!(refused, Error::OutOfStock { stock: 0, .. }),

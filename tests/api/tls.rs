@@ -81,6 +81,7 @@ async fn over_tls_a_client_trusting_the_ca_is_served_and_a_plaintext_client_is_n
             .set_stock(proto::SetStockRequest {
                 product_id: 7,
                 stock: 3,
+                ..Default::default()
             })
             .await
             .expect("SetStock over TLS")
@@ -113,6 +114,7 @@ async fn over_tls_a_client_trusting_the_ca_is_served_and_a_plaintext_client_is_n
             .set_stock(proto::SetStockRequest {
                 product_id: 8,
                 stock: 1,
+                ..Default::default()
             })
             .await
             .map_err(|status| format!("{status:?}"))

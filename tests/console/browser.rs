@@ -246,6 +246,7 @@ impl Service {
         let request = proto::SetStockRequest {
             product_id: product,
             stock,
+            ..Default::default()
         };
         client.set_stock(as_admin(request)).await.expect("SetStock");
         for &user in users {

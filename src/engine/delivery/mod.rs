@@ -36,7 +36,7 @@ pub trait Channel: Send + Sync + 'static {
     /// The way out for one claim of `run`.
     fn outbox(&self, run: RunKey) -> Box<dyn Outbox>;
 
-    /// Called by a stock write that brought the product's stock to 0 or below, once the
+    /// Called by a stock write that brought the product's stock below its threshold, once the
     /// new figure is cached: returns when nothing this channel let through before can
     /// still start (G3). A channel whose sends happen inside the fence's own step has
     /// nothing to wait for.

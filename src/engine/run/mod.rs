@@ -12,7 +12,7 @@ use super::Engine;
 use super::bus::{BusEvent, RunKey};
 use super::delivery::{Outbox, RunCore, Stop};
 use super::recorder::{RecordError, Recorder};
-use crate::domain::{Registration, RunStatus, WaveState};
+use crate::domain::{Product, Registration, RunStatus, WaveState};
 use crate::store::{After, ClaimedRun, FinalStatus};
 
 /// Drives a claimed run until it reaches a final state, is handed over, or is lost:
@@ -216,7 +216,7 @@ fn log_written(written: After, status: RunStatus, started: Instant) {
 impl RunState<'_> {
     /// Starts the run's next wave, or continues the current one if it was under way
     /// (the run was taken over, released on shutdown or resumed mid-wave). A wave starts
-    /// by reading the stock: 0 ends the run sold out (G3); otherwise the wave may notify
+    /// by reading the stock: below the threshold ends the run sold out (G3); otherwise the wave may notify
     /// `per_unit` x the stock, recorded with the run so that whoever drives it next knows.
     async fn begin_wave(&mut self, state: WaveState, sent_count: i64) -> Result<(), Stop> {
         let core = &mut self.core;
@@ -225,14 +225,10 @@ impl RunState<'_> {
             core.wave_left = Some(left);
             return Ok(());
         }
-        let stock = core
-            .engine
-            .store
-            .product(core.product())
-            .await?
-            .map_or(0, |p| p.stock);
+        let product = core.engine.store.product(core.product()).await?;
+        let stock = product.as_ref().map_or(0, |p| p.stock);
         let quota = state.wave.quota(stock);
-        if quota <= 0 {
+        if quota <= 0 || !product.as_ref().is_some_and(Product::in_stock) {
             tracing::info!(stock, "sold out at the start of a wave");
             return Err(Stop::SoldOut);
         }

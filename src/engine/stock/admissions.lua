@@ -1,5 +1,5 @@
 -- Counts the passes of a product that are held and unexpired (admit.lua), dropping the
--- expired ones: a stock write of 0 waits until this is 0 (G3).
+-- expired ones: a stock write below the threshold waits until this is 0 (G3).
 -- KEYS[1] the product's admissions.
 redis.replicate_commands()
 local now = redis.call('TIME')

@@ -1,5 +1,5 @@
 -- Admits webhook requests of a run (G3, G8, G12) if its claim is the newest and the
--- cached stock is confirmed and above zero, and registers the pass in the product's
+-- cached stock is confirmed and reaches the product's threshold, and registers the pass in the product's
 -- admissions (a sorted set scored by expiry, in Redis's clock), as one step: a stock
 -- write that confirms 0 after this waits for the pass (admissions.lua); one before it
 -- makes this refuse.
@@ -11,9 +11,9 @@
 redis.replicate_commands()
 local refused = check_claim(KEYS[2], ARGV[1], ARGV[2])
 if refused then return refused end
-local held = redis.call('HMGET', KEYS[1], 'stock', 'confirmed')
-if not held[1] or held[2] ~= '1' then return -1 end
-if tonumber(held[1]) <= 0 then return 0 end
+local held = redis.call('HMGET', KEYS[1], 'stock', 'confirmed', 'min')
+if not held[1] or held[2] ~= '1' or not held[3] then return -1 end
+if tonumber(held[1]) < tonumber(held[3]) then return 0 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ttl = tonumber(ARGV[4])

@@ -1,5 +1,5 @@
 -- Delivers a batch onto the bus channel if its claim is the newest of its run, the
--- cached stock is confirmed and above zero, and the batch follows the last one of its
+-- cached stock is confirmed and reaches the product's threshold, and the batch follows the last one of its
 -- claim delivered, as one step (G1, G3, G8). Loaded after claim_check.lua.
 -- KEYS[1] the product's stock key, KEYS[2] the run's claim key, KEYS[3] the run's
 -- chain key ("<claim>:<position of the last notification delivered>", set by
@@ -13,9 +13,9 @@
 -- answer never puts a later one on the bus before an earlier one.
 local refused = check_claim(KEYS[2], ARGV[3], ARGV[4])
 if refused then return refused end
-local held = redis.call('HMGET', KEYS[1], 'stock', 'confirmed')
-if not held[1] or held[2] ~= '1' then return -1 end
-if tonumber(held[1]) <= 0 then return 0 end
+local held = redis.call('HMGET', KEYS[1], 'stock', 'confirmed', 'min')
+if not held[1] or held[2] ~= '1' or not held[3] then return -1 end
+if tonumber(held[1]) < tonumber(held[3]) then return 0 end
 local chain = redis.call('GET', KEYS[3])
 if not chain then return -3 end
 -- Sent again (a client retrying after a lost connection): it is on the bus already.

@@ -24,8 +24,8 @@ pub struct LocalStockCache {
 
 #[async_trait]
 impl StockCache for LocalStockCache {
-    async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError> {
-        Ok(self.stock.lock().unwrap().get(&product).map(|f| f.stock))
+    async fn get(&self, product: ProductId) -> Result<Option<StockFigure>, BackendError> {
+        Ok(self.stock.lock().unwrap().get(&product).copied())
     }
 
     async fn offer(
@@ -61,8 +61,8 @@ const STRIPES: usize = 256;
 ///
 /// A delivery holds the read lock from the stock check until the batch is on the bus;
 /// a stock write holds the write lock from before it drops the cached figure until the
-/// new one is cached. So when a write of 0 returns, every delivery that saw the old
-/// stock is out, and every later check sees 0. A tokio lock, not a std one: a writer
+/// new one is cached. So when a write below the threshold returns, every delivery that
+/// saw the old stock is out, and every later check sees the new one. A tokio lock, not a std one: a writer
 /// holds it across the database write.
 pub struct LocalStockFence {
     stripes: Vec<Arc<RwLock<()>>>,
@@ -117,7 +117,7 @@ impl StockFence for LocalStockFence {
         let _no_stock_write = self.stripe(batch.run.product_id).read().await;
         match self.cache.get(batch.run.product_id).await? {
             None => Ok(Delivery::NotCached),
-            Some(stock) if stock <= 0 => Ok(Delivery::SoldOut),
+            Some(figure) if !figure.in_stock() => Ok(Delivery::SoldOut),
             Some(_) => {
                 let mut chains = self.chains.lock().unwrap();
                 let Some(chain) = chains.get_mut(&batch.run) else {
@@ -148,7 +148,7 @@ impl AdmissionFence for LocalStockFence {
         let pass = self.stripe(run.product_id).clone().read_owned().await;
         Ok(match self.cache.get(run.product_id).await? {
             None => Admitted::NotCached,
-            Some(stock) if stock <= 0 => Admitted::SoldOut,
+            Some(figure) if !figure.in_stock() => Admitted::SoldOut,
             Some(_) => Admitted::Through(Box::new(pass)),
         })
     }

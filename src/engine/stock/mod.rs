@@ -3,7 +3,8 @@
 //!
 //! Two capabilities: the [`StockCache`] holds the figure (the database is the source of
 //! truth, and orders its figures by version), and the [`StockFence`] delivers a batch
-//! only if the cached figure is above zero and the batch's claim is the newest of its
+//! only if the cached figure reaches the product's threshold (`min_stock`, 1 unless
+//! set) and the batch's claim is the newest of its
 //! run, as one step that no stock write can split (G3, G8). In process the fence is a
 //! lock per product; in Redis it is one script that checks both and publishes.
 
@@ -23,7 +24,18 @@ use crate::domain::{BackendError, ProductId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StockFigure {
     pub stock: i64,
+    /// The product's threshold: below it, the product counts as sold out. Cached with
+    /// the stock and under the same version, so a fence never compares a figure with
+    /// a threshold of another moment.
+    pub min_stock: i64,
     pub version: i64,
+}
+
+impl StockFigure {
+    /// Whether a delivery may go through on this figure (G3).
+    pub fn in_stock(&self) -> bool {
+        crate::domain::in_stock(self.stock, self.min_stock)
+    }
 }
 
 /// What the cache did with an offered figure.
@@ -49,8 +61,8 @@ pub enum Offered {
 /// back (G3). Deliveries trust confirmed figures only.
 #[async_trait]
 pub trait StockCache: Send + Sync + 'static {
-    /// The confirmed cached stock, or `None` on a miss.
-    async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError>;
+    /// The confirmed cached figure, or `None` on a miss.
+    async fn get(&self, product: ProductId) -> Result<Option<StockFigure>, BackendError>;
     /// Offers a figure just read from the database.
     async fn offer(&self, product: ProductId, figure: StockFigure)
     -> Result<Offered, BackendError>;
@@ -71,9 +83,10 @@ pub trait StockCache: Send + Sync + 'static {
 /// to the run either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fenced<T> {
-    /// The stock was above zero and the claim the newest: what the fence gave.
+    /// The stock reached the threshold and the claim was the newest: what the fence
+    /// gave.
     Through(T),
-    /// The stock is zero or less: nothing went through.
+    /// The stock is below the product's threshold: nothing went through.
     SoldOut,
     /// The cache holds no confirmed figure: nothing went through; fill it and try
     /// again.
@@ -103,7 +116,7 @@ pub type WriteGuard = Box<dyn Send + Sync>;
 
 /// A pass through the fence for webhook requests about to start (G3, G12): held until
 /// the requests are on the wire, and dropped then. A stock write that brings the stock
-/// to 0 or below does not return while a pass of its product is held (or, in Redis,
+/// below the threshold does not return while a pass of its product is held (or, in Redis,
 /// has not expired), so no request starts after it returned.
 pub type Admission = Box<dyn Send + Sync>;
 
@@ -126,20 +139,22 @@ pub trait StockFence: Send + Sync + 'static {
     async fn claim(&self, run: RunKey, claim: i64, at: Option<i64>) -> Result<bool, BackendError>;
 
     /// Delivers `batch` to the bus if no claim of its run newer than the batch's was
-    /// seen, the cached stock of its product is above zero, and the batch follows the
+    /// seen, the cached stock of its product reaches its threshold, and the batch follows the
     /// last one delivered under its claim (its `prev_position`). Several deliveries of
     /// a run may be on their way at once, asked for in send order.
     async fn deliver(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
 }
 
 /// The fence for channels whose sends leave the service before they are streamed (a
-/// webhook, G12): a pass that holds stock writes to 0 back while requests start, and
+/// webhook, G12): a pass that holds back stock writes below the threshold while
+/// requests start, and
 /// the publication of what the receiver acknowledged. The same implementations as
 /// [`StockFence`], so a pass and a delivery see one figure and one claim.
 #[async_trait]
 pub trait AdmissionFence: Send + Sync + 'static {
     /// Admits webhook requests of `run` if no newer claim than `claim` was seen and the
-    /// cached stock of its product is above zero, as one step no stock write can split.
+    /// cached stock of its product reaches its threshold, as one step no stock write
+    /// can split.
     /// The pass expires after `ttl` even if never dropped (an instance that died holding
     /// it), so the sender must not start a request later than that.
     async fn admit(&self, run: RunKey, claim: i64, ttl: Duration)
@@ -151,7 +166,7 @@ pub trait AdmissionFence: Send + Sync + 'static {
     /// since (G12).
     async fn publish(&self, batch: &SentBatch) -> Result<Delivery, BackendError>;
 
-    /// Called by a stock write that brought the stock to 0 or below, after the figure
+    /// Called by a stock write that brought the stock below the threshold, after the figure
     /// is cached: returns once no pass of `product` is held or unexpired (G3).
     async fn wait_for_admissions(&self, product: ProductId) -> Result<(), BackendError>;
 }

@@ -1,6 +1,6 @@
 //! The stock cache and fence in Redis, shared by every instance (G3, G8, G11).
 //!
-//! A product's figure is a hash (`stock`, `version`, `nonce`, `confirmed`) written only
+//! A product's figure is a hash (`stock`, `min`, `version`, `nonce`, `confirmed`) written only
 //! by the scripts beside this file: `offer.lua` never replaces a newer version,
 //! `confirm.lua` makes an offer trusted once the database still held it. The fence is
 //! `deliver.lua`: the claim check, the stock check and the publish in one step. The
@@ -56,7 +56,7 @@ static PUBLISH: LazyLock<Script> =
 /// The fence's script as Redis receives it (G3, G8): what EVALSHA names by its SHA.
 pub const DELIVER_LUA: &str = with_claim_check!("deliver.lua");
 
-/// How often a stock write of 0 looks again for passes still held (G3): a pass is held
+/// How often a stock write below the threshold looks again for passes still held (G3): a pass is held
 /// for about the time a request takes to be written, so a few milliseconds.
 const ADMISSIONS_POLL: Duration = Duration::from_millis(2);
 
@@ -74,13 +74,24 @@ impl RedisStockCache {
 
 #[async_trait]
 impl StockCache for RedisStockCache {
-    async fn get(&self, product: ProductId) -> Result<Option<i64>, BackendError> {
-        let (stock, confirmed): (Option<i64>, Option<String>) = self
+    async fn get(&self, product: ProductId) -> Result<Option<StockFigure>, BackendError> {
+        type Held = (Option<i64>, Option<i64>, Option<i64>, Option<String>);
+        let (stock, min_stock, version, confirmed): Held = self
             .client
-            .hmget(self.keys.stock(product), vec!["stock", "confirmed"])
+            .hmget(
+                self.keys.stock(product),
+                vec!["stock", "min", "version", "confirmed"],
+            )
             .await
             .map_err(|e| backend(STORE, e))?;
-        Ok(stock.filter(|_| confirmed.as_deref() == Some("1")))
+        Ok(match (stock, min_stock, version, confirmed.as_deref()) {
+            (Some(stock), Some(min_stock), Some(version), Some("1")) => Some(StockFigure {
+                stock,
+                min_stock,
+                version,
+            }),
+            _ => None,
+        })
     }
 
     async fn offer(
@@ -98,6 +109,7 @@ impl StockCache for RedisStockCache {
                     figure.version.to_string(),
                     nonce.to_string(),
                     STOCK_TTL_SECS.to_string(),
+                    figure.min_stock.to_string(),
                 ],
             )
             .await

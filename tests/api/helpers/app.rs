@@ -320,15 +320,27 @@ impl TestApp {
     }
 
     pub async fn set_stock(&self, product: i64, stock: i64) -> proto::Product {
+        self.set_stock_with(product, stock, None)
+            .await
+            .expect("SetStock")
+    }
+
+    /// SetStock, with the product's threshold if `min_stock` is given.
+    pub async fn set_stock_with(
+        &self,
+        product: i64,
+        stock: i64,
+        min_stock: Option<i64>,
+    ) -> Result<proto::Product, Status> {
         self.client
             .clone()
             .set_stock(proto::SetStockRequest {
                 product_id: product,
                 stock,
+                min_stock,
             })
             .await
-            .expect("SetStock")
-            .into_inner()
+            .map(tonic::Response::into_inner)
     }
 
     pub async fn register(&self, product: i64, user: i64) -> proto::Alert {

@@ -18,7 +18,7 @@
 //!   stock fence, which checks the run's claim and the confirmed stock and registers a
 //!   pass for the product ([`crate::engine::stock::Admitted`]), as one step. The pass is
 //!   dropped as soon as every request of the group is written to its connection. A
-//!   stock write to 0 or below caches its figure and then waits until no pass of the
+//!   stock write below the threshold caches its figure and then waits until no pass of the
 //!   product is held: once it returns, every request admitted before is on the wire
 //!   and every later admission sees 0. A pass in Redis expires after
 //!   [`WebhookSettings::admission_ttl`] (an instance that died holding it must not
@@ -129,7 +129,7 @@ pub struct WebhookSettings {
     /// run failing and an operator resuming it.
     pub max_retry_after: Duration,
     /// How long a pass through the stock fence lives in Redis if never dropped (G3):
-    /// 2 s, so a stock write of 0 waits at most that long for an instance that died
+    /// 2 s, so a stock write below the threshold waits at most that long for an instance that died
     /// holding one.
     pub admission_ttl: Duration,
     /// A request not written to its connection this long after its pass was asked for
