@@ -91,6 +91,13 @@ pub enum Invalid {
     /// `idempotency_key` is longer than `IdempotencyKey::MAX_LEN` bytes. Holds at most
     /// [`Invalid::QUOTE_MAX`] bytes of it.
     IdempotencyKeyTooLong { len: usize, quoted: String },
+    /// More attributes than `Attributes::MAX_ENTRIES`.
+    TooManyAttributes(usize),
+    /// An attribute key empty or longer than `Attributes::MAX_KEY_LEN` bytes. Holds at
+    /// most [`Invalid::QUOTE_MAX`] bytes of it.
+    AttributeKey { len: usize, quoted: String },
+    /// Attributes of more than `Attributes::MAX_TOTAL` bytes, keys and values together.
+    AttributesTooLarge(usize),
 }
 
 impl Invalid {
@@ -129,6 +136,9 @@ impl fmt::Display for Invalid {
             Invalid::IdempotencyKeyTooLong { len, .. } => {
                 write!(f, "idempotency_key of {len} bytes")
             }
+            Invalid::TooManyAttributes(n) => write!(f, "{n} attributes"),
+            Invalid::AttributeKey { len, .. } => write!(f, "attribute key of {len} bytes"),
+            Invalid::AttributesTooLarge(n) => write!(f, "attributes of {n} bytes"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! errors a caller can act on. Nothing here knows about gRPC, SQL or Redis.
 
 mod alert_status;
+mod attributes;
 mod error;
 mod listing;
 mod trigger;
@@ -12,6 +13,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 
 pub use alert_status::{AlertOutcome, AlertStatus, RoundFacts};
+pub use attributes::Attributes;
 pub use error::{BackendError, Component, Error, Invalid, NotResumable};
 pub use listing::{
     AlertFilter, AlertPage, AlertPageToken, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageToken,
@@ -202,6 +204,8 @@ pub struct Run {
     /// against. Registrations made during the run are notified too (G1), so a run
     /// may send more.
     pub queue_size: i64,
+    /// What the trigger said of the restock; every notification of the run carries it.
+    pub attributes: Attributes,
 }
 
 impl Run {
@@ -341,6 +345,8 @@ impl FromStr for NotificationId {
 pub struct Notification {
     pub id: NotificationId,
     pub sent_at: DateTime<Utc>,
+    /// Its run's attributes, shared with every other notification of the run.
+    pub attributes: Attributes,
 }
 
 impl Notification {

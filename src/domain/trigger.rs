@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{Error, Invalid, Wave};
+use super::{Attributes, Error, Invalid, Wave};
 
 /// A caller's name for one restock, sent again with every retry of it: 1 to
 /// [`IdempotencyKey::MAX_LEN`] bytes, compared byte for byte.
@@ -52,6 +52,8 @@ pub struct TriggerRequest {
     pub idempotency_key: Option<IdempotencyKey>,
     /// Notify in waves that follow the stock.
     pub wave: Option<Wave>,
+    /// Stored with the run, and carried by each of its notifications.
+    pub attributes: Attributes,
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ mod revoke;
 mod status;
 pub mod wire;
 
+use std::collections::HashMap;
+
 use crate::domain::{self, Error, Invalid, RunStatus};
 use chrono::{DateTime, Utc};
 
@@ -128,6 +130,7 @@ impl From<domain::Run> for proto::RestockRun {
             wave: run.wave.map(|w| proto::Wave::from(w.wave)),
             last_error: run.last_error,
             queue_size: run.queue_size,
+            attributes: attributes_map(&run.attributes),
         }
     }
 }
@@ -208,12 +211,30 @@ impl From<domain::Product> for proto::Product {
 impl From<&domain::Notification> for proto::Notification {
     fn from(n: &domain::Notification) -> Self {
         proto::Notification {
-            notification_id: n.id.to_string(),
-            product_id: n.id.product_id.get(),
-            user_id: n.id.user_id.get(),
-            restock_round: n.id.restock_round,
-            sent_at: Some(timestamp(n.sent_at)),
-            message: n.message(),
+            attributes: attributes_map(&n.attributes),
+            ..without_attributes(n)
         }
     }
+}
+
+/// The notification's own fields, without its run's attributes (which a batch encodes
+/// once for all its notifications).
+pub(crate) fn without_attributes(n: &domain::Notification) -> proto::Notification {
+    proto::Notification {
+        notification_id: n.id.to_string(),
+        product_id: n.id.product_id.get(),
+        user_id: n.id.user_id.get(),
+        restock_round: n.id.restock_round,
+        sent_at: Some(timestamp(n.sent_at)),
+        message: n.message(),
+        attributes: HashMap::new(),
+    }
+}
+
+/// Attributes as the API's `map<string, string>`.
+pub(crate) fn attributes_map(attributes: &domain::Attributes) -> HashMap<String, String> {
+    attributes
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

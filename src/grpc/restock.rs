@@ -11,7 +11,7 @@ use super::proto::{self, restock_service_server::RestockService};
 use super::wire::EncodedNotification;
 use crate::callers::CallerOf;
 use crate::domain::{
-    AlertFilter, AlertPageToken, Error, IdempotencyKey, Invalid, NotificationFilter,
+    AlertFilter, AlertPageToken, Attributes, Error, IdempotencyKey, Invalid, NotificationFilter,
     NotificationId, PageToken, ProductId, ProductOrder, ProductPageToken, RunFilter,
     TriggerRequest, UserId, Wave, parse_min_stock, parse_page_size, parse_round, parse_stock,
 };
@@ -240,6 +240,7 @@ impl RestockApi {
                 .map(|w| Wave::parse(w.per_unit, w.interval.map(|d| (d.seconds, d.nanos))))
                 .transpose()?,
             idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
+            attributes: Attributes::parse(req.attributes)?,
         };
         let run = self.engine.trigger_restock(product, request).await?;
         Ok(Response::new(run.into()))

@@ -7,7 +7,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::domain::{
-    BackendError, DEFAULT_PAGE_SIZE, Error, IdempotencyKey, Invalid, MAX_PAGE_SIZE, NotResumable,
+    Attributes, BackendError, DEFAULT_PAGE_SIZE, Error, IdempotencyKey, Invalid, MAX_PAGE_SIZE, NotResumable,
     NotificationId,
 };
 use crate::engine::subscription::StreamEnd;
@@ -254,6 +254,23 @@ fn invalid_message(invalid: &Invalid) -> String {
             "idempotency_key {quoted:?} is {len} bytes, more than {max}; pass a shorter key \
              that names this restock (a UUID, say) and send the same key with every retry",
             max = IdempotencyKey::MAX_LEN
+        ),
+        Invalid::TooManyAttributes(got) => format!(
+            "attributes has {got} entries, more than {max}; keep what a message to the user \
+             needs (name, link, price) and look the rest up from the product id",
+            max = Attributes::MAX_ENTRIES
+        ),
+        Invalid::AttributeKey { len: 0, .. } => {
+            "attributes has an empty key; give every attribute a name".to_string()
+        }
+        Invalid::AttributeKey { len, quoted } => format!(
+            "attribute key {quoted:?} is {len} bytes, more than {max}; use a shorter name",
+            max = Attributes::MAX_KEY_LEN
+        ),
+        Invalid::AttributesTooLarge(got) => format!(
+            "attributes are {got} bytes (keys and values together), more than {max}; send \
+             shorter values, or a link to the rest",
+            max = Attributes::MAX_TOTAL
         ),
     }
 }

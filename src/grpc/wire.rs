@@ -28,14 +28,24 @@ impl EncodedNotification {
 }
 
 /// Every notification of `batch`, encoded into one buffer that they share.
+///
+/// The run's attributes are the same in every notification of the batch: their field
+/// is encoded once and its bytes appended to each notification's other fields (a
+/// protobuf message is the concatenation of its fields, in any order), instead of a
+/// map built and encoded per notification.
 fn encode_batch(batch: &SentBatch) -> Box<[Bytes]> {
+    let attributes = proto::Notification {
+        attributes: super::attributes_map(&batch.attributes),
+        ..Default::default()
+    }
+    .encode_to_vec();
     let mut buf = BytesMut::new();
-    batch
-        .notifications()
-        .map(|n| {
-            proto::Notification::from(&n)
+    (0..batch.items.len())
+        .map(|index| {
+            super::without_attributes(&batch.notification(index))
                 .encode(&mut buf)
                 .expect("a BytesMut grows as needed");
+            buf.put_slice(&attributes);
             buf.split().freeze()
         })
         .collect()

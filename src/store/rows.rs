@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::{ListedRun, Recorded, RunProgress, backend_error};
 use crate::domain::{
-    Alert, Error, Notification, NotificationId, Product, ProductId, Registration, Run, RunStatus,
+    Alert, Attributes, Error, Notification, NotificationId, Product, ProductId, Registration, Run, RunStatus,
     UserId, Wave, WaveState,
 };
 
@@ -15,10 +15,18 @@ use crate::domain::{
 pub const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, \
                                sent_count, started_at, updated_at, wave_per_unit, \
                                wave_interval_ms, wave_quota, wave_started_count, \
-                               next_wave_at, last_error, queue_size";
+                               next_wave_at, last_error, queue_size, attributes";
 
-/// Columns of `product_user_notification_history` that make a [`RecordedRow`].
-pub const RECORDED_COLUMNS: &str = "id, product_id, user_id, restock_round, sent_at, position";
+/// Columns of [`RECORDED_FROM`] that make a [`RecordedRow`]: a history row (`h`) and
+/// its run's attributes (`r`).
+pub const RECORDED_COLUMNS: &str =
+    "h.id, h.product_id, h.user_id, h.restock_round, h.sent_at, h.position, r.attributes";
+
+/// Recorded notifications joined to their run (by its unique key) for its attributes.
+/// Conditions on the history name it `h`.
+pub const RECORDED_FROM: &str = "product_user_notification_history h \
+     JOIN product_notification_history r \
+     ON r.product_id = h.product_id AND r.restock_round = h.restock_round";
 
 /// Columns of `product` that make a [`ProductRow`].
 pub const PRODUCT_COLUMNS: &str = "id, restock_round, stock, stock_version, min_stock, waiting";
@@ -104,6 +112,7 @@ pub struct RunRow {
     next_wave_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     queue_size: i64,
+    attributes: Option<String>,
 }
 
 impl RunRow {
@@ -131,6 +140,7 @@ impl RunRow {
             wave,
             last_error: self.last_error,
             queue_size: self.queue_size,
+            attributes: stored_attributes(self.attributes.as_deref())?,
         })
     }
 }
@@ -200,21 +210,48 @@ pub struct RecordedRow {
     restock_round: i64,
     sent_at: DateTime<Utc>,
     position: Option<i64>,
+    attributes: Option<String>,
 }
 
-impl From<RecordedRow> for Recorded {
-    fn from(row: RecordedRow) -> Self {
-        Recorded {
-            seq: row.id,
-            position: row.position,
-            notification: Notification {
-                id: NotificationId {
-                    product_id: ProductId::from_stored(row.product_id),
-                    restock_round: row.restock_round,
-                    user_id: UserId::from_stored(row.user_id),
+/// A run's attributes as stored: written by the service after validation, so one that
+/// does not parse is a failure of the store.
+fn stored_attributes(stored: Option<&str>) -> Result<Attributes, Error> {
+    Attributes::from_stored(stored).map_err(|e| {
+        backend_error(
+            false,
+            anyhow::Error::new(e).context("a run's stored attributes are not a JSON object"),
+        )
+    })
+}
+
+/// Recorded notifications from their rows. Rows of one run follow each other, and share
+/// one parsed copy of the run's attributes.
+pub fn recorded(rows: Vec<RecordedRow>) -> Result<Vec<Recorded>, Error> {
+    let mut last: Option<((i64, i64), Attributes)> = None;
+    rows.into_iter()
+        .map(|row| {
+            let run = (row.product_id, row.restock_round);
+            let attributes = match &last {
+                Some((seen, attributes)) if *seen == run => attributes.clone(),
+                _ => {
+                    let parsed = stored_attributes(row.attributes.as_deref())?;
+                    last = Some((run, parsed.clone()));
+                    parsed
+                }
+            };
+            Ok(Recorded {
+                seq: row.id,
+                position: row.position,
+                notification: Notification {
+                    id: NotificationId {
+                        product_id: ProductId::from_stored(row.product_id),
+                        restock_round: row.restock_round,
+                        user_id: UserId::from_stored(row.user_id),
+                    },
+                    sent_at: row.sent_at,
+                    attributes,
                 },
-                sent_at: row.sent_at,
-            },
-        }
-    }
+            })
+        })
+        .collect()
 }

@@ -36,8 +36,9 @@ use tokio::time::Instant;
 
 use super::dialect::{Dialect, delta};
 use super::rows::{
+    self,
     AlertRow, ClaimableRow, ListedAlertRow, ListedRunRow, PRODUCT_COLUMNS, ProductRow, ProgressRow,
-    RECORDED_COLUMNS, RUN_COLUMNS, RecordedRow, RegistrationRow, RunRow, status,
+    RECORDED_COLUMNS, RECORDED_FROM, RUN_COLUMNS, RecordedRow, RegistrationRow, RunRow, status,
 };
 use super::{
     After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, HISTORY_ROWS_PER_INSERT, ListedRun,
@@ -606,15 +607,16 @@ where
         let sql = format!(
             "INSERT INTO product_notification_history \
              (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
-              started_at, updated_at, wave_per_unit, wave_interval_ms, queue_end_position, \
-              queue_size) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, ?, {at}, {stamp}, {stamp}, ?, ?, \
+              started_at, updated_at, wave_per_unit, wave_interval_ms, attributes, \
+              queue_end_position, queue_size) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, {at}, {stamp}, {stamp}, ?, ?, ?, \
               (SELECT alert_seq FROM product WHERE id = ?), \
               (SELECT COUNT(*) FROM product_user_notification \
                WHERE product_id = ? AND is_active = TRUE))",
             at = D::INSTANT,
             stamp = D::STAMP
         );
+        let attributes = request.attributes.to_stored();
         let inserted = sqlx::query(&sql)
             .bind(product.get())
             .bind(round)
@@ -625,6 +627,7 @@ where
             .bind(D::stamp(now, TimeDelta::zero()))
             .bind(request.wave.map(|w| i64::from(w.per_unit)))
             .bind(request.wave.map(|w| w.interval.as_millis() as i64))
+            .bind(attributes.as_deref())
             .bind(product.get())
             .bind(product.get())
             .execute(&mut **tx)
@@ -1115,9 +1118,9 @@ where
         limit: u32,
     ) -> Result<Vec<Recorded>, Error> {
         let sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ? AND position > ? AND position <= ? \
-             ORDER BY position LIMIT ?"
+            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} \
+             WHERE h.product_id = ? AND h.restock_round = ? AND h.position > ? \
+             AND h.position <= ? ORDER BY h.position LIMIT ?"
         );
         let rows: Vec<RecordedRow> = sqlx::query_as(&sql)
             .bind(product.get())
@@ -1128,7 +1131,7 @@ where
             .fetch_all(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(rows.into_iter().map(Recorded::from).collect())
+        rows::recorded(rows)
     }
 
     /// Served by the primary key, ix_punh_product or ix_punh_user.
@@ -1139,15 +1142,15 @@ where
         limit: u32,
     ) -> Result<Vec<Recorded>, Error> {
         let mut sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history WHERE id > ?"
+            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} WHERE h.id > ?"
         );
         if filter.product_id.is_some() {
-            sql.push_str(" AND product_id = ?");
+            sql.push_str(" AND h.product_id = ?");
         }
         if filter.user_id.is_some() {
-            sql.push_str(" AND user_id = ?");
+            sql.push_str(" AND h.user_id = ?");
         }
-        sql.push_str(" ORDER BY id LIMIT ?");
+        sql.push_str(" ORDER BY h.id LIMIT ?");
         let mut query = sqlx::query_as(&sql).bind(after);
         if let Some(product) = filter.product_id {
             query = query.bind(product.get());
@@ -1160,27 +1163,26 @@ where
             .fetch_all(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(rows.into_iter().map(Recorded::from).collect())
+        rows::recorded(rows)
     }
 
     /// Served by the primary key, read backwards.
     async fn last_recorded(&self) -> Result<Option<Recorded>, Error> {
         let sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
-             ORDER BY id DESC LIMIT 1"
+            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} ORDER BY h.id DESC LIMIT 1"
         );
         let row: Option<RecordedRow> = sqlx::query_as(&sql)
             .fetch_optional(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(row.map(Recorded::from))
+        Ok(row.map(|row| rows::recorded(vec![row])).transpose()?.and_then(|mut one| one.pop()))
     }
 
     /// Served by uq_punh_product_round_user.
     async fn recorded(&self, id: NotificationId) -> Result<Option<Recorded>, Error> {
         let sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM product_user_notification_history \
-             WHERE product_id = ? AND restock_round = ? AND user_id = ?"
+            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} \
+             WHERE h.product_id = ? AND h.restock_round = ? AND h.user_id = ?"
         );
         let row: Option<RecordedRow> = sqlx::query_as(&sql)
             .bind(id.product_id.get())
@@ -1189,7 +1191,7 @@ where
             .fetch_optional(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(row.map(Recorded::from))
+        Ok(row.map(|row| rows::recorded(vec![row])).transpose()?.and_then(|mut one| one.pop()))
     }
 
     /// Newest first, by key. Each filter has an index that yields its rows in key

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
-use crate::domain::{BackendError, Notification, NotificationId, ProductId, RunStatus, UserId};
+use crate::domain::{Attributes, BackendError, Notification, NotificationId, ProductId, RunStatus, UserId};
 
 /// A run, as the bus names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +51,8 @@ pub struct SentBatch {
     /// The token of the claim the run was sent under (0 when unknown): it travels with
     /// the batch, so the shared side can refuse a batch of a superseded claim (G8).
     pub claim: i64,
+    /// The run's attributes, carried once per batch and shared by its notifications.
+    pub attributes: Attributes,
     /// The notifications as the API sends them, encoded once for every stream.
     pub encoded: Encoded,
 }
@@ -68,8 +70,15 @@ impl SentBatch {
             items,
             sent_at,
             claim: 0,
+            attributes: Attributes::default(),
             encoded: Encoded::default(),
         }
+    }
+
+    /// The batch, carrying its run's attributes.
+    pub fn with_attributes(mut self, attributes: Attributes) -> Self {
+        self.attributes = attributes;
+        self
     }
 
     /// A batch of `run` of `(user, position)` items: the tests' short way to write one.
@@ -105,6 +114,7 @@ impl SentBatch {
                 user_id: self.items[index].user_id,
             },
             sent_at: self.sent_at,
+            attributes: self.attributes.clone(),
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
-use crate::domain::{BackendError, Component, ProductId, RunStatus, UserId};
+use crate::domain::{Attributes, BackendError, Component, ProductId, RunStatus, UserId};
 use crate::redis::{Keys, backend};
 use wire::{Event as WireEvent, Kind as WireKind, Status as WireStatus};
 
@@ -66,6 +66,11 @@ pub fn encode_sent(batch: &SentBatch) -> Bytes {
         sent_at_micros: batch.sent_at.timestamp_micros(),
         status: WireStatus::Unspecified.into(),
         claim: batch.claim,
+        attributes: batch
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
     .encode_to_vec()
     .into()
@@ -115,7 +120,8 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
                     .collect(),
                 DateTime::<Utc>::from_timestamp_micros(wire.sent_at_micros)?,
             )
-            .under_claim(wire.claim),
+            .under_claim(wire.claim)
+            .with_attributes(Attributes::validated(wire.attributes)),
         ))),
         WireKind::RunEnded => Some(BusEvent::RunEnded {
             run,

@@ -27,7 +27,7 @@ use super::Engine;
 use super::bus::{RunKey, SentBatch, SentItem};
 use super::recorder::{RecordError, Recorder};
 use super::stock::Fenced;
-use crate::domain::{BackendError, Error, ProductId, Registration, UserId};
+use crate::domain::{Attributes, BackendError, Error, ProductId, Registration, UserId};
 use crate::store::RunClaim;
 
 /// Where notifications go: one for the whole service, chosen by `Deployment`.
@@ -153,6 +153,8 @@ pub(crate) struct RunCore<'a> {
     pub(in crate::engine) cursor: Option<i64>,
     /// A wave run: how many the current wave may still notify.
     pub(in crate::engine) wave_left: Option<i64>,
+    /// What the trigger said of the restock: every batch carries it.
+    pub(in crate::engine) attributes: Attributes,
 }
 
 impl RunCore<'_> {
@@ -212,6 +214,7 @@ impl RunCore<'_> {
             sent_at,
         )
         .under_claim(self.claim.token)
+        .with_attributes(self.attributes.clone())
     }
 
     /// The shared side lost the run's newest claim (a flush, a failover, its key

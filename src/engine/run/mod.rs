@@ -116,6 +116,7 @@ impl<'a> RunState<'a> {
                 recorder,
                 cursor: claimed.cursor,
                 wave_left: None,
+                attributes: claimed.run.attributes.clone(),
             },
             outbox: engine.channel.outbox(run),
         }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
-use super::pipeline::{Event, Pipeline};
+use super::pipeline::{Group, Event, Pipeline};
 use super::{WebhookChannel, WebhookSettings};
 use crate::domain::{Error, Registration};
 use crate::engine::bus::RunKey;
@@ -235,8 +235,11 @@ impl WebhookOutbox {
             // Microseconds, as on the stream; one stamp per group, the same for every
             // attempt of its notifications.
             let sent_at = run.engine.clock.now().trunc_subsecs(SENT_AT_DIGITS);
-            self.pipeline
-                .start(&queue[..fresh], sent_at, &pass, send_by);
+            let group = Group {
+                sent_at,
+                attributes: &run.attributes,
+            };
+            self.pipeline.start(&queue[..fresh], group, &pass, send_by);
             run.started(fresh);
         }
         Ok(fresh)

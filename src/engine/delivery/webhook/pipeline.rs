@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{Attempt, Failure, LastTransient, Outcome, WebhookClient, sign};
-use crate::domain::{Notification, NotificationId, ProductId, Registration, UserId};
+use crate::domain::{Attributes, Notification, NotificationId, ProductId, Registration, UserId};
 use crate::engine::stock::Admission;
 
 /// Notifications started together (one grant of the limiter), stamped with one
@@ -33,6 +33,13 @@ struct Item {
     /// Attempts made so far, the one on the wire included.
     attempts: u32,
     acknowledged: bool,
+}
+
+/// What the notifications started together share: when they were sent (one stamp, the
+/// same for every attempt) and their run's attributes.
+pub struct Group<'a> {
+    pub sent_at: DateTime<Utc>,
+    pub attributes: &'a Attributes,
 }
 
 /// An attempt's end, as its task reports it.
@@ -140,7 +147,10 @@ impl Pipeline {
     pub fn start(
         &mut self,
         registrations: &[Registration],
-        sent_at: DateTime<Utc>,
+        Group {
+            sent_at,
+            attributes,
+        }: Group<'_>,
         pass: &Arc<Admission>,
         send_by: Instant,
     ) {
@@ -156,6 +166,7 @@ impl Pipeline {
                         user_id: registration.user_id,
                     },
                     sent_at,
+                    attributes: attributes.clone(),
                 };
                 Item {
                     id: notification.id,

@@ -93,17 +93,27 @@ pub fn body(notification: &Notification) -> Bytes {
         .sent_at
         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     let id = notification.id;
+    let mut data = serde_json::json!({
+        "notificationId": id.to_string(),
+        "productId": id.product_id.get().to_string(),
+        "userId": id.user_id.get().to_string(),
+        "restockRound": id.restock_round.to_string(),
+        "sentAt": sent_at,
+        "message": notification.message(),
+    });
+    // As the proto3 JSON mapping prints a map: an object, left out when empty.
+    if !notification.attributes.is_empty() {
+        data["attributes"] = notification
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
     let value = serde_json::json!({
         "type": "restock.notification",
         "timestamp": sent_at,
-        "data": {
-            "notificationId": id.to_string(),
-            "productId": id.product_id.get().to_string(),
-            "userId": id.user_id.get().to_string(),
-            "restockRound": id.restock_round.to_string(),
-            "sentAt": sent_at,
-            "message": notification.message(),
-        }
+        "data": data,
     });
     Bytes::from(serde_json::to_vec(&value).expect("a JSON value always serializes"))
 }
