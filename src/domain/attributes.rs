@@ -118,7 +118,10 @@ mod tests {
         // Bytes, not characters: 4,096 in all is allowed, one more is not.
         assert!(Attributes::parse([entry("name", &"é".repeat(2046))]).is_ok());
         assert_eq!(
-            invalid(Attributes::parse([entry("name", &"é".repeat(2046)), entry("x", "")])),
+            invalid(Attributes::parse([
+                entry("name", &"é".repeat(2046)),
+                entry("x", "")
+            ])),
             Invalid::AttributesTooLarge(4097)
         );
     }
@@ -129,10 +132,7 @@ mod tests {
             Attributes::parse([entry("name", "Blue \"mug\""), entry("price", "9.90")]).unwrap();
         let stored = attributes.to_stored().unwrap();
         assert_eq!(stored, r#"{"name":"Blue \"mug\"","price":"9.90"}"#);
-        assert_eq!(
-            Attributes::from_stored(Some(&stored)).unwrap(),
-            attributes
-        );
+        assert_eq!(Attributes::from_stored(Some(&stored)).unwrap(), attributes);
         assert_eq!(Attributes::default().to_stored(), None);
         assert!(Attributes::from_stored(None).unwrap().is_empty());
     }

@@ -7,8 +7,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::domain::{
-    Attributes, BackendError, DEFAULT_PAGE_SIZE, Error, IdempotencyKey, Invalid, MAX_PAGE_SIZE, NotResumable,
-    NotificationId,
+    Attributes, BackendError, DEFAULT_PAGE_SIZE, Error, IdempotencyKey, Invalid, MAX_PAGE_SIZE,
+    NotResumable, NotificationId,
 };
 use crate::engine::subscription::StreamEnd;
 use crate::engine::watch::WatchEnd;

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 
 use super::{ListedRun, Recorded, RunProgress, backend_error};
 use crate::domain::{
-    Alert, Attributes, Error, Notification, NotificationId, Product, ProductId, Registration, Run, RunStatus,
-    UserId, Wave, WaveState,
+    Alert, Attributes, Error, Notification, NotificationId, Product, ProductId, Registration, Run,
+    RunStatus, UserId, Wave, WaveState,
 };
 
 /// Columns of `product_notification_history` that make a [`RunRow`], in this order.

@@ -36,9 +36,9 @@ use tokio::time::Instant;
 
 use super::dialect::{Dialect, delta};
 use super::rows::{
-    self,
-    AlertRow, ClaimableRow, ListedAlertRow, ListedRunRow, PRODUCT_COLUMNS, ProductRow, ProgressRow,
-    RECORDED_COLUMNS, RECORDED_FROM, RUN_COLUMNS, RecordedRow, RegistrationRow, RunRow, status,
+    self, AlertRow, ClaimableRow, ListedAlertRow, ListedRunRow, PRODUCT_COLUMNS, ProductRow,
+    ProgressRow, RECORDED_COLUMNS, RECORDED_FROM, RUN_COLUMNS, RecordedRow, RegistrationRow,
+    RunRow, status,
 };
 use super::{
     After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, HISTORY_ROWS_PER_INSERT, ListedRun,
@@ -1141,9 +1141,7 @@ where
         filter: NotificationFilter,
         limit: u32,
     ) -> Result<Vec<Recorded>, Error> {
-        let mut sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} WHERE h.id > ?"
-        );
+        let mut sql = format!("SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} WHERE h.id > ?");
         if filter.product_id.is_some() {
             sql.push_str(" AND h.product_id = ?");
         }
@@ -1168,14 +1166,16 @@ where
 
     /// Served by the primary key, read backwards.
     async fn last_recorded(&self) -> Result<Option<Recorded>, Error> {
-        let sql = format!(
-            "SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} ORDER BY h.id DESC LIMIT 1"
-        );
+        let sql =
+            format!("SELECT {RECORDED_COLUMNS} FROM {RECORDED_FROM} ORDER BY h.id DESC LIMIT 1");
         let row: Option<RecordedRow> = sqlx::query_as(&sql)
             .fetch_optional(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(row.map(|row| rows::recorded(vec![row])).transpose()?.and_then(|mut one| one.pop()))
+        Ok(row
+            .map(|row| rows::recorded(vec![row]))
+            .transpose()?
+            .and_then(|mut one| one.pop()))
     }
 
     /// Served by uq_punh_product_round_user.
@@ -1191,7 +1191,10 @@ where
             .fetch_optional(&self.reader)
             .await
             .map_err(D::error)?;
-        Ok(row.map(|row| rows::recorded(vec![row])).transpose()?.and_then(|mut one| one.pop()))
+        Ok(row
+            .map(|row| rows::recorded(vec![row]))
+            .transpose()?
+            .and_then(|mut one| one.pop()))
     }
 
     /// Newest first, by key. Each filter has an index that yields its rows in key

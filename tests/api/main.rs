@@ -4,6 +4,7 @@
 mod helpers;
 
 mod alerts;
+mod attributes;
 mod callers;
 mod capabilities;
 mod cluster;

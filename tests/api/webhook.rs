@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use restock_notifier::grpc::proto::{ListRestockRunsRequest, RunStatus};
 
+use crate::attributes::{shop_attributes, trigger_with_attributes};
 use crate::helpers::*;
 use crate::receiver::{Fault, Receiver, secret};
 
@@ -113,7 +114,9 @@ async fn a_notification_that_keeps_failing_ends_the_run_at_the_acknowledged_pref
     let failing = users[120];
     receiver.fail(&id(1, 1, failing), Fault::Always(500));
 
-    app.trigger(1, None).await.unwrap();
+    trigger_with_attributes(&app, 1, shop_attributes())
+        .await
+        .unwrap();
     let run = app.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::CanceledByError);
     // G5, G12: the record is exactly the prefix before the failing user.
@@ -163,6 +166,14 @@ async fn a_notification_that_keeps_failing_ends_the_run_at_the_acknowledged_pref
         );
     }
     assert_all_signed(&receiver, 1, 1);
+    // Every body carried the run's attributes, before the failure and after the resume.
+    let attributes = serde_json::to_value(shop_attributes()).unwrap();
+    for request in receiver.received() {
+        assert_eq!(
+            request.body["data"]["attributes"], attributes,
+            "{request:?}"
+        );
+    }
 }
 
 async fn a_refused_notification_is_not_retried_and_ends_the_run_at_once(backend: Backend) {

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 
-use crate::domain::{Attributes, BackendError, Notification, NotificationId, ProductId, RunStatus, UserId};
+use crate::domain::{
+    Attributes, BackendError, Notification, NotificationId, ProductId, RunStatus, UserId,
+};
 
 /// A run, as the bus names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::SubsecRound as _;
 use tokio::time::Instant;
 
-use super::pipeline::{Group, Event, Pipeline};
+use super::pipeline::{Event, Group, Pipeline};
 use super::{WebhookChannel, WebhookSettings};
 use crate::domain::{Error, Registration};
 use crate::engine::bus::RunKey;
