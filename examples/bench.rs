@@ -9,7 +9,7 @@
 //! cargo run --release --example bench -- memory  [--users 1000000] [--waves]
 //! cargo run --release --example bench -- memory  --runs 10000
 //! cargo run --release --example bench -- memory  --streams 5000
-//! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across]
+//! cargo run --release --example bench -- fanout  [--streams 1000] [--users 5000] [--rate 500] [--across] [--attributes BYTES]
 //! cargo run --release --example bench -- cluster [--users 30000] [--rate 500] [--instances 3]
 //! cargo run --release --example bench -- limiter [--rate 500] [--seconds 10] [--runs N] [--instances N]
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
@@ -30,7 +30,8 @@
 //! `--across`: the run on one, the streams on the other), opens the streams from this
 //! process, checks that every stream gets every notification in order, and reports
 //! the send-to-receive p50/p99 over all of them and each server's CPU time per
-//! delivered notification. `cluster` starts several processes of the real binary (built by `cargo build
+//! delivered notification; `--attributes BYTES` triggers the run with attributes of about
+//! that size (a name, a link, a price, and padding), as a shop sends them. `cluster` starts several processes of the real binary (built by `cargo build
 //! --release`, next to this example) on one database and Redis prefix, runs one product
 //! on each at once, kills the owner of the last one with SIGKILL after 40% of all sends,
 //! and reports the busiest one-second window over all instances against the shared
@@ -66,6 +67,7 @@
 //! `BENCH_MYSQL_URL` (server, no database) and `BENCH_REDIS_URL` override the local
 //! defaults.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -617,19 +619,48 @@ const STREAMS_PER_CONNECTION: u32 = 100;
 
 /// `fanout`: the server runs as its own process (two with `across`: the run on the first,
 /// the streams on the second), and this process holds the subscribers.
-async fn fanout(streams: u32, users: u32, limit: u32, across: bool) -> anyhow::Result<()> {
+async fn fanout(
+    streams: u32,
+    users: u32,
+    limit: u32,
+    across: bool,
+    attributes: usize,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         streams > 0 && users > 0,
         "--streams and --users must be positive"
     );
     let cluster = Cluster::start(if across { 2 } else { 1 }, limit).await?;
-    let outcome = fanout_run(&cluster, streams, users, limit).await;
+    let outcome = fanout_run(&cluster, streams, users, limit, attributes_of(attributes)).await;
     let torn_down = cluster.tear_down().await;
     outcome?;
     torn_down
 }
 
-async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> anyhow::Result<()> {
+/// Attributes of about `bytes` bytes (keys and values): what a shop sends with a
+/// restock, padded with a `note`. None for 0.
+fn attributes_of(bytes: usize) -> HashMap<String, String> {
+    if bytes == 0 {
+        return HashMap::new();
+    }
+    let mut attributes = HashMap::from([
+        ("name".to_string(), "Blue mug, 350 ml".to_string()),
+        ("link".to_string(), "https://shop.example/p/1".to_string()),
+        ("price".to_string(), "9.90 EUR".to_string()),
+    ]);
+    let used: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+    attributes.insert("note".into(), "x".repeat(bytes.saturating_sub(used + 4)));
+    attributes
+}
+
+async fn fanout_run(
+    cluster: &Cluster,
+    streams: u32,
+    users: u32,
+    limit: u32,
+    attributes: HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
     let runner = &cluster.instances[0];
     let serving = cluster.instances.last().context("no instance")?;
     let order: Vec<i64> = (1..=i64::from(users)).collect();
@@ -670,7 +701,16 @@ async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> 
         .collect::<anyhow::Result<_>>()?;
     let own_before = cpu_time(std::process::id())?;
     let began = Instant::now();
-    trigger(&runner.client, 1).await?;
+    runner
+        .client
+        .clone()
+        .trigger_restock(proto::TriggerRestockRequest {
+            product_id: 1,
+            attributes,
+            ..Default::default()
+        })
+        .await
+        .context("TriggerRestock")?;
     let mut all = Vec::with_capacity(streams as usize * users as usize);
     let mut complete = 0u32;
     let mut failures = Vec::new();
@@ -695,7 +735,7 @@ async fn fanout_run(cluster: &Cluster, streams: u32, users: u32, limit: u32) -> 
     let deliveries = u64::from(complete) * u64::from(users);
     println!(
         "fanout: {streams} streams over {connections} connections x {users} notifications at \
-         {limit}/s, streams on {}; wall {wall:.2?}",
+         {limit}/s, attributes {attribute_bytes} bytes, streams on {}; wall {wall:.2?}",
         if cluster.instances.len() > 1 {
             "another instance than the run"
         } else {
@@ -1612,6 +1652,9 @@ enum Bench {
         /// The run on one instance, the streams on another.
         #[arg(long)]
         across: bool,
+        /// Trigger with attributes of about this many bytes (at most 4096).
+        #[arg(long, default_value_t = 0)]
+        attributes: usize,
     },
     /// The send limiter with an added round trip to Redis.
     Limiter {
@@ -1677,7 +1720,8 @@ async fn main() -> anyhow::Result<()> {
             users,
             rate,
             across,
-        } => fanout(streams, users, rate, across).await,
+            attributes,
+        } => fanout(streams, users, rate, across, attributes).await,
         Bench::Limiter {
             rate,
             seconds,
