@@ -57,8 +57,14 @@ pub struct Config {
     )]
     pub redis_url: Option<SecretUrl>,
 
-    /// Prefix of every Redis key and channel, so deployments can share one Redis.
-    #[arg(long, env = "RESTOCK_REDIS_PREFIX", default_value = "restock:")]
+    /// Prefix of every Redis key and channel, so deployments can share one Redis (no
+    /// braces: keys carry a hash tag of their own for Redis Cluster).
+    #[arg(
+        long,
+        env = "RESTOCK_REDIS_PREFIX",
+        default_value = "restock:",
+        value_parser = redis_prefix
+    )]
     pub redis_prefix: String,
 
     /// Notifications sent per second, at most, in any one-second window (1 to 1000000).
@@ -225,6 +231,20 @@ pub struct WebhookConfig {
         value_parser = WEBHOOK_BACKOFF
     )]
     pub backoff: Duration,
+}
+
+/// A key prefix without braces: a `{` in it would make Redis Cluster hash the prefix
+/// instead of the product's partition, and put keys a script needs together in
+/// different slots.
+fn redis_prefix(raw: &str) -> Result<String, String> {
+    if raw.contains(['{', '}']) {
+        return Err(
+            "RESTOCK_REDIS_PREFIX must not contain { or }: keys carry a hash tag of their own \
+             (for Redis Cluster); use letters, digits, `:` or `-`"
+                .to_string(),
+        );
+    }
+    Ok(raw.to_string())
 }
 
 fn trusted_proxies(raw: &str) -> Result<TrustedProxies, String> {

@@ -8,6 +8,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use fred::prelude::ClientLike as _;
 use secrecy::ExposeSecret as _;
 
 use crate::config::Config;
@@ -47,11 +48,15 @@ impl Deployment {
     pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
         match &config.redis_url {
             None => Ok(Deployment::Embedded),
-            Some(url) => Ok(Deployment::Clustered {
-                client: crate::redis::connect(url.expose_secret()).await?,
-                keys: Keys::new(config.redis_prefix.clone()),
-                url: url.clone(),
-            }),
+            Some(url) => {
+                let client = crate::redis::connect(url.expose_secret()).await?;
+                let keys = Keys::new(config.redis_prefix.clone()).sharded(client.is_clustered());
+                Ok(Deployment::Clustered {
+                    client,
+                    keys,
+                    url: url.clone(),
+                })
+            }
         }
     }
 

@@ -21,6 +21,7 @@ mod products;
 mod proxy;
 mod rate_limit;
 mod receiver;
+mod redis_cluster;
 mod redis_failure;
 mod runs;
 mod secrets;

@@ -145,6 +145,18 @@ pub enum BusEvent {
     Closing,
 }
 
+impl BusEvent {
+    /// The product the event is about: its partition's channel carries it, after the
+    /// run's batches (G11: in send order). None for events that stay on this instance.
+    pub fn product(&self) -> Option<ProductId> {
+        match self {
+            BusEvent::Sent(batch) => Some(batch.run.product_id),
+            BusEvent::RunEnded { run, .. } => Some(run.product_id),
+            BusEvent::Gap | BusEvent::Closing => None,
+        }
+    }
+}
+
 /// A batch's notifications in the form the API sends them, made by the first stream
 /// that sends the batch and shared by every other: with a thousand streams, a
 /// notification is encoded once, and each stream only writes the bytes into its frame.

@@ -8,7 +8,9 @@
 //! stream misses (a reconnect, a lagging instance) it finds in the record, which is the
 //! replay log (`resume_after`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,6 +19,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::{Client, EventInterface, PubsubInterface};
 use prost::Message as _;
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
 
 use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
@@ -128,7 +131,7 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
             status: WireStatus::try_from(wire.status).ok()?.run_status()?,
             last_position: wire.position,
         }),
-        WireKind::Unspecified => None,
+        WireKind::Unspecified | WireKind::Tick => None,
     }
 }
 
@@ -151,8 +154,29 @@ impl RedisBus {
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
         subscriber.manage_subscriptions();
-        subscriber.subscribe(keys.bus_channel()).await?;
-        tokio::spawn(forward(subscriber, messages, reconnects, local.clone()));
+        if keys.is_sharded() {
+            // One SSUBSCRIBE per channel: each goes to the node that owns its slot.
+            for channel in keys.bus_channels() {
+                subscriber.ssubscribe(channel).await?;
+            }
+        } else {
+            subscriber.subscribe(keys.bus_channels()).await?;
+        }
+        let partitions = keys.bus_channels();
+        tokio::spawn(tick(client.clone(), keys.clone()));
+        tokio::spawn(forward(
+            Feed {
+                subscriber,
+                keys: keys.clone(),
+                last_heard: partitions
+                    .into_iter()
+                    .map(|c| (c, Instant::now()))
+                    .collect(),
+            },
+            messages,
+            reconnects,
+            local.clone(),
+        ));
         Ok(Self {
             client,
             keys,
@@ -161,23 +185,98 @@ impl RedisBus {
     }
 }
 
-/// Hands what arrives on the channel to this instance's streams. Anything that may
-/// have lost messages (this task falling behind, a reconnect) is passed on as a gap:
-/// every stream then ends with the `resume_after` to continue from, and the record
-/// fills what pub/sub dropped.
-async fn forward(
+/// How often every instance says "alive" on every partition's channel.
+const TICK_EVERY: Duration = Duration::from_secs(1);
+
+/// A partition's channel silent this long has lost its subscription (a failover or a
+/// resharding can end one without a word: the server's `sunsubscribe` is not passed
+/// on): subscribe to it again, and end the streams, which resume from the record.
+const SILENT_AFTER: Duration = Duration::from_secs(3);
+
+/// Publishes a tick on every partition's channel every [`TICK_EVERY`], for as long as
+/// the client lives: what lets every instance see that each of its subscriptions
+/// still delivers.
+async fn tick(client: Client, keys: Keys) {
+    let payload: Bytes = WireEvent {
+        kind: WireKind::Tick.into(),
+        ..WireEvent::default()
+    }
+    .encode_to_vec()
+    .into();
+    let mut every = tokio::time::interval(TICK_EVERY);
+    loop {
+        every.tick().await;
+        for channel in keys.bus_channels() {
+            let sent = if keys.is_sharded() {
+                client.spublish::<i64, _, _>(channel, payload.clone()).await
+            } else {
+                client.publish::<i64, _, _>(channel, payload.clone()).await
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "could not tick on the bus");
+            }
+        }
+    }
+}
+
+/// The subscription and when each partition's channel was last heard from.
+struct Feed {
     subscriber: SubscriberClient,
+    keys: Keys,
+    last_heard: HashMap<String, Instant>,
+}
+
+impl Feed {
+    /// Subscribes again to the channels silent for [`SILENT_AFTER`]; `true` if any was.
+    async fn revive_silent(&mut self) -> bool {
+        let now = Instant::now();
+        let silent: Vec<String> = self
+            .last_heard
+            .iter()
+            .filter(|(_, heard)| now.duration_since(**heard) > SILENT_AFTER)
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in &silent {
+            tracing::warn!(
+                channel,
+                "a bus channel went silent; subscribing to it again"
+            );
+            let again = if self.keys.is_sharded() {
+                self.subscriber.ssubscribe(channel.clone()).await
+            } else {
+                self.subscriber.subscribe(channel.clone()).await
+            };
+            if let Err(e) = again {
+                tracing::warn!(channel, error = %e, "could not subscribe to the bus channel again");
+            }
+            self.last_heard.insert(channel.clone(), now);
+        }
+        !silent.is_empty()
+    }
+}
+
+/// Hands what arrives on the channels to this instance's streams. Anything that may
+/// have lost messages (this task falling behind, a reconnect, a channel gone silent)
+/// is passed on as a gap: every stream then ends with the `resume_after` to continue
+/// from, and the record fills what pub/sub dropped.
+async fn forward(
+    mut feed: Feed,
     mut messages: broadcast::Receiver<fred::types::Message>,
     mut reconnects: broadcast::Receiver<fred::types::config::Server>,
     local: Arc<LocalBus>,
 ) {
-    let _keep_alive = subscriber;
+    let mut check = tokio::time::interval(TICK_EVERY);
     loop {
         tokio::select! {
             message = messages.recv() => match message {
                 Ok(message) => {
-                    match message.value.as_bytes().and_then(decode) {
+                    if let Some(heard) = feed.last_heard.get_mut(&*message.channel) {
+                        *heard = Instant::now();
+                    }
+                    let Some(payload) = message.value.as_bytes() else { continue };
+                    match decode(payload) {
                         Some(event) => local.send(event),
+                        None if is_tick(payload) => {}
                         None => tracing::warn!("ignored a message on the bus channel that is not a bus event"),
                     }
                 }
@@ -194,22 +293,33 @@ async fn forward(
                 }
                 Err(RecvError::Closed) => return,
             },
+            _ = check.tick() => {
+                if feed.revive_silent().await {
+                    local.send(BusEvent::Gap);
+                }
+            }
         }
     }
+}
+
+fn is_tick(payload: &[u8]) -> bool {
+    WireEvent::decode(payload).is_ok_and(|wire| wire.kind == i32::from(WireKind::Tick))
 }
 
 #[async_trait]
 impl NotificationBus for RedisBus {
     async fn publish(&self, event: BusEvent) -> Result<(), BackendError> {
-        let Some(payload) = encode(&event) else {
+        let (Some(payload), Some(product)) = (encode(&event), event.product()) else {
             self.local.send(event);
             return Ok(());
         };
-        self.client
-            .publish::<i64, _, _>(self.keys.bus_channel(), payload)
-            .await
-            .map(|_| ())
-            .map_err(|e| backend(STORE, e))
+        let channel = self.keys.bus_channel(product);
+        let published = if self.keys.is_sharded() {
+            self.client.spublish::<i64, _, _>(channel, payload).await
+        } else {
+            self.client.publish::<i64, _, _>(channel, payload).await
+        };
+        published.map(|_| ()).map_err(|e| backend(STORE, e))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {

@@ -5,7 +5,8 @@
 -- chain key ("<claim>:<position of the last notification delivered>", set by
 -- claim.lua); ARGV: the bus channel, the encoded batch, the claim's token, the keys'
 -- ttl in seconds, the position the batch follows ('-' for none), the position of its
--- last notification.
+-- last notification, and last the publish command (PUBLISH, or SPUBLISH on Redis
+-- Cluster, where the channel is in the slot of the keys).
 -- Returns 1 delivered, 0 sold out, -1 not cached (fill the cache and try again),
 -- -2 superseded, -3 the claim or chain key is gone (see claim_check.lua), -4 out of
 -- order: the batch does not follow the last delivered one (a delivery before it was
@@ -22,5 +23,5 @@ if not chain then return -3 end
 if chain == ARGV[3] .. ':' .. ARGV[6] and ARGV[5] ~= ARGV[6] then return 1 end
 if chain ~= ARGV[3] .. ':' .. ARGV[5] then return -4 end
 redis.call('SET', KEYS[3], ARGV[3] .. ':' .. ARGV[6], 'EX', tonumber(ARGV[4]))
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call(ARGV[#ARGV], ARGV[1], ARGV[2])
 return 1

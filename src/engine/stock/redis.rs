@@ -282,7 +282,7 @@ impl RedisStockFence {
         let claim_key = self.keys.run_claim(run.product_id, run.restock_round);
         let payload: Bytes = encode_sent(batch);
         let mut args = vec![
-            Value::from(self.keys.bus_channel()),
+            Value::from(self.keys.bus_channel(run.product_id)),
             Value::Bytes(payload),
             Value::from(batch.claim),
             Value::from(CLAIM_TTL_SECS),
@@ -299,6 +299,7 @@ impl RedisStockFence {
         } else {
             vec![claim_key]
         };
+        args.push(Value::from(self.keys.publish_command()));
         let outcome: i64 = script
             .evalsha_with_reload(&self.client, keys, args)
             .await

@@ -7,6 +7,7 @@ mod binary;
 mod database;
 mod polling;
 mod redis;
+mod redis_cluster;
 mod tls;
 mod windows;
 
@@ -15,6 +16,7 @@ pub use binary::*;
 pub use database::*;
 pub use polling::*;
 pub use redis::*;
+pub use redis_cluster::*;
 pub use tls::*;
 pub use windows::*;
 
