@@ -261,7 +261,8 @@ async fn a_lost_cache_never_brings_an_older_stock_back_after_set_stock_zero() {
     let direct = restock_notifier::redis::connect(&redis_url())
         .await
         .unwrap();
-    let key = format!("{}stock-figure:1", survivor.redis_prefix);
+    let key = Keys::new(survivor.redis_prefix.clone())
+        .stock(restock_notifier::domain::ProductId::parse(1).unwrap());
     // The cache loses the figure; the owner reads 10 from the database and offers it
     // back, and that offer is held on the wire.
     redis.hold_next(
