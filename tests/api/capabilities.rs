@@ -1,6 +1,6 @@
 //! Contract tests of the engine's capabilities: each suite runs against the in-process
-//! implementation and the Redis one (two handles on one prefix standing for two
-//! instances).
+//! implementation, the Redis one (two handles on one prefix standing for two
+//! instances) and the same on a Redis Cluster.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -23,7 +23,9 @@ use restock_notifier::monitoring::LimiterMetrics;
 use restock_notifier::redis::Keys;
 use tokio::time::Instant;
 
-use crate::helpers::{Implementation, busiest_second, join_redis_bus, redis_url};
+use crate::helpers::{
+    Implementation, busiest_second, join_redis_bus, join_redis_bus_at, redis_of, redis_url,
+};
 use crate::proxy::FaultProxy;
 
 crate::on_each_implementation!(
@@ -46,7 +48,8 @@ async fn limiters(implementation: Implementation, rate: u32) -> [Arc<dyn SendLim
             Arc::new(LocalLimiter::new(rate, ENFORCED_WINDOW).unwrap());
         return [shared.clone(), shared];
     }
-    redis_limiters(&redis_url(), &prefix(), rate).await
+    let (url, keys) = redis_of(implementation).await;
+    redis_limiters(&url, &keys, rate).await
 }
 
 /// Two Redis limiters on `keys`, each with its own connection to `url`, warmed up.
@@ -214,8 +217,8 @@ async fn fence(
         let fence = Arc::new(LocalStockFence::new(cache.clone(), bus.clone()));
         return (cache, fence, bus);
     }
-    let keys = prefix();
-    let (client, bus) = join_redis_bus(&keys, 64).await;
+    let (url, keys) = redis_of(implementation).await;
+    let (client, bus) = join_redis_bus_at(&url, &keys, 64).await;
     (
         Arc::new(RedisStockCache::new(client.clone(), keys.clone())),
         Arc::new(RedisStockFence::new(client, keys)),

@@ -28,10 +28,13 @@ pub enum Implementation {
     InProcess,
     /// On one Redis, two handles on one prefix standing for two instances.
     Redis,
+    /// On a Redis Cluster of three masters and three replicas, as `Redis`.
+    RedisCluster,
 }
 
 /// Generates, for each named `async fn(Implementation)`, one test per implementation:
-/// `in_process::name` and `redis::name`. A new implementation is one more module here.
+/// `in_process::name`, `redis::name` and `redis_cluster::name`. A new implementation is
+/// one more module here.
 #[macro_export]
 macro_rules! on_each_implementation {
     ($($name:ident),+ $(,)?) => {
@@ -48,6 +51,14 @@ macro_rules! on_each_implementation {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Implementation::Redis).await;
+                }
+            )+
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Implementation::RedisCluster).await;
                 }
             )+
         }
