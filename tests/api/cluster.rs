@@ -287,21 +287,23 @@ struct Instance {
 }
 
 impl Instance {
-    async fn start(database: &str, prefix: &str, send_rate: u32, lease: &str) -> Self {
-        Self::start_with_clock(database, prefix, send_rate, lease, None).await
+    /// The real binary as another instance of `app`: its database, Redis and prefix.
+    async fn start(app: &TestApp, send_rate: u32, lease: &str) -> Self {
+        Self::start_with_clock(app, send_rate, lease, None).await
     }
 
     /// As `start`, with the process's wall clock moved by `skew` (libfaketime's
     /// `FAKETIME`, e.g. `+30s`) when given.
     async fn start_with_clock(
-        database: &str,
-        prefix: &str,
+        app: &TestApp,
         send_rate: u32,
         lease: &str,
         skew: Option<&str>,
     ) -> Self {
+        let (database, prefix) = (&app.database, app.redis_prefix.as_str());
         let database_url = format!("{}/{database}", mysql_server_url());
-        let (redis, send_rate) = (redis_url(), send_rate.to_string());
+        let redis = app.redis_url.clone().expect("an instance on MySQL and Redis");
+        let send_rate = send_rate.to_string();
         let mut env = vec![
             ("DATABASE_URL", database_url.as_str()),
             ("REDIS_URL", redis.as_str()),
@@ -380,11 +382,19 @@ async fn claim_token(app: &TestApp) -> Option<i64> {
         .unwrap()
 }
 
-/// The instance that survives a kill: 200/s and a 2 s lease, on MySQL.
+/// The instance that survives a kill: 200/s and a 2 s lease, on MySQL and the shared
+/// Redis.
 async fn survivor() -> TestApp {
+    survivor_on(None, Duration::from_secs(2)).await
+}
+
+/// A survivor with a lease of `lease`, on `redis` (a Redis Cluster's URL), or the
+/// shared Redis when `None`.
+async fn survivor_on(redis: Option<String>, lease: Duration) -> TestApp {
     spawn_app_with(Options {
         send_rate: 200,
-        run_lease: Duration::from_secs(2),
+        run_lease: lease,
+        redis_url: redis,
         ..Options::new(Backend::MySql)
     })
     .await
@@ -403,7 +413,7 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64], one_shot:
             .await
             .unwrap();
     }
-    let owner = Instance::start(&survivor.database, &survivor.redis_prefix, 200, "2s").await;
+    let owner = Instance::start(survivor, 200, "2s").await;
     owner.trigger(1).await;
     survivor.wait_for_history(1, 1, 300).await;
     owner
@@ -411,7 +421,16 @@ async fn run_on_a_separate_instance(survivor: &TestApp, users: &[i64], one_shot:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_s_run_is_taken_over_and_finished_with_exact_history() {
-    let survivor = survivor().await;
+    a_killed_instance_s_run_is_taken_over(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_s_run_is_taken_over_on_a_redis_cluster() {
+    a_killed_instance_s_run_is_taken_over(Some(shared_cluster().await.url())).await;
+}
+
+async fn a_killed_instance_s_run_is_taken_over(redis: Option<String>) {
+    let survivor = survivor_on(redis, Duration::from_secs(2)).await;
     let users: Vec<i64> = (1..=1_500).collect();
     let mut owner = run_on_a_separate_instance(&survivor, &users, false).await;
     let token = claim_token(&survivor).await;
@@ -479,12 +498,16 @@ async fn one_shot_alerts_are_used_up_exactly_once_across_a_takeover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_a_run_over_to_a_live_instance_within_two_seconds() {
-    let survivor = spawn_app_with(Options {
-        send_rate: 200,
-        run_lease: Duration::from_secs(10),
-        ..Options::new(Backend::MySql)
-    })
-    .await;
+    sigterm_hands_a_run_over(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_a_run_over_within_two_seconds_on_a_redis_cluster() {
+    sigterm_hands_a_run_over(Some(shared_cluster().await.url())).await;
+}
+
+async fn sigterm_hands_a_run_over(redis: Option<String>) {
+    let survivor = survivor_on(redis, Duration::from_secs(10)).await;
     let users: Vec<i64> = (1..=1_500).collect();
     let mut owner = run_on_a_separate_instance(&survivor, &users, false).await;
     owner.service.signal("TERM");
@@ -518,14 +541,7 @@ async fn notifications_carry_the_database_s_clock_even_from_a_host_whose_clock_i
     other.register_bulk(1, &users).await;
     // libfaketime (Debian's faketime package; .ci/run installs it) runs the binary
     // with its wall clock 30 s ahead.
-    let skewed = Instance::start_with_clock(
-        &other.database,
-        &other.redis_prefix,
-        1_000,
-        "10s",
-        Some("+30s"),
-    )
-    .await;
+    let skewed = Instance::start_with_clock(&other, 1_000, "10s", Some("+30s")).await;
     skewed.trigger(1).await;
     let run = other.wait_until_final(1).await;
     assert_eq!(run.status(), RunStatus::Completed);

@@ -149,6 +149,8 @@ pub struct TestApp {
     pub backend: Backend,
     pub database: String,
     pub redis_prefix: String,
+    /// The Redis (or Redis Cluster) the app shares, when it has one.
+    pub redis_url: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     /// Drop the database when the app is dropped (not for the first half of a restart).
@@ -210,13 +212,12 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .redis_prefix
         .clone()
         .unwrap_or_else(|| unique("restock-test:") + ":");
+    let shared_redis = match backend {
+        Backend::MySql => Some(options.redis_url.clone().unwrap_or_else(redis_url)),
+        Backend::Embedded => None,
+    };
     let config = Config {
-        redis_url: match backend {
-            Backend::MySql => Some(SecretUrl::connection(
-                options.redis_url.clone().unwrap_or_else(redis_url),
-            )),
-            Backend::Embedded => None,
-        },
+        redis_url: shared_redis.clone().map(SecretUrl::connection),
         redis_prefix: redis_prefix.clone(),
         send_rate: NonZeroU32::new(options.send_rate).unwrap(),
         api_rate: NonZeroU32::new(options.api_rate).unwrap(),
@@ -267,6 +268,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         backend,
         database,
         redis_prefix,
+        redis_url: shared_redis,
         stop: Some(stop),
         server: Some(server),
         keep_database: false,
