@@ -15,6 +15,7 @@
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
 //! cargo run --release --example bench -- demand  [--products 100000]
+//! cargo run --release --example bench -- redis-cluster [--rate 500] [--seconds 10] [--streams 1000] [--users 3000]
 //! ```
 //!
 //! `pacing` measures the sustained send rate and the busiest one-second window, both
@@ -84,6 +85,11 @@ use tonic::transport::Channel;
 
 #[path = "../tests/support/proxy.rs"]
 mod proxy;
+
+// The tests' Redis Cluster of three masters and three replicas on free loopback ports.
+#[allow(dead_code)]
+#[path = "../tests/support/redis_cluster.rs"]
+mod redis_cluster;
 use proxy::FaultProxy;
 
 /// TriggerRestock of `product`, no stock given.
@@ -1690,6 +1696,18 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         products: u32,
     },
+    /// The limiter and the fan-out on one Redis and on a Redis Cluster (three masters,
+    /// three replicas, started here), side by side in one run, two instances each.
+    RedisCluster {
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        #[arg(long, default_value_t = 1_000)]
+        streams: u32,
+        #[arg(long, default_value_t = 3_000)]
+        users: u32,
+    },
     /// Delivery to a webhook endpoint.
     Webhook {
         #[arg(long, default_value_t = 500)]
@@ -1736,7 +1754,42 @@ async fn main() -> anyhow::Result<()> {
         Bench::Webhook { rate, seconds } => webhook(rate, seconds).await,
         Bench::Auth { calls, concurrency } => auth(calls, concurrency).await,
         Bench::Demand { products } => demand(products).await,
+        Bench::RedisCluster {
+            rate,
+            seconds,
+            streams,
+            users,
+        } => on_redis_cluster(rate, seconds, streams, users).await,
     }
+}
+
+/// `redis-cluster`: the same two instances' limiter (one run alone, then 100 runs) and
+/// fan-out (the streams on the other instance than the run) on one Redis, then on a
+/// Redis Cluster.
+async fn on_redis_cluster(
+    limit: u32,
+    seconds: u32,
+    streams: u32,
+    users: u32,
+) -> anyhow::Result<()> {
+    let redis_cluster = redis_cluster::RedisCluster::start().await;
+    for (name, url) in [
+        ("one Redis", redis_url()),
+        ("Redis Cluster", redis_cluster.url()),
+    ] {
+        println!("== {name}");
+        for runs in [1, 100] {
+            let per = (limit * seconds / runs).max(1);
+            println!("limiter: 2 instances, {runs} run(s) of {per} users, limit {limit}/s");
+            let cluster = Cluster::start_on(2, limit, &url).await?;
+            let outcome = limiter_run(&cluster, runs, per, limit, 0).await;
+            cluster.tear_down().await.and(outcome)?;
+        }
+        let cluster = Cluster::start_on(2, limit, &url).await?;
+        let outcome = fanout_run(&cluster, streams, users, limit, HashMap::new()).await;
+        cluster.tear_down().await.and(outcome)?;
+    }
+    Ok(())
 }
 
 async fn demand(products: u32) -> anyhow::Result<()> {

@@ -302,7 +302,10 @@ impl Instance {
     ) -> Self {
         let (database, prefix) = (&app.database, app.redis_prefix.as_str());
         let database_url = format!("{}/{database}", mysql_server_url());
-        let redis = app.redis_url.clone().expect("an instance on MySQL and Redis");
+        let redis = app
+            .redis_url
+            .clone()
+            .expect("an instance on MySQL and Redis");
         let send_rate = send_rate.to_string();
         let mut env = vec![
             ("DATABASE_URL", database_url.as_str()),

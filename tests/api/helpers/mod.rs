@@ -7,6 +7,7 @@ mod binary;
 mod database;
 mod polling;
 mod redis;
+#[path = "../../support/redis_cluster.rs"]
 mod redis_cluster;
 mod tls;
 mod windows;

@@ -2,6 +2,9 @@
 //! ports picked free, started from the `redis-server` on the path (`scripts/test`
 //! installs it) and made a cluster with `redis-cli --cluster create`.
 //!
+//! Self-contained, so the benchmark (`examples/bench.rs`) starts its clusters with it
+//! too.
+//!
 //! Each node runs under a shell that kills it when this process goes away (its stdin,
 //! a pipe from this process, closes), so a cluster never outlives the test that
 //! started it, even one killed by a timeout.
@@ -11,8 +14,6 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
-
-use super::poll_until;
 
 /// One node: its client port and the pid of its `redis-server`.
 struct Node {
@@ -35,6 +36,21 @@ static SHARED: OnceCell<RedisCluster> = OnceCell::const_new();
 /// The process's shared cluster, started on first use.
 pub async fn shared_cluster() -> &'static RedisCluster {
     SHARED.get_or_init(RedisCluster::start).await
+}
+
+/// Checks `ready` every 50 ms until it holds; panics with its last answer after
+/// `timeout`.
+async fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> Result<(), String>) {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        match ready() {
+            Ok(()) => return,
+            Err(last) if tokio::time::Instant::now() >= end => {
+                panic!("{what}: not within {timeout:?}; last seen {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// A loopback port nothing listens on now.
@@ -85,19 +101,15 @@ impl RedisCluster {
         // A replica that never synced refuses to take over its master's slots.
         for node in &cluster.nodes {
             let port = node.port;
-            poll_until(
-                Duration::from_secs(30),
-                "every replica synced",
-                || async move {
-                    let replication = redis_cli(port, &["info", "replication"]);
-                    if replication.contains("role:slave")
-                        && !replication.contains("master_link_status:up")
-                    {
-                        return Err(replication);
-                    }
-                    Ok(())
-                },
-            )
+            wait_for(Duration::from_secs(30), "every replica synced", || {
+                let replication = redis_cli(port, &["info", "replication"]);
+                if replication.contains("role:slave")
+                    && !replication.contains("master_link_status:up")
+                {
+                    return Err(replication);
+                }
+                Ok(())
+            })
             .await;
         }
         cluster
@@ -152,20 +164,15 @@ impl RedisCluster {
     /// each slot.
     async fn wait_until_ok(&self) {
         let ports: Vec<u16> = self.live().map(|n| n.port).collect();
-        let ports = &ports;
-        poll_until(
-            Duration::from_secs(30),
-            "the cluster is ok",
-            || async move {
-                for &port in ports {
-                    let info = redis_cli(port, &["cluster", "info"]);
-                    if !info.contains("cluster_state:ok") {
-                        return Err(format!("{port}: {info}"));
-                    }
+        wait_for(Duration::from_secs(30), "the cluster is ok", || {
+            for &port in &ports {
+                let info = redis_cli(port, &["cluster", "info"]);
+                if !info.contains("cluster_state:ok") {
+                    return Err(format!("{port}: {info}"));
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        })
         .await;
     }
 
@@ -201,14 +208,12 @@ impl RedisCluster {
             .unwrap();
         node.pid = 0;
         let asked = self.live().next().unwrap().port;
-        poll_until(
+        wait_for(
             Duration::from_secs(30),
             "a replica took over",
-            || async move {
-                match master_of(asked, slot) {
-                    Some(now) if now != port => Ok(()),
-                    _ => Err(redis_cli(asked, &["cluster", "nodes"])),
-                }
+            || match master_of(asked, slot) {
+                Some(now) if now != port => Ok(()),
+                _ => Err(redis_cli(asked, &["cluster", "nodes"])),
             },
         )
         .await;
