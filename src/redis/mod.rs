@@ -188,12 +188,17 @@ fn builder(url: &str) -> anyhow::Result<Builder> {
     let config = Config::from_url(url).context(
         "REDIS_URL is not a valid redis://, rediss://, redis-cluster:// or rediss-cluster:// URL",
     )?;
+    let clustered = config.server.is_clustered();
     let mut builder = Builder::from_config(config);
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 2;
+            // On Redis Cluster a command met by ASK during a resharding takes more
+            // attempts (ASKING, then the command again); with too few, the client's
+            // connection to the slot's new owner was left answering nothing, command
+            // after command, until a restart (a test moves a slot mid-run).
+            c.max_command_attempts = if clustered { 6 } else { 2 };
         })
         .with_performance_config(|p| {
             // Fail a command instead of queueing it forever while Redis is down: the

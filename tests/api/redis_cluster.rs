@@ -1,7 +1,7 @@
 //! The clustered deployment on Redis Cluster (three masters, three replicas, started by
 //! the tests): instances on one database and prefix behave as one service (G2, G3,
-//! G11), and a master killed mid-run (its replica promoted) loses nothing and repeats
-//! nothing (G5, G8).
+//! G11), and a master killed mid-run (its replica promoted), or a product's slot moved
+//! to another master, loses nothing and repeats nothing (G5, G8).
 
 use chrono::Utc;
 use futures::StreamExt as _;
@@ -114,18 +114,28 @@ async fn read_all_resuming(
     }
 }
 
-/// A master killed mid-run, its replica promoted: no 1 s window above the limit, no
-/// duplicate in the record or on a stream that resumes as told, and the run finishes
-/// (or ends CANCELED_BY_ERROR and a ManualRestock finishes it exactly).
-async fn a_master_killed_mid_run(whose: &str) {
+/// What happens to the cluster in the middle of a run.
+enum Change {
+    /// The master of the product's slot is killed; its replica takes over.
+    KillProductMaster,
+    /// The master of the limiter's slot is killed; its replica takes over.
+    KillLimiterMaster,
+    /// The product's slot moves to another master (a resharding).
+    MoveProductSlot,
+}
+
+/// `change` in the middle of a run: no 1 s window above the limit, no duplicate in the
+/// record or on a stream that resumes as told, and the run finishes (or ends
+/// CANCELED_BY_ERROR and a ManualRestock finishes it exactly).
+async fn a_cluster_change_mid_run(change: Change) {
     let mut cluster = RedisCluster::start().await;
     let apps = spawn_cluster(2, on(&cluster, 300)).await;
     let users: Vec<i64> = (1..=1_500).collect();
     apps[0].set_stock(1, 10).await;
     apps[0].register_bulk(1, &users).await;
     let keys = Keys::new(apps[0].redis_prefix.clone()).sharded(true);
-    let key = match whose {
-        "limiter" => keys.limiter(),
+    let key = match change {
+        Change::KillLimiterMaster => keys.limiter(),
         _ => keys.stock(ProductId::parse(1).unwrap()),
     };
     let first = apps[1].subscribe_to_product(1).await;
@@ -133,7 +143,10 @@ async fn a_master_killed_mid_run(whose: &str) {
     apps[0].trigger(1, None).await.unwrap();
     let killing = async {
         apps[0].wait_for_history(1, 1, 300).await;
-        cluster.kill_master_of(&key).await;
+        match change {
+            Change::MoveProductSlot => cluster.move_slot_of(&key).await,
+            _ => cluster.kill_master_of(&key).await,
+        }
     };
     let (streamed, ()) = tokio::join!(
         async {
@@ -146,9 +159,11 @@ async fn a_master_killed_mid_run(whose: &str) {
             let run = apps[0].wait_until_final(1).await;
             if run.status() == RunStatus::CanceledByError {
                 apps[0].manual_restock(1, Some(ADMIN_TOKEN)).await.unwrap();
+                let resumed = apps[0].wait_until_final(1).await;
                 assert_eq!(
-                    apps[0].wait_until_final(1).await.status(),
-                    RunStatus::Completed
+                    resumed.status(),
+                    RunStatus::Completed,
+                    "after {run:?}: {resumed:?}"
                 );
             } else {
                 assert_eq!(run.status(), RunStatus::Completed);
@@ -168,10 +183,15 @@ async fn a_master_killed_mid_run(whose: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_of_a_product_s_slot_killed_mid_run_loses_and_repeats_nothing() {
-    a_master_killed_mid_run("product").await;
+    a_cluster_change_mid_run(Change::KillProductMaster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_master_of_the_limiter_killed_mid_run_loses_and_repeats_nothing() {
-    a_master_killed_mid_run("limiter").await;
+    a_cluster_change_mid_run(Change::KillLimiterMaster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_product_s_slot_moved_to_another_master_mid_run_loses_and_repeats_nothing() {
+    a_cluster_change_mid_run(Change::MoveProductSlot).await;
 }

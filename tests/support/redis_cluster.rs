@@ -221,6 +221,66 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// Moves the slot of `key` to another master, its keys with it, as a resharding
+    /// does (`CLUSTER SETSLOT ... IMPORTING / MIGRATING`, `MIGRATE`, `SETSLOT ... NODE`
+    /// on every master), and returns once every master says the other one serves it.
+    pub async fn move_slot_of(&self, key: &str) {
+        let any = self.live().next().unwrap().port;
+        let slot: u16 = redis_cli(any, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let from = master_of(any, slot).expect("a master serves the slot");
+        let masters: Vec<u16> = self
+            .live()
+            .map(|n| n.port)
+            .filter(|&port| redis_cli(port, &["role"]).starts_with("master"))
+            .collect();
+        let to = *masters
+            .iter()
+            .find(|&&port| port != from)
+            .expect("another master");
+        let id = |port: u16| redis_cli(port, &["cluster", "myid"]).trim().to_string();
+        let (from_id, to_id, slot_arg) = (id(from), id(to), slot.to_string());
+        redis_cli(
+            to,
+            &["cluster", "setslot", &slot_arg, "importing", &from_id],
+        );
+        redis_cli(
+            from,
+            &["cluster", "setslot", &slot_arg, "migrating", &to_id],
+        );
+        let to_port = to.to_string();
+        loop {
+            let keys = redis_cli(from, &["cluster", "getkeysinslot", &slot_arg, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
+            args.extend(keys);
+            redis_cli(from, &args);
+        }
+        for &port in &masters {
+            redis_cli(port, &["cluster", "setslot", &slot_arg, "node", &to_id]);
+        }
+        wait_for(
+            Duration::from_secs(30),
+            "every master sees the slot moved",
+            || {
+                for &port in &masters {
+                    if master_of(port, slot) != Some(to) {
+                        return Err(redis_cli(port, &["cluster", "nodes"]));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+    }
+}
+
 /// The port of the master that serves `slot`, as the node on `asked` sees it.
 fn master_of(asked: u16, slot: u16) -> Option<u16> {
     redis_cli(asked, &["cluster", "nodes"])
