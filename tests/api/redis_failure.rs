@@ -184,3 +184,43 @@ async fn a_stream_ended_before_its_first_notification_says_where_to_resume() {
         .collect();
     assert_eq!(replayed, users);
 }
+
+/// The bus subscription of an instance goes silent with no error: the connection stays
+/// open and carries nothing (a partition here; on Redis Cluster, a channel unsubscribed
+/// by a failover or a resharding without a word to the client). Within seconds the
+/// instance's streams end with their resume point, instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_subscription_gone_silent_ends_streams_with_their_resume_point() {
+    let proxy = crate::proxy::FaultProxy::for_url(&redis_url()).await;
+    let runner = spawn_app(Backend::MySql).await;
+    let watcher = spawn_app_with(Options {
+        database: Some(runner.database.clone()),
+        redis_prefix: Some(runner.redis_prefix.clone()),
+        redis_url: Some(proxy.url(&redis_url())),
+        ..Options::new(Backend::MySql)
+    })
+    .await;
+    let users: Vec<i64> = (1..=5_000).collect();
+    runner.set_stock(1, 10).await;
+    runner.register_bulk(1, &users).await;
+    let mut stream = watcher.subscribe_to_product(1).await;
+    runner.trigger(1, None).await.unwrap();
+    take(&mut stream, 20).await;
+    proxy.freeze();
+    let frozen = tokio::time::Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(status))) => break status,
+            other => panic!("the stream neither ended nor went on: {other:?}"),
+        }
+    };
+    let after = frozen.elapsed();
+    let info = stream_end_info(&ended, Code::Unavailable, "FEED_INTERRUPTED");
+    assert!(info.metadata.contains_key("resume_after"), "{info:?}");
+    assert!(
+        after < Duration::from_secs(10),
+        "ended {after:?} after the bus went silent"
+    );
+    proxy.thaw();
+}
