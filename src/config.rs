@@ -117,6 +117,12 @@ pub struct Config {
     )]
     pub run_lease: Duration,
 
+    /// Per-user history of rounds that ended longer ago than this is deleted by a
+    /// background sweep (runs are kept): a number and a unit, `h`, `d` or `y` (365
+    /// days), from 1h to 10y. Unset: history is kept for ever.
+    #[arg(long, env = "RESTOCK_HISTORY_RETENTION", value_parser = HISTORY_RETENTION)]
+    pub history_retention: Option<Duration>,
+
     /// On SIGTERM, how long health says NOT_SERVING while calls are still served,
     /// before the listener closes and streams end: time for load balancers that poll
     /// health to stop sending calls here (`0s` to `60s`; adds to the hand-over time).
@@ -356,6 +362,12 @@ const RUN_LEASE: Within<Duration> = Within {
     max: Duration::from_secs(600),
 };
 
+/// RESTOCK_HISTORY_RETENTION: `90d`, `12h`, `2y`, from 1h to 10y.
+const HISTORY_RETENTION: Within<Duration> = Within {
+    min: Duration::from_secs(3_600),
+    max: Duration::from_secs(10 * 365 * 86_400),
+};
+
 /// RESTOCK_SHUTDOWN_DRAIN: `0s` to `60s`.
 const SHUTDOWN_DRAIN: Within<Duration> = Within {
     min: Duration::ZERO,
@@ -443,7 +455,14 @@ impl Ranged for Duration {
             "ms" => Duration::from_millis(number),
             "s" => Duration::from_secs(number),
             "m" => Duration::from_secs(number.saturating_mul(60)),
-            _ => return Err(refuse(format!("unknown unit {unit:?}; use ms, s or m"))),
+            "h" => Duration::from_secs(number.saturating_mul(3_600)),
+            "d" => Duration::from_secs(number.saturating_mul(86_400)),
+            "y" => Duration::from_secs(number.saturating_mul(365 * 86_400)),
+            _ => {
+                return Err(refuse(format!(
+                    "unknown unit {unit:?}; use ms, s, m, h, d or y"
+                )));
+            }
         };
         if !(min..=max).contains(&duration) {
             let (min, max) = (written(min), written(max));
@@ -457,6 +476,16 @@ impl Ranged for Duration {
 /// minutes above a whole minute, seconds otherwise.
 fn written(duration: Duration) -> String {
     let millis = duration.as_millis();
+    let secs = duration.as_secs();
+    if millis >= 86_400_000 && millis.is_multiple_of(86_400_000) {
+        return match secs / 86_400 {
+            days if days.is_multiple_of(365) => format!("{}y", days / 365),
+            days => format!("{days}d"),
+        };
+    }
+    if millis >= 3_600_000 && millis.is_multiple_of(3_600_000) {
+        return format!("{}h", secs / 3_600);
+    }
     if !millis.is_multiple_of(1_000) {
         format!("{millis}ms")
     } else if millis > 60_000 && millis.is_multiple_of(60_000) {
@@ -594,6 +623,18 @@ mod tests {
             "99999999999999999999s",
         ];
         refused("run-lease", "RESTOCK_RUN_LEASE", &bad_leases);
+        let bad_retentions = ["59m", "3599s", "11y", "3651d", "90", "-1d", "1w"];
+        refused(
+            "history-retention",
+            "RESTOCK_HISTORY_RETENTION",
+            &bad_retentions,
+        );
+        for (raw, secs) in [("1h", 3_600), ("90d", 90 * 86_400), ("10y", 3_650 * 86_400)] {
+            assert_eq!(
+                accepted("history-retention", raw).history_retention,
+                Some(Duration::from_secs(secs))
+            );
+        }
         refused(
             "shutdown-drain",
             "RESTOCK_SHUTDOWN_DRAIN",

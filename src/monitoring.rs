@@ -30,6 +30,7 @@ const RATE_LIMIT: &str = "restock_send_rate_limit";
 const IN_PROGRESS: &str = "restock_runs_in_progress";
 const FINISHED: &str = "restock_runs_finished_total";
 const TAKEN_OVER: &str = "restock_runs_taken_over_total";
+const HISTORY_DELETED: &str = "restock_history_deleted_total";
 const SUBSCRIBERS: &str = "restock_subscribers";
 const LAGGED: &str = "restock_subscribers_lagged_total";
 const RECORD_BATCH: &str = "restock_record_batch_seconds";
@@ -74,6 +75,8 @@ pub struct Metrics {
     finished_sold_out: Counter,
     finished_error: Counter,
     pub runs_taken_over: Counter,
+    /// Per-user history rows deleted by the retention sweep.
+    pub history_deleted: Counter,
     pub subscribers: Gauge,
     pub subscribers_lagged: Counter,
     pub record_batch_seconds: Histogram,
@@ -163,6 +166,7 @@ impl Metrics {
             finished_sold_out: Counter::noop(),
             finished_error: Counter::noop(),
             runs_taken_over: Counter::noop(),
+            history_deleted: Counter::noop(),
             subscribers: Gauge::noop(),
             subscribers_lagged: Counter::noop(),
             record_batch_seconds: Histogram::noop(),
@@ -194,6 +198,7 @@ impl Metrics {
             finished_sold_out: finished("canceled_by_sold_out"),
             finished_error: finished("canceled_by_error"),
             runs_taken_over: counter(TAKEN_OVER),
+            history_deleted: counter(HISTORY_DELETED),
             subscribers: gauge(SUBSCRIBERS),
             subscribers_lagged: counter(LAGGED),
             record_batch_seconds: histogram(RECORD_BATCH),
@@ -306,6 +311,11 @@ enum Kind {
 
 /// Every metric with its help text, as `/metrics` shows it.
 const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::Counter,
+        HISTORY_DELETED,
+        "Per-user history rows deleted by the retention sweep (RESTOCK_HISTORY_RETENTION).",
+    ),
     (
         Kind::Counter,
         SENT,

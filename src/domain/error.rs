@@ -27,6 +27,10 @@ pub enum Error {
     /// `resume_after` names a notification that was never recorded.
     #[error("notification {0} was never recorded")]
     UnknownNotification(NotificationId),
+    /// `resume_after` names a notification whose run's history the retention sweep
+    /// deleted.
+    #[error("notification {0} is older than the history kept")]
+    HistoryExpired(NotificationId),
     /// A run of the product is in progress (G7).
     #[error("product {product} has a run in progress (round {round})")]
     RunInProgress { product: ProductId, round: i64 },

@@ -99,6 +99,8 @@ pub struct EngineSettings {
     /// batches, a few seconds of a busy run, so a reader that keeps up is never cut off
     /// by a burst, while a stalled one costs a bounded buffer.
     pub subscriber_buffer: usize,
+    /// Per-user history of rounds ended longer ago is deleted (`None`: kept).
+    pub history_retention: Option<std::time::Duration>,
 }
 
 impl Default for EngineSettings {
@@ -108,6 +110,7 @@ impl Default for EngineSettings {
             recorder: RecorderSettings::default(),
             lease: LeaseSettings::default(),
             subscriber_buffer: 4_096,
+            history_retention: None,
         }
     }
 }
@@ -129,6 +132,7 @@ impl EngineSettings {
             .page_size
             .min((rate / PAGES_PER_SECOND).clamp(MIN_PAGE_SIZE, MAX_PAGE_SIZE));
         self.lease = self.lease.with_lease(config.run_lease);
+        self.history_retention = config.history_retention;
         self.recorder.unrecorded_bound = self.recorder.unrecorded_bound.min(rate as usize);
         self
     }

@@ -142,6 +142,7 @@ impl Engine {
             .await?;
         match progress {
             Some(p) if p.status == RunStatus::InProgress => Ok(None),
+            Some(p) if p.history_swept => Err(Error::HistoryExpired(id)),
             _ => Err(Error::UnknownNotification(id)),
         }
     }

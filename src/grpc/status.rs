@@ -32,6 +32,12 @@ impl From<Error> for Status {
             Error::UnknownAlert { product, user } => Status::not_found(format!(
                 "user {user} never registered an alert for product {product}; nothing to cancel"
             )),
+            Error::HistoryExpired(id) => Status::out_of_range(format!(
+                "notification {id} is older than the history this service keeps \
+                 (RESTOCK_HISTORY_RETENTION), so the stream cannot resume after it; \
+                 subscribe without resume_after to continue live, or pass the \
+                 notification_id of a newer notification"
+            )),
             Error::UnknownNotification(id) => Status::not_found(format!(
                 "notification {id} was never recorded, so there is nothing to resume after; \
                  subscribe without resume_after, or pass the notification_id of a \

@@ -42,6 +42,18 @@ pub trait Dialect: Send + Sync + 'static {
     /// [`Dialect::INSTANT`], oldest first; binds the instant, then the limit.
     const DELETE_EXPIRED_KEYS: &'static str;
 
+    /// Deletes up to `LIMIT ?` history rows of one run; binds the product, the round,
+    /// then the limit. Served by the unique key's prefix (product, round).
+    const SWEEP_DELETE: &'static str;
+
+    /// Taken by the retention sweep on its connection first: `1` if this instance may
+    /// sweep now (`None`: one instance by design, nothing to take).
+    const SWEEP_LOCK: Option<&'static str>;
+
+    /// Session settings of the sweep's connection, which is closed after it: short
+    /// lock waits, and no gap locks that an insert of a run in progress could wait on.
+    const SWEEP_SESSION: &'static [&'static str];
+
     /// The bind of an [`Dialect::INSTANT`]: `offset` from `now` on the database's clock.
     /// `now` is the process's clock at the statement, which a dialect whose server
     /// keeps the clock ignores.

@@ -135,6 +135,8 @@ pub struct RunProgress {
     pub status: RunStatus,
     /// Queue position of the last recorded notification.
     pub recorded_position: Option<i64>,
+    /// The per-user history of the run was deleted by the retention sweep.
+    pub history_swept: bool,
 }
 
 /// Storage of the service. Every method is one transaction.
@@ -182,6 +184,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` idempotency keys older than `IdempotencyKey::RETENTION`,
     /// oldest first; returns how many it deleted.
     async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error>;
+
+    /// The retention sweep: deletes the per-user history of runs that ended longer
+    /// than `older_than` ago, in statements of at most [`SWEEP_ROWS`] rows, for about
+    /// `budget`, and marks each run whose history is gone. Runs are kept. Returns the
+    /// rows deleted; 0 when another instance is sweeping.
+    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<u64, Error>;
 
     /// Starts a wave of a wave run: it may notify `quota` more, counted from
     /// `started_count` (its `sent_count` now). Conditional on the claim, like `record`;
@@ -334,6 +342,10 @@ pub struct Recorded {
     pub position: Option<i64>,
     pub notification: Notification,
 }
+
+/// Rows one statement of the retention sweep deletes, at most: a few milliseconds of
+/// work, so a run's inserts never wait on it for long.
+pub const SWEEP_ROWS: u32 = 1_000;
 
 /// The token of a run's first claim; every later claim of the run takes the previous
 /// claim's token plus one (`claim_epoch`), so tokens of one run only grow (G8).

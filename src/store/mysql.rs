@@ -58,6 +58,16 @@ impl Dialect for MySqlDialect {
          WHERE created_at <= CURRENT_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
          ORDER BY created_at LIMIT ?";
 
+    const SWEEP_DELETE: &'static str = "DELETE FROM product_user_notification_history \
+         WHERE product_id = ? AND restock_round = ? LIMIT ?";
+    /// A session lock: released with the sweep's connection, also when its instance
+    /// dies, so one instance sweeps at a time without a lease to renew.
+    const SWEEP_LOCK: Option<&'static str> = Some("SELECT GET_LOCK('restock-history-sweep', 0)");
+    const SWEEP_SESSION: &'static [&'static str] = &[
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "SET SESSION innodb_lock_wait_timeout = 1",
+    ];
+
     fn instant(_now: DateTime<Utc>, offset: TimeDelta) -> i64 {
         offset
             .num_microseconds()

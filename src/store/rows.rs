@@ -176,6 +176,7 @@ pub struct ClaimableRow {
 pub struct ProgressRow {
     status: String,
     last_sent_position: Option<i64>,
+    history_swept: bool,
 }
 
 impl ProgressRow {
@@ -183,6 +184,7 @@ impl ProgressRow {
         Ok(RunProgress {
             status: status(&self.status)?,
             recorded_position: self.last_sent_position,
+            history_swept: self.history_swept,
         })
     }
 }

@@ -42,8 +42,8 @@ use super::rows::{
 };
 use super::{
     After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, HISTORY_ROWS_PER_INSERT, ListedRun,
-    Recorded, RunClaim, RunProgress, SentNotification, Store, Triggered, check_resumable,
-    driver_error,
+    Recorded, RunClaim, RunProgress, SWEEP_ROWS, SentNotification, Store, Triggered,
+    check_resumable, driver_error,
 };
 use crate::domain::{
     Alert, AlertFilter, AlertOutcome, AlertStatus, Error, IdempotencyKey, NotResumable,
@@ -168,6 +168,67 @@ where
             .await
             .map_err(D::error)?;
         Ok(())
+    }
+
+    /// The sweep on `conn`: takes the sweep's lock, then deletes run by run, oldest
+    /// ended first, until `budget` is spent or nothing is left.
+    async fn sweep_on(
+        conn: &mut <D::DB as Database>::Connection,
+        older_than: Duration,
+        budget: Duration,
+    ) -> Result<u64, Error> {
+        if let Some(lock) = D::SWEEP_LOCK {
+            let got: Option<i64> = sqlx::query_scalar(lock)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(D::error)?;
+            if got != Some(1) {
+                return Ok(0);
+            }
+        }
+        for setting in D::SWEEP_SESSION {
+            sqlx::query(setting)
+                .execute(&mut *conn)
+                .await
+                .map_err(D::error)?;
+        }
+        let next = format!(
+            "SELECT product_id, restock_round FROM product_notification_history \
+             WHERE history_swept = FALSE AND updated_at < {} AND status <> 'IN_PROGRESS' \
+             ORDER BY updated_at LIMIT 1",
+            D::STAMP
+        );
+        let started = Instant::now();
+        let mut deleted = 0;
+        while started.elapsed() < budget {
+            let run: Option<(i64, i64)> = sqlx::query_as(&next)
+                .bind(D::stamp(Utc::now(), -delta(older_than)))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(D::error)?;
+            let Some((product, round)) = run else { break };
+            let done = sqlx::query(D::SWEEP_DELETE)
+                .bind(product)
+                .bind(round)
+                .bind(i64::from(SWEEP_ROWS))
+                .execute(&mut *conn)
+                .await
+                .map_err(D::error)?;
+            let rows = D::rows_affected(&done);
+            deleted += rows;
+            if rows < u64::from(SWEEP_ROWS) {
+                sqlx::query(
+                    "UPDATE product_notification_history SET history_swept = TRUE \
+                     WHERE product_id = ? AND restock_round = ? AND status <> 'IN_PROGRESS'",
+                )
+                .bind(product)
+                .bind(round)
+                .execute(&mut *conn)
+                .await
+                .map_err(D::error)?;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Reads the product in a write transaction, locking its row where the database
@@ -887,6 +948,16 @@ where
         retry_deadlocks::<D, _, _, _>(|| self.try_start_run(product, request, lease)).await
     }
 
+    /// Runs are found by ix_pnh_sweep, their rows deleted by the unique key's prefix.
+    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<u64, Error> {
+        let mut conn = self.writer.acquire().await.map_err(D::error)?;
+        let swept = Self::sweep_on(&mut conn, older_than, budget).await;
+        // Its session was changed for the sweep and holds the sweep's lock: closed,
+        // never handed back to the pool.
+        let _ = conn.close().await;
+        swept
+    }
+
     async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error> {
         let done = sqlx::query(D::DELETE_EXPIRED_KEYS)
             .bind(D::instant(Utc::now(), key_retention()))
@@ -1097,7 +1168,7 @@ where
         round: i64,
     ) -> Result<Option<RunProgress>, Error> {
         let row: Option<ProgressRow> = sqlx::query_as(
-            "SELECT status, last_sent_position FROM product_notification_history \
+            "SELECT status, last_sent_position, history_swept FROM product_notification_history \
              WHERE product_id = ? AND restock_round = ?",
         )
         .bind(product.get())

@@ -50,6 +50,13 @@ impl Dialect for SqliteDialect {
          (SELECT id FROM trigger_idempotency_key INDEXED BY ix_tik_created \
           WHERE created_at <= ? ORDER BY created_at LIMIT ?)";
 
+    const SWEEP_DELETE: &'static str = "DELETE FROM product_user_notification_history \
+         WHERE id IN (SELECT id FROM product_user_notification_history \
+         WHERE product_id = ? AND restock_round = ? LIMIT ?)";
+    const SWEEP_LOCK: Option<&'static str> = None;
+    /// One writer at a time already; a statement waits for the writer lock as any.
+    const SWEEP_SESSION: &'static [&'static str] = &[];
+
     fn instant(now: DateTime<Utc>, offset: TimeDelta) -> i64 {
         Self::stamp(now, offset).timestamp_micros()
     }

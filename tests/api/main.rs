@@ -23,6 +23,7 @@ mod rate_limit;
 mod receiver;
 mod redis_cluster;
 mod redis_failure;
+mod retention;
 mod runs;
 mod secrets;
 mod shutdown;

@@ -11,7 +11,9 @@
 //! On the same beat it deletes a bounded batch of `TriggerRestock` idempotency keys
 //! that have expired (older than 24 hours), so their table does not grow without
 //! bound: one range read of an index when there is nothing to delete, and no extra
-//! work in the trigger's transaction, which holds the product's lock.
+//! work in the trigger's transaction, which holds the product's lock. With
+//! `RESTOCK_HISTORY_RETENTION`, it also deletes the per-user history of rounds that
+//! ended longer ago, for at most a fifth of the beat, on one instance at a time.
 
 use std::sync::Arc;
 
@@ -24,7 +26,23 @@ const CLAIMS_PER_LOOK: u32 = 16;
 /// per run started), so the sweep keeps up, while one statement stays short.
 const EXPIRED_KEYS_PER_LOOK: u32 = 1_000;
 
+/// How long one look's retention sweep goes on, at most: a fifth of the beat, so the
+/// takeover loop keeps its pace, and 1,000-row statements a few milliseconds each.
+const SWEEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Engine {
+    /// One look's share of the retention sweep (on one instance at a time).
+    async fn sweep_history(&self, retention: std::time::Duration) {
+        match self.store.sweep_history(retention, SWEEP_BUDGET).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                self.metrics.history_deleted.increment(deleted);
+                tracing::debug!(deleted, "deleted expired history");
+            }
+            Err(err) => tracing::warn!(error = ?err, "cannot delete expired history"),
+        }
+    }
+
     /// Takes over abandoned runs until shutdown, in the background.
     pub fn spawn_takeover(self: &Arc<Self>) {
         let engine = self.clone();
@@ -75,6 +93,9 @@ impl Engine {
                     Err(err) => {
                         tracing::warn!(error = ?err, "cannot delete expired idempotency keys")
                     }
+                }
+                if let Some(retention) = engine.settings.history_retention {
+                    engine.sweep_history(retention).await;
                 }
             }
         });

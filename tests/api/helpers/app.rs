@@ -68,6 +68,8 @@ pub struct Options {
     pub run_lease: Duration,
     /// RESTOCK_SHUTDOWN_DRAIN.
     pub shutdown_drain: Duration,
+    /// RESTOCK_HISTORY_RETENTION.
+    pub history_retention: Option<Duration>,
     /// RESTOCK_WEBHOOK_*: deliver to this endpoint.
     pub webhook: Option<WebhookOptions>,
     /// RESTOCK_CONSOLE.
@@ -127,6 +129,7 @@ impl Options {
             mysql_url: None,
             run_lease: Duration::from_secs(10),
             shutdown_drain: Duration::ZERO,
+            history_retention: None,
             webhook: None,
             console: Switch::On,
             cors_origins: None,
@@ -194,6 +197,7 @@ pub fn test_config(database_url: impl Into<String>) -> Config {
         metrics_listen: MetricsListen::On("127.0.0.1:0".parse().unwrap()),
         run_lease: Duration::from_secs(10),
         shutdown_drain: Duration::ZERO,
+        history_retention: None,
         tls_cert: None,
         tls_key: None,
         tls_client_ca: None,
@@ -228,6 +232,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         trusted_proxies: options.trusted_proxies.clone(),
         run_lease: options.run_lease,
         shutdown_drain: options.shutdown_drain,
+        history_retention: options.history_retention,
         webhook: options
             .webhook
             .as_ref()
