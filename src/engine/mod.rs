@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod clock;
 pub(crate) mod delivery;
+pub mod erasure;
 pub mod lease;
 pub mod limiter;
 pub mod recorder;

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::audit;
 use super::proto::{self, restock_admin_service_server::RestockAdminService};
 use crate::callers::CallerOf;
-use crate::domain::ProductId;
+use crate::domain::{ProductId, UserId};
 use crate::engine::Engine;
 
 /// The admin service; every call passes the authorization layer first.
@@ -37,6 +37,25 @@ impl RestockAdminService for AdminApi {
         }
         .await;
         audit::call(caller.as_ref(), "ManualRestock", Some(raw), None, &answer);
+        answer
+    }
+
+    async fn forget_user(
+        &self,
+        request: Request<proto::ForgetUserRequest>,
+    ) -> Result<Response<proto::ForgetUserResponse>, Status> {
+        let caller = request.extensions().get::<CallerOf>().cloned();
+        let raw = request.into_inner().user_id;
+        let answer = async {
+            let user = UserId::parse(raw)?;
+            let forgotten = self.engine.forget_user(user).await?;
+            Ok(Response::new(proto::ForgetUserResponse {
+                alerts_deleted: forgotten.alerts as i64,
+                notifications_deleted: forgotten.notifications as i64,
+            }))
+        }
+        .await;
+        audit::call(caller.as_ref(), "ForgetUser", None, Some(raw), &answer);
         answer
     }
 }

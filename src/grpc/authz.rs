@@ -44,6 +44,7 @@ pub const METHODS: &[(&str, Role)] = &[
     ("/restock.v1.RestockService/ListAlerts", Role::Read),
     ("/restock.v1.RestockService/GetAlert", Role::Read),
     ("/restock.v1.RestockAdminService/ManualRestock", Role::Admin),
+    ("/restock.v1.RestockAdminService/ForgetUser", Role::Admin),
 ];
 
 /// Services anyone may call: health checks and reflection.

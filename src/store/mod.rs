@@ -185,6 +185,19 @@ pub trait Store: Send + Sync + 'static {
     /// oldest first; returns how many it deleted.
     async fn forget_expired_trigger_keys(&self, limit: u32) -> Result<u64, Error>;
 
+    /// The products `user` has an alert for or history of.
+    async fn products_of_user(&self, user: UserId) -> Result<Vec<ProductId>, Error>;
+
+    /// Deletes `user`'s alert for `product` (the users waiting drop if it was active)
+    /// and, if the product's run in progress is owned by an instance that may have read
+    /// the user in a page it has not sent yet, releases the run under a newer claim
+    /// epoch: the owner can then neither record nor, once the fence has the claim,
+    /// deliver (G8), and whoever takes the run over reads the queue without the user.
+    async fn forget_alert(&self, product: ProductId, user: UserId) -> Result<ForgotAlert, Error>;
+
+    /// Deletes `user`'s history rows of `product`; returns how many.
+    async fn forget_history(&self, product: ProductId, user: UserId) -> Result<u64, Error>;
+
     /// The retention sweep: deletes the per-user history of runs that ended longer
     /// than `older_than` ago, in statements of at most [`SWEEP_ROWS`] rows, for about
     /// `budget`, and marks each run whose history is gone. Runs are kept. Returns the
@@ -341,6 +354,26 @@ pub struct Recorded {
     /// Queue position it was sent at; `None` for rows recorded before positions were.
     pub position: Option<i64>,
     pub notification: Notification,
+}
+
+/// What erasing a user from one product did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForgotAlert {
+    /// The user's alert for the product was deleted (active or not).
+    pub alert_deleted: bool,
+    /// The product's run in progress whose owner may still have the user in a page it
+    /// read: handed over (released under a newer claim epoch), with the claim token the
+    /// fence must see before anything else of the run is delivered (G8), and the
+    /// cursor its chain follows.
+    pub superseded: Option<Superseded>,
+}
+
+/// A run taken from its owner by an erasure (see [`ForgotAlert`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superseded {
+    pub restock_round: i64,
+    pub token: i64,
+    pub cursor: Option<i64>,
 }
 
 /// Rows one statement of the retention sweep deletes, at most: a few milliseconds of

@@ -41,9 +41,9 @@ use super::rows::{
     RunRow, status,
 };
 use super::{
-    After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, HISTORY_ROWS_PER_INSERT, ListedRun,
-    Recorded, RunClaim, RunProgress, SWEEP_ROWS, SentNotification, Store, Triggered,
-    check_resumable, driver_error,
+    After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, ForgotAlert, HISTORY_ROWS_PER_INSERT,
+    ListedRun, Recorded, RunClaim, RunProgress, SWEEP_ROWS, SentNotification, Store, Superseded,
+    Triggered, check_resumable, driver_error,
 };
 use crate::domain::{
     Alert, AlertFilter, AlertOutcome, AlertStatus, Error, IdempotencyKey, NotResumable,
@@ -455,6 +455,97 @@ where
             .map_err(D::error)?;
         tx.commit().await.map_err(D::error)?;
         Ok(row.into())
+    }
+
+    /// The product's row first (the order registrations take), then its run in
+    /// progress, then the alert. A recording of the run's owner in flight holds the
+    /// history rows it inserts and then waits for the run's row, which this holds: it
+    /// then finds its claim gone and rolls back, inserts included.
+    async fn try_forget_alert(
+        &self,
+        product: ProductId,
+        user: UserId,
+    ) -> Result<ForgotAlert, Error> {
+        let mut tx = self.begin().await?;
+        if Self::lock_product(&mut tx, product).await?.is_none() {
+            return Ok(ForgotAlert::default());
+        }
+        let alert: Option<(bool, i64)> = sqlx::query_as(
+            "SELECT is_active, position FROM product_user_notification \
+             WHERE product_id = ? AND user_id = ?",
+        )
+        .bind(product.get())
+        .bind(user.get())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(D::error)?;
+        let Some((active, position)) = alert else {
+            return Ok(ForgotAlert::default());
+        };
+        let superseded = Self::supersede_owner_before(&mut tx, product, position).await?;
+        sqlx::query("DELETE FROM product_user_notification WHERE product_id = ? AND user_id = ?")
+            .bind(product.get())
+            .bind(user.get())
+            .execute(&mut *tx)
+            .await
+            .map_err(D::error)?;
+        if active {
+            sqlx::query("UPDATE product SET waiting = waiting - 1 WHERE id = ?")
+                .bind(product.get())
+                .execute(&mut *tx)
+                .await
+                .map_err(D::error)?;
+        }
+        tx.commit().await.map_err(D::error)?;
+        Ok(ForgotAlert {
+            alert_deleted: true,
+            superseded,
+        })
+    }
+
+    /// Releases the product's run in progress under a newer claim epoch if an instance
+    /// owns it and has not recorded past `position` yet (a run waiting for its next
+    /// wave has no owner, and reads its queue again when the wave starts).
+    async fn supersede_owner_before(
+        tx: &mut Transaction<'static, D::DB>,
+        product: ProductId,
+        position: i64,
+    ) -> Result<Option<Superseded>, Error> {
+        let sql = format!(
+            "SELECT id, restock_round, claim_epoch, last_sent_position \
+             FROM product_notification_history \
+             WHERE product_id = ? AND status = 'IN_PROGRESS' AND claim_token IS NOT NULL{}",
+            D::LOCK
+        );
+        let run: Option<(i64, i64, i64, Option<i64>)> = sqlx::query_as(&sql)
+            .bind(product.get())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(D::error)?;
+        let Some((id, restock_round, epoch, cursor)) = run else {
+            return Ok(None);
+        };
+        if cursor.is_some_and(|recorded| recorded >= position) {
+            return Ok(None);
+        }
+        let token = epoch + 1;
+        let sql = format!(
+            "UPDATE product_notification_history SET claim_token = NULL, claim_epoch = ?, \
+             lease_until = {} WHERE id = ?",
+            D::INSTANT
+        );
+        sqlx::query(&sql)
+            .bind(token)
+            .bind(D::instant(Utc::now(), TimeDelta::zero()))
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(D::error)?;
+        Ok(Some(Superseded {
+            restock_round,
+            token,
+            cursor,
+        }))
     }
 
     /// Cancels an active alert, with one user fewer waiting, under the product's lock
@@ -946,6 +1037,40 @@ where
         lease: Duration,
     ) -> Result<Triggered, Error> {
         retry_deadlocks::<D, _, _, _>(|| self.try_start_run(product, request, lease)).await
+    }
+
+    /// Served by ix_pun_user and ix_punh_user.
+    async fn products_of_user(&self, user: UserId) -> Result<Vec<ProductId>, Error> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT product_id FROM product_user_notification WHERE user_id = ? \
+             UNION SELECT product_id FROM product_user_notification_history WHERE user_id = ? \
+             ORDER BY product_id",
+        )
+        .bind(user.get())
+        .bind(user.get())
+        .fetch_all(&self.writer)
+        .await
+        .map_err(D::error)?;
+        Ok(ids.into_iter().map(ProductId::from_stored).collect())
+    }
+
+    async fn forget_alert(&self, product: ProductId, user: UserId) -> Result<ForgotAlert, Error> {
+        retry_deadlocks::<D, _, _, _>(|| self.try_forget_alert(product, user)).await
+    }
+
+    /// Served by ix_punh_user. No owner can record the user any more (its run was
+    /// handed over, and the alert is gone from the queue), so what this deletes stays
+    /// deleted.
+    async fn forget_history(&self, product: ProductId, user: UserId) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM product_user_notification_history WHERE user_id = ? AND product_id = ?",
+        )
+        .bind(user.get())
+        .bind(product.get())
+        .execute(&self.writer)
+        .await
+        .map_err(D::error)?;
+        Ok(D::rows_affected(&done))
     }
 
     /// Runs are found by ix_pnh_sweep, their rows deleted by the unique key's prefix.

@@ -224,6 +224,14 @@ async fn codes(channel: Channel, token: Option<&str>) -> Vec<(&'static str, Code
                     .await,
             ),
         ),
+        (
+            "ForgetUser",
+            code(
+                admin
+                    .forget_user(with_token(proto::ForgetUserRequest { user_id: 1 }, token))
+                    .await,
+            ),
+        ),
     ]
 }
 
@@ -238,6 +246,7 @@ const READ_METHODS: [&str; 8] = [
     "GetAlert",
 ];
 const WRITE_METHODS: [&str; 4] = ["SetStock", "RegisterAlert", "CancelAlert", "TriggerRestock"];
+const ADMIN_METHODS: [&str; 2] = ["ManualRestock", "ForgetUser"];
 
 async fn app_with(text: &str, configure: impl FnOnce(&mut Options)) -> (TestApp, CallersFile) {
     let file = CallersFile::new(text);
@@ -259,7 +268,7 @@ async fn each_role_may_call_exactly_its_methods() {
         }
     }
     for (method, code) in codes(app.channel.clone(), Some(WRITER)).await {
-        if method == "ManualRestock" {
+        if ADMIN_METHODS.contains(&method) {
             assert_eq!(code, Code::PermissionDenied, "write may not call {method}");
         } else {
             assert!(allowed(code), "write may call {method}: {code:?}");
@@ -299,12 +308,12 @@ async fn each_role_may_call_exactly_its_methods() {
             .get(&format!("restock_auth_denied_total{{reason=\"{reason}\"}}"))
             .copied()
     };
-    // Read may not call 5 methods, write 1; 1 + 13 + 1 calls went without credentials
+    // Read may not call 6 methods, write 2; 1 + 14 + 1 calls went without credentials
     // a caller has (the shut-out ones included).
-    assert_eq!(denied("permission_denied"), Some(6.0));
-    assert_eq!(denied("unauthenticated"), Some(15.0));
+    assert_eq!(denied("permission_denied"), Some(8.0));
+    assert_eq!(denied("unauthenticated"), Some(16.0));
     assert_eq!(
-        READ_METHODS.len() + WRITE_METHODS.len() + 1,
+        READ_METHODS.len() + WRITE_METHODS.len() + ADMIN_METHODS.len(),
         restock_notifier::grpc::authz::METHODS.len(),
         "every RPC is called above"
     );

@@ -10,6 +10,7 @@ mod capabilities;
 mod cluster;
 mod console;
 mod embedded;
+mod erasure;
 mod errors;
 mod idempotency;
 mod manual_restock;

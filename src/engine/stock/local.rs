@@ -138,14 +138,19 @@ impl StockFence for LocalStockFence {
 impl AdmissionFence for LocalStockFence {
     /// The pass is the stripe's read lock, held until the requests are sent: a stock
     /// write waits for it before it writes anything. In one process a pass cannot be
-    /// lost, so `ttl` is the sender's promise alone.
+    /// lost, so `ttl` is the sender's promise alone. A claim older than the newest
+    /// registered for the run (an erasure took the run from its owner) is refused.
     async fn admit(
         &self,
         run: RunKey,
-        _claim: i64,
+        claim: i64,
         _ttl: Duration,
     ) -> Result<Admitted, BackendError> {
         let pass = self.stripe(run.product_id).clone().read_owned().await;
+        let newest = self.chains.lock().unwrap().get(&run).map(|chain| chain.0);
+        if newest.is_some_and(|newest| newest > claim) {
+            return Ok(Admitted::Superseded);
+        }
         Ok(match self.cache.get(run.product_id).await? {
             None => Admitted::NotCached,
             Some(figure) if !figure.in_stock() => Admitted::SoldOut,

@@ -17,7 +17,49 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file restock/v1/restock.proto.
  */
 export const file_restock_v1_restock: GenFile = /*@__PURE__*/
-  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEilQIKFVRyaWdnZXJSZXN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhIKBXN0b2NrGAIgASgDSACIAQESHAoPaWRlbXBvdGVuY3lfa2V5GAMgASgJSAGIAQESHgoEd2F2ZRgEIAEoCzIQLnJlc3RvY2sudjEuV2F2ZRJFCgphdHRyaWJ1dGVzGAUgAygLMjEucmVzdG9jay52MS5UcmlnZ2VyUmVzdG9ja1JlcXVlc3QuQXR0cmlidXRlc0VudHJ5GjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQggKBl9zdG9ja0ISChBfaWRlbXBvdGVuY3lfa2V5IogBChBTdWJzY3JpYmVSZXF1ZXN0EhQKB3VzZXJfaWQYASABKANIAIgBARIXCgpwcm9kdWN0X2lkGAIgASgDSAGIAQESGQoMcmVzdW1lX2FmdGVyGAMgASgJSAKIAQFCCgoIX3VzZXJfaWRCDQoLX3Byb2R1Y3RfaWRCDwoNX3Jlc3VtZV9hZnRlciJJChRSZWdpc3RlckFsZXJ0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMSDAoEb25jZRgDIAEoCCI5ChJDYW5jZWxBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIloKD1NldFN0b2NrUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEg0KBXN0b2NrGAIgASgDEhYKCW1pbl9zdG9jaxgDIAEoA0gAiAEBQgwKCl9taW5fc3RvY2siWAoUR2V0UmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQiWgoWV2F0Y2hSZXN0b2NrUnVuUmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDEhoKDXJlc3RvY2tfcm91bmQYAiABKANIAIgBAUIQCg5fcmVzdG9ja19yb3VuZCKeAQoWTGlzdFJlc3RvY2tSdW5zUmVxdWVzdBIqCgZzdGF0dXMYASABKA4yFS5yZXN0b2NrLnYxLlJ1blN0YXR1c0gAiAEBEhcKCnByb2R1Y3RfaWQYAiABKANIAYgBARIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCUIJCgdfc3RhdHVzQg0KC19wcm9kdWN0X2lkIicKEUdldFByb2R1Y3RSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMiaAoTTGlzdFByb2R1Y3RzUmVxdWVzdBIqCghvcmRlcl9ieRgBIAEoDjIYLnJlc3RvY2sudjEuUHJvZHVjdE9yZGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlYKFExpc3RQcm9kdWN0c1Jlc3BvbnNlEiUKCHByb2R1Y3RzGAEgAygLMhMucmVzdG9jay52MS5Qcm9kdWN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI2Cg9HZXRBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDIlAKDFJvdW5kT3V0Y29tZRIVCg1yZXN0b2NrX3JvdW5kGAEgASgDEikKB291dGNvbWUYAiABKA4yGC5yZXN0b2NrLnYxLkFsZXJ0T3V0Y29tZSL2AQoLQWxlcnRTdGF0dXMSIAoFYWxlcnQYASABKAsyES5yZXN0b2NrLnYxLkFsZXJ0EhAKCHBvc2l0aW9uGAIgASgDEhMKC3VzZXJzX2FoZWFkGAMgASgDEiAKE2xhc3Rfbm90aWZpZWRfcm91bmQYBCABKANIAIgBARI0ChBsYXN0X25vdGlmaWVkX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgxsYXRlc3Rfcm91bmQYBiABKAsyGC5yZXN0b2NrLnYxLlJvdW5kT3V0Y29tZUIWChRfbGFzdF9ub3RpZmllZF9yb3VuZCKZAQoRTGlzdEFsZXJ0c1JlcXVlc3QSFwoKcHJvZHVjdF9pZBgBIAEoA0gAiAEBEhQKB3VzZXJfaWQYAiABKANIAYgBARITCgthY3RpdmVfb25seRgDIAEoCBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCUINCgtfcHJvZHVjdF9pZEIKCghfdXNlcl9pZCJQChJMaXN0QWxlcnRzUmVzcG9uc2USIQoGYWxlcnRzGAEgAygLMhEucmVzdG9jay52MS5BbGVydBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiWAoXTGlzdFJlc3RvY2tSdW5zUmVzcG9uc2USJAoEcnVucxgBIAMoCzIWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoUTWFudWFsUmVzdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAyKFBAoKUmVzdG9ja1J1bhISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSJQoGc3RhdHVzGAMgASgOMhUucmVzdG9jay52MS5SdW5TdGF0dXMSHgoRbGFzdF9zZW50X3VzZXJfaWQYBCABKANIAIgBARISCgpzZW50X2NvdW50GAUgASgDEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDG5leHRfd2F2ZV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHgoEd2F2ZRgJIAEoCzIQLnJlc3RvY2sudjEuV2F2ZRIXCgpsYXN0X2Vycm9yGAogASgJSAGIAQESEgoKcXVldWVfc2l6ZRgLIAEoAxI6CgphdHRyaWJ1dGVzGAwgAygLMiYucmVzdG9jay52MS5SZXN0b2NrUnVuLkF0dHJpYnV0ZXNFbnRyeRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIUChJfbGFzdF9zZW50X3VzZXJfaWRCDQoLX2xhc3RfZXJyb3IiRQoEV2F2ZRIQCghwZXJfdW5pdBgBIAEoDRIrCghpbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKSAgoMTm90aWZpY2F0aW9uEhcKD25vdGlmaWNhdGlvbl9pZBgBIAEoCRISCgpwcm9kdWN0X2lkGAIgASgDEg8KB3VzZXJfaWQYAyABKAMSFQoNcmVzdG9ja19yb3VuZBgEIAEoAxIrCgdzZW50X2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdtZXNzYWdlGAYgASgJEjwKCmF0dHJpYnV0ZXMYByADKAsyKC5yZXN0b2NrLnYxLk5vdGlmaWNhdGlvbi5BdHRyaWJ1dGVzRW50cnkaMQoPQXR0cmlidXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiqgEKBUFsZXJ0EhIKCnByb2R1Y3RfaWQYASABKAMSDwoHdXNlcl9pZBgCIAEoAxIOCgZhY3RpdmUYAyABKAgSLgoKY3JlYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEb25jZRgGIAEoCCJnCgdQcm9kdWN0EhIKCnByb2R1Y3RfaWQYASABKAMSFQoNcmVzdG9ja19yb3VuZBgCIAEoAxINCgVzdG9jaxgDIAEoAxIRCgltaW5fc3RvY2sYBCABKAMSDwoHd2FpdGluZxgFIAEoAyqkAQoJUnVuU3RhdHVzEhoKFlJVTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZSVU5fU1RBVFVTX0lOX1BST0dSRVNTEAESIwofUlVOX1NUQVRVU19DQU5DRUxFRF9CWV9TT0xEX09VVBACEiAKHFJVTl9TVEFUVVNfQ0FOQ0VMRURfQllfRVJST1IQAxIYChRSVU5fU1RBVFVTX0NPTVBMRVRFRBAEKmMKDFByb2R1Y3RPcmRlchIdChlQUk9EVUNUX09SREVSX1VOU1BFQ0lGSUVEEAASHgoaUFJPRFVDVF9PUkRFUl9XQUlUSU5HX0RFU0MQARIUChBQUk9EVUNUX09SREVSX0lEEAIqwwEKDEFsZXJ0T3V0Y29tZRIdChlBTEVSVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGgoWQUxFUlRfT1VUQ09NRV9OT1RJRklFRBABEhkKFUFMRVJUX09VVENPTUVfUEVORElORxACEh0KGUFMRVJUX09VVENPTUVfTk9UX1JFQUNIRUQQAxIiCh5BTEVSVF9PVVRDT01FX1JFR0lTVEVSRURfQUZURVIQBBIaChZBTEVSVF9PVVRDT01FX0lOQUNUSVZFEAUyhgcKDlJlc3RvY2tTZXJ2aWNlEksKDlRyaWdnZXJSZXN0b2NrEiEucmVzdG9jay52MS5UcmlnZ2VyUmVzdG9ja1JlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SRQoJU3Vic2NyaWJlEhwucmVzdG9jay52MS5TdWJzY3JpYmVSZXF1ZXN0GhgucmVzdG9jay52MS5Ob3RpZmljYXRpb24wARJECg1SZWdpc3RlckFsZXJ0EiAucmVzdG9jay52MS5SZWdpc3RlckFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSQAoLQ2FuY2VsQWxlcnQSHi5yZXN0b2NrLnYxLkNhbmNlbEFsZXJ0UmVxdWVzdBoRLnJlc3RvY2sudjEuQWxlcnQSPAoIU2V0U3RvY2sSGy5yZXN0b2NrLnYxLlNldFN0b2NrUmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJJCg1HZXRSZXN0b2NrUnVuEiAucmVzdG9jay52MS5HZXRSZXN0b2NrUnVuUmVxdWVzdBoWLnJlc3RvY2sudjEuUmVzdG9ja1J1bhJPCg9XYXRjaFJlc3RvY2tSdW4SIi5yZXN0b2NrLnYxLldhdGNoUmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4wARJaCg9MaXN0UmVzdG9ja1J1bnMSIi5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1JlcXVlc3QaIy5yZXN0b2NrLnYxLkxpc3RSZXN0b2NrUnVuc1Jlc3BvbnNlEkAKCkdldFByb2R1Y3QSHS5yZXN0b2NrLnYxLkdldFByb2R1Y3RSZXF1ZXN0GhMucmVzdG9jay52MS5Qcm9kdWN0ElEKDExpc3RQcm9kdWN0cxIfLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVxdWVzdBogLnJlc3RvY2sudjEuTGlzdFByb2R1Y3RzUmVzcG9uc2USSwoKTGlzdEFsZXJ0cxIdLnJlc3RvY2sudjEuTGlzdEFsZXJ0c1JlcXVlc3QaHi5yZXN0b2NrLnYxLkxpc3RBbGVydHNSZXNwb25zZRJACghHZXRBbGVydBIbLnJlc3RvY2sudjEuR2V0QWxlcnRSZXF1ZXN0GhcucmVzdG9jay52MS5BbGVydFN0YXR1czJgChNSZXN0b2NrQWRtaW5TZXJ2aWNlEkkKDU1hbnVhbFJlc3RvY2sSIC5yZXN0b2NrLnYxLk1hbnVhbFJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChhyZXN0b2NrL3YxL3Jlc3RvY2sucHJvdG8SCnJlc3RvY2sudjEiJAoRRm9yZ2V0VXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoAyJLChJGb3JnZXRVc2VyUmVzcG9uc2USFgoOYWxlcnRzX2RlbGV0ZWQYASABKAMSHQoVbm90aWZpY2F0aW9uc19kZWxldGVkGAIgASgDIpUCChVUcmlnZ2VyUmVzdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxISCgVzdG9jaxgCIAEoA0gAiAEBEhwKD2lkZW1wb3RlbmN5X2tleRgDIAEoCUgBiAEBEh4KBHdhdmUYBCABKAsyEC5yZXN0b2NrLnYxLldhdmUSRQoKYXR0cmlidXRlcxgFIAMoCzIxLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0LkF0dHJpYnV0ZXNFbnRyeRoxCg9BdHRyaWJ1dGVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZfc3RvY2tCEgoQX2lkZW1wb3RlbmN5X2tleSKIAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgd1c2VyX2lkGAEgASgDSACIAQESFwoKcHJvZHVjdF9pZBgCIAEoA0gBiAEBEhkKDHJlc3VtZV9hZnRlchgDIAEoCUgCiAEBQgoKCF91c2VyX2lkQg0KC19wcm9kdWN0X2lkQg8KDV9yZXN1bWVfYWZ0ZXIiSQoUUmVnaXN0ZXJBbGVydFJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIPCgd1c2VyX2lkGAIgASgDEgwKBG9uY2UYAyABKAgiOQoSQ2FuY2VsQWxlcnRSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDwoHdXNlcl9pZBgCIAEoAyJaCg9TZXRTdG9ja1JlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxINCgVzdG9jaxgCIAEoAxIWCgltaW5fc3RvY2sYAyABKANIAIgBAUIMCgpfbWluX3N0b2NrIlgKFEdldFJlc3RvY2tSdW5SZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSGgoNcmVzdG9ja19yb3VuZBgCIAEoA0gAiAEBQhAKDl9yZXN0b2NrX3JvdW5kIloKFldhdGNoUmVzdG9ja1J1blJlcXVlc3QSEgoKcHJvZHVjdF9pZBgBIAEoAxIaCg1yZXN0b2NrX3JvdW5kGAIgASgDSACIAQFCEAoOX3Jlc3RvY2tfcm91bmQingEKFkxpc3RSZXN0b2NrUnVuc1JlcXVlc3QSKgoGc3RhdHVzGAEgASgOMhUucmVzdG9jay52MS5SdW5TdGF0dXNIAIgBARIXCgpwcm9kdWN0X2lkGAIgASgDSAGIAQESEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAlCCQoHX3N0YXR1c0INCgtfcHJvZHVjdF9pZCInChFHZXRQcm9kdWN0UmVxdWVzdBISCgpwcm9kdWN0X2lkGAEgASgDImgKE0xpc3RQcm9kdWN0c1JlcXVlc3QSKgoIb3JkZXJfYnkYASABKA4yGC5yZXN0b2NrLnYxLlByb2R1Y3RPcmRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJWChRMaXN0UHJvZHVjdHNSZXNwb25zZRIlCghwcm9kdWN0cxgBIAMoCzITLnJlc3RvY2sudjEuUHJvZHVjdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiNgoPR2V0QWxlcnRSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMSDwoHdXNlcl9pZBgCIAEoAyJQCgxSb3VuZE91dGNvbWUSFQoNcmVzdG9ja19yb3VuZBgBIAEoAxIpCgdvdXRjb21lGAIgASgOMhgucmVzdG9jay52MS5BbGVydE91dGNvbWUi9gEKC0FsZXJ0U3RhdHVzEiAKBWFsZXJ0GAEgASgLMhEucmVzdG9jay52MS5BbGVydBIQCghwb3NpdGlvbhgCIAEoAxITCgt1c2Vyc19haGVhZBgDIAEoAxIgChNsYXN0X25vdGlmaWVkX3JvdW5kGAQgASgDSACIAQESNAoQbGFzdF9ub3RpZmllZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoMbGF0ZXN0X3JvdW5kGAYgASgLMhgucmVzdG9jay52MS5Sb3VuZE91dGNvbWVCFgoUX2xhc3Rfbm90aWZpZWRfcm91bmQimQEKEUxpc3RBbGVydHNSZXF1ZXN0EhcKCnByb2R1Y3RfaWQYASABKANIAIgBARIUCgd1c2VyX2lkGAIgASgDSAGIAQESEwoLYWN0aXZlX29ubHkYAyABKAgSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAlCDQoLX3Byb2R1Y3RfaWRCCgoIX3VzZXJfaWQiUAoSTGlzdEFsZXJ0c1Jlc3BvbnNlEiEKBmFsZXJ0cxgBIAMoCzIRLnJlc3RvY2sudjEuQWxlcnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlgKF0xpc3RSZXN0b2NrUnVuc1Jlc3BvbnNlEiQKBHJ1bnMYASADKAsyFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKFE1hbnVhbFJlc3RvY2tSZXF1ZXN0EhIKCnByb2R1Y3RfaWQYASABKAMihQQKClJlc3RvY2tSdW4SEgoKcHJvZHVjdF9pZBgBIAEoAxIVCg1yZXN0b2NrX3JvdW5kGAIgASgDEiUKBnN0YXR1cxgDIAEoDjIVLnJlc3RvY2sudjEuUnVuU3RhdHVzEh4KEWxhc3Rfc2VudF91c2VyX2lkGAQgASgDSACIAQESEgoKc2VudF9jb3VudBgFIAEoAxIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxuZXh0X3dhdmVfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh4KBHdhdmUYCSABKAsyEC5yZXN0b2NrLnYxLldhdmUSFwoKbGFzdF9lcnJvchgKIAEoCUgBiAEBEhIKCnF1ZXVlX3NpemUYCyABKAMSOgoKYXR0cmlidXRlcxgMIAMoCzImLnJlc3RvY2sudjEuUmVzdG9ja1J1bi5BdHRyaWJ1dGVzRW50cnkaMQoPQXR0cmlidXRlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCFAoSX2xhc3Rfc2VudF91c2VyX2lkQg0KC19sYXN0X2Vycm9yIkUKBFdhdmUSEAoIcGVyX3VuaXQYASABKA0SKwoIaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24ikgIKDE5vdGlmaWNhdGlvbhIXCg9ub3RpZmljYXRpb25faWQYASABKAkSEgoKcHJvZHVjdF9pZBgCIAEoAxIPCgd1c2VyX2lkGAMgASgDEhUKDXJlc3RvY2tfcm91bmQYBCABKAMSKwoHc2VudF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHbWVzc2FnZRgGIAEoCRI8CgphdHRyaWJ1dGVzGAcgAygLMigucmVzdG9jay52MS5Ob3RpZmljYXRpb24uQXR0cmlidXRlc0VudHJ5GjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqoBCgVBbGVydBISCgpwcm9kdWN0X2lkGAEgASgDEg8KB3VzZXJfaWQYAiABKAMSDgoGYWN0aXZlGAMgASgIEi4KCmNyZWF0ZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBG9uY2UYBiABKAgiZwoHUHJvZHVjdBISCgpwcm9kdWN0X2lkGAEgASgDEhUKDXJlc3RvY2tfcm91bmQYAiABKAMSDQoFc3RvY2sYAyABKAMSEQoJbWluX3N0b2NrGAQgASgDEg8KB3dhaXRpbmcYBSABKAMqpAEKCVJ1blN0YXR1cxIaChZSVU5fU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWUlVOX1NUQVRVU19JTl9QUk9HUkVTUxABEiMKH1JVTl9TVEFUVVNfQ0FOQ0VMRURfQllfU09MRF9PVVQQAhIgChxSVU5fU1RBVFVTX0NBTkNFTEVEX0JZX0VSUk9SEAMSGAoUUlVOX1NUQVRVU19DT01QTEVURUQQBCpjCgxQcm9kdWN0T3JkZXISHQoZUFJPRFVDVF9PUkRFUl9VTlNQRUNJRklFRBAAEh4KGlBST0RVQ1RfT1JERVJfV0FJVElOR19ERVNDEAESFAoQUFJPRFVDVF9PUkRFUl9JRBACKsMBCgxBbGVydE91dGNvbWUSHQoZQUxFUlRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkFMRVJUX09VVENPTUVfTk9USUZJRUQQARIZChVBTEVSVF9PVVRDT01FX1BFTkRJTkcQAhIdChlBTEVSVF9PVVRDT01FX05PVF9SRUFDSEVEEAMSIgoeQUxFUlRfT1VUQ09NRV9SRUdJU1RFUkVEX0FGVEVSEAQSGgoWQUxFUlRfT1VUQ09NRV9JTkFDVElWRRAFMoYHCg5SZXN0b2NrU2VydmljZRJLCg5UcmlnZ2VyUmVzdG9jaxIhLnJlc3RvY2sudjEuVHJpZ2dlclJlc3RvY2tSZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuEkUKCVN1YnNjcmliZRIcLnJlc3RvY2sudjEuU3Vic2NyaWJlUmVxdWVzdBoYLnJlc3RvY2sudjEuTm90aWZpY2F0aW9uMAESRAoNUmVnaXN0ZXJBbGVydBIgLnJlc3RvY2sudjEuUmVnaXN0ZXJBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EkAKC0NhbmNlbEFsZXJ0Eh4ucmVzdG9jay52MS5DYW5jZWxBbGVydFJlcXVlc3QaES5yZXN0b2NrLnYxLkFsZXJ0EjwKCFNldFN0b2NrEhsucmVzdG9jay52MS5TZXRTdG9ja1JlcXVlc3QaEy5yZXN0b2NrLnYxLlByb2R1Y3QSSQoNR2V0UmVzdG9ja1J1bhIgLnJlc3RvY2sudjEuR2V0UmVzdG9ja1J1blJlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4STwoPV2F0Y2hSZXN0b2NrUnVuEiIucmVzdG9jay52MS5XYXRjaFJlc3RvY2tSdW5SZXF1ZXN0GhYucmVzdG9jay52MS5SZXN0b2NrUnVuMAESWgoPTGlzdFJlc3RvY2tSdW5zEiIucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXF1ZXN0GiMucmVzdG9jay52MS5MaXN0UmVzdG9ja1J1bnNSZXNwb25zZRJACgpHZXRQcm9kdWN0Eh0ucmVzdG9jay52MS5HZXRQcm9kdWN0UmVxdWVzdBoTLnJlc3RvY2sudjEuUHJvZHVjdBJRCgxMaXN0UHJvZHVjdHMSHy5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1JlcXVlc3QaIC5yZXN0b2NrLnYxLkxpc3RQcm9kdWN0c1Jlc3BvbnNlEksKCkxpc3RBbGVydHMSHS5yZXN0b2NrLnYxLkxpc3RBbGVydHNSZXF1ZXN0Gh4ucmVzdG9jay52MS5MaXN0QWxlcnRzUmVzcG9uc2USQAoIR2V0QWxlcnQSGy5yZXN0b2NrLnYxLkdldEFsZXJ0UmVxdWVzdBoXLnJlc3RvY2sudjEuQWxlcnRTdGF0dXMyrQEKE1Jlc3RvY2tBZG1pblNlcnZpY2USSQoNTWFudWFsUmVzdG9jaxIgLnJlc3RvY2sudjEuTWFudWFsUmVzdG9ja1JlcXVlc3QaFi5yZXN0b2NrLnYxLlJlc3RvY2tSdW4SSwoKRm9yZ2V0VXNlchIdLnJlc3RvY2sudjEuRm9yZ2V0VXNlclJlcXVlc3QaHi5yZXN0b2NrLnYxLkZvcmdldFVzZXJSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+
+/**
+ * @generated from message restock.v1.ForgetUserRequest
+ */
+export type ForgetUserRequest = Message<"restock.v1.ForgetUserRequest"> & {
+  /**
+   * @generated from field: int64 user_id = 1;
+   */
+  userId: bigint;
+};
+
+/**
+ * Describes the message restock.v1.ForgetUserRequest.
+ * Use `create(ForgetUserRequestSchema)` to create a new message.
+ */
+export const ForgetUserRequestSchema: GenMessage<ForgetUserRequest> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 0);
+
+/**
+ * @generated from message restock.v1.ForgetUserResponse
+ */
+export type ForgetUserResponse = Message<"restock.v1.ForgetUserResponse"> & {
+  /**
+   * Alerts deleted (active or not), and history rows deleted: 0 and 0 when the user
+   * was already forgotten.
+   *
+   * @generated from field: int64 alerts_deleted = 1;
+   */
+  alertsDeleted: bigint;
+
+  /**
+   * @generated from field: int64 notifications_deleted = 2;
+   */
+  notificationsDeleted: bigint;
+};
+
+/**
+ * Describes the message restock.v1.ForgetUserResponse.
+ * Use `create(ForgetUserResponseSchema)` to create a new message.
+ */
+export const ForgetUserResponseSchema: GenMessage<ForgetUserResponse> = /*@__PURE__*/
+  messageDesc(file_restock_v1_restock, 1);
 
 /**
  * @generated from message restock.v1.TriggerRestockRequest
@@ -71,7 +113,7 @@ export type TriggerRestockRequest = Message<"restock.v1.TriggerRestockRequest"> 
  * Use `create(TriggerRestockRequestSchema)` to create a new message.
  */
 export const TriggerRestockRequestSchema: GenMessage<TriggerRestockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 0);
+  messageDesc(file_restock_v1_restock, 2);
 
 /**
  * @generated from message restock.v1.SubscribeRequest
@@ -105,7 +147,7 @@ export type SubscribeRequest = Message<"restock.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 1);
+  messageDesc(file_restock_v1_restock, 3);
 
 /**
  * @generated from message restock.v1.RegisterAlertRequest
@@ -137,7 +179,7 @@ export type RegisterAlertRequest = Message<"restock.v1.RegisterAlertRequest"> & 
  * Use `create(RegisterAlertRequestSchema)` to create a new message.
  */
 export const RegisterAlertRequestSchema: GenMessage<RegisterAlertRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 2);
+  messageDesc(file_restock_v1_restock, 4);
 
 /**
  * @generated from message restock.v1.CancelAlertRequest
@@ -159,7 +201,7 @@ export type CancelAlertRequest = Message<"restock.v1.CancelAlertRequest"> & {
  * Use `create(CancelAlertRequestSchema)` to create a new message.
  */
 export const CancelAlertRequestSchema: GenMessage<CancelAlertRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 3);
+  messageDesc(file_restock_v1_restock, 5);
 
 /**
  * @generated from message restock.v1.SetStockRequest
@@ -190,7 +232,7 @@ export type SetStockRequest = Message<"restock.v1.SetStockRequest"> & {
  * Use `create(SetStockRequestSchema)` to create a new message.
  */
 export const SetStockRequestSchema: GenMessage<SetStockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 4);
+  messageDesc(file_restock_v1_restock, 6);
 
 /**
  * @generated from message restock.v1.GetRestockRunRequest
@@ -214,7 +256,7 @@ export type GetRestockRunRequest = Message<"restock.v1.GetRestockRunRequest"> & 
  * Use `create(GetRestockRunRequestSchema)` to create a new message.
  */
 export const GetRestockRunRequestSchema: GenMessage<GetRestockRunRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 5);
+  messageDesc(file_restock_v1_restock, 7);
 
 /**
  * @generated from message restock.v1.WatchRestockRunRequest
@@ -238,7 +280,7 @@ export type WatchRestockRunRequest = Message<"restock.v1.WatchRestockRunRequest"
  * Use `create(WatchRestockRunRequestSchema)` to create a new message.
  */
 export const WatchRestockRunRequestSchema: GenMessage<WatchRestockRunRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 6);
+  messageDesc(file_restock_v1_restock, 8);
 
 /**
  * @generated from message restock.v1.ListRestockRunsRequest
@@ -280,7 +322,7 @@ export type ListRestockRunsRequest = Message<"restock.v1.ListRestockRunsRequest"
  * Use `create(ListRestockRunsRequestSchema)` to create a new message.
  */
 export const ListRestockRunsRequestSchema: GenMessage<ListRestockRunsRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 7);
+  messageDesc(file_restock_v1_restock, 9);
 
 /**
  * @generated from message restock.v1.GetProductRequest
@@ -297,7 +339,7 @@ export type GetProductRequest = Message<"restock.v1.GetProductRequest"> & {
  * Use `create(GetProductRequestSchema)` to create a new message.
  */
 export const GetProductRequestSchema: GenMessage<GetProductRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 8);
+  messageDesc(file_restock_v1_restock, 10);
 
 /**
  * @generated from message restock.v1.ListProductsRequest
@@ -329,7 +371,7 @@ export type ListProductsRequest = Message<"restock.v1.ListProductsRequest"> & {
  * Use `create(ListProductsRequestSchema)` to create a new message.
  */
 export const ListProductsRequestSchema: GenMessage<ListProductsRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 9);
+  messageDesc(file_restock_v1_restock, 11);
 
 /**
  * @generated from message restock.v1.ListProductsResponse
@@ -353,7 +395,7 @@ export type ListProductsResponse = Message<"restock.v1.ListProductsResponse"> & 
  * Use `create(ListProductsResponseSchema)` to create a new message.
  */
 export const ListProductsResponseSchema: GenMessage<ListProductsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 10);
+  messageDesc(file_restock_v1_restock, 12);
 
 /**
  * @generated from message restock.v1.GetAlertRequest
@@ -375,7 +417,7 @@ export type GetAlertRequest = Message<"restock.v1.GetAlertRequest"> & {
  * Use `create(GetAlertRequestSchema)` to create a new message.
  */
 export const GetAlertRequestSchema: GenMessage<GetAlertRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 11);
+  messageDesc(file_restock_v1_restock, 13);
 
 /**
  * @generated from message restock.v1.RoundOutcome
@@ -397,7 +439,7 @@ export type RoundOutcome = Message<"restock.v1.RoundOutcome"> & {
  * Use `create(RoundOutcomeSchema)` to create a new message.
  */
 export const RoundOutcomeSchema: GenMessage<RoundOutcome> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 12);
+  messageDesc(file_restock_v1_restock, 14);
 
 /**
  * @generated from message restock.v1.AlertStatus
@@ -447,7 +489,7 @@ export type AlertStatus = Message<"restock.v1.AlertStatus"> & {
  * Use `create(AlertStatusSchema)` to create a new message.
  */
 export const AlertStatusSchema: GenMessage<AlertStatus> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 13);
+  messageDesc(file_restock_v1_restock, 15);
 
 /**
  * @generated from message restock.v1.ListAlertsRequest
@@ -493,7 +535,7 @@ export type ListAlertsRequest = Message<"restock.v1.ListAlertsRequest"> & {
  * Use `create(ListAlertsRequestSchema)` to create a new message.
  */
 export const ListAlertsRequestSchema: GenMessage<ListAlertsRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 14);
+  messageDesc(file_restock_v1_restock, 16);
 
 /**
  * @generated from message restock.v1.ListAlertsResponse
@@ -517,7 +559,7 @@ export type ListAlertsResponse = Message<"restock.v1.ListAlertsResponse"> & {
  * Use `create(ListAlertsResponseSchema)` to create a new message.
  */
 export const ListAlertsResponseSchema: GenMessage<ListAlertsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 15);
+  messageDesc(file_restock_v1_restock, 17);
 
 /**
  * @generated from message restock.v1.ListRestockRunsResponse
@@ -541,7 +583,7 @@ export type ListRestockRunsResponse = Message<"restock.v1.ListRestockRunsRespons
  * Use `create(ListRestockRunsResponseSchema)` to create a new message.
  */
 export const ListRestockRunsResponseSchema: GenMessage<ListRestockRunsResponse> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 16);
+  messageDesc(file_restock_v1_restock, 18);
 
 /**
  * @generated from message restock.v1.ManualRestockRequest
@@ -558,7 +600,7 @@ export type ManualRestockRequest = Message<"restock.v1.ManualRestockRequest"> & 
  * Use `create(ManualRestockRequestSchema)` to create a new message.
  */
 export const ManualRestockRequestSchema: GenMessage<ManualRestockRequest> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 17);
+  messageDesc(file_restock_v1_restock, 19);
 
 /**
  * @generated from message restock.v1.RestockRun
@@ -646,7 +688,7 @@ export type RestockRun = Message<"restock.v1.RestockRun"> & {
  * Use `create(RestockRunSchema)` to create a new message.
  */
 export const RestockRunSchema: GenMessage<RestockRun> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 18);
+  messageDesc(file_restock_v1_restock, 20);
 
 /**
  * Notify in waves that follow the stock: each wave notifies up to per_unit x the stock
@@ -677,7 +719,7 @@ export type Wave = Message<"restock.v1.Wave"> & {
  * Use `create(WaveSchema)` to create a new message.
  */
 export const WaveSchema: GenMessage<Wave> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 19);
+  messageDesc(file_restock_v1_restock, 21);
 
 /**
  * @generated from message restock.v1.Notification
@@ -728,7 +770,7 @@ export type Notification = Message<"restock.v1.Notification"> & {
  * Use `create(NotificationSchema)` to create a new message.
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 20);
+  messageDesc(file_restock_v1_restock, 22);
 
 /**
  * @generated from message restock.v1.Alert
@@ -772,7 +814,7 @@ export type Alert = Message<"restock.v1.Alert"> & {
  * Use `create(AlertSchema)` to create a new message.
  */
 export const AlertSchema: GenMessage<Alert> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 21);
+  messageDesc(file_restock_v1_restock, 23);
 
 /**
  * @generated from message restock.v1.Product
@@ -813,7 +855,7 @@ export type Product = Message<"restock.v1.Product"> & {
  * Use `create(ProductSchema)` to create a new message.
  */
 export const ProductSchema: GenMessage<Product> = /*@__PURE__*/
-  messageDesc(file_restock_v1_restock, 22);
+  messageDesc(file_restock_v1_restock, 24);
 
 /**
  * @generated from enum restock.v1.RunStatus
@@ -1094,6 +1136,18 @@ export const RestockAdminService: GenService<{
     methodKind: "unary";
     input: typeof ManualRestockRequestSchema;
     output: typeof RestockRunSchema;
+  },
+  /**
+   * Erases one user (GDPR art. 17): every alert and history row of the user, on every
+   * product. Idempotent. Once it has returned, no run in progress, on any instance,
+   * notifies the user.
+   *
+   * @generated from rpc restock.v1.RestockAdminService.ForgetUser
+   */
+  forgetUser: {
+    methodKind: "unary";
+    input: typeof ForgetUserRequestSchema;
+    output: typeof ForgetUserResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_restock_v1_restock, 1);
