@@ -117,6 +117,15 @@ pub struct Config {
     )]
     pub run_lease: Duration,
 
+    /// OTLP/gRPC endpoint of an OpenTelemetry collector (`http://collector:4317`):
+    /// traces are exported there. Unset: no exporter, and nothing paid for tracing.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
+
+    /// The service's name in exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "restock-notifier")]
+    pub otel_service_name: String,
+
     /// Per-user history of rounds that ended longer ago than this is deleted by a
     /// background sweep (runs are kept): a number and a unit, `h`, `d` or `y` (365
     /// days), from 1h to 10y. Unset: history is kept for ever.

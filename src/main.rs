@@ -9,7 +9,7 @@ use restock_notifier::telemetry;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init(&config)?;
+    let _telemetry = telemetry::init(&config)?;
     let stop = shutdown_signal()?;
     let app = Application::build(config).await?;
     tracing::info!(addr = %app.local_addr(), "listening");

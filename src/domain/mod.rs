@@ -206,6 +206,8 @@ pub struct Run {
     pub queue_size: i64,
     /// What the trigger said of the restock; every notification of the run carries it.
     pub attributes: Attributes,
+    /// The `traceparent` of the call that triggered the run, when traces were exported.
+    pub trace_parent: Option<String>,
 }
 
 impl Run {

@@ -54,6 +54,9 @@ pub struct TriggerRequest {
     pub wave: Option<Wave>,
     /// Stored with the run, and carried by each of its notifications.
     pub attributes: Attributes,
+    /// The W3C `traceparent` of the call's span, when traces are exported: the run's
+    /// spans link to it, on whichever instance drives the run.
+    pub trace_parent: Option<String>,
 }
 
 #[cfg(test)]

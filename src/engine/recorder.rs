@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::lease::{LeaseKeeper, LeaseSettings};
 use crate::domain::{BackendError, Error, Registration, UserId};
@@ -307,14 +308,18 @@ impl Recorder {
         let store = self.store.clone();
         let (claim, lease) = (self.claim, self.lease.lease());
         let took = self.metrics.record_batch_seconds.clone();
-        let done = tokio::spawn(async move {
-            let started = Instant::now();
-            let recorded = store
-                .record(&claim, &batch, After::Renew, lease, None)
-                .await;
-            took.record(started.elapsed().as_secs_f64());
-            recorded
-        });
+        let span = tracing::info_span!("record_batch", rows = batch.len());
+        let done = tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let recorded = store
+                    .record(&claim, &batch, After::Renew, lease, None)
+                    .await;
+                took.record(started.elapsed().as_secs_f64());
+                recorded
+            }
+            .instrument(span),
+        );
         self.in_flight = Some(InFlight {
             users,
             started: Instant::now(),
@@ -382,6 +387,7 @@ impl Recorder {
         }
         let lease = self.lease.lease();
         let started = Instant::now();
+        let span = tracing::info_span!("record_batch", rows = self.pending.len(), last = true);
         let first = self
             .store
             .record(
@@ -391,6 +397,7 @@ impl Recorder {
                 lease,
                 last_error.as_deref(),
             )
+            .instrument(span)
             .await;
         self.metrics
             .record_batch_seconds

@@ -122,6 +122,8 @@ where
         let client = peer.map(|p| self.layer.proxies.client_of(p.ip(), request.headers()));
         let span = tracing::info_span!(
             "request",
+            otel.name = %path,
+            otel.kind = "server",
             method = %path,
             peer = %peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
             client = %client.map_or_else(|| "-".to_string(), |c| c.to_string()),
@@ -138,6 +140,7 @@ where
             code: None,
             ended: false,
         };
+        crate::telemetry::continue_caller(&span, request.headers());
         request.extensions_mut().insert(RequestSpan(span.clone()));
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {

@@ -241,6 +241,7 @@ impl RestockApi {
                 .transpose()?,
             idempotency_key: req.idempotency_key.map(IdempotencyKey::parse).transpose()?,
             attributes: Attributes::parse(req.attributes)?,
+            trace_parent: crate::telemetry::traceparent(&tracing::Span::current()),
         };
         let run = self.engine.trigger_restock(product, request).await?;
         Ok(Response::new(run.into()))

@@ -15,7 +15,8 @@ use crate::domain::{
 pub const RUN_COLUMNS: &str = "product_id, restock_round, status, last_sent_user_id, \
                                sent_count, started_at, updated_at, wave_per_unit, \
                                wave_interval_ms, wave_quota, wave_started_count, \
-                               next_wave_at, last_error, queue_size, attributes";
+                               next_wave_at, last_error, queue_size, attributes, \
+                               trace_parent";
 
 /// Columns of [`RECORDED_FROM`] that make a [`RecordedRow`]: a history row (`h`) and
 /// its run's attributes (`r`).
@@ -113,6 +114,7 @@ pub struct RunRow {
     last_error: Option<String>,
     queue_size: i64,
     attributes: Option<String>,
+    trace_parent: Option<String>,
 }
 
 impl RunRow {
@@ -141,6 +143,7 @@ impl RunRow {
             last_error: self.last_error,
             queue_size: self.queue_size,
             attributes: stored_attributes(self.attributes.as_deref())?,
+            trace_parent: self.trace_parent,
         })
     }
 }

@@ -760,8 +760,8 @@ where
             "INSERT INTO product_notification_history \
              (product_id, restock_round, status, claim_token, claim_epoch, lease_until, \
               started_at, updated_at, wave_per_unit, wave_interval_ms, attributes, \
-              queue_end_position, queue_size) \
-             VALUES (?, ?, 'IN_PROGRESS', ?, ?, {at}, {stamp}, {stamp}, ?, ?, ?, \
+              trace_parent, queue_end_position, queue_size) \
+             VALUES (?, ?, 'IN_PROGRESS', ?, ?, {at}, {stamp}, {stamp}, ?, ?, ?, ?, \
               (SELECT alert_seq FROM product WHERE id = ?), \
               (SELECT COUNT(*) FROM product_user_notification \
                WHERE product_id = ? AND is_active = TRUE))",
@@ -780,6 +780,7 @@ where
             .bind(request.wave.map(|w| i64::from(w.per_unit)))
             .bind(request.wave.map(|w| w.interval.as_millis() as i64))
             .bind(attributes.as_deref())
+            .bind(request.trace_parent.as_deref())
             .bind(product.get())
             .bind(product.get())
             .execute(&mut **tx)

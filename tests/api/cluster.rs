@@ -279,9 +279,9 @@ async fn a_commit_stall_pauses_sends_within_a_second_and_loses_or_repeats_nothin
 }
 
 /// The real binary, as a separate process on the given database and Redis prefix.
-struct Instance {
-    service: ServiceProcess,
-    client: restock_notifier::grpc::proto::restock_service_client::RestockServiceClient<
+pub(crate) struct Instance {
+    pub(crate) service: ServiceProcess,
+    pub(crate) client: restock_notifier::grpc::proto::restock_service_client::RestockServiceClient<
         tonic::transport::Channel,
     >,
 }
@@ -300,6 +300,27 @@ impl Instance {
         lease: &str,
         skew: Option<&str>,
     ) -> Self {
+        let faketime = skew.map(|skew| (libfaketime(), skew));
+        let mut extra = vec![];
+        if let Some((library, skew)) = &faketime {
+            // libfaketime preloaded into the service process itself (the `faketime`
+            // command would fork it, and killing the command would leave it running).
+            extra.extend([
+                ("LD_PRELOAD", library.as_str()),
+                ("FAKETIME", *skew),
+                ("DONT_FAKE_MONOTONIC", "1"),
+            ]);
+        }
+        Self::start_with_env(app, send_rate, lease, &extra).await
+    }
+
+    /// As `start`, with `extra` settings in the process's environment.
+    pub(crate) async fn start_with_env(
+        app: &TestApp,
+        send_rate: u32,
+        lease: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let (database, prefix) = (&app.database, app.redis_prefix.as_str());
         let database_url = format!("{}/{database}", mysql_server_url());
         let redis = app
@@ -315,16 +336,7 @@ impl Instance {
             ("RESTOCK_RUN_LEASE", lease),
             ("RESTOCK_ADMIN_TOKEN", ADMIN_TOKEN),
         ];
-        let faketime = skew.map(|skew| (libfaketime(), skew));
-        if let Some((library, skew)) = &faketime {
-            // libfaketime preloaded into the service process itself (the `faketime`
-            // command would fork it, and killing the command would leave it running).
-            env.extend([
-                ("LD_PRELOAD", library.as_str()),
-                ("FAKETIME", skew),
-                ("DONT_FAKE_MONOTONIC", "1"),
-            ]);
-        }
+        env.extend_from_slice(extra);
         let mut command = binary_command(&env);
         command.stderr(if std::env::var_os("TEST_LOG").is_none() {
             std::process::Stdio::null()

@@ -32,6 +32,7 @@ mod startup;
 mod store_contract;
 mod subscribe;
 mod tls;
+mod traces;
 mod watch_list;
 mod waves;
 mod webhook;

@@ -53,6 +53,8 @@ pub struct Received {
     pub valid: bool,
     /// How many of the receiver's secrets had a matching signature.
     pub matched: usize,
+    /// The W3C `traceparent` header, when the service sent one.
+    pub traceparent: Option<String>,
     pub status: u16,
     pub at: Instant,
 }
@@ -164,6 +166,7 @@ async fn handle(
         header("webhook-timestamp"),
         header("webhook-signature"),
     );
+    let traceparent = Some(header("traceparent")).filter(|t| !t.is_empty());
     let json = header("content-type") == "application/json";
     let body = request.into_body().collect().await.unwrap().to_bytes();
     let signatures: Vec<&str> = signature.split(' ').filter(|s| !s.is_empty()).collect();
@@ -208,6 +211,7 @@ async fn handle(
             signatures: signatures.len(),
             valid,
             matched,
+            traceparent,
             status: recorded_status,
             at: Instant::now(),
         });

@@ -18,11 +18,18 @@ use crate::store::{After, ClaimedRun, FinalStatus};
 /// Drives a claimed run until it reaches a final state, is handed over, or is lost:
 /// start, send, wind down what is on its way, then record the outcome.
 pub(super) async fn drive(engine: Arc<Engine>, claimed: ClaimedRun) {
+    // A trace of its own per claim, linked to the call that triggered the run: the run
+    // outlives that call, and another instance may continue it.
     let span = tracing::info_span!(
+        parent: None,
         "run",
         product = %claimed.claim.product_id,
         round = claimed.claim.restock_round,
+        claim = claimed.claim.token,
     );
+    if let Some(trigger) = &claimed.run.trace_parent {
+        crate::telemetry::link(&span, trigger);
+    }
     async move {
         tracing::info!(resume_cursor = ?claimed.cursor, "run started");
         engine.metrics.runs_in_progress.increment(1.0);

@@ -198,6 +198,8 @@ pub fn test_config(database_url: impl Into<String>) -> Config {
         run_lease: Duration::from_secs(10),
         shutdown_drain: Duration::ZERO,
         history_retention: None,
+        otel_endpoint: None,
+        otel_service_name: "restock-notifier".into(),
         tls_cert: None,
         tls_key: None,
         tls_client_ca: None,

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::{Outcome, Transient, WebhookSettings};
 use crate::engine::stock::Admission;
@@ -82,7 +83,12 @@ impl WebhookClient {
         let started = Instant::now();
         // A guard: an attempt given up mid-way (its run stopped) leaves the gauge too.
         let _in_flight = InFlight::new(&self.metrics.in_flight);
-        let outcome = self.exchange(attempt, pass, send_by).await;
+        let span = tracing::info_span!(
+            "webhook_request",
+            otel.kind = "client",
+            webhook_id = %attempt.id,
+        );
+        let outcome = self.exchange(attempt, pass, send_by).instrument(span).await;
         self.metrics
             .request_seconds
             .record(started.elapsed().as_secs_f64());
@@ -147,7 +153,13 @@ impl WebhookClient {
             .settings
             .keys
             .signature(&attempt.id, timestamp, &attempt.body);
-        http::Request::post(self.settings.url.clone())
+        let mut request = http::Request::post(self.settings.url.clone());
+        // The receiver continues the trace of this attempt's span, when traces are
+        // exported.
+        if let Some(traceparent) = crate::telemetry::traceparent(&tracing::Span::current()) {
+            request = request.header("traceparent", traceparent);
+        }
+        request
             .header(CONTENT_TYPE, "application/json")
             .header(
                 USER_AGENT,

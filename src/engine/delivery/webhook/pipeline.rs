@@ -13,6 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::{Attempt, Failure, LastTransient, Outcome, WebhookClient, sign};
 use crate::domain::{Attributes, Notification, NotificationId, ProductId, Registration, UserId};
@@ -231,8 +232,10 @@ impl Pipeline {
         };
         item.attempts += 1;
         let attempt = item.attempt.clone();
+        // In the run's span, so each request's span is a child of the run's.
+        let run = tracing::Span::current();
         self.tasks.spawn(async move {
-            let outcome = client.send(&attempt, pass, send_by).await;
+            let outcome = client.send(&attempt, pass, send_by).instrument(run).await;
             Answered {
                 seq,
                 index,
