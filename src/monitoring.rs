@@ -31,6 +31,7 @@ const IN_PROGRESS: &str = "restock_runs_in_progress";
 const FINISHED: &str = "restock_runs_finished_total";
 const TAKEN_OVER: &str = "restock_runs_taken_over_total";
 const HISTORY_DELETED: &str = "restock_history_deleted_total";
+const SWEEP_STATEMENT: &str = "restock_history_sweep_statement_seconds";
 const SUBSCRIBERS: &str = "restock_subscribers";
 const LAGGED: &str = "restock_subscribers_lagged_total";
 const RECORD_BATCH: &str = "restock_record_batch_seconds";
@@ -77,6 +78,8 @@ pub struct Metrics {
     pub runs_taken_over: Counter,
     /// Per-user history rows deleted by the retention sweep.
     pub history_deleted: Counter,
+    /// How long each delete statement of the sweep took (and held its locks).
+    pub history_sweep_statement_seconds: Histogram,
     pub subscribers: Gauge,
     pub subscribers_lagged: Counter,
     pub record_batch_seconds: Histogram,
@@ -167,6 +170,7 @@ impl Metrics {
             finished_error: Counter::noop(),
             runs_taken_over: Counter::noop(),
             history_deleted: Counter::noop(),
+            history_sweep_statement_seconds: Histogram::noop(),
             subscribers: Gauge::noop(),
             subscribers_lagged: Counter::noop(),
             record_batch_seconds: Histogram::noop(),
@@ -199,6 +203,7 @@ impl Metrics {
             finished_error: finished("canceled_by_error"),
             runs_taken_over: counter(TAKEN_OVER),
             history_deleted: counter(HISTORY_DELETED),
+            history_sweep_statement_seconds: histogram(SWEEP_STATEMENT),
             subscribers: gauge(SUBSCRIBERS),
             subscribers_lagged: counter(LAGGED),
             record_batch_seconds: histogram(RECORD_BATCH),
@@ -289,6 +294,7 @@ impl Metrics {
 fn prometheus_recorder() -> PrometheusRecorder {
     [
         (RECORD_BATCH, RECORD_BUCKETS),
+        (SWEEP_STATEMENT, RECORD_BUCKETS),
         (GRPC_SECONDS, GRPC_BUCKETS),
         (LIMITER_ROUND_TRIP, ROUND_TRIP_BUCKETS),
         (WEBHOOK_SECONDS, WEBHOOK_BUCKETS),
@@ -315,6 +321,11 @@ const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         Kind::Counter,
         HISTORY_DELETED,
         "Per-user history rows deleted by the retention sweep (RESTOCK_HISTORY_RETENTION).",
+    ),
+    (
+        Kind::Histogram,
+        SWEEP_STATEMENT,
+        "Time each delete statement of the retention sweep took, and held its locks.",
     ),
     (
         Kind::Counter,

@@ -200,9 +200,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The retention sweep: deletes the per-user history of runs that ended longer
     /// than `older_than` ago, in statements of at most [`SWEEP_ROWS`] rows, for about
-    /// `budget`, and marks each run whose history is gone. Runs are kept. Returns the
-    /// rows deleted; 0 when another instance is sweeping.
-    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<u64, Error>;
+    /// `budget`, and marks each run whose history is gone. Runs are kept. Nothing is
+    /// done while another instance is sweeping.
+    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<Swept, Error>;
 
     /// Starts a wave of a wave run: it may notify `quota` more, counted from
     /// `started_count` (its `sent_count` now). Conditional on the claim, like `record`;
@@ -374,6 +374,15 @@ pub struct Superseded {
     pub restock_round: i64,
     pub token: i64,
     pub cursor: Option<i64>,
+}
+
+/// What one look of the retention sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// History rows deleted.
+    pub deleted: u64,
+    /// How long each delete statement took: how long it held its locks, at most.
+    pub statements: Vec<Duration>,
 }
 
 /// Rows one statement of the retention sweep deletes, at most: a few milliseconds of

@@ -43,7 +43,7 @@ use super::rows::{
 use super::{
     After, Claimed, ClaimedRun, FIRST_CLAIM, FinalStatus, ForgotAlert, HISTORY_ROWS_PER_INSERT,
     ListedRun, Recorded, RunClaim, RunProgress, SWEEP_ROWS, SentNotification, Store, Superseded,
-    Triggered, check_resumable, driver_error,
+    Swept, Triggered, check_resumable, driver_error,
 };
 use crate::domain::{
     Alert, AlertFilter, AlertOutcome, AlertStatus, Error, IdempotencyKey, NotResumable,
@@ -176,14 +176,14 @@ where
         conn: &mut <D::DB as Database>::Connection,
         older_than: Duration,
         budget: Duration,
-    ) -> Result<u64, Error> {
+    ) -> Result<Swept, Error> {
         if let Some(lock) = D::SWEEP_LOCK {
             let got: Option<i64> = sqlx::query_scalar(lock)
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(D::error)?;
             if got != Some(1) {
-                return Ok(0);
+                return Ok(Swept::default());
             }
         }
         for setting in D::SWEEP_SESSION {
@@ -199,7 +199,7 @@ where
             D::STAMP
         );
         let started = Instant::now();
-        let mut deleted = 0;
+        let mut swept = Swept::default();
         while started.elapsed() < budget {
             let run: Option<(i64, i64)> = sqlx::query_as(&next)
                 .bind(D::stamp(Utc::now(), -delta(older_than)))
@@ -207,6 +207,7 @@ where
                 .await
                 .map_err(D::error)?;
             let Some((product, round)) = run else { break };
+            let statement = Instant::now();
             let done = sqlx::query(D::SWEEP_DELETE)
                 .bind(product)
                 .bind(round)
@@ -214,8 +215,9 @@ where
                 .execute(&mut *conn)
                 .await
                 .map_err(D::error)?;
+            swept.statements.push(statement.elapsed());
             let rows = D::rows_affected(&done);
-            deleted += rows;
+            swept.deleted += rows;
             if rows < u64::from(SWEEP_ROWS) {
                 sqlx::query(
                     "UPDATE product_notification_history SET history_swept = TRUE \
@@ -228,7 +230,7 @@ where
                 .map_err(D::error)?;
             }
         }
-        Ok(deleted)
+        Ok(swept)
     }
 
     /// Reads the product in a write transaction, locking its row where the database
@@ -1075,7 +1077,7 @@ where
     }
 
     /// Runs are found by ix_pnh_sweep, their rows deleted by the unique key's prefix.
-    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<u64, Error> {
+    async fn sweep_history(&self, older_than: Duration, budget: Duration) -> Result<Swept, Error> {
         let mut conn = self.writer.acquire().await.map_err(D::error)?;
         let swept = Self::sweep_on(&mut conn, older_than, budget).await;
         // Its session was changed for the sweep and holds the sweep's lock: closed,

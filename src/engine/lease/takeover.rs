@@ -34,10 +34,16 @@ impl Engine {
     /// One look's share of the retention sweep (on one instance at a time).
     async fn sweep_history(&self, retention: std::time::Duration) {
         match self.store.sweep_history(retention, SWEEP_BUDGET).await {
-            Ok(0) => {}
-            Ok(deleted) => {
-                self.metrics.history_deleted.increment(deleted);
-                tracing::debug!(deleted, "deleted expired history");
+            Ok(swept) => {
+                for statement in &swept.statements {
+                    self.metrics
+                        .history_sweep_statement_seconds
+                        .record(statement.as_secs_f64());
+                }
+                if swept.deleted > 0 {
+                    self.metrics.history_deleted.increment(swept.deleted);
+                    tracing::debug!(deleted = swept.deleted, "deleted expired history");
+                }
             }
             Err(err) => tracing::warn!(error = ?err, "cannot delete expired history"),
         }
