@@ -15,6 +15,7 @@
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
 //! cargo run --release --example bench -- demand  [--products 100000]
+//! cargo run --release --example bench -- retention [--rows 1000000] [--seconds 60]
 //! cargo run --release --example bench -- redis-cluster [--rate 500] [--seconds 10] [--streams 1000] [--users 3000]
 //! ```
 //!
@@ -1696,6 +1697,13 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         products: u32,
     },
+    /// The retention sweep deleting expired history while a run goes on at the rate.
+    Retention {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u32,
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// The limiter and the fan-out on one Redis and on a Redis Cluster (three masters,
     /// three replicas, started here), side by side in one run, two instances each.
     RedisCluster {
@@ -1760,7 +1768,120 @@ async fn main() -> anyhow::Result<()> {
             streams,
             users,
         } => on_redis_cluster(rate, seconds, streams, users).await,
+        Bench::Retention { rows, seconds } => retention(rows, seconds).await,
     }
+}
+
+/// `retention`: one process with `RESTOCK_HISTORY_RETENTION=1h`, `rows` history rows of a
+/// round that ended two days ago, and a run of `seconds` at 500/s started as the sweep
+/// starts. Reports the run's utilisation and busiest second, the rows the sweep deleted
+/// meanwhile, and how long its statements took (they hold their locks that long).
+async fn retention(rows: u32, seconds: u32) -> anyhow::Result<()> {
+    let env = [("RESTOCK_HISTORY_RETENTION".to_string(), "1h".to_string())];
+    let cluster = Cluster::launch(1, 500, &redis_url(), true, &env).await?;
+    let outcome = retention_run(&cluster, rows, seconds).await;
+    cluster.tear_down().await.and(outcome)
+}
+
+/// Writes `rows` history rows of product 1's round 1, a run that ended two days ago,
+/// held back from the sweep (`history_swept`) until the caller lets it go.
+async fn seed_expired_history(db: &MySqlPool, rows: u32) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO product_notification_history \
+         (product_id, restock_round, status, updated_at, history_swept) \
+         VALUES (1, 1, 'COMPLETED', NOW(6) - INTERVAL 2 DAY, TRUE)",
+    )
+    .execute(db)
+    .await?;
+    let first = rows.min(1_000);
+    let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
+        "INSERT INTO product_user_notification_history \
+         (product_id, user_id, restock_round, sent_at) ",
+    );
+    insert.push_values(1..=first, |mut row, user| {
+        row.push_bind(1i64)
+            .push_bind(i64::from(user))
+            .push_bind(1i64)
+            .push("NOW(6) - INTERVAL 2 DAY");
+    });
+    insert.build().execute(db).await?;
+    let mut have = first;
+    while have < rows {
+        let add = have.min(rows - have);
+        sqlx::query(
+            "INSERT INTO product_user_notification_history \
+             (product_id, user_id, restock_round, sent_at) \
+             SELECT 1, user_id + ?, 1, sent_at FROM product_user_notification_history \
+             WHERE product_id = 1 AND restock_round = 1 ORDER BY user_id LIMIT ?",
+        )
+        .bind(i64::from(have))
+        .bind(i64::from(add))
+        .execute(db)
+        .await?;
+        have += add;
+    }
+    Ok(())
+}
+
+async fn retention_run(cluster: &Cluster, rows: u32, seconds: u32) -> anyhow::Result<()> {
+    let (db, server) = (&cluster.db, &cluster.instances[0]);
+    let seeding = Instant::now();
+    seed_expired_history(db, rows).await?;
+    let users: Vec<i64> = (1..=i64::from(500 * seconds)).collect();
+    seed_product(&server.client, db, 2, 1_000_000, &users).await?;
+    println!(
+        "retention: {rows} expired history rows and {} users seeded in {:.1?}",
+        users.len(),
+        seeding.elapsed()
+    );
+    sqlx::query(
+        "UPDATE product_notification_history SET history_swept = FALSE WHERE product_id = 1",
+    )
+    .execute(db)
+    .await?;
+    let began = Instant::now();
+    trigger(&server.client, 2).await?;
+    let run = wait_final(&server.client, 2, Duration::from_millis(500)).await?;
+    let wall = began.elapsed();
+    let deleted_during_run = server.metric("restock_history_deleted_total").await?;
+    let times: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT sent_at FROM product_user_notification_history WHERE product_id = 2 ORDER BY id",
+    )
+    .fetch_all(db)
+    .await?;
+    anyhow::ensure!(
+        run.status() == RunStatus::Completed && times.len() == users.len(),
+        "run: {run:?}, {} recorded",
+        times.len()
+    );
+    println!(
+        "  run of {} at 500/s beside the sweep: utilisation {:.2}%, busiest 1 s window {} \
+         (limit 500); wall {wall:.1?}",
+        users.len(),
+        rate(&times) / 5.0,
+        busiest_second(&times)
+    );
+    println!(
+        "  the sweep deleted {deleted_during_run} rows meanwhile ({:.0} a second)",
+        deleted_during_run / wall.as_secs_f64()
+    );
+    let statements = server
+        .metric("restock_history_sweep_statement_seconds_count")
+        .await?;
+    let sum = server
+        .metric("restock_history_sweep_statement_seconds_sum")
+        .await?;
+    let mut within = Vec::new();
+    for le in ["0.01", "0.025", "0.05", "0.1"] {
+        let name = format!("restock_history_sweep_statement_seconds_bucket{{le=\"{le}\"}}");
+        within.push(format!("{} within {le} s", server.metric(&name).await?));
+    }
+    println!(
+        "  {statements} delete statements, mean {:.1} ms; {}",
+        sum / statements.max(1.0) * 1_000.0,
+        within.join(", ")
+    );
+    Ok(())
 }
 
 /// `redis-cluster`: the same two instances' limiter (one run alone, then 100 runs) and
