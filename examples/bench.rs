@@ -15,6 +15,7 @@
 //! cargo run --release --example bench -- webhook [--rate 500] [--seconds 20]
 //! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
 //! cargo run --release --example bench -- demand  [--products 100000]
+//! cargo run --release --example bench -- traces [--users 10000] [--rate 2000]
 //! cargo run --release --example bench -- retention [--rows 1000000] [--seconds 60]
 //! cargo run --release --example bench -- redis-cluster [--rate 500] [--seconds 10] [--streams 1000] [--users 3000]
 //! ```
@@ -86,6 +87,13 @@ use tonic::transport::Channel;
 
 #[path = "../tests/support/proxy.rs"]
 mod proxy;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 
 // The tests' Redis Cluster of three masters and three replicas on free loopback ports.
 #[allow(dead_code)]
@@ -1697,6 +1705,14 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         products: u32,
     },
+    /// Server CPU per notification with traces off, then exported to a collector hosted
+    /// here.
+    Traces {
+        #[arg(long, default_value_t = 10_000)]
+        users: u32,
+        #[arg(long, default_value_t = 2_000)]
+        rate: u32,
+    },
     /// The retention sweep deleting expired history while a run goes on at the rate.
     Retention {
         #[arg(long, default_value_t = 1_000_000)]
@@ -1769,7 +1785,77 @@ async fn main() -> anyhow::Result<()> {
             users,
         } => on_redis_cluster(rate, seconds, streams, users).await,
         Bench::Retention { rows, seconds } => retention(rows, seconds).await,
+        Bench::Traces { users, rate } => traces(users, rate).await,
     }
+}
+
+/// Counts the spans exported to it: the OTLP trace service, as a collector serves it.
+#[derive(Clone, Default)]
+struct SpanCounter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for SpanCounter {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0
+            .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// `traces`: one run of `users` at `rate`, on a process with traces off, then on one
+/// exporting them to a collector in this process; the server's CPU per notification
+/// for each.
+async fn traces(users: u32, rate: u32) -> anyhow::Result<()> {
+    let counter = SpanCounter::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(counter.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let on = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "200".to_string()),
+    ];
+    for (label, env) in [("off", &[][..]), ("exported", &on[..])] {
+        let cluster = Cluster::launch(1, rate, &redis_url(), true, env).await?;
+        let outcome = async {
+            let server = &cluster.instances[0];
+            let order: Vec<i64> = (1..=i64::from(users)).collect();
+            seed_product(&server.client, &cluster.db, 1, 1_000_000, &order).await?;
+            let cpu = server.cpu_time()?;
+            trigger(&server.client, 1).await?;
+            let run = wait_final(&server.client, 1, Duration::from_millis(200)).await?;
+            let cpu = server.cpu_time()? - cpu;
+            anyhow::ensure!(run.status() == RunStatus::Completed, "run: {run:?}");
+            // The last batch of spans goes out within the export delay.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            println!(
+                "traces {label}: {users} notifications at {rate}/s, server CPU {cpu:.2?} = \
+                 {:.2} µs per notification",
+                cpu.as_secs_f64() * 1e6 / f64::from(users)
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        cluster.tear_down().await.and(outcome)?;
+    }
+    println!(
+        "  spans the collector received: {}",
+        counter.0.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
 }
 
 /// `retention`: one process with `RESTOCK_HISTORY_RETENTION=1h`, `rows` history rows of a

@@ -11,7 +11,9 @@ use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -53,22 +55,22 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let fmt = match config.log_format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
     };
     let provider = config
         .otel_endpoint
         .as_deref()
         .map(|endpoint| provider(endpoint, &config.otel_service_name))
         .transpose()?;
-    let traces = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("restock-notifier")));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(traces)
-        .init();
+    // The service's own spans, whatever RUST_LOG keeps of the logs: a quiet log must
+    // not empty the traces.
+    let traces = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("restock-notifier"))
+            .with_filter(Targets::new().with_target("restock_notifier", Level::INFO))
+    });
+    tracing_subscriber::registry().with(fmt).with(traces).init();
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     Ok(Telemetry { provider })
 }
