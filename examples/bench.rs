@@ -16,7 +16,7 @@
 //! cargo run --release --example bench -- auth    [--calls 20000] [--concurrency 16]
 //! cargo run --release --example bench -- demand  [--products 100000]
 //! cargo run --release --example bench -- traces [--users 10000] [--rate 2000]
-//! cargo run --release --example bench -- retention [--rows 1000000] [--seconds 60]
+//! cargo run --release --example bench -- retention [--rows 1000000] [--seconds 60] [--no-sweep]
 //! cargo run --release --example bench -- redis-cluster [--rate 500] [--seconds 10] [--streams 1000] [--users 3000]
 //! ```
 //!
@@ -1719,6 +1719,9 @@ enum Bench {
         rows: u32,
         #[arg(long, default_value_t = 60)]
         seconds: u32,
+        /// The same run beside the same rows, never let go to the sweep: the baseline.
+        #[arg(long)]
+        no_sweep: bool,
     },
     /// The limiter and the fan-out on one Redis and on a Redis Cluster (three masters,
     /// three replicas, started here), side by side in one run, two instances each.
@@ -1784,7 +1787,11 @@ async fn main() -> anyhow::Result<()> {
             streams,
             users,
         } => on_redis_cluster(rate, seconds, streams, users).await,
-        Bench::Retention { rows, seconds } => retention(rows, seconds).await,
+        Bench::Retention {
+            rows,
+            seconds,
+            no_sweep,
+        } => retention(rows, seconds, !no_sweep).await,
         Bench::Traces { users, rate } => traces(users, rate).await,
     }
 }
@@ -1862,10 +1869,10 @@ async fn traces(users: u32, rate: u32) -> anyhow::Result<()> {
 /// round that ended two days ago, and a run of `seconds` at 500/s started as the sweep
 /// starts. Reports the run's utilisation and busiest second, the rows the sweep deleted
 /// meanwhile, and how long its statements took (they hold their locks that long).
-async fn retention(rows: u32, seconds: u32) -> anyhow::Result<()> {
+async fn retention(rows: u32, seconds: u32, sweep: bool) -> anyhow::Result<()> {
     let env = [("RESTOCK_HISTORY_RETENTION".to_string(), "1h".to_string())];
     let cluster = Cluster::launch(1, 500, &redis_url(), true, &env).await?;
-    let outcome = retention_run(&cluster, rows, seconds).await;
+    let outcome = retention_run(&cluster, rows, seconds, sweep).await;
     cluster.tear_down().await.and(outcome)
 }
 
@@ -1909,7 +1916,12 @@ async fn seed_expired_history(db: &MySqlPool, rows: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn retention_run(cluster: &Cluster, rows: u32, seconds: u32) -> anyhow::Result<()> {
+async fn retention_run(
+    cluster: &Cluster,
+    rows: u32,
+    seconds: u32,
+    sweep: bool,
+) -> anyhow::Result<()> {
     let (db, server) = (&cluster.db, &cluster.instances[0]);
     let seeding = Instant::now();
     seed_expired_history(db, rows).await?;
@@ -1920,11 +1932,15 @@ async fn retention_run(cluster: &Cluster, rows: u32, seconds: u32) -> anyhow::Re
         users.len(),
         seeding.elapsed()
     );
-    sqlx::query(
-        "UPDATE product_notification_history SET history_swept = FALSE WHERE product_id = 1",
-    )
-    .execute(db)
-    .await?;
+    if sweep {
+        sqlx::query(
+            "UPDATE product_notification_history SET history_swept = FALSE WHERE product_id = 1",
+        )
+        .execute(db)
+        .await?;
+    } else {
+        println!("  (the old round is never let go to the sweep: the baseline)");
+    }
     let began = Instant::now();
     trigger(&server.client, 2).await?;
     let run = wait_final(&server.client, 2, Duration::from_millis(500)).await?;

@@ -20,6 +20,7 @@ use fred::prelude::{Client, EventInterface, PubsubInterface};
 use prost::Message as _;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::local::LocalBus;
 use super::{BusEvent, NotificationBus, RunKey, SentBatch, SentItem};
@@ -140,11 +141,13 @@ pub struct RedisBus {
     client: Client,
     keys: Keys,
     local: Arc<LocalBus>,
+    /// Stops the ticks and the subscription's forwarding when the bus is dropped.
+    _stop: DropGuard,
 }
 
 impl RedisBus {
-    /// Subscribes `subscriber` to the channel and forwards what arrives to `local`
-    /// (this instance's streams) until the subscriber is dropped.
+    /// Subscribes `subscriber` to the channels and forwards what arrives to `local`
+    /// (this instance's streams) until the bus is dropped.
     pub async fn start(
         client: Client,
         subscriber: SubscriberClient,
@@ -163,24 +166,31 @@ impl RedisBus {
             subscriber.subscribe(keys.bus_channels()).await?;
         }
         let partitions = keys.bus_channels();
-        tokio::spawn(tick(client.clone(), keys.clone()));
-        tokio::spawn(forward(
-            Feed {
-                subscriber,
-                keys: keys.clone(),
-                last_heard: partitions
-                    .into_iter()
-                    .map(|c| (c, Instant::now()))
-                    .collect(),
-            },
-            messages,
-            reconnects,
-            local.clone(),
-        ));
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            stop.clone()
+                .run_until_cancelled_owned(tick(client.clone(), keys.clone())),
+        );
+        tokio::spawn(
+            stop.clone().run_until_cancelled_owned(forward(
+                Feed {
+                    subscriber,
+                    keys: keys.clone(),
+                    last_heard: partitions
+                        .into_iter()
+                        .map(|c| (c, Instant::now()))
+                        .collect(),
+                },
+                messages,
+                reconnects,
+                local.clone(),
+            )),
+        );
         Ok(Self {
             client,
             keys,
             local,
+            _stop: stop.drop_guard(),
         })
     }
 }
