@@ -23,7 +23,8 @@ pub mod domain;
 /// Where notifications go is one trait with one implementation per channel
 /// (`engine::delivery`: the stream, and a webhook endpoint with signed requests,
 /// acknowledged before recorded). Also `Subscribe` streams (`engine::subscription`),
-/// run watches (`engine::watch`) and the database's clock (`engine::clock`).
+/// run watches (`engine::watch`), the erasure of a user (`engine::erasure`) and the
+/// database's clock (`engine::clock`).
 pub mod engine;
 /// The gRPC face: the two services (`grpc::restock`, `grpc::admin`), proto <-> domain
 /// conversions, the one mapping of errors to status codes (`grpc::status`), who may
@@ -36,15 +37,17 @@ pub mod monitoring;
 /// Secrets kept out of messages and logs: passwords in URLs, and the credentials and
 /// query string of the webhook URL.
 pub mod redact;
-/// Redis through fred: the client with the service's timeouts, and every key under one
-/// prefix (the capabilities that use it live in `engine`).
+/// Redis through fred: the client with the service's timeouts (one Redis or Redis
+/// Cluster), and every key and channel under one prefix, a product's under the hash tag
+/// of its partition (the capabilities that use it live in `engine`).
 pub mod redis;
 /// Wiring: `Application::build` connects the stores, builds the engine from
 /// `EngineSettings::from_config` and the server, and binds first, so port 0 works.
 pub mod startup;
 /// Durable state behind the `Store` trait: MySQL, and SQLite for the embedded default.
 pub mod store;
-/// Structured logging with tracing: text or JSON, filtered by `RUST_LOG`.
+/// Structured logging with tracing (text or JSON, filtered by `RUST_LOG`), and the same
+/// spans exported as OpenTelemetry traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub mod telemetry;
 /// TLS for the gRPC server, from PEM files: the handshakes, with ALPN offering HTTP/2
 /// and HTTP/1.1.
