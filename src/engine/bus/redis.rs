@@ -157,13 +157,8 @@ impl RedisBus {
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
         subscriber.manage_subscriptions();
-        if keys.is_sharded() {
-            // One SSUBSCRIBE per channel: each goes to the node that owns its slot.
-            for channel in keys.bus_channels() {
-                subscriber.ssubscribe(channel).await?;
-            }
-        } else {
-            subscriber.subscribe(keys.bus_channels()).await?;
+        for channel in keys.bus_channels() {
+            subscribe_to(&subscriber, &keys, channel).await?;
         }
         let partitions = keys.bus_channels();
         let stop = CancellationToken::new();
@@ -195,6 +190,36 @@ impl RedisBus {
     }
 }
 
+/// Publishes `payload` on a bus channel: sharded on Redis Cluster (it stays on the
+/// node that owns the channel's slot), plain on one Redis.
+async fn publish_on(
+    client: &Client,
+    keys: &Keys,
+    channel: String,
+    payload: Bytes,
+) -> Result<(), fred::error::Error> {
+    if keys.is_sharded() {
+        client.spublish::<i64, _, _>(channel, payload).await?;
+    } else {
+        client.publish::<i64, _, _>(channel, payload).await?;
+    }
+    Ok(())
+}
+
+/// Subscribes to one bus channel, as [`publish_on`] publishes on it: on Redis
+/// Cluster, one SSUBSCRIBE per channel, each to the node that owns its slot.
+async fn subscribe_to(
+    subscriber: &SubscriberClient,
+    keys: &Keys,
+    channel: String,
+) -> Result<(), fred::error::Error> {
+    if keys.is_sharded() {
+        subscriber.ssubscribe(channel).await
+    } else {
+        subscriber.subscribe(channel).await
+    }
+}
+
 /// How often every instance says "alive" on every partition's channel.
 const TICK_EVERY: Duration = Duration::from_secs(1);
 
@@ -217,12 +242,7 @@ async fn tick(client: Client, keys: Keys) {
     loop {
         every.tick().await;
         for channel in keys.bus_channels() {
-            let sent = if keys.is_sharded() {
-                client.spublish::<i64, _, _>(channel, payload.clone()).await
-            } else {
-                client.publish::<i64, _, _>(channel, payload.clone()).await
-            };
-            if let Err(e) = sent {
+            if let Err(e) = publish_on(&client, &keys, channel, payload.clone()).await {
                 tracing::debug!(error = %e, "could not tick on the bus");
             }
         }
@@ -251,12 +271,7 @@ impl Feed {
                 channel,
                 "a bus channel went silent; subscribing to it again"
             );
-            let again = if self.keys.is_sharded() {
-                self.subscriber.ssubscribe(channel.clone()).await
-            } else {
-                self.subscriber.subscribe(channel.clone()).await
-            };
-            if let Err(e) = again {
+            if let Err(e) = subscribe_to(&self.subscriber, &self.keys, channel.clone()).await {
                 tracing::warn!(channel, error = %e, "could not subscribe to the bus channel again");
             }
             self.last_heard.insert(channel.clone(), now);
@@ -323,13 +338,14 @@ impl NotificationBus for RedisBus {
             self.local.send(event);
             return Ok(());
         };
-        let channel = self.keys.bus_channel(product);
-        let published = if self.keys.is_sharded() {
-            self.client.spublish::<i64, _, _>(channel, payload).await
-        } else {
-            self.client.publish::<i64, _, _>(channel, payload).await
-        };
-        published.map(|_| ()).map_err(|e| backend(STORE, e))
+        publish_on(
+            &self.client,
+            &self.keys,
+            self.keys.bus_channel(product),
+            payload,
+        )
+        .await
+        .map_err(|e| backend(STORE, e))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<BusEvent>> {
