@@ -53,17 +53,6 @@ impl Drop for OwnRedis {
     }
 }
 
-/// A port free a moment ago. redis-server only takes a port number (`--port 0` turns
-/// TCP off rather than choosing one), and this test starts it again on the same port,
-/// so the port is probed here; everything of the service's own binds port 0.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The service on MySQL and `redis`, at 400 sends a second.
 async fn app_on(redis: &OwnRedis) -> TestApp {
     spawn_app_with(Options {

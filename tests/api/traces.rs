@@ -69,45 +69,65 @@ fn hex(bytes: &[u8]) -> String {
 const CALLER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CALLER_SPAN: &str = "b7ad6b7169203331";
 
+/// A run of the real binary delivering to a webhook endpoint, triggered by a caller
+/// that sends its own `traceparent`; kept alive until the test has looked at it.
+struct Traced {
+    receiver: Receiver,
+    _app: TestApp,
+    _instance: Instance,
+}
+
+impl Traced {
+    /// Runs `users` through the binary, started with `env` beside the webhook settings,
+    /// and returns once the run completed.
+    async fn run(users: &[i64], env: &[(&str, &str)]) -> Self {
+        let secrets = [secret(32)];
+        let receiver = Receiver::start(&secrets, Duration::ZERO).await;
+        let app = spawn_app(Backend::MySql).await;
+        app.set_stock(1, 10).await;
+        app.register_bulk(1, users).await;
+        let mut env = env.to_vec();
+        env.extend([
+            ("RESTOCK_WEBHOOK_URL", receiver.url.as_str()),
+            ("RESTOCK_WEBHOOK_SECRET", secrets[0].as_str()),
+        ]);
+        let instance = Instance::start_with_env(&app, 500, "10s", &env).await;
+        let mut trigger = Request::new(proto::TriggerRestockRequest {
+            product_id: 1,
+            ..Default::default()
+        });
+        let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+        trigger
+            .metadata_mut()
+            .insert("traceparent", caller.parse().unwrap());
+        instance
+            .client
+            .clone()
+            .trigger_restock(trigger)
+            .await
+            .unwrap();
+        assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
+        Self {
+            receiver,
+            _app: app,
+            _instance: instance,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trigger_s_trace_reaches_the_run_its_batches_and_its_webhook_requests() {
     let collector = Collector::default();
     let endpoint = collector.start().await;
-    let secrets = [secret(32)];
-    let receiver = Receiver::start(&secrets, Duration::ZERO).await;
-    let app = spawn_app(Backend::MySql).await;
     let users: Vec<i64> = (1..=40).collect();
-    app.set_stock(1, 10).await;
-    app.register_bulk(1, &users).await;
-    let instance = Instance::start_with_env(
-        &app,
-        500,
-        "10s",
+    let traced = Traced::run(
+        &users,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("RESTOCK_WEBHOOK_URL", receiver.url.as_str()),
-            ("RESTOCK_WEBHOOK_SECRET", secrets[0].as_str()),
         ],
     )
     .await;
-    let mut trigger = Request::new(proto::TriggerRestockRequest {
-        product_id: 1,
-        ..Default::default()
-    });
-    trigger.metadata_mut().insert(
-        "traceparent",
-        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
-            .parse()
-            .unwrap(),
-    );
-    instance
-        .client
-        .clone()
-        .trigger_restock(trigger)
-        .await
-        .unwrap();
-    assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
 
     let collector = &collector;
     let notified = users.len();
@@ -154,7 +174,7 @@ async fn a_trigger_s_trace_reaches_the_run_its_batches_and_its_webhook_requests(
         .iter()
         .map(|s| hex(&s.span_id))
         .collect();
-    let received = receiver.received();
+    let received = traced.receiver.received();
     assert_eq!(received.len(), users.len());
     for request in received {
         let traceparent = request.traceparent.expect("a traceparent header");
@@ -170,39 +190,8 @@ async fn a_trigger_s_trace_reaches_the_run_its_batches_and_its_webhook_requests(
 /// Without an endpoint, webhook requests carry no `traceparent`: nothing is traced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_endpoint_nothing_is_traced() {
-    let secrets = [secret(32)];
-    let receiver = Receiver::start(&secrets, Duration::ZERO).await;
-    let app = spawn_app(Backend::MySql).await;
-    app.set_stock(1, 10).await;
-    app.register_bulk(1, &[1, 2, 3]).await;
-    let instance = Instance::start_with_env(
-        &app,
-        500,
-        "10s",
-        &[
-            ("RESTOCK_WEBHOOK_URL", receiver.url.as_str()),
-            ("RESTOCK_WEBHOOK_SECRET", secrets[0].as_str()),
-        ],
-    )
-    .await;
-    let mut trigger = Request::new(proto::TriggerRestockRequest {
-        product_id: 1,
-        ..Default::default()
-    });
-    trigger.metadata_mut().insert(
-        "traceparent",
-        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
-            .parse()
-            .unwrap(),
-    );
-    instance
-        .client
-        .clone()
-        .trigger_restock(trigger)
-        .await
-        .unwrap();
-    assert_eq!(app.wait_until_final(1).await.status(), RunStatus::Completed);
-    let received = receiver.received();
+    let traced = Traced::run(&[1, 2, 3], &[]).await;
+    let received = traced.receiver.received();
     assert_eq!(received.len(), 3);
     assert!(received.iter().all(|r| r.traceparent.is_none()));
 }

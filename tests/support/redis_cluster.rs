@@ -53,8 +53,10 @@ async fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> Resu
     }
 }
 
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now. redis-server only takes a port number
+/// (`--port 0` turns TCP off rather than choosing one), so its ports are probed here;
+/// everything of the service's own binds port 0.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
