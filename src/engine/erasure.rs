@@ -54,12 +54,11 @@ impl Engine {
                 restock_round: superseded.restock_round,
             };
             // G8: from here on, a delivery of the owner's claim does nothing, and its
-            // webhook passes (held, or unexpired) are waited for, as a stock write below
-            // the threshold waits for them.
+            // webhook passes (held, or unexpired) are waited for.
             self.stock_fence
                 .claim(run, superseded.token, superseded.cursor)
                 .await?;
-            self.channel.sold_out(product).await?;
+            self.channel.drain_passes(product).await?;
             tracing::info!(%product, round = superseded.restock_round, "run handed over to forget a user");
         }
         Ok(forgot.alert_deleted)

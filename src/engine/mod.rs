@@ -215,7 +215,7 @@ impl Engine {
             if !saved.in_stock() {
                 // G3: what the channel let through before the figure was cached has
                 // started before this returns.
-                engine.channel.sold_out(product).await?;
+                engine.channel.drain_passes(product).await?;
             }
             Ok(saved)
         })

@@ -36,11 +36,12 @@ pub trait Channel: Send + Sync + 'static {
     /// The way out for one claim of `run`.
     fn outbox(&self, run: RunKey) -> Box<dyn Outbox>;
 
-    /// Called by a stock write that brought the product's stock below its threshold, once the
-    /// new figure is cached: returns when nothing this channel let through before can
-    /// still start (G3). A channel whose sends happen inside the fence's own step has
-    /// nothing to wait for.
-    async fn sold_out(&self, product: ProductId) -> Result<(), BackendError>;
+    /// Returns when nothing this channel let through the fence for `product` before can
+    /// still start: called by a stock write that brought the stock below its threshold,
+    /// once the new figure is cached (G3), and by an erasure that took a run from its
+    /// owner, once the fence has the newer claim (G8). A channel whose sends happen
+    /// inside the fence's own step has nothing to wait for.
+    async fn drain_passes(&self, product: ProductId) -> Result<(), BackendError>;
 }
 
 /// One run's notifications on their way through its channel, in registration order.

@@ -26,7 +26,7 @@ impl Channel for StreamChannel {
 
     /// A stock write holds the fence against deliveries while it writes: once its
     /// figure is cached, every delivery that saw the old one is on the bus.
-    async fn sold_out(&self, _product: ProductId) -> Result<(), BackendError> {
+    async fn drain_passes(&self, _product: ProductId) -> Result<(), BackendError> {
         Ok(())
     }
 }

@@ -104,7 +104,7 @@ impl Channel for WebhookChannel {
 
     /// Every request admitted before the figure was cached is on the wire before this
     /// returns (G3, G12).
-    async fn sold_out(&self, product: ProductId) -> Result<(), BackendError> {
+    async fn drain_passes(&self, product: ProductId) -> Result<(), BackendError> {
         self.fence.wait_for_admissions(product).await
     }
 }
